@@ -1,0 +1,3 @@
+from psrv.cli import main
+
+main()

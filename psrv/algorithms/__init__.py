@@ -1,0 +1,90 @@
+"""Algorithms: what a worker does with its gradient each round, and how the server
+absorbs what arrives. One module per algorithm, registered by name.
+
+An algorithm is a frozen dataclass of hyperparameters with optax-style pure
+functions: ``init(dim) -> state`` and ``step(state, grad, info, rng) -> Decision``.
+The worker keeps the old state until the server acknowledges the message, then
+commits ``Decision.state``; a rejected message (e.g. a round that closed) leaves
+the worker exactly as it was, so worker and server never disagree.
+
+Server side: ``absorb`` says whether an upload replaces the worker's stored
+contribution ("replace": plain GD, top-k) or adds to it ("accumulate": LAQ's
+innovation, seed 003 eq. 4). Skipping workers keep contributing what is stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from psrv.payload import Payload
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """What a worker learns from the round's broadcast besides the model."""
+
+    round: int
+    num_workers: int
+    recent_step_sq: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Upload ``payload`` (or skip when it is None); commit ``state`` once acknowledged."""
+
+    payload: Payload | None
+    state: Any
+    stats: Mapping[str, float] = field(default_factory=dict)
+
+
+class Algorithm(Protocol):
+    name: str
+    lr: float
+
+    @property
+    def absorb(self) -> str: ...
+
+    @property
+    def history_depth(self) -> int: ...
+
+    def init(self, dim: int) -> Any: ...
+
+    def step(self, state: Any, grad: np.ndarray, info: RoundInfo, rng: np.random.Generator) -> Decision: ...
+
+
+ALGORITHMS: dict[str, Callable[[Mapping[str, float], str], Algorithm]] = {}
+
+
+def register(name: str, factory: Callable[[Mapping[str, float], str], Algorithm]) -> None:
+    ALGORITHMS[name] = factory
+
+
+def make_algorithm(name: str, options: Mapping[str, float] | None = None, compressor: str = "") -> Algorithm:
+    """Build a registered algorithm; unknown names or options raise ``ValueError``."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(sorted(ALGORITHMS))}")
+    return ALGORITHMS[name](dict(options or {}), compressor)
+
+
+def split_options(cls: type, options: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Options naming a field of dataclass ``cls`` (cast to the field's type), and the rest."""
+    types = {f.name: f.type for f in dataclasses.fields(cls) if f.init}
+    own, rest = {}, {}
+    for key, value in options.items():
+        if key in types and types[key] in ("int", "float", "bool"):
+            cast = {"int": int, "float": float, "bool": bool}[types[key]]
+            if cast is int and float(value) != int(value):
+                raise ValueError(f"option {key!r} must be an integer, got {value}")
+            own[key] = cast(value)
+        else:
+            rest[key] = value
+    return own, rest
+
+
+from psrv.algorithms import laq as _laq  # noqa: E402,F401
+from psrv.algorithms import plain as _plain  # noqa: E402,F401

@@ -1,0 +1,99 @@
+"""LAQ: lazily aggregated quantized gradients (Sun, Giannakis, Chen, Yang, NeurIPS 2019; seed 003).
+
+Worker m at round k (Algorithm 2): quantize the innovation against its last
+uploaded quantized gradient ``Q_m(theta_hat)`` (eqs. 5-6, :mod:`psrv.compress.laq`),
+then skip if (7a) and (7b) hold (:func:`psrv.triggers.laq_skip`), else upload
+``(R, q)``. The server adds every received innovation to the worker's stored
+``Q_m`` and to the running aggregate (eq. 4); skipped workers keep contributing
+their stored ``Q_m``.
+
+Defaults follow the paper's experiments: D = 10, xi_d = 0.8/D, t_bar = 100,
+alpha = 0.02, and b = 4, the authors' code default for logistic regression (the
+paper's text says 3). Why 4: the 2^b grid of eq. 5 has no point at the centre, so
+every coordinate whose innovation is 0 (MNIST's always-blank pixels) carries the
+maximal error tau*R; with b = 3 the 3||eps||^2 term of (7a) then exceeds the
+innovation almost always and LAQ stalls (measured: 55 uploads in 500 rounds,
+loss 0.906 vs GD 0.650); with b = 4 it reaches 0.628 with 70 uploads.
+``Q_m(theta_hat^0) = 0`` and ``eps_hat^0 = 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from psrv.algorithms import Decision, RoundInfo, register, split_options
+from psrv.compress.laq import quantize
+from psrv.payload import laq_innovation
+from psrv.triggers import laq_skip
+
+
+@dataclass(frozen=True)
+class LaqState:
+    q_prev: np.ndarray  # Q_m(theta_hat_m^{k-1}), identical to the server's stored copy
+    eps_hat_sq: float  # ||grad f_m(theta_hat) - Q_m(theta_hat)||^2 at the last upload
+    clock: int  # rounds since the last upload (t_m)
+
+
+@dataclass(frozen=True)
+class LAQ:
+    lr: float = 0.02
+    bits: int = 4
+    D: int = 10
+    xi: float = -1.0  # per-d weight xi_d; negative means the paper's 0.8 / D
+    t_bar: int = 100
+    name: str = "laq"
+
+    absorb = "accumulate"
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and 1 <= self.bits <= 16 and self.D >= 0 and self.t_bar >= 0):
+            raise ValueError(f"bad LAQ parameters: lr={self.lr} bits={self.bits} D={self.D} t_bar={self.t_bar}")
+
+    @property
+    def history_depth(self) -> int:
+        return self.D
+
+    @property
+    def xis(self) -> tuple[float, ...]:
+        xi = 0.8 / self.D if self.xi < 0 and self.D else max(self.xi, 0.0)
+        return (xi,) * self.D
+
+    def init(self, dim: int) -> LaqState:
+        return LaqState(np.zeros(dim, dtype=np.float64), 0.0, 0)
+
+    def step(self, state: LaqState, grad: np.ndarray, info: RoundInfo, rng: np.random.Generator) -> Decision:
+        sent = quantize(grad, state.q_prev, self.bits)
+        innovation = laq_innovation(sent)
+        q_new = state.q_prev + innovation
+        err = grad - q_new
+        eps_sq = float(err @ err)
+        test = laq_skip(
+            float(innovation @ innovation),
+            self.xis,
+            info.recent_step_sq,
+            self.lr,
+            info.num_workers,
+            eps_sq,
+            state.eps_hat_sq,
+            state.clock,
+            self.t_bar,
+        )
+        stats = {"lhs": test.lhs, "rhs": test.rhs, "radius": sent.scale}
+        if test.skip:
+            return Decision(None, LaqState(state.q_prev, state.eps_hat_sq, state.clock + 1), stats)
+        return Decision(sent, LaqState(q_new, eps_sq, 0), stats)
+
+
+def _build(options: Mapping[str, float], compressor: str) -> LAQ:
+    if compressor not in ("", "laq"):
+        raise ValueError(f"laq uses its own innovation quantizer, not compressor {compressor!r}")
+    own, rest = split_options(LAQ, options)
+    if rest:
+        raise ValueError(f"unknown laq options: {', '.join(sorted(rest))}")
+    return LAQ(**own)
+
+
+register("laq", _build)

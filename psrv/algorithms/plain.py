@@ -1,0 +1,54 @@
+"""Every worker uploads every round: distributed gradient descent (seed 003 eq. 2),
+optionally compressed, optionally with error feedback.
+
+- ``gd``: dense float32 gradients; the baseline.
+- ``topk-ef``: top-k sparsification with error feedback (Stich et al. 2018; seed 000 D3):
+  ``p = e + g; send top_k(p); e = p - top_k(p)``.
+Any registered compressor can be chosen with ``compressor=``; ``ef=1`` wraps it in
+error feedback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from psrv.algorithms import Decision, RoundInfo, register, split_options
+from psrv.compress import Compressor, make_compressor
+from psrv.compress.feedback import ef_step, init_memory
+
+
+@dataclass(frozen=True)
+class Plain:
+    compressor: Compressor
+    lr: float = 0.02
+    ef: bool = False
+    name: str = "gd"
+
+    absorb = "replace"
+    history_depth = 0
+
+    def init(self, dim: int) -> Any:
+        return init_memory(dim) if self.ef else None
+
+    def step(self, state: Any, grad: np.ndarray, info: RoundInfo, rng: np.random.Generator) -> Decision:
+        if self.ef:
+            sent, memory = ef_step(self.compressor, state, grad, rng)
+            return Decision(sent, memory, {"memory_sq": float(memory @ memory)})
+        return Decision(self.compressor.compress(grad, rng), None)
+
+
+def _factory(name: str, default_compressor: str, default_ef: bool):
+    def build(options: Mapping[str, float], compressor: str) -> Plain:
+        own, rest = split_options(Plain, options)
+        own.setdefault("ef", default_ef)
+        return Plain(make_compressor(compressor or default_compressor, **rest), name=name, **own)
+
+    return build
+
+
+register("gd", _factory("gd", "dense", False))
+register("topk-ef", _factory("topk-ef", "topk", True))

@@ -1,0 +1,28 @@
+"""Error feedback (memory), one mechanism wrapping any compressor.
+
+Stich, Cordonnier, Jaggi, "Sparsified SGD with memory" (2018); seed 000 D2/D3.
+One step: compensate ``p = e + x``; compress ``Q(p)``; absorb ``e' = p - Q(p)``;
+send ``Q(p)``. Nothing is lost: the sum of everything sent plus the final memory
+equals the sum of all inputs. Why it is needed: a biased (contractive) compressor
+such as top-k otherwise drops the same small coordinates every round forever.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from psrv.compress import Compressor
+from psrv.payload import Payload, to_dense
+
+
+def init_memory(dim: int) -> np.ndarray:
+    return np.zeros(dim, dtype=np.float64)
+
+
+def ef_step(
+    compressor: Compressor, memory: np.ndarray, x: np.ndarray, rng: np.random.Generator
+) -> tuple[Payload, np.ndarray]:
+    """Return the payload to send and the new memory; the inputs are not modified."""
+    compensated = memory + x
+    sent = compressor.compress(compensated, rng)
+    return sent, compensated - to_dense(sent)

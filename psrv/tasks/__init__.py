@@ -1,0 +1,53 @@
+"""Learning tasks: objectives split over workers as f(θ) = Σ_m f_m(θ) on a flat θ.
+
+A task is a small frozen object built from the data's shape; workers call
+``local_loss_grad`` on their shard, the server evaluates ``loss`` / ``accuracy``.
+New tasks register in ``TASKS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from psrv.tasks.logreg import LogReg
+
+__all__ = ["TASKS", "LogReg", "Task", "make_task"]
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: ClassVar[str]
+
+    @property
+    def dim(self) -> int: ...
+
+    def init_params(self, rng: np.random.Generator) -> np.ndarray: ...
+
+    def local_loss_grad(
+        self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, total_samples: int, num_workers: int
+    ) -> tuple[float, np.ndarray]: ...
+
+    def loss(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float: ...
+
+    def accuracy(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float: ...
+
+
+TASKS: dict[str, type[Task]] = {"logreg": LogReg}
+
+
+def make_task(name: str, n_features: int, n_classes: int, **options: Any) -> Task:
+    """Instantiate task ``name``; ValueError for an unknown task, option or option value."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    cls = TASKS[name]
+    valid = {f.name for f in fields(cls) if f.init} - {"n_features", "n_classes"}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) for task {name!r}: {', '.join(unknown)}; "
+            f"valid: {', '.join(sorted(valid)) or 'none'}"
+        )
+    return cls(n_features=n_features, n_classes=n_classes, **options)  # type: ignore[call-arg]

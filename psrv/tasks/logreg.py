@@ -1,0 +1,144 @@
+"""L2-regularised multinomial logistic (softmax) regression, split over M workers.
+
+Objective as in LAQ (Sun, Giannakis, Chen, Yang, NeurIPS 2019, eq. 1), f(θ) = Σ_m f_m(θ),
+scaled so the sum is the usual mean objective:
+
+    f_m(θ) = (1/N) Σ_{n ∈ shard m} CE(softmax(W x_n + b), y_n) + (λ / 2M) ||θ||²
+
+N = total training samples over all workers, M = number of workers, hence
+Σ_m f_m = mean cross-entropy + (λ/2)||θ||². The penalty covers all of θ, bias included.
+
+θ is flat float64 of length (n_features + 1) * n_classes: W (n_classes × n_features,
+row-major) then b (n_classes). Computation is torch float64 on views of the numpy
+arrays (no copies for float64 C-contiguous input); the gradient is the closed form
+(softmax − onehot)ᵀ [X, 1] / N, not autograd, which is several times faster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LogReg:
+    n_features: int
+    n_classes: int
+    l2: float = 0.01
+    name: ClassVar[str] = "logreg"
+
+    def __post_init__(self) -> None:
+        for field, low in (("n_features", 1), ("n_classes", 2)):
+            value = getattr(self, field)
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
+                raise ValueError(f"logreg: {field} must be an integer >= {low}, got {value!r}")
+            object.__setattr__(self, field, int(value))
+        try:
+            l2 = float(self.l2)
+        except (TypeError, ValueError):
+            raise ValueError(f"logreg: l2 must be a number, got {self.l2!r}") from None
+        if not l2 >= 0 or not np.isfinite(l2):
+            raise ValueError(f"logreg: l2 must be finite and >= 0, got {self.l2!r}")
+        object.__setattr__(self, "l2", l2)
+
+    @property
+    def dim(self) -> int:
+        return (self.n_features + 1) * self.n_classes
+
+    def init_params(self, rng: np.random.Generator) -> np.ndarray:
+        """Zeros (the problem is convex; ``rng`` is unused but part of the Task API)."""
+        return np.zeros(self.dim, dtype=np.float64)
+
+    # ------------------------------------------------------------------ objective
+
+    def local_loss_grad(
+        self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, total_samples: int, num_workers: int
+    ) -> tuple[float, np.ndarray]:
+        """f_m(θ) and ∇f_m(θ) (float64, shape (dim,)) for this worker's rows X, y."""
+        if total_samples < max(len(X), 1):
+            raise ValueError(f"total_samples ({total_samples}) must be >= max(1, len(X)={len(X)})")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        theta, X, y = self._checked(theta, X, y)
+        reg = self.l2 / num_workers
+        grad = reg * theta
+        loss = 0.5 * reg * float(theta @ theta)
+        if len(X):
+            loss += self._data_term(theta, X, y, 1.0 / total_samples, grad)
+        return loss, grad
+
+    def loss(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
+        """Full objective on (X, y): mean CE + (λ/2)||θ||²; NaN for empty data."""
+        theta, X, y = self._checked(theta, X, y)
+        if not len(X):
+            return float("nan")
+        return self._data_term(theta, X, y, 1.0 / len(X), None) + 0.5 * self.l2 * float(theta @ theta)
+
+    def accuracy(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
+        """Fraction of rows whose arg-max logit (first on ties) equals y; NaN for empty data."""
+        theta, X, y = self._checked(theta, X, y)
+        if not len(X):
+            return float("nan")
+        W, b = self._unflatten(theta)
+        return float(np.mean(np.argmax(X @ W.T + b, axis=1) == y))
+
+    def smoothness(self, X: np.ndarray) -> float:
+        """Upper bound L on the Lipschitz constant of ∇(mean CE + (λ/2)||θ||²).
+
+        Per sample the Hessian is (diag(p) − ppᵀ) ⊗ x̃x̃ᵀ with x̃ = [x, 1]; by Gershgorin
+        λ_max(diag(p) − ppᵀ) ≤ max_i 2 p_i (1 − p_i) ≤ 1/2, so the Hessian of the mean is
+        ≼ ½ I ⊗ (1/N) X̃ᵀX̃ and L = ½ λ_max((1/N) X̃ᵀX̃) + λ.
+        """
+        X = np.asarray(X, dtype=np.float64)
+        n, d = X.shape
+        if n == 0:
+            return self.l2
+        gram = np.empty((d + 1, d + 1))
+        gram[:d, :d] = X.T @ X
+        gram[:d, d] = gram[d, :d] = X.sum(axis=0)
+        gram[d, d] = n
+        return 0.5 * float(np.linalg.eigvalsh(gram)[-1]) / n + self.l2
+
+    # ------------------------------------------------------------------ internals
+
+    def _unflatten(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = self.n_classes * self.n_features
+        return theta[:k].reshape(self.n_classes, self.n_features), theta[k:]
+
+    def _checked(
+        self, theta: np.ndarray, X: np.ndarray, y: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        theta = np.ascontiguousarray(theta, dtype=np.float64)  # copies only if not float64
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        y = np.ascontiguousarray(y, dtype=np.int64)
+        if theta.shape != (self.dim,):
+            raise ValueError(f"theta must have shape ({self.dim},), got {theta.shape}")
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"X must have shape (n, {self.n_features}), got {X.shape}")
+        if y.shape != (len(X),):
+            raise ValueError(f"y must have shape ({len(X)},), got {y.shape}")
+        if len(y) and (y.min() < 0 or y.max() >= self.n_classes):
+            raise ValueError(f"labels must be in [0, {self.n_classes}), got [{y.min()}, {y.max()}]")
+        return theta, X, y
+
+    def _data_term(
+        self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, scale: float, grad: np.ndarray | None
+    ) -> float:
+        """scale · Σ CE; if ``grad`` is given, adds scale · ∇(Σ CE) to it in place."""
+        k = self.n_classes * self.n_features
+        t, Xt, yt = torch.from_numpy(theta), torch.from_numpy(X), torch.from_numpy(y)
+        W, b = t[:k].view(self.n_classes, self.n_features), t[k:]
+        logp = torch.log_softmax(torch.addmm(b, Xt, W.T), dim=1)
+        ce = float(F.nll_loss(logp, yt, reduction="sum")) * scale
+        if grad is not None:
+            r = logp.exp_()  # softmax, reusing the buffer
+            r[torch.arange(len(yt)), yt] -= 1.0  # softmax − onehot
+            g = torch.from_numpy(grad)
+            g[:k].view(self.n_classes, self.n_features).addmm_(r.T, Xt, alpha=scale)
+            g[k:].add_(r.sum(dim=0), alpha=scale)
+        return ce

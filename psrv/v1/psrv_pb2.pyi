@@ -1,0 +1,189 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+
+class IndexEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INDEX_ENCODING_UNSPECIFIED: _ClassVar[IndexEncoding]
+    BITPACKED: _ClassVar[IndexEncoding]
+
+class SkipReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SKIP_REASON_UNSPECIFIED: _ClassVar[SkipReason]
+    LAZY_RULE: _ClassVar[SkipReason]
+    NOT_SELECTED: _ClassVar[SkipReason]
+    DEADLINE: _ClassVar[SkipReason]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT64: DType
+FLOAT16: DType
+BFLOAT16: DType
+INDEX_ENCODING_UNSPECIFIED: IndexEncoding
+BITPACKED: IndexEncoding
+SKIP_REASON_UNSPECIFIED: SkipReason
+LAZY_RULE: SkipReason
+NOT_SELECTED: SkipReason
+DEADLINE: SkipReason
+
+class DenseTensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SparseTensor(_message.Message):
+    __slots__ = ("dim", "nnz", "index_encoding", "indices", "value_dtype", "values")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    NNZ_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    nnz: int
+    index_encoding: IndexEncoding
+    indices: bytes
+    value_dtype: DType
+    values: bytes
+    def __init__(self, dim: _Optional[int] = ..., nnz: _Optional[int] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ..., indices: _Optional[bytes] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., values: _Optional[bytes] = ...) -> None: ...
+
+class LaqPayload(_message.Message):
+    __slots__ = ("dim", "radius", "bits", "codes")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    RADIUS_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    radius: float
+    bits: int
+    codes: bytes
+    def __init__(self, dim: _Optional[int] = ..., radius: _Optional[float] = ..., bits: _Optional[int] = ..., codes: _Optional[bytes] = ...) -> None: ...
+
+class Upload(_message.Message):
+    __slots__ = ("worker_id", "round", "local_loss", "dense", "sparse", "laq")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    LAQ_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    round: int
+    local_loss: float
+    dense: DenseTensor
+    sparse: SparseTensor
+    laq: LaqPayload
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., local_loss: _Optional[float] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ...) -> None: ...
+
+class SkipNotice(_message.Message):
+    __slots__ = ("worker_id", "round", "reason", "local_loss")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    round: int
+    reason: SkipReason
+    local_loss: float
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[_Union[SkipReason, str]] = ..., local_loss: _Optional[float] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("worker_id", "num_samples", "n_features", "n_classes")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    N_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    N_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    num_samples: int
+    n_features: int
+    n_classes: int
+    def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., n_features: _Optional[int] = ..., n_classes: _Optional[int] = ...) -> None: ...
+
+class RunConfig(_message.Message):
+    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class TaskOptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TASK_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    algorithm: str
+    compressor: str
+    options: _containers.ScalarMap[str, float]
+    task: str
+    task_options: _containers.ScalarMap[str, float]
+    dim: int
+    num_workers: int
+    seed: int
+    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("worker_index", "config")
+    WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    worker_index: int
+    config: RunConfig
+    def __init__(self, worker_index: _Optional[int] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ("worker_id", "round")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    round: int
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class ModelBroadcast(_message.Message):
+    __slots__ = ("round", "params", "recent_step_sq", "total_samples", "num_workers", "done")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_STEP_SQ_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    params: DenseTensor
+    recent_step_sq: _containers.RepeatedScalarFieldContainer[float]
+    total_samples: int
+    num_workers: int
+    done: bool
+    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...

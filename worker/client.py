@@ -1,0 +1,134 @@
+"""The worker client (``psrv start-worker``): register, then every round
+
+    model -> gradient (torch) -> algorithm step (trigger, feedback, compress) -> encode -> send
+
+The algorithm's new state is committed only once the server acknowledges the
+message; if the round already closed (the worker was too slow), the state stays
+as it was, so worker and server never disagree about what was received.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from psrv import codec, data, rpc
+from psrv.algorithms import RoundInfo, make_algorithm
+from psrv.tasks import make_task
+from psrv.v1 import psrv_pb2 as pb
+
+log = logging.getLogger("psrv.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    server: str
+    worker_id: str
+    data: str = "mnist"
+    shard: int | None = None  # take shard `shard` of `num_shards` of the (training part of the) data
+    num_shards: int | None = None
+    split: str = "iid"
+    seed: int = 0
+    test_fraction: float = 0.2
+    connect_timeout: float = 60.0
+    rpc_timeout: float = 30.0
+    crash_after: int | None = None  # fault injection: exit abruptly after this many rounds
+    torch_threads: int = 1  # many workers share few cores: one thread each avoids oversubscription
+
+
+def load_training_data(spec: str, test_fraction: float, seed: int) -> tuple[data.Dataset, data.Dataset]:
+    """The (train, test) split every process of a run derives identically from the seed."""
+    return data.train_test_split(data.load(spec), test_fraction, seed)
+
+
+def load_worker_data(cfg: WorkerConfig) -> data.Dataset:
+    train, _ = load_training_data(cfg.data, cfg.test_fraction, cfg.seed)
+    if cfg.num_shards is None:
+        return train
+    return data.shard(train, cfg.shard or 0, cfg.num_shards, cfg.split, cfg.seed)
+
+
+@dataclass
+class WorkerResult:
+    worker_id: str
+    index: int
+    rounds: int
+    uploads: int
+    skips: int
+    rejected: int
+    bytes_up: int
+    bytes_down: int
+    final_params: np.ndarray | None
+
+
+def _register(stub: rpc.CountingStub, req: pb.RegisterRequest, timeout: float) -> pb.RegisterReply:
+    """Register, retrying while the server is not up yet."""
+    give_up = time.monotonic() + timeout
+    while True:
+        try:
+            return stub.Register(req, timeout=max(1.0, give_up - time.monotonic()), wait_for_ready=True)
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or time.monotonic() > give_up:
+                raise
+            time.sleep(0.2)
+
+
+def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> WorkerResult:
+    import torch
+
+    torch.set_num_threads(cfg.torch_threads)
+    ds = dataset if dataset is not None else load_worker_data(cfg)
+    with grpc.insecure_channel(cfg.server, options=rpc.channel_options()) as channel:
+        stub = rpc.CountingStub(channel)
+        reply = _register(stub, pb.RegisterRequest(
+            worker_id=cfg.worker_id, num_samples=len(ds), n_features=ds.n_features, n_classes=ds.n_classes,
+        ), cfg.connect_timeout)
+        conf = reply.config
+        algo = make_algorithm(conf.algorithm, dict(conf.options), conf.compressor)
+        task = make_task(conf.task, ds.n_features, ds.n_classes, **dict(conf.task_options))
+        rng = np.random.default_rng([conf.seed, reply.worker_index])
+        state: Any = algo.init(task.dim)
+        result = WorkerResult(cfg.worker_id, reply.worker_index, 0, 0, 0, 0, 0, 0, None)
+        log.info("worker %s registered as %d: %s", cfg.worker_id, reply.worker_index, conf.algorithm)
+        k = 0
+        while True:
+            try:
+                mb = stub.GetModel(pb.ModelRequest(worker_id=cfg.worker_id, round=k), timeout=cfg.rpc_timeout)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue  # long poll expired; the round has not started yet
+                raise
+            theta = codec.tensor_from_proto(mb.params, task.dim, "model")
+            if mb.done:
+                result.final_params = np.array(theta, dtype=np.float64)
+                break
+            k = mb.round
+            loss, grad = task.local_loss_grad(theta, ds.X, ds.y, mb.total_samples, mb.num_workers)
+            decision = algo.step(state, grad, RoundInfo(k, mb.num_workers, tuple(mb.recent_step_sq)), rng)
+            try:
+                if decision.payload is None:
+                    stub.Skip(codec.skip_to_proto(cfg.worker_id, k, "lazy_rule", loss), timeout=cfg.rpc_timeout)
+                    result.skips += 1
+                else:
+                    stub.Push(codec.upload_to_proto(cfg.worker_id, k, loss, decision.payload), timeout=cfg.rpc_timeout)
+                    result.uploads += 1
+                state = decision.state
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                result.rejected += 1  # the round closed before our report arrived: nothing was absorbed
+                log.warning("round %d report rejected: %s", k, exc.details())
+            result.rounds += 1
+            k += 1
+            if cfg.crash_after is not None and result.rounds >= cfg.crash_after:
+                log.error("fault injection: worker %s exits after %d rounds", cfg.worker_id, result.rounds)
+                os._exit(17)
+        result.bytes_up = stub.counter.total("up")
+        result.bytes_down = stub.counter.total("down")
+        return result
