@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import signal
@@ -36,16 +35,32 @@ def _parse_options(ctx: click.Context, param: click.Parameter, values: tuple[str
 def algorithm_options(fn):
     """Options shared by ``run`` and ``start-server``: they define the job."""
     decorators = [
-        click.option("--compressor", default="", help=f"Uplink compressor (default: the algorithm's own). Known: {', '.join(sorted(COMPRESSORS))}."),
+        click.option(
+            "--compressor",
+            default="",
+            help=f"Uplink compressor (default: the algorithm's own). Known: {', '.join(sorted(COMPRESSORS))}.",
+        ),
         click.option("--lr", type=float, default=0.02, show_default=True, help="Step size alpha."),
-        click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
-                     help="Algorithm/compressor option, e.g. -o bits=3 -o D=10 -o t_bar=100 -o ratio=0.01."),
+        click.option(
+            "-o",
+            "--option",
+            "options",
+            multiple=True,
+            callback=_parse_options,
+            metavar="KEY=VALUE",
+            help="Algorithm/compressor option, e.g. -o bits=3 -o D=10 -o t_bar=100 -o ratio=0.01.",
+        ),
         click.option("--task", default="logreg", show_default=True, help="Model/objective."),
         click.option("--l2", type=float, default=0.01, show_default=True, help="L2 regularisation weight of the task."),
         click.option("--rounds", type=click.IntRange(min=0), default=500, show_default=True),
         click.option("--workers", type=click.IntRange(min=1), default=10, show_default=True),
-        click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-                     help="Seconds a round waits for reports; a worker that misses it counts as skipping."),
+        click.option(
+            "--round-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=10.0,
+            show_default=True,
+            help="Seconds a round waits for reports; a worker that misses it counts as skipping.",
+        ),
         click.option("--seed", type=int, default=0, show_default=True),
     ]
     for d in reversed(decorators):
@@ -53,12 +68,31 @@ def algorithm_options(fn):
     return fn
 
 
-def _server_config(algorithm: str, compressor: str, lr: float, options: dict[str, float], task: str, l2: float,
-                   rounds: int, workers: int, round_timeout: float, seed: int, **extra: Any) -> ServerConfig:
+def _server_config(
+    algorithm: str,
+    compressor: str,
+    lr: float,
+    options: dict[str, float],
+    task: str,
+    l2: float,
+    rounds: int,
+    workers: int,
+    round_timeout: float,
+    seed: int,
+    **extra: Any,
+) -> ServerConfig:
     try:
         return ServerConfig(
-            algorithm=algorithm, compressor=compressor, options={"lr": lr, **options}, task=task,
-            task_options={"l2": l2}, num_workers=workers, rounds=rounds, round_timeout=round_timeout, seed=seed, **extra,
+            algorithm=algorithm,
+            compressor=compressor,
+            options={"lr": lr, **options},
+            task=task,
+            task_options={"l2": l2},
+            num_workers=workers,
+            rounds=rounds,
+            round_timeout=round_timeout,
+            seed=seed,
+            **extra,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -68,7 +102,9 @@ def _algorithms(ctx: click.Context, param: click.Parameter, value: str) -> list[
     names = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [n for n in names if n not in ALGORITHMS]
     if unknown or not names:
-        raise click.BadParameter(f"unknown algorithm {', '.join(unknown) or value!r}; known: {', '.join(sorted(ALGORITHMS))}")
+        raise click.BadParameter(
+            f"unknown algorithm {', '.join(unknown) or value!r}; known: {', '.join(sorted(ALGORITHMS))}"
+        )
     return names
 
 
@@ -76,22 +112,46 @@ def _algorithms(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """psrv: a communication-efficient parameter server over gRPC."""
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
 
 
 @main.command()
-@click.option("--algorithm", "algorithms", default="gd,topk-ef,laq", show_default=True, callback=_algorithms,
-              help="One algorithm, or a comma-separated list to compare (e.g. gd,topk-ef,laq).")
+@click.option(
+    "--algorithm",
+    "algorithms",
+    default="gd,topk-ef,laq",
+    show_default=True,
+    callback=_algorithms,
+    help="One algorithm, or a comma-separated list to compare (e.g. gd,topk-ef,laq).",
+)
 @algorithm_options
-@click.option("--data", default="mnist", show_default=True, help="Built-in data set (mnist, digits, breast_cancer) or a .csv/.npz file.")
+@click.option(
+    "--data",
+    default="mnist",
+    show_default=True,
+    help="Built-in data set (mnist, digits, breast_cancer) or a .csv/.npz file.",
+)
 @click.option("--split", type=click.Choice(["iid", "noniid", "dirichlet"]), default="iid", show_default=True)
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), default="psrv-out", show_default=True,
-              help="Folder for metrics (<out>/<algorithm>/metrics.jsonl), models and worker logs.")
-@click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
-              help="Write the summary here (default <out>/summary.json): one object, or a list when comparing.")
-def run(algorithms: list[str], data: str, split: str, test_fraction: float, out: str, summary_json: str | None, **kw: Any) -> None:
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="psrv-out",
+    show_default=True,
+    help="Folder for metrics (<out>/<algorithm>/metrics.jsonl), models and worker logs.",
+)
+@click.option(
+    "--summary-json",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the summary here (default <out>/summary.json): one object, or a list when comparing.",
+)
+def run(
+    algorithms: list[str], data: str, split: str, test_fraction: float, out: str, summary_json: str | None, **kw: Any
+) -> None:
     """Train on this machine: one server and M worker processes over loopback gRPC."""
     dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=kw["seed"])
     try:
@@ -103,8 +163,13 @@ def run(algorithms: list[str], data: str, split: str, test_fraction: float, out:
     summaries = []
     for name in algorithms:
         config = _server_config(name, **kw)
-        with click.progressbar(length=config.rounds, label=f"{name:>8}", file=sys.stderr,
-                               item_show_func=lambda r: r and f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "") as bar:
+        with click.progressbar(
+            length=config.rounds,
+            label=f"{name:>8}",
+            file=sys.stderr,
+            item_show_func=lambda r: r and f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "",
+        ) as bar:
+
             def on_round(record: dict[str, Any], bar=bar) -> None:
                 bar.update(1, record)
 
@@ -125,8 +190,15 @@ def run(algorithms: list[str], data: str, split: str, test_fraction: float, out:
 @click.option("--metrics", type=click.Path(dir_okay=False), default=None, help="Per-round metrics JSONL.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None)
 @click.option("--model-out", type=click.Path(dir_okay=False), default=None, help="Save the final model (.npy).")
-def start_server(host: str, port: int, register_timeout: float, metrics: str | None, summary_json: str | None,
-                 model_out: str | None, **kw: Any) -> None:
+def start_server(
+    host: str,
+    port: int,
+    register_timeout: float,
+    metrics: str | None,
+    summary_json: str | None,
+    model_out: str | None,
+    **kw: Any,
+) -> None:
     """Run the parameter server until the configured rounds are done."""
     config = _server_config(register_timeout=register_timeout, **kw)
     ps = ParameterServer(config, metrics_path=metrics)
@@ -135,7 +207,6 @@ def start_server(host: str, port: int, register_timeout: float, metrics: str | N
     signal.signal(signal.SIGTERM, lambda *_: ps.fail("terminated"))
     try:
         summary = ps.run()
-        ps.wait_done_served(timeout=10.0)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -154,14 +225,28 @@ def start_server(host: str, port: int, register_timeout: float, metrics: str | N
 @click.option("--server", "server_address", required=True, help="HOST:PORT of the parameter server.")
 @click.option("--worker-id", required=True)
 @click.option("--data", default="mnist", show_default=True, help="Built-in data set name or a .csv/.npz file.")
-@click.option("--shard", default=None, metavar="I/M", help="Use shard I of M of the data (omit when the file is this worker's own).")
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/M",
+    help="Use shard I of M of the data (omit when the file is this worker's own).",
+)
 @click.option("--split", type=click.Choice(["iid", "noniid", "dirichlet"]), default="iid", show_default=True)
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True)
 @click.option("--crash-after", type=int, default=None, hidden=True, help="Fault injection for tests.")
-def start_worker(server_address: str, worker_id: str, data: str, shard: str | None, split: str, test_fraction: float,
-                 seed: int, connect_timeout: float, crash_after: int | None) -> None:
+def start_worker(
+    server_address: str,
+    worker_id: str,
+    data: str,
+    shard: str | None,
+    split: str,
+    test_fraction: float,
+    seed: int,
+    connect_timeout: float,
+    crash_after: int | None,
+) -> None:
     """Run one worker: register with the server and train until it says done."""
     from worker.client import WorkerConfig, run_worker
 
@@ -173,8 +258,18 @@ def start_worker(server_address: str, worker_id: str, data: str, shard: str | No
                 raise ValueError
         except ValueError:
             raise click.BadParameter(f"expected I/M with 0 <= I < M, got {shard!r}", param_hint="--shard") from None
-    cfg = WorkerConfig(server=server_address, worker_id=worker_id, data=data, shard=index, num_shards=num, split=split,
-                       seed=seed, test_fraction=test_fraction, connect_timeout=connect_timeout, crash_after=crash_after)
+    cfg = WorkerConfig(
+        server=server_address,
+        worker_id=worker_id,
+        data=data,
+        shard=index,
+        num_shards=num,
+        split=split,
+        seed=seed,
+        test_fraction=test_fraction,
+        connect_timeout=connect_timeout,
+        crash_after=crash_after,
+    )
     try:
         result = run_worker(cfg)
     except DataError as exc:

@@ -47,7 +47,9 @@ def _finite(values: np.ndarray, what: str) -> np.ndarray:
 
 def _array(data: bytes, dtype: np.dtype, count: int, what: str) -> np.ndarray:
     if len(data) != count * dtype.itemsize:
-        raise CodecError(f"{what}: {len(data)} bytes of data, expected {count * dtype.itemsize} ({count} x {dtype.name})")
+        raise CodecError(
+            f"{what}: {len(data)} bytes of data, expected {count * dtype.itemsize} ({count} x {dtype.name})"
+        )
     return _finite(np.frombuffer(data, dtype=dtype), what)
 
 

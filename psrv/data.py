@@ -298,9 +298,7 @@ def shard_indices(
     return np.split(order, np.cumsum(sizes)[:-1])
 
 
-def shard(
-    ds: Dataset, index: int, num_shards: int, split: str = "iid", seed: int = 0, alpha: float = 0.5
-) -> Dataset:
+def shard(ds: Dataset, index: int, num_shards: int, split: str = "iid", seed: int = 0, alpha: float = 0.5) -> Dataset:
     """Worker ``index``'s part of ``ds`` under ``shard_indices``."""
     parts = shard_indices(len(ds), ds.y, num_shards, split, seed, alpha)
     if not isinstance(index, Integral) or not 0 <= index < num_shards:

@@ -48,7 +48,9 @@ def dense(values: np.ndarray) -> Payload:
 
 
 def sparse(dim: int, indices: np.ndarray, values: np.ndarray) -> Payload:
-    return Payload("sparse", dim, values=np.ascontiguousarray(values), indices=np.ascontiguousarray(indices, dtype=np.int64))
+    return Payload(
+        "sparse", dim, values=np.ascontiguousarray(values), indices=np.ascontiguousarray(indices, dtype=np.int64)
+    )
 
 
 def laq_innovation(p: Payload) -> np.ndarray:

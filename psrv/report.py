@@ -31,7 +31,7 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
     head = [title for _, title, _ in COLUMNS]
     rows = [[_cell(fmt, s.get(key)) for key, _, fmt in COLUMNS] for s in summaries]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

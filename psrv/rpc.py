@@ -88,24 +88,41 @@ def generic_handler(handlers: dict[str, Callable[[Received, grpc.ServicerContext
 
 
 class CountingStub:
-    """Client stub whose every call counts the bytes it sends ("up") and receives ("down")."""
+    """Client stub whose every call counts the bytes it sends ("up") and receives ("down").
+
+    Sent bytes are booked when the call ends, unless it failed with UNAVAILABLE: then no
+    server saw them (e.g. a registration retried while the server is still starting)."""
 
     def __init__(self, channel: grpc.Channel, counter: ByteCounter | None = None) -> None:
         self.counter = counter or ByteCounter()
+        self._sent = threading.local()
         for name, (_, resp) in METHODS.items():
-            setattr(self, name, channel.unary_unary(
+            call = channel.unary_unary(
                 f"/{SERVICE}/{name}",
-                request_serializer=self._serializer(name),
+                request_serializer=self._serializer,
                 response_deserializer=self._deserializer(name, resp),
-            ))
+            )
+            setattr(self, name, self._counted(name, call))
 
-    def _serializer(self, method: str) -> Callable[[Any], bytes]:
-        def serialize(msg: Any) -> bytes:
-            data = msg.SerializeToString()
-            self.counter.add("up", method, len(data))
-            return data
+    def _serializer(self, msg: Any) -> bytes:
+        data = msg.SerializeToString()
+        self._sent.nbytes = len(data)
+        return data
 
-        return serialize
+    def _counted(self, method: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def invoke(request: Any, **kwargs: Any) -> Any:
+            self._sent.nbytes = None
+            try:
+                return call(request, **kwargs)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._sent.nbytes = None
+                raise
+            finally:
+                if self._sent.nbytes is not None:
+                    self.counter.add("up", method, self._sent.nbytes)
+
+        return invoke
 
     def _deserializer(self, method: str, msg_type: type) -> Callable[[bytes], Any]:
         def deserialize(data: bytes) -> Any:

@@ -27,11 +27,29 @@ class DataConfig:
     seed: int = 0
 
 
-def worker_command(address: str, index: int, num_workers: int, dc: DataConfig, extra: tuple[str, ...] = ()) -> list[str]:
+def worker_command(
+    address: str, index: int, num_workers: int, dc: DataConfig, extra: tuple[str, ...] = ()
+) -> list[str]:
     return [
-        sys.executable, "-m", "psrv", "start-worker", "--server", address, "--worker-id", f"w{index}",
-        "--data", dc.data, "--shard", f"{index}/{num_workers}", "--split", dc.split,
-        "--test-fraction", str(dc.test_fraction), "--seed", str(dc.seed), *extra,
+        sys.executable,
+        "-m",
+        "psrv",
+        "start-worker",
+        "--server",
+        address,
+        "--worker-id",
+        f"w{index}",
+        "--data",
+        dc.data,
+        "--shard",
+        f"{index}/{num_workers}",
+        "--split",
+        dc.split,
+        "--test-fraction",
+        str(dc.test_fraction),
+        "--seed",
+        str(dc.seed),
+        *extra,
     ]
 
 
@@ -72,7 +90,6 @@ def run_local(
         watcher = threading.Thread(target=_fail_if_all_die, args=(ps, procs), daemon=True)
         watcher.start()
         summary = ps.run()
-        ps.wait_done_served(timeout=10.0)
         np.save(out / "model.npy", ps.theta)
         summary.update(evaluate(config.task, dict(config.task_options), ps.theta, dc))
         summary["worker_exit_codes"] = [p.wait(timeout=30) for p in procs]

@@ -51,6 +51,7 @@ class ServerConfig:
     round_timeout: float = 10.0
     register_timeout: float = 120.0
     max_misses: int = 3
+    done_grace: float = 10.0  # seconds to wait for workers to fetch the final model
     seed: int = 0
     broadcast_dtype: str = "float32"
 
@@ -139,16 +140,23 @@ class ParameterServer:
     def _run_config(self) -> pb.RunConfig:
         c = self.config
         return pb.RunConfig(
-            algorithm=c.algorithm, compressor=c.compressor, options=c.options, task=c.task,
-            task_options=c.task_options, dim=0 if self.theta is None else self.theta.size,
-            num_workers=c.num_workers, seed=c.seed,
+            algorithm=c.algorithm,
+            compressor=c.compressor,
+            options=c.options,
+            task=c.task,
+            task_options=c.task_options,
+            dim=0 if self.theta is None else self.theta.size,
+            num_workers=c.num_workers,
+            seed=c.seed,
         )
 
     def _on_Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterReply:
         if not req.worker_id:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id must not be empty")
         if req.num_samples < 1 or req.n_features < 1 or req.n_classes < 2:
-            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "registration needs num_samples >= 1, n_features >= 1, n_classes >= 2")
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "registration needs num_samples >= 1, n_features >= 1, n_classes >= 2"
+            )
         with self._cond:
             if req.worker_id in self._workers:
                 raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"worker {req.worker_id!r} is already registered")
@@ -164,8 +172,11 @@ class ParameterServer:
                 self.theta = task.init_params(np.random.default_rng(self.config.seed)).astype(np.float64)
                 self.aggregator = Aggregator(self.config.num_workers, self.theta.size, self.algorithm.absorb)
             elif shape != self._task_shape:
-                raise Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"worker data has {shape[0]} features / {shape[1]} classes; the run has {self._task_shape[0]} / {self._task_shape[1]}")
+                raise Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"worker data has {shape[0]} features / {shape[1]} classes; "
+                    f"the run has {self._task_shape[0]} / {self._task_shape[1]}",
+                )
             index = len(self._workers)
             self._workers[req.worker_id] = _Worker(req.worker_id, index, req.num_samples)
             log.info("registered %s as worker %d (%d samples)", req.worker_id, index, req.num_samples)
@@ -184,10 +195,14 @@ class ParameterServer:
         with self._cond:
             w = self._worker(req.worker_id)
             if self.phase in ("training", "registering") and req.round > self.round + 1 and self.round >= 0:
-                raise Abort(grpc.StatusCode.OUT_OF_RANGE, f"round {req.round} is ahead of the server (round {self.round})")
+                raise Abort(
+                    grpc.StatusCode.OUT_OF_RANGE, f"round {req.round} is ahead of the server (round {self.round})"
+                )
             remaining = context.time_remaining() if context is not None else None
             wait = 60.0 if remaining is None else max(0.0, remaining - 0.05)
-            ready = self._cond.wait_for(lambda: self.phase in ("done", "failed") or self.round >= req.round, timeout=wait)
+            ready = self._cond.wait_for(
+                lambda: self.phase in ("done", "failed") or self.round >= req.round, timeout=wait
+            )
             if self.phase == "failed":
                 raise Abort(grpc.StatusCode.ABORTED, f"run failed: {self.error}")
             if not ready:
@@ -238,9 +253,12 @@ class ParameterServer:
         """Serialize the broadcast once; every worker gets the same bytes. Call with the lock held."""
         params = self.theta.astype(self.config.broadcast_dtype)
         msg = pb.ModelBroadcast(
-            round=round_, params=codec.tensor_to_proto(params), recent_step_sq=self.history.recent(),
+            round=round_,
+            params=codec.tensor_to_proto(params),
+            recent_step_sq=self.history.recent(),
             total_samples=sum(w.num_samples for w in self._workers.values()),
-            num_workers=len(self._workers), done=done,
+            num_workers=len(self._workers),
+            done=done,
         )
         self._broadcast = msg.SerializeToString()
         self.round = round_
@@ -258,7 +276,11 @@ class ParameterServer:
         cfg = self.config
         with self._cond:
             if not self._cond.wait_for(lambda: self.phase != "registering", timeout=cfg.register_timeout):
-                self.phase, self.error = "failed", f"only {len(self._workers)} of {cfg.num_workers} workers registered within {cfg.register_timeout:g} s"
+                self.phase, self.error = (
+                    "failed",
+                    f"only {len(self._workers)} of {cfg.num_workers} workers registered "
+                    f"within {cfg.register_timeout:g} s",
+                )
                 self._cond.notify_all()
             if self.phase == "failed":
                 raise RuntimeError(self.error)
@@ -277,6 +299,8 @@ class ParameterServer:
         with self._cond:
             self.phase = "done"
             self._publish(cfg.rounds, done=True)
+            # serve the final model to every worker before summing up the bytes
+            self._cond.wait_for(lambda: len(self._done_served) >= len(self._workers), timeout=cfg.done_grace)
         return self.summary()
 
     def _close_round(self, k: int, started: float) -> dict[str, Any]:
@@ -308,9 +332,7 @@ class ParameterServer:
             "round_time": now - self._round_started,
             "slowest_wait": max((r.latency for r in reports if r.latency is not None), default=None),
             "elapsed": now - started,
-            "workers": [
-                {"status": r.status, "bits": r.bits, "bytes": r.nbytes, "latency": r.latency} for r in reports
-            ],
+            "workers": [{"status": r.status, "bits": r.bits, "bytes": r.nbytes, "latency": r.latency} for r in reports],
         }
 
     def summary(self) -> dict[str, Any]:
@@ -341,18 +363,15 @@ class ParameterServer:
             self.phase, self.error = "failed", reason
             self._cond.notify_all()
 
-    def wait_done_served(self, timeout: float) -> None:
-        """Give workers a moment to fetch the final broadcast before shutting down."""
-        with self._cond:
-            self._cond.wait_for(lambda: len(self._done_served) >= len(self._workers), timeout=timeout)
-
     def close(self) -> None:
         if self._metrics_file:
             self._metrics_file.close()
             self._metrics_file = None
 
 
-def create_server(ps: ParameterServer, address: str = "127.0.0.1:0", max_message_bytes: int = rpc.MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+def create_server(
+    ps: ParameterServer, address: str = "127.0.0.1:0", max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
+) -> tuple[grpc.Server, int]:
     """A started gRPC server for ``ps`` and the port it bound (port 0 picks a free one)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2 * ps.config.num_workers + 8),

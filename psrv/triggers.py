@@ -29,7 +29,7 @@ class StepHistory:
 
 def weighted_steps(xi: Sequence[float], recent_step_sq: Sequence[float]) -> float:
     """``sum_d xi_d ||theta^{k+1-d} - theta^{k-d}||^2`` over the available history."""
-    return sum(x * s for x, s in zip(xi, recent_step_sq))
+    return sum(x * s for x, s in zip(xi, recent_step_sq, strict=False))  # history may be shorter than D early on
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,11 @@ from psrv.server import ServerConfig
 
 def test_laq_reaches_gd_loss_with_a_tenth_of_the_uplink(tmp_path: Path) -> None:
     runs = {
-        name: run_local(ServerConfig(algorithm=name, options={"lr": 0.02}, num_workers=10, rounds=300),
-                        DataConfig(), tmp_path / name)
+        name: run_local(
+            ServerConfig(algorithm=name, options={"lr": 0.02}, num_workers=10, rounds=300),
+            DataConfig(),
+            tmp_path / name,
+        )
         for name in ("gd", "laq")
     }
     gd, laq = runs["gd"], runs["laq"]

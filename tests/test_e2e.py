@@ -7,19 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from psrv import data
 from psrv.runner import DataConfig, run_local
 from psrv.server import ServerConfig
 from psrv.tasks import make_task
 from worker.client import load_training_data
-from psrv import data
 
 DIGITS = DataConfig(data="digits", test_fraction=0.2, seed=3)
 
 
 def _run(tmp_path: Path, algorithm: str, rounds: int = 15, workers: int = 3, **kw) -> dict:
     extra = kw.pop("worker_extra", None)
-    cfg = ServerConfig(algorithm=algorithm, options=kw.pop("options", {"lr": 0.05}), num_workers=workers,
-                       rounds=rounds, seed=3, **kw)
+    cfg = ServerConfig(
+        algorithm=algorithm, options=kw.pop("options", {"lr": 0.05}), num_workers=workers, rounds=rounds, seed=3, **kw
+    )
     return run_local(cfg, DIGITS, tmp_path / algorithm, worker_extra=extra)
 
 
@@ -43,8 +44,10 @@ def test_gd_through_the_stack_equals_centralized_gd(tmp_path: Path) -> None:
     theta = np.zeros(task.dim)
     for _ in range(rounds):  # the same arithmetic: float32 broadcast, float32 uploads
         th = theta.astype(np.float32)
-        total = sum(task.local_loss_grad(th, sh.X, sh.y, len(train), M)[1].astype(np.float32).astype(np.float64)
-                    for sh in shards)
+        total = sum(
+            task.local_loss_grad(th, sh.X, sh.y, len(train), M)[1].astype(np.float32).astype(np.float64)
+            for sh in shards
+        )
         theta = theta - lr * total
     served = np.load(tmp_path / "gd" / "model.npy")
     np.testing.assert_allclose(served, theta, rtol=1e-6, atol=1e-9)
@@ -52,8 +55,7 @@ def test_gd_through_the_stack_equals_centralized_gd(tmp_path: Path) -> None:
 
 
 def test_dead_worker_does_not_stop_training(tmp_path: Path) -> None:
-    s = _run(tmp_path, "laq", rounds=12, round_timeout=1.0, max_misses=2,
-             worker_extra={1: ("--crash-after", "3")})
+    s = _run(tmp_path, "laq", rounds=12, round_timeout=1.0, max_misses=2, worker_extra={1: ("--crash-after", "3")})
     assert s["rounds"] == 12
     assert s["worker_exit_codes"][1] == 17 and s["worker_exit_codes"][0] == 0 == s["worker_exit_codes"][2]
     assert s["deadline_misses"] == 12 - 3  # every round after the crash

@@ -8,9 +8,7 @@ from psrv.data import load_builtin, shard_indices
 from psrv.tasks import TASKS, LogReg, Task, make_task
 
 
-def _problem(
-    n: int = 40, d: int = 5, c: int = 4, seed: int = 0
-) -> tuple[LogReg, np.ndarray, np.ndarray, np.ndarray]:
+def _problem(n: int = 40, d: int = 5, c: int = 4, seed: int = 0) -> tuple[LogReg, np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     task = LogReg(n_features=d, n_classes=c, l2=0.1)
     X = rng.normal(size=(n, d))

@@ -1,6 +1,6 @@
 """The generated code in psrv/v1 must match protos/: regenerate with
 
-    python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/psrv/v1/psrv.proto
+python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. protos/psrv/v1/psrv.proto
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 grpc_tools = pytest.importorskip("grpc_tools")
-from grpc_tools import protoc  # noqa: E402
 from google.protobuf import descriptor_pb2  # noqa: E402
+from grpc_tools import protoc  # noqa: E402
 
 from psrv.v1 import psrv_pb2  # noqa: E402
 

@@ -74,7 +74,10 @@ def _register(stub: rpc.CountingStub, req: pb.RegisterRequest, timeout: float) -
         try:
             return stub.Register(req, timeout=max(1.0, give_up - time.monotonic()), wait_for_ready=True)
         except grpc.RpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or time.monotonic() > give_up:
+            if (
+                exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                or time.monotonic() > give_up
+            ):
                 raise
             time.sleep(0.2)
 
@@ -86,9 +89,16 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
     ds = dataset if dataset is not None else load_worker_data(cfg)
     with grpc.insecure_channel(cfg.server, options=rpc.channel_options()) as channel:
         stub = rpc.CountingStub(channel)
-        reply = _register(stub, pb.RegisterRequest(
-            worker_id=cfg.worker_id, num_samples=len(ds), n_features=ds.n_features, n_classes=ds.n_classes,
-        ), cfg.connect_timeout)
+        reply = _register(
+            stub,
+            pb.RegisterRequest(
+                worker_id=cfg.worker_id,
+                num_samples=len(ds),
+                n_features=ds.n_features,
+                n_classes=ds.n_classes,
+            ),
+            cfg.connect_timeout,
+        )
         conf = reply.config
         algo = make_algorithm(conf.algorithm, dict(conf.options), conf.compressor)
         task = make_task(conf.task, ds.n_features, ds.n_classes, **dict(conf.task_options))

@@ -47,7 +47,6 @@ def make_task(name: str, n_features: int, n_classes: int, **options: Any) -> Tas
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(
-            f"unknown option(s) for task {name!r}: {', '.join(unknown)}; "
-            f"valid: {', '.join(sorted(valid)) or 'none'}"
+            f"unknown option(s) for task {name!r}: {', '.join(unknown)}; valid: {', '.join(sorted(valid)) or 'none'}"
         )
     return cls(n_features=n_features, n_classes=n_classes, **options)  # type: ignore[call-arg]

@@ -110,9 +110,7 @@ class LogReg:
         k = self.n_classes * self.n_features
         return theta[:k].reshape(self.n_classes, self.n_features), theta[k:]
 
-    def _checked(
-        self, theta: np.ndarray, X: np.ndarray, y: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _checked(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         theta = np.ascontiguousarray(theta, dtype=np.float64)  # copies only if not float64
         X = np.ascontiguousarray(X, dtype=np.float64)
         y = np.ascontiguousarray(y, dtype=np.int64)
