@@ -9,11 +9,13 @@ reaches the model.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from psrv import bitpack
-from psrv.payload import Payload
+from psrv.payload import Payload, qsgd_code_width
+from psrv.payload import from_bfloat16 as payload_from_bfloat16
 from psrv.v1 import psrv_pb2 as pb
 
 
@@ -56,80 +58,159 @@ def _array(data: bytes, dtype: np.dtype, count: int, what: str) -> np.ndarray:
 # --- dense tensors ---------------------------------------------------------------
 
 
-def tensor_to_proto(arr: np.ndarray) -> pb.DenseTensor:
+def _values_code(values: np.ndarray, value_format: str) -> int:
+    return pb.BFLOAT16 if value_format == "bfloat16" else _dtype_code(values)
+
+
+def _values(data: bytes, code: int, count: int, what: str) -> tuple[np.ndarray, str]:
+    """Decode a value array; bfloat16 stays as raw uint16 bits (checked finite via float32)."""
+    if code == pb.BFLOAT16:
+        raw = _array(data, np.dtype("<u2"), count, what)
+        _finite(payload_from_bfloat16(raw), what)
+        return raw, "bfloat16"
+    return _array(data, _np_dtype(code, what), count, what), ""
+
+
+def tensor_to_proto(arr: np.ndarray, value_format: str = "") -> pb.DenseTensor:
     a = np.asarray(arr)
-    code = _dtype_code(a)
-    return pb.DenseTensor(dtype=code, shape=a.shape, data=a.astype(_NP_OF_DTYPE[code], copy=False).tobytes())
+    code = _values_code(a, value_format)
+    return pb.DenseTensor(dtype=code, shape=a.shape, data=_le_bytes(a, code))
+
+
+def _le_bytes(a: np.ndarray, code: int) -> bytes:
+    """Little-endian bytes whatever the array's byte order."""
+    return a.astype(_NP_OF_DTYPE.get(code, np.dtype("<u2")), copy=False).tobytes()
 
 
 def tensor_from_proto(msg: pb.DenseTensor, expected_size: int | None = None, what: str = "tensor") -> np.ndarray:
-    """A read-only array viewing the message's bytes."""
-    dtype = _np_dtype(msg.dtype, what)
+    """A read-only array viewing the message's bytes (float32 for bfloat16 data)."""
+    raw, fmt = _tensor_values(msg, expected_size, what)
+    return (payload_from_bfloat16(raw) if fmt else raw).reshape(tuple(msg.shape))
+
+
+def _tensor_values(msg: pb.DenseTensor, expected_size: int | None, what: str) -> tuple[np.ndarray, str]:
     size = math.prod(msg.shape)
     if expected_size is not None and size != expected_size:
         raise CodecError(f"{what}: {size} elements, expected {expected_size}")
-    return _array(msg.data, dtype, size, what).reshape(tuple(msg.shape))
+    return _values(msg.data, msg.dtype, size, what)
 
 
 # --- payloads ----------------------------------------------------------------------
 
 
-def payload_to_proto(p: Payload) -> pb.DenseTensor | pb.SparseTensor | pb.LaqPayload:
+def payload_to_proto(p: Payload) -> Any:
     if p.kind == "dense":
-        return tensor_to_proto(p.values)
+        return tensor_to_proto(p.values, p.value_format)
     if p.kind == "sparse":
         return pb.SparseTensor(
             dim=p.dim,
             nnz=len(p.indices),
             index_encoding=pb.BITPACKED,
             indices=bitpack.pack(p.indices, bitpack.index_width(p.dim)),
-            value_dtype=_dtype_code(p.values),
-            values=p.values.tobytes(),
+            value_dtype=_values_code(p.values, p.value_format),
+            values=_le_bytes(p.values, _values_code(p.values, p.value_format)),
         )
     if p.kind == "laq":
         return pb.LaqPayload(dim=p.dim, radius=p.scale, bits=p.bits, codes=bitpack.pack(p.codes, p.bits))
+    if p.kind == "qsgd":
+        return pb.QsgdPayload(
+            dim=p.dim,
+            norm=p.scale,
+            levels=p.bits,
+            signs=bitpack.pack(p.signs.astype(np.uint8), 1),
+            codes=bitpack.pack(p.codes, qsgd_code_width(p.bits)),
+        )
+    if p.kind == "sign_sparse":
+        return pb.SignSparsePayload(
+            dim=p.dim,
+            nnz=len(p.indices),
+            scale=p.scale,
+            index_encoding=pb.BITPACKED,
+            indices=bitpack.pack(p.indices, bitpack.index_width(p.dim)),
+            signs=bitpack.pack(p.signs.astype(np.uint8), 1),
+        )
     raise CodecError(f"unknown payload kind {p.kind!r}")
 
 
 def dense_from_proto(msg: pb.DenseTensor, dim: int) -> Payload:
     if len(msg.shape) != 1:
         raise CodecError(f"dense payload: shape {list(msg.shape)} is not a vector")
-    return Payload("dense", dim, values=tensor_from_proto(msg, dim, "dense payload"))
+    values, fmt = _tensor_values(msg, dim, "dense payload")
+    return Payload("dense", dim, values=values, value_format=fmt)
 
 
-def sparse_from_proto(msg: pb.SparseTensor, dim: int) -> Payload:
-    what = "sparse payload"
+def _check_dim(msg: Any, dim: int, what: str) -> None:
     if msg.dim != dim:
         raise CodecError(f"{what}: dimension {msg.dim}, expected {dim}")
+
+
+def _unpack(data: bytes, count: int, width: int, what: str) -> np.ndarray:
+    try:
+        return bitpack.unpack(data, count, width)
+    except ValueError as exc:
+        raise CodecError(f"{what}: {exc}") from None
+
+
+def _indices(msg: Any, dim: int, what: str) -> np.ndarray:
+    """Validated support of a sparse message: nnz <= dim, strictly increasing, in range."""
+    _check_dim(msg, dim, what)
     if msg.nnz > dim:
         raise CodecError(f"{what}: nnz {msg.nnz} exceeds dimension {dim}")
     if msg.index_encoding != pb.BITPACKED:
         raise CodecError(f"{what}: unsupported index encoding {msg.index_encoding}")
-    values = _array(msg.values, _np_dtype(msg.value_dtype, what), msg.nnz, what)
-    try:
-        indices = bitpack.unpack(msg.indices, msg.nnz, bitpack.index_width(dim)).astype(np.int64)
-    except ValueError as exc:
-        raise CodecError(f"{what}: indices: {exc}") from None
-    if indices.size and indices[-1] >= dim:
+    indices = _unpack(msg.indices, msg.nnz, bitpack.index_width(dim), f"{what}: indices").astype(np.int64)
+    if indices.size and indices.max() >= dim:
         raise CodecError(f"{what}: index {int(indices.max())} out of range [0, {dim})")
     if indices.size > 1 and not (np.diff(indices) > 0).all():
         raise CodecError(f"{what}: indices must be strictly increasing (sorted, no duplicates)")
-    return Payload("sparse", dim, values=values, indices=indices)
+    return indices
+
+
+def _scale(value: float, what: str) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise CodecError(f"{what} {value} must be finite and >= 0")
+    return float(value)
+
+
+def sparse_from_proto(msg: pb.SparseTensor, dim: int) -> Payload:
+    what = "sparse payload"
+    indices = _indices(msg, dim, what)
+    values, fmt = _values(msg.values, msg.value_dtype, msg.nnz, what)
+    return Payload("sparse", dim, values=values, indices=indices, value_format=fmt)
 
 
 def laq_from_proto(msg: pb.LaqPayload, dim: int) -> Payload:
     what = "laq payload"
-    if msg.dim != dim:
-        raise CodecError(f"{what}: dimension {msg.dim}, expected {dim}")
+    _check_dim(msg, dim, what)
     if not 1 <= msg.bits <= 16:
         raise CodecError(f"{what}: bits {msg.bits} outside [1, 16]")
-    if not (math.isfinite(msg.radius) and msg.radius >= 0):
-        raise CodecError(f"{what}: radius {msg.radius} must be finite and >= 0")
-    try:
-        codes = bitpack.unpack(msg.codes, dim, msg.bits)
-    except ValueError as exc:
-        raise CodecError(f"{what}: codes: {exc}") from None
-    return Payload("laq", dim, codes=codes, scale=float(msg.radius), bits=msg.bits)
+    radius = _scale(msg.radius, f"{what}: radius")
+    codes = _unpack(msg.codes, dim, msg.bits, f"{what}: codes")
+    return Payload("laq", dim, codes=codes, scale=radius, bits=msg.bits)
+
+
+MAX_QSGD_LEVELS = 2**16 - 1
+
+
+def qsgd_from_proto(msg: pb.QsgdPayload, dim: int) -> Payload:
+    what = "qsgd payload"
+    _check_dim(msg, dim, what)
+    if not 1 <= msg.levels <= MAX_QSGD_LEVELS:
+        raise CodecError(f"{what}: levels {msg.levels} outside [1, {MAX_QSGD_LEVELS}]")
+    norm = _scale(msg.norm, f"{what}: norm")
+    signs = _unpack(msg.signs, dim, 1, f"{what}: signs").astype(bool)
+    codes = _unpack(msg.codes, dim, qsgd_code_width(msg.levels), f"{what}: codes")
+    if codes.size and codes.max() > msg.levels:
+        raise CodecError(f"{what}: code {int(codes.max())} exceeds levels {msg.levels}")
+    return Payload("qsgd", dim, codes=codes, signs=signs, scale=norm, bits=msg.levels)
+
+
+def sign_sparse_from_proto(msg: pb.SignSparsePayload, dim: int) -> Payload:
+    what = "sign_sparse payload"
+    indices = _indices(msg, dim, what)
+    scale = _scale(msg.scale, f"{what}: scale")
+    signs = _unpack(msg.signs, msg.nnz, 1, f"{what}: signs").astype(bool)
+    return Payload("sign_sparse", dim, indices=indices, signs=signs, scale=scale)
 
 
 def upload_to_proto(worker_id: str, round_: int, local_loss: float, p: Payload) -> pb.Upload:
@@ -138,7 +219,13 @@ def upload_to_proto(worker_id: str, round_: int, local_loss: float, p: Payload) 
     return msg
 
 
-_DECODERS = {"dense": dense_from_proto, "sparse": sparse_from_proto, "laq": laq_from_proto}
+_DECODERS = {
+    "dense": dense_from_proto,
+    "sparse": sparse_from_proto,
+    "laq": laq_from_proto,
+    "qsgd": qsgd_from_proto,
+    "sign_sparse": sign_sparse_from_proto,
+}
 
 
 def upload_from_proto(msg: pb.Upload, dim: int) -> Payload:

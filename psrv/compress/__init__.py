@@ -52,6 +52,13 @@ def make_compressor(name: str, **options: float) -> Compressor:
         raise ValueError(f"bad options for compressor {name!r}: {exc}") from None
 
 
-# Register the built-in compressors (import for side effect).
-from psrv.compress import dense as _dense  # noqa: E402,F401
-from psrv.compress import topk as _topk  # noqa: E402,F401
+def _load_builtin() -> None:
+    """Import every module of this package once: each registers its compressors."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_load_builtin()

@@ -76,21 +76,55 @@ class LaqPayload(_message.Message):
     codes: bytes
     def __init__(self, dim: _Optional[int] = ..., radius: _Optional[float] = ..., bits: _Optional[int] = ..., codes: _Optional[bytes] = ...) -> None: ...
 
+class QsgdPayload(_message.Message):
+    __slots__ = ("dim", "norm", "levels", "signs", "codes")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    SIGNS_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    norm: float
+    levels: int
+    signs: bytes
+    codes: bytes
+    def __init__(self, dim: _Optional[int] = ..., norm: _Optional[float] = ..., levels: _Optional[int] = ..., signs: _Optional[bytes] = ..., codes: _Optional[bytes] = ...) -> None: ...
+
+class SignSparsePayload(_message.Message):
+    __slots__ = ("dim", "nnz", "scale", "index_encoding", "indices", "signs")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    NNZ_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    SIGNS_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    nnz: int
+    scale: float
+    index_encoding: IndexEncoding
+    indices: bytes
+    signs: bytes
+    def __init__(self, dim: _Optional[int] = ..., nnz: _Optional[int] = ..., scale: _Optional[float] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ..., indices: _Optional[bytes] = ..., signs: _Optional[bytes] = ...) -> None: ...
+
 class Upload(_message.Message):
-    __slots__ = ("worker_id", "round", "local_loss", "dense", "sparse", "laq")
+    __slots__ = ("worker_id", "round", "local_loss", "dense", "sparse", "laq", "qsgd", "sign_sparse")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     LAQ_FIELD_NUMBER: _ClassVar[int]
+    QSGD_FIELD_NUMBER: _ClassVar[int]
+    SIGN_SPARSE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     round: int
     local_loss: float
     dense: DenseTensor
     sparse: SparseTensor
     laq: LaqPayload
-    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., local_loss: _Optional[float] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ...) -> None: ...
+    qsgd: QsgdPayload
+    sign_sparse: SignSparsePayload
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., local_loss: _Optional[float] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ...) -> None: ...
 
 class SkipNotice(_message.Message):
     __slots__ = ("worker_id", "round", "reason", "local_loss")
