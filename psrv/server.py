@@ -6,7 +6,8 @@ that misses the deadline is recorded as a DEADLINE skip and contributes its stor
 (stale) value, exactly like a lazy skip; update theta^{k+1} = theta^k - alpha * total
 (seed 003 eq. 4); record metrics. A worker that misses ``max_misses`` deadlines in
 a row stops being waited for until it reports again, so a dead worker costs the
-run one deadline per miss at most ``max_misses`` times, then nothing.
+run at most ``max_misses`` deadlines, then nothing (while no worker at all is
+responsive, every round waits for its deadline).
 
 The servicer is thin: it decodes (``psrv.codec``), checks identity and round,
 and hands vectors to the core (``psrv.aggregate``). Errors become gRPC statuses.
@@ -230,8 +231,12 @@ class ParameterServer:
         self._cond.notify_all()
 
     def _on_Push(self, req: pb.Upload, nbytes: int, context: Any) -> pb.Ack:
-        dim = self.theta.size if self.theta is not None else 0
+        with self._cond:
+            self._worker(req.worker_id)
+            dim = self.theta.size
         p = codec.upload_from_proto(req, dim)  # validate outside the lock
+        if p.kind not in self.algorithm.payload_kinds:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.config.algorithm} does not take {p.kind} payloads")
         vector = to_dense(p)
         with self._cond:
             w = self._worker(req.worker_id)
@@ -288,7 +293,9 @@ class ParameterServer:
         for k in range(cfg.rounds):
             with self._cond:
                 self._publish(k)
-                self._cond.wait_for(self._all_reported, timeout=cfg.round_timeout)
+                self._cond.wait_for(lambda: self._all_reported() or self.phase == "failed", timeout=cfg.round_timeout)
+                if self.phase == "failed":
+                    raise RuntimeError(self.error)
                 record = self._close_round(k, started)
                 self.records.append(record)
             if self._metrics_file:
@@ -300,7 +307,8 @@ class ParameterServer:
             self.phase = "done"
             self._publish(cfg.rounds, done=True)
             # serve the final model to every worker before summing up the bytes
-            self._cond.wait_for(lambda: len(self._done_served) >= len(self._workers), timeout=cfg.done_grace)
+            responsive = {w.worker_id for w in self._workers.values() if w.responsive}
+            self._cond.wait_for(lambda: responsive <= self._done_served, timeout=cfg.done_grace)
         return self.summary()
 
     def _close_round(self, k: int, started: float) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class LAQ:
     name: str = "laq"
 
     absorb = "accumulate"
+    payload_kinds = ("laq",)
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and 1 <= self.bits <= 16 and self.D >= 0 and self.t_bar >= 0):

@@ -1,0 +1,65 @@
+"""Every registered compressor through the whole stack: a real gRPC server on port 0 and
+worker loops (threads here, for speed; tests/test_e2e.py covers worker processes)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from psrv import data
+from psrv.compress import COMPRESSORS, make_compressor
+from psrv.server import ParameterServer, ServerConfig, create_server
+from worker.client import WorkerConfig, load_training_data, run_worker
+
+M, ROUNDS = 2, 6
+
+
+def _train(algorithm: str, compressor: str, options: dict[str, float]) -> tuple[dict, list]:
+    ps = ParameterServer(
+        ServerConfig(
+            algorithm=algorithm,
+            compressor=compressor,
+            options=options,
+            num_workers=M,
+            rounds=ROUNDS,
+            round_timeout=20.0,
+        )
+    )
+    server, port = create_server(ps)
+    train, _ = load_training_data("digits", 0.2, 0)
+    results: list = [None] * M
+
+    def work(i: int) -> None:
+        cfg = WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"w{i}", data="digits")
+        results[i] = run_worker(cfg, data.shard(train, i, M))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(M)]
+    for t in threads:
+        t.start()
+    try:
+        summary = ps.run()
+    finally:
+        for t in threads:
+            t.join(timeout=60)
+        server.stop(grace=None)
+    return summary, results
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+def test_compressor_end_to_end(name: str) -> None:
+    options = {"lr": 0.05, "ef": 1.0}
+    if name in ("threshold", "threshold-mem"):
+        options["threshold"] = 1e-3
+    try:
+        make_compressor(name, **{k: v for k, v in options.items() if k not in ("lr", "ef")})
+    except ValueError:
+        options.pop("threshold", None)
+    summary, results = _train("gd", name, options)
+    assert summary["rounds"] == ROUNDS and summary["uploads"] == M * ROUNDS
+    assert summary["payload_bits"] > 0 and summary["deadline_misses"] == 0
+    assert all(r is not None and r.rejected == 0 for r in results)
+    # the workers hold the final model the server computed
+    assert np.isfinite(results[0].final_params).all()
+    np.testing.assert_array_equal(results[0].final_params, results[1].final_params)
