@@ -63,3 +63,10 @@ def test_compressor_end_to_end(name: str) -> None:
     # the workers hold the final model the server computed
     assert np.isfinite(results[0].final_params).all()
     np.testing.assert_array_equal(results[0].final_params, results[1].final_params)
+
+
+def test_ef21_end_to_end() -> None:
+    summary, results = _train("ef21", "topk", {"lr": 0.05, "ratio": 0.1})
+    assert summary["rounds"] == ROUNDS and summary["uploads"] == M * ROUNDS
+    assert all(r is not None and r.rejected == 0 for r in results)
+    np.testing.assert_array_equal(results[0].final_params, results[1].final_params)

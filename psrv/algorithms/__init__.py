@@ -91,5 +91,6 @@ def split_options(cls: type, options: Mapping[str, float]) -> tuple[dict[str, An
     return own, rest
 
 
+from psrv.algorithms import ef21 as _ef21  # noqa: E402,F401
 from psrv.algorithms import laq as _laq  # noqa: E402,F401
 from psrv.algorithms import plain as _plain  # noqa: E402,F401
