@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from psrv import bitpack
+from psrv import bitpack, varint
 from psrv.payload import Payload, qsgd_code_width
 from psrv.payload import from_bfloat16 as payload_from_bfloat16
 from psrv.v1 import psrv_pb2 as pb
@@ -98,15 +98,25 @@ def _tensor_values(msg: pb.DenseTensor, expected_size: int | None, what: str) ->
 # --- payloads ----------------------------------------------------------------------
 
 
+def encode_indices(indices: np.ndarray, dim: int) -> tuple[int, bytes]:
+    """The smaller of fixed-width bit-packing (ceil(log2 d) bits per index, the papers'
+    count) and delta + varint (smaller where the support is sparse), with its tag."""
+    width = bitpack.index_width(dim)
+    if varint.encoded_size(indices) < bitpack.packed_size(len(indices), width):
+        return pb.DELTA_VARINT, varint.encode_indices(indices)
+    return pb.BITPACKED, bitpack.pack(indices, width)
+
+
 def payload_to_proto(p: Payload) -> Any:
     if p.kind == "dense":
         return tensor_to_proto(p.values, p.value_format)
     if p.kind == "sparse":
+        encoding, indices = encode_indices(p.indices, p.dim)
         return pb.SparseTensor(
             dim=p.dim,
             nnz=len(p.indices),
-            index_encoding=pb.BITPACKED,
-            indices=bitpack.pack(p.indices, bitpack.index_width(p.dim)),
+            index_encoding=encoding,
+            indices=indices,
             value_dtype=_values_code(p.values, p.value_format),
             values=_le_bytes(p.values, _values_code(p.values, p.value_format)),
         )
@@ -121,12 +131,13 @@ def payload_to_proto(p: Payload) -> Any:
             codes=bitpack.pack(p.codes, qsgd_code_width(p.bits)),
         )
     if p.kind == "sign_sparse":
+        encoding, indices = encode_indices(p.indices, p.dim)
         return pb.SignSparsePayload(
             dim=p.dim,
             nnz=len(p.indices),
             scale=p.scale,
-            index_encoding=pb.BITPACKED,
-            indices=bitpack.pack(p.indices, bitpack.index_width(p.dim)),
+            index_encoding=encoding,
+            indices=indices,
             signs=bitpack.pack(p.signs.astype(np.uint8), 1),
         )
     raise CodecError(f"unknown payload kind {p.kind!r}")
@@ -156,9 +167,15 @@ def _indices(msg: Any, dim: int, what: str) -> np.ndarray:
     _check_dim(msg, dim, what)
     if msg.nnz > dim:
         raise CodecError(f"{what}: nnz {msg.nnz} exceeds dimension {dim}")
-    if msg.index_encoding != pb.BITPACKED:
+    if msg.index_encoding == pb.BITPACKED:
+        indices = _unpack(msg.indices, msg.nnz, bitpack.index_width(dim), f"{what}: indices").astype(np.int64)
+    elif msg.index_encoding == pb.DELTA_VARINT:
+        try:
+            indices = varint.decode_indices(msg.indices, msg.nnz)
+        except ValueError as exc:
+            raise CodecError(f"{what}: indices: {exc}") from None
+    else:
         raise CodecError(f"{what}: unsupported index encoding {msg.index_encoding}")
-    indices = _unpack(msg.indices, msg.nnz, bitpack.index_width(dim), f"{what}: indices").astype(np.int64)
     if indices.size and indices.max() >= dim:
         raise CodecError(f"{what}: index {int(indices.max())} out of range [0, {dim})")
     if indices.size > 1 and not (np.diff(indices) > 0).all():

@@ -321,4 +321,6 @@ def test_wire_round_trip_and_size(name: str, options: dict, d: int) -> None:
     assert payload_bits(back) == payload_bits(p)
     if d >= 10_000:
         bits = payload_bits(p)
-        assert abs(8 * nbytes - bits) <= 0.02 * bits + 64 * 8, (name, 8 * nbytes, bits)
+        assert 8 * nbytes <= 1.02 * bits + 64 * 8, (name, 8 * nbytes, bits)
+        if p.indices is None:  # sparse supports may beat the formula through delta-varint indices
+            assert abs(8 * nbytes - bits) <= 0.02 * bits + 64 * 8, (name, 8 * nbytes, bits)

@@ -19,6 +19,7 @@ class IndexEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INDEX_ENCODING_UNSPECIFIED: _ClassVar[IndexEncoding]
     BITPACKED: _ClassVar[IndexEncoding]
+    DELTA_VARINT: _ClassVar[IndexEncoding]
 
 class SkipReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,6 +34,7 @@ FLOAT16: DType
 BFLOAT16: DType
 INDEX_ENCODING_UNSPECIFIED: IndexEncoding
 BITPACKED: IndexEncoding
+DELTA_VARINT: IndexEncoding
 SKIP_REASON_UNSPECIFIED: SkipReason
 LAZY_RULE: SkipReason
 NOT_SELECTED: SkipReason
