@@ -62,6 +62,7 @@ def algorithm_options(fn):
             help="Seconds a round waits for reports; a worker that misses it counts as skipping.",
         ),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--zstd", is_flag=True, help="Workers zstd-compress each payload when that makes it smaller."),
     ]
     for d in reversed(decorators):
         fn = d(fn)
@@ -79,6 +80,7 @@ def _server_config(
     workers: int,
     round_timeout: float,
     seed: int,
+    zstd: bool,
     **extra: Any,
 ) -> ServerConfig:
     try:
@@ -92,6 +94,7 @@ def _server_config(
             rounds=rounds,
             round_timeout=round_timeout,
             seed=seed,
+            zstd=zstd,
             **extra,
         )
     except ValueError as exc:

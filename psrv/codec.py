@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
+import zstandard
 
 from psrv import bitpack, varint
 from psrv.payload import Payload, qsgd_code_width
@@ -230,10 +231,40 @@ def sign_sparse_from_proto(msg: pb.SignSparsePayload, dim: int) -> Payload:
     return Payload("sign_sparse", dim, indices=indices, signs=signs, scale=scale)
 
 
-def upload_to_proto(worker_id: str, round_: int, local_loss: float, p: Payload) -> pb.Upload:
+ZSTD_LEVEL = 3
+
+
+def upload_to_proto(worker_id: str, round_: int, local_loss: float, p: Payload, zstd: bool = False) -> pb.Upload:
+    """An upload; with ``zstd`` the payload is compressed when that makes it smaller."""
     msg = pb.Upload(worker_id=worker_id, round=round_, local_loss=local_loss)
-    getattr(msg, p.kind).CopyFrom(payload_to_proto(p))
+    inner = payload_to_proto(p)
+    if zstd:
+        raw = inner.SerializeToString()
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+        if len(packed) + len(p.kind) + 4 < len(raw):
+            msg.zstd.CopyFrom(pb.ZstdPayload(kind=p.kind, data=packed))
+            return msg
+    getattr(msg, p.kind).CopyFrom(inner)
     return msg
+
+
+def _unzstd(msg: pb.ZstdPayload, dim: int) -> tuple[str, Any]:
+    """The inner payload message; its decompressed size is bounded (no zip bombs)."""
+    if msg.kind not in _DECODERS:
+        raise CodecError(f"zstd payload: unknown kind {msg.kind!r}")
+    limit = 16 * dim + 1024  # generous: float64 values plus indices of every coordinate
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(msg.data) as reader:
+            raw = reader.read(limit + 1)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"zstd payload: {exc}") from None
+    if len(raw) > limit:
+        raise CodecError(f"zstd payload: decompresses to more than {limit} bytes")
+    inner_type = type(getattr(pb.Upload(), msg.kind))
+    try:
+        return msg.kind, inner_type.FromString(raw)
+    except Exception:  # noqa: BLE001 - protobuf raises DecodeError
+        raise CodecError(f"zstd payload: not a valid {msg.kind} message") from None
 
 
 _DECODERS = {
@@ -252,6 +283,9 @@ def upload_from_proto(msg: pb.Upload, dim: int) -> Payload:
         raise CodecError("upload carries no payload")
     if not math.isfinite(msg.local_loss):
         raise CodecError("upload: local_loss is NaN or Inf")
+    if kind == "zstd":
+        kind, inner = _unzstd(msg.zstd, dim)
+        return _DECODERS[kind](inner, dim)
     return _DECODERS[kind](getattr(msg, kind), dim)
 
 

@@ -55,6 +55,7 @@ class ServerConfig:
     done_grace: float = 10.0  # seconds to wait for workers to fetch the final model
     seed: int = 0
     broadcast_dtype: str = "float32"
+    zstd: bool = False  # workers zstd-compress a payload when that makes it smaller
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.rounds < 0 or self.round_timeout <= 0 or self.max_misses < 1:
@@ -149,6 +150,7 @@ class ParameterServer:
             dim=0 if self.theta is None else self.theta.size,
             num_workers=c.num_workers,
             seed=c.seed,
+            zstd=c.zstd,
         )
 
     def _on_Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterReply:
@@ -351,6 +353,7 @@ class ParameterServer:
             "algorithm": cfg.algorithm,
             "compressor": getattr(getattr(self.algorithm, "compressor", None), "name", cfg.algorithm),
             "options": dict(cfg.options),
+            "zstd": cfg.zstd,
             "workers": cfg.num_workers,
             "dim": int(self.theta.size) if self.theta is not None else 0,
             "rounds": len(recs),

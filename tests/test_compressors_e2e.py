@@ -16,7 +16,7 @@ from worker.client import WorkerConfig, load_training_data, run_worker
 M, ROUNDS = 2, 6
 
 
-def _train(algorithm: str, compressor: str, options: dict[str, float]) -> tuple[dict, list]:
+def _train(algorithm: str, compressor: str, options: dict[str, float], zstd: bool = False) -> tuple[dict, list]:
     ps = ParameterServer(
         ServerConfig(
             algorithm=algorithm,
@@ -25,6 +25,7 @@ def _train(algorithm: str, compressor: str, options: dict[str, float]) -> tuple[
             num_workers=M,
             rounds=ROUNDS,
             round_timeout=20.0,
+            zstd=zstd,
         )
     )
     server, port = create_server(ps)
@@ -70,3 +71,11 @@ def test_ef21_end_to_end() -> None:
     assert summary["rounds"] == ROUNDS and summary["uploads"] == M * ROUNDS
     assert all(r is not None and r.rejected == 0 for r in results)
     np.testing.assert_array_equal(results[0].final_params, results[1].final_params)
+
+
+def test_zstd_end_to_end_saves_bytes() -> None:
+    plain, _ = _train("gd", "qsgd", {"lr": 0.05, "levels": 4})
+    packed, results = _train("gd", "qsgd", {"lr": 0.05, "levels": 4}, zstd=True)
+    assert packed["uploads"] == plain["uploads"] == M * ROUNDS
+    assert packed["upload_bytes"] < plain["upload_bytes"]
+    assert packed["payload_bits"] == plain["payload_bits"]  # the formula does not see zstd

@@ -126,7 +126,8 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                     stub.Skip(codec.skip_to_proto(cfg.worker_id, k, "lazy_rule", loss), timeout=cfg.rpc_timeout)
                     result.skips += 1
                 else:
-                    stub.Push(codec.upload_to_proto(cfg.worker_id, k, loss, decision.payload), timeout=cfg.rpc_timeout)
+                    upload = codec.upload_to_proto(cfg.worker_id, k, loss, decision.payload, zstd=conf.zstd)
+                    stub.Push(upload, timeout=cfg.rpc_timeout)
                     result.uploads += 1
                 state = decision.state
             except grpc.RpcError as exc:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12psrv/v1/psrv.proto\x12\x07psrv.v1\"I\n\x0b\x44\x65nseTensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.psrv.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9e\x01\n\x0cSparseTensor\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0b\n\x03nnz\x18\x02 \x01(\x04\x12.\n\x0eindex_encoding\x18\x03 \x01(\x0e\x32\x16.psrv.v1.IndexEncoding\x12\x0f\n\x07indices\x18\x04 \x01(\x0c\x12#\n\x0bvalue_dtype\x18\x05 \x01(\x0e\x32\x0e.psrv.v1.DType\x12\x0e\n\x06values\x18\x06 \x01(\x0c\"F\n\nLaqPayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0e\n\x06radius\x18\x02 \x01(\x02\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12\r\n\x05\x63odes\x18\x04 \x01(\x0c\"V\n\x0bQsgdPayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0c\n\x04norm\x18\x02 \x01(\x02\x12\x0e\n\x06levels\x18\x03 \x01(\r\x12\r\n\x05signs\x18\x04 \x01(\x0c\x12\r\n\x05\x63odes\x18\x05 \x01(\x0c\"\x8c\x01\n\x11SignSparsePayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0b\n\x03nnz\x18\x02 \x01(\x04\x12\r\n\x05scale\x18\x03 \x01(\x02\x12.\n\x0eindex_encoding\x18\x04 \x01(\x0e\x32\x16.psrv.v1.IndexEncoding\x12\x0f\n\x07indices\x18\x05 \x01(\x0c\x12\r\n\x05signs\x18\x06 \x01(\x0c\"\x96\x02\n\x06Upload\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x12\n\nlocal_loss\x18\x03 \x01(\x01\x12%\n\x05\x64\x65nse\x18\n \x01(\x0b\x32\x14.psrv.v1.DenseTensorH\x00\x12\'\n\x06sparse\x18\x0b \x01(\x0b\x32\x15.psrv.v1.SparseTensorH\x00\x12\"\n\x03laq\x18\x0c \x01(\x0b\x32\x13.psrv.v1.LaqPayloadH\x00\x12$\n\x04qsgd\x18\r \x01(\x0b\x32\x14.psrv.v1.QsgdPayloadH\x00\x12\x31\n\x0bsign_sparse\x18\x0e \x01(\x0b\x32\x1a.psrv.v1.SignSparsePayloadH\x00\x42\t\n\x07payload\"g\n\nSkipNotice\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12#\n\x06reason\x18\x03 \x01(\x0e\x32\x13.psrv.v1.SkipReason\x12\x12\n\nlocal_loss\x18\x04 \x01(\x01\"`\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\nn_features\x18\x03 \x01(\r\x12\x11\n\tn_classes\x18\x04 \x01(\r\"\xc1\x02\n\tRunConfig\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x12\n\ncompressor\x18\x02 \x01(\t\x12\x30\n\x07options\x18\x03 \x03(\x0b\x32\x1f.psrv.v1.RunConfig.OptionsEntry\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x39\n\x0ctask_options\x18\x05 \x03(\x0b\x32#.psrv.v1.RunConfig.TaskOptionsEntry\x12\x0b\n\x03\x64im\x18\x06 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x07 \x01(\r\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10TaskOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"I\n\rRegisterReply\x12\x14\n\x0cworker_index\x18\x01 \x01(\r\x12\"\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x12.psrv.v1.RunConfig\"0\n\x0cModelRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"\x97\x01\n\x0eModelBroadcast\x12\r\n\x05round\x18\x01 \x01(\x04\x12$\n\x06params\x18\x02 \x01(\x0b\x32\x14.psrv.v1.DenseTensor\x12\x16\n\x0erecent_step_sq\x18\x03 \x03(\x01\x12\x15\n\rtotal_samples\x18\x04 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x05 \x01(\r\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\"\x14\n\x03\x41\x63k\x12\r\n\x05round\x18\x01 \x01(\x04*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04*P\n\rIndexEncoding\x12\x1e\n\x1aINDEX_ENCODING_UNSPECIFIED\x10\x00\x12\r\n\tBITPACKED\x10\x01\x12\x10\n\x0c\x44\x45LTA_VARINT\x10\x02*X\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\r\n\tLAZY_RULE\x10\x01\x12\x10\n\x0cNOT_SELECTED\x10\x02\x12\x0c\n\x08\x44\x45\x41\x44LINE\x10\x03\x32\xdd\x01\n\x0fParameterServer\x12<\n\x08Register\x12\x18.psrv.v1.RegisterRequest\x1a\x16.psrv.v1.RegisterReply\x12:\n\x08GetModel\x12\x15.psrv.v1.ModelRequest\x1a\x17.psrv.v1.ModelBroadcast\x12%\n\x04Push\x12\x0f.psrv.v1.Upload\x1a\x0c.psrv.v1.Ack\x12)\n\x04Skip\x12\x13.psrv.v1.SkipNotice\x1a\x0c.psrv.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12psrv/v1/psrv.proto\x12\x07psrv.v1\"I\n\x0b\x44\x65nseTensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.psrv.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9e\x01\n\x0cSparseTensor\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0b\n\x03nnz\x18\x02 \x01(\x04\x12.\n\x0eindex_encoding\x18\x03 \x01(\x0e\x32\x16.psrv.v1.IndexEncoding\x12\x0f\n\x07indices\x18\x04 \x01(\x0c\x12#\n\x0bvalue_dtype\x18\x05 \x01(\x0e\x32\x0e.psrv.v1.DType\x12\x0e\n\x06values\x18\x06 \x01(\x0c\"F\n\nLaqPayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0e\n\x06radius\x18\x02 \x01(\x02\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12\r\n\x05\x63odes\x18\x04 \x01(\x0c\"V\n\x0bQsgdPayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0c\n\x04norm\x18\x02 \x01(\x02\x12\x0e\n\x06levels\x18\x03 \x01(\r\x12\r\n\x05signs\x18\x04 \x01(\x0c\x12\r\n\x05\x63odes\x18\x05 \x01(\x0c\"\x8c\x01\n\x11SignSparsePayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0b\n\x03nnz\x18\x02 \x01(\x04\x12\r\n\x05scale\x18\x03 \x01(\x02\x12.\n\x0eindex_encoding\x18\x04 \x01(\x0e\x32\x16.psrv.v1.IndexEncoding\x12\x0f\n\x07indices\x18\x05 \x01(\x0c\x12\r\n\x05signs\x18\x06 \x01(\x0c\")\n\x0bZstdPayload\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xbc\x02\n\x06Upload\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x12\n\nlocal_loss\x18\x03 \x01(\x01\x12%\n\x05\x64\x65nse\x18\n \x01(\x0b\x32\x14.psrv.v1.DenseTensorH\x00\x12\'\n\x06sparse\x18\x0b \x01(\x0b\x32\x15.psrv.v1.SparseTensorH\x00\x12\"\n\x03laq\x18\x0c \x01(\x0b\x32\x13.psrv.v1.LaqPayloadH\x00\x12$\n\x04qsgd\x18\r \x01(\x0b\x32\x14.psrv.v1.QsgdPayloadH\x00\x12\x31\n\x0bsign_sparse\x18\x0e \x01(\x0b\x32\x1a.psrv.v1.SignSparsePayloadH\x00\x12$\n\x04zstd\x18\x0f \x01(\x0b\x32\x14.psrv.v1.ZstdPayloadH\x00\x42\t\n\x07payload\"g\n\nSkipNotice\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12#\n\x06reason\x18\x03 \x01(\x0e\x32\x13.psrv.v1.SkipReason\x12\x12\n\nlocal_loss\x18\x04 \x01(\x01\"`\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\nn_features\x18\x03 \x01(\r\x12\x11\n\tn_classes\x18\x04 \x01(\r\"\xcf\x02\n\tRunConfig\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x12\n\ncompressor\x18\x02 \x01(\t\x12\x30\n\x07options\x18\x03 \x03(\x0b\x32\x1f.psrv.v1.RunConfig.OptionsEntry\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x39\n\x0ctask_options\x18\x05 \x03(\x0b\x32#.psrv.v1.RunConfig.TaskOptionsEntry\x12\x0b\n\x03\x64im\x18\x06 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x07 \x01(\r\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x0c\n\x04zstd\x18\t \x01(\x08\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10TaskOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"I\n\rRegisterReply\x12\x14\n\x0cworker_index\x18\x01 \x01(\r\x12\"\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x12.psrv.v1.RunConfig\"0\n\x0cModelRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"\x97\x01\n\x0eModelBroadcast\x12\r\n\x05round\x18\x01 \x01(\x04\x12$\n\x06params\x18\x02 \x01(\x0b\x32\x14.psrv.v1.DenseTensor\x12\x16\n\x0erecent_step_sq\x18\x03 \x03(\x01\x12\x15\n\rtotal_samples\x18\x04 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x05 \x01(\r\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\"\x14\n\x03\x41\x63k\x12\r\n\x05round\x18\x01 \x01(\x04*S\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04*P\n\rIndexEncoding\x12\x1e\n\x1aINDEX_ENCODING_UNSPECIFIED\x10\x00\x12\r\n\tBITPACKED\x10\x01\x12\x10\n\x0c\x44\x45LTA_VARINT\x10\x02*X\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\r\n\tLAZY_RULE\x10\x01\x12\x10\n\x0cNOT_SELECTED\x10\x02\x12\x0c\n\x08\x44\x45\x41\x44LINE\x10\x03\x32\xdd\x01\n\x0fParameterServer\x12<\n\x08Register\x12\x18.psrv.v1.RegisterRequest\x1a\x16.psrv.v1.RegisterReply\x12:\n\x08GetModel\x12\x15.psrv.v1.ModelRequest\x1a\x17.psrv.v1.ModelBroadcast\x12%\n\x04Push\x12\x0f.psrv.v1.Upload\x1a\x0c.psrv.v1.Ack\x12)\n\x04Skip\x12\x13.psrv.v1.SkipNotice\x1a\x0c.psrv.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNCONFIG_OPTIONSENTRY']._serialized_options = b'8\001'
   _globals['_RUNCONFIG_TASKOPTIONSENTRY']._loaded_options = None
   _globals['_RUNCONFIG_TASKOPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1679
-  _globals['_DTYPE']._serialized_end=1762
-  _globals['_INDEXENCODING']._serialized_start=1764
-  _globals['_INDEXENCODING']._serialized_end=1844
-  _globals['_SKIPREASON']._serialized_start=1846
-  _globals['_SKIPREASON']._serialized_end=1934
+  _globals['_DTYPE']._serialized_start=1774
+  _globals['_DTYPE']._serialized_end=1857
+  _globals['_INDEXENCODING']._serialized_start=1859
+  _globals['_INDEXENCODING']._serialized_end=1939
+  _globals['_SKIPREASON']._serialized_start=1941
+  _globals['_SKIPREASON']._serialized_end=2029
   _globals['_DENSETENSOR']._serialized_start=31
   _globals['_DENSETENSOR']._serialized_end=104
   _globals['_SPARSETENSOR']._serialized_start=107
@@ -51,26 +51,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QSGDPAYLOAD']._serialized_end=425
   _globals['_SIGNSPARSEPAYLOAD']._serialized_start=428
   _globals['_SIGNSPARSEPAYLOAD']._serialized_end=568
-  _globals['_UPLOAD']._serialized_start=571
-  _globals['_UPLOAD']._serialized_end=849
-  _globals['_SKIPNOTICE']._serialized_start=851
-  _globals['_SKIPNOTICE']._serialized_end=954
-  _globals['_REGISTERREQUEST']._serialized_start=956
-  _globals['_REGISTERREQUEST']._serialized_end=1052
-  _globals['_RUNCONFIG']._serialized_start=1055
-  _globals['_RUNCONFIG']._serialized_end=1376
-  _globals['_RUNCONFIG_OPTIONSENTRY']._serialized_start=1278
-  _globals['_RUNCONFIG_OPTIONSENTRY']._serialized_end=1324
-  _globals['_RUNCONFIG_TASKOPTIONSENTRY']._serialized_start=1326
-  _globals['_RUNCONFIG_TASKOPTIONSENTRY']._serialized_end=1376
-  _globals['_REGISTERREPLY']._serialized_start=1378
-  _globals['_REGISTERREPLY']._serialized_end=1451
-  _globals['_MODELREQUEST']._serialized_start=1453
-  _globals['_MODELREQUEST']._serialized_end=1501
-  _globals['_MODELBROADCAST']._serialized_start=1504
-  _globals['_MODELBROADCAST']._serialized_end=1655
-  _globals['_ACK']._serialized_start=1657
-  _globals['_ACK']._serialized_end=1677
-  _globals['_PARAMETERSERVER']._serialized_start=1937
-  _globals['_PARAMETERSERVER']._serialized_end=2158
+  _globals['_ZSTDPAYLOAD']._serialized_start=570
+  _globals['_ZSTDPAYLOAD']._serialized_end=611
+  _globals['_UPLOAD']._serialized_start=614
+  _globals['_UPLOAD']._serialized_end=930
+  _globals['_SKIPNOTICE']._serialized_start=932
+  _globals['_SKIPNOTICE']._serialized_end=1035
+  _globals['_REGISTERREQUEST']._serialized_start=1037
+  _globals['_REGISTERREQUEST']._serialized_end=1133
+  _globals['_RUNCONFIG']._serialized_start=1136
+  _globals['_RUNCONFIG']._serialized_end=1471
+  _globals['_RUNCONFIG_OPTIONSENTRY']._serialized_start=1373
+  _globals['_RUNCONFIG_OPTIONSENTRY']._serialized_end=1419
+  _globals['_RUNCONFIG_TASKOPTIONSENTRY']._serialized_start=1421
+  _globals['_RUNCONFIG_TASKOPTIONSENTRY']._serialized_end=1471
+  _globals['_REGISTERREPLY']._serialized_start=1473
+  _globals['_REGISTERREPLY']._serialized_end=1546
+  _globals['_MODELREQUEST']._serialized_start=1548
+  _globals['_MODELREQUEST']._serialized_end=1596
+  _globals['_MODELBROADCAST']._serialized_start=1599
+  _globals['_MODELBROADCAST']._serialized_end=1750
+  _globals['_ACK']._serialized_start=1752
+  _globals['_ACK']._serialized_end=1772
+  _globals['_PARAMETERSERVER']._serialized_start=2032
+  _globals['_PARAMETERSERVER']._serialized_end=2253
 # @@protoc_insertion_point(module_scope)

@@ -108,8 +108,16 @@ class SignSparsePayload(_message.Message):
     signs: bytes
     def __init__(self, dim: _Optional[int] = ..., nnz: _Optional[int] = ..., scale: _Optional[float] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ..., indices: _Optional[bytes] = ..., signs: _Optional[bytes] = ...) -> None: ...
 
+class ZstdPayload(_message.Message):
+    __slots__ = ("kind", "data")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    data: bytes
+    def __init__(self, kind: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class Upload(_message.Message):
-    __slots__ = ("worker_id", "round", "local_loss", "dense", "sparse", "laq", "qsgd", "sign_sparse")
+    __slots__ = ("worker_id", "round", "local_loss", "dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +126,7 @@ class Upload(_message.Message):
     LAQ_FIELD_NUMBER: _ClassVar[int]
     QSGD_FIELD_NUMBER: _ClassVar[int]
     SIGN_SPARSE_FIELD_NUMBER: _ClassVar[int]
+    ZSTD_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     round: int
     local_loss: float
@@ -126,7 +135,8 @@ class Upload(_message.Message):
     laq: LaqPayload
     qsgd: QsgdPayload
     sign_sparse: SignSparsePayload
-    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., local_loss: _Optional[float] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ...) -> None: ...
+    zstd: ZstdPayload
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., local_loss: _Optional[float] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ..., zstd: _Optional[_Union[ZstdPayload, _Mapping]] = ...) -> None: ...
 
 class SkipNotice(_message.Message):
     __slots__ = ("worker_id", "round", "reason", "local_loss")
@@ -153,7 +163,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., n_features: _Optional[int] = ..., n_classes: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed")
+    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +186,7 @@ class RunConfig(_message.Message):
     DIM_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    ZSTD_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     compressor: str
     options: _containers.ScalarMap[str, float]
@@ -184,7 +195,8 @@ class RunConfig(_message.Message):
     dim: int
     num_workers: int
     seed: int
-    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    zstd: bool
+    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("worker_index", "config")
