@@ -295,14 +295,17 @@ SKIP_REASONS = {"lazy_rule": pb.LAZY_RULE, "not_selected": pb.NOT_SELECTED, "dea
 _SKIP_NAMES = {v: k for k, v in SKIP_REASONS.items()}
 
 
-def skip_to_proto(worker_id: str, round_: int, reason: str, local_loss: float) -> pb.SkipNotice:
-    return pb.SkipNotice(worker_id=worker_id, round=round_, reason=SKIP_REASONS[reason], local_loss=local_loss)
+def skip_to_proto(worker_id: str, round_: int, reason: str, local_loss: float | None) -> pb.SkipNotice:
+    msg = pb.SkipNotice(worker_id=worker_id, round=round_, reason=SKIP_REASONS[reason])
+    if local_loss is not None:
+        msg.local_loss = local_loss
+    return msg
 
 
 def skip_reason_from_proto(msg: pb.SkipNotice) -> str:
     """The reason a worker gave; DEADLINE is the server's own verdict and never valid on the wire."""
     if msg.reason not in _SKIP_NAMES or msg.reason == pb.DEADLINE:
         raise CodecError(f"skip notice: invalid reason {msg.reason}")
-    if not math.isfinite(msg.local_loss):
+    if msg.HasField("local_loss") and not math.isfinite(msg.local_loss):
         raise CodecError("skip notice: local_loss is NaN or Inf")
     return _SKIP_NAMES[msg.reason]

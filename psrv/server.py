@@ -31,7 +31,7 @@ import numpy as np
 
 from psrv import codec, rpc
 from psrv.aggregate import Aggregator
-from psrv.algorithms import make_algorithm
+from psrv.algorithms import SelectionView, make_algorithm
 from psrv.payload import payload_bits, to_dense
 from psrv.tasks import make_task
 from psrv.triggers import StepHistory
@@ -70,8 +70,10 @@ class _Worker:
     worker_id: str
     index: int
     num_samples: int
+    smoothness: float = 0.0
     responsive: bool = True
     misses: int = 0
+    last_upload: int = -1  # round of the last accepted upload
 
 
 @dataclass
@@ -115,6 +117,9 @@ class ParameterServer:
         self.theta: np.ndarray | None = None
         self.aggregator: Aggregator | None = None
         self.history = StepHistory(self.algorithm.history_depth)
+        self._rng = np.random.default_rng([config.seed, 7])  # server-side selection only
+        self._selected: frozenset[int] | None = None
+        self._theta_hat: np.ndarray | None = None  # iterate of each worker's last upload, if the rule needs it
         self.records: list[dict[str, Any]] = []
         self._metrics_file = open(metrics_path, "w") if metrics_path else None
         self._on_round = on_round
@@ -156,10 +161,13 @@ class ParameterServer:
     def _on_Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterReply:
         if not req.worker_id:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "worker_id must not be empty")
-        if req.num_samples < 1 or req.n_features < 1 or req.n_classes < 2:
+        if req.num_samples < 1 or req.n_features < 1 or req.n_classes == 1:
             raise Abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "registration needs num_samples >= 1, n_features >= 1, n_classes >= 2"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "registration needs num_samples >= 1, n_features >= 1, n_classes >= 2 (or 0 for regression)",
             )
+        if not (math.isfinite(req.smoothness) and req.smoothness >= 0):
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "smoothness must be finite and >= 0")
         with self._cond:
             if req.worker_id in self._workers:
                 raise Abort(grpc.StatusCode.ALREADY_EXISTS, f"worker {req.worker_id!r} is already registered")
@@ -174,6 +182,8 @@ class ParameterServer:
                 self._task_shape = shape
                 self.theta = task.init_params(np.random.default_rng(self.config.seed)).astype(np.float64)
                 self.aggregator = Aggregator(self.config.num_workers, self.theta.size, self.algorithm.absorb)
+                if getattr(self.algorithm, "tracks_theta_hat", False):
+                    self._theta_hat = np.repeat(self.theta[None, :], self.config.num_workers, axis=0)
             elif shape != self._task_shape:
                 raise Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -181,7 +191,7 @@ class ParameterServer:
                     f"the run has {self._task_shape[0]} / {self._task_shape[1]}",
                 )
             index = len(self._workers)
-            self._workers[req.worker_id] = _Worker(req.worker_id, index, req.num_samples)
+            self._workers[req.worker_id] = _Worker(req.worker_id, index, req.num_samples, req.smoothness)
             log.info("registered %s as worker %d (%d samples)", req.worker_id, index, req.num_samples)
             if len(self._workers) == self.config.num_workers:
                 self.phase = "training"
@@ -243,7 +253,15 @@ class ParameterServer:
         with self._cond:
             w = self._worker(req.worker_id)
             self._check_round(w, req.round)
+            if self._selected is not None and w.index not in self._selected:
+                raise Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"worker {w.worker_id!r} is not selected in round {req.round}"
+                )
+            if self._theta_hat is not None:
+                self._estimate_smoothness(w, vector)
+                self._theta_hat[w.index] = self.theta
             self.aggregator.add(w.index, vector)
+            w.last_upload = req.round
             self._accept(w, _Report("upload", p.kind, payload_bits(p), nbytes, req.local_loss))
             return pb.Ack(round=req.round)
 
@@ -252,13 +270,15 @@ class ParameterServer:
         with self._cond:
             w = self._worker(req.worker_id)
             self._check_round(w, req.round)
-            self._accept(w, _Report(reason, nbytes=nbytes, loss=req.local_loss))
+            loss = req.local_loss if req.HasField("local_loss") else None
+            self._accept(w, _Report(reason, nbytes=nbytes, loss=loss))
             return pb.Ack(round=req.round)
 
     # ------------------------------------------------------------------ rounds
     def _publish(self, round_: int, done: bool = False) -> None:
         """Serialize the broadcast once; every worker gets the same bytes. Call with the lock held."""
         params = self.theta.astype(self.config.broadcast_dtype)
+        self._selected = None if done else self._select(round_)
         msg = pb.ModelBroadcast(
             round=round_,
             params=codec.tensor_to_proto(params),
@@ -266,6 +286,8 @@ class ParameterServer:
             total_samples=sum(w.num_samples for w in self._workers.values()),
             num_workers=len(self._workers),
             done=done,
+            selective=self._selected is not None,
+            selected=sorted(self._selected or ()),
         )
         self._broadcast = msg.SerializeToString()
         self.round = round_
@@ -273,6 +295,33 @@ class ParameterServer:
         self._down_this_round = {}
         self._round_started = time.monotonic()
         self._cond.notify_all()
+
+    def _estimate_smoothness(self, w: _Worker, vector: np.ndarray) -> None:
+        """Secant estimate of L_m from two uploads of full gradients at different iterates:
+        ``||g_m(theta^k) - g_m(theta_hat)|| / ||theta^k - theta_hat||``, keeping the largest seen
+        (for server-side selection; workers may also report L_m at registration)."""
+        if self.aggregator.absorb != "replace" or w.last_upload < 0:
+            return
+        dtheta = float(np.linalg.norm(self.theta - self._theta_hat[w.index]))
+        if dtheta > 0:
+            dgrad = float(np.linalg.norm(vector - self.aggregator.stored[w.index]))
+            w.smoothness = max(w.smoothness, dgrad / dtheta)
+
+    def _select(self, round_: int) -> frozenset[int] | None:
+        """Server-side worker selection, for algorithms that have it (RIAG, CIAG, LAG-PS)."""
+        select = getattr(self.algorithm, "select", None)
+        if select is None:
+            return None
+        workers = sorted(self._workers.values(), key=lambda w: w.index)
+        view = SelectionView(
+            round=round_,
+            theta=self.theta,
+            theta_hat=self._theta_hat,
+            smoothness=tuple(w.smoothness for w in workers),
+            staleness=tuple(round_ - w.last_upload - 1 if w.last_upload >= 0 else round_ for w in workers),
+            recent_step_sq=self.history.recent(),
+        )
+        return frozenset(select(view, self._rng))
 
     def _all_reported(self) -> bool:
         waiting = [w for w in self._workers.values() if w.responsive]

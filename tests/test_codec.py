@@ -344,11 +344,18 @@ def test_skip_notice_exact_size(wid: str, rnd: int, reason: str, loss: float) ->
         len_field(1, len(wid))
         + varint_field(2, rnd)
         + varint_field(3, codec.SKIP_REASONS[reason])
-        + fixed_field(4, loss, 8)
+        + 9  # local_loss is `optional`: present (tag + 8 bytes) even when 0.0
     )
     assert len(msg.SerializeToString()) == expected
     if rnd == 0 and loss == 0.0:
-        assert expected == 2 + len(wid) + 2  # worker_id and reason only
+        assert expected == 2 + len(wid) + 2 + 9  # worker_id, reason and the loss
+
+
+def test_skip_notice_without_loss_is_smallest() -> None:
+    msg = codec.skip_to_proto("w0", 0, "not_selected", None)
+    assert not msg.HasField("local_loss")
+    assert len(msg.SerializeToString()) == 2 + 2 + 2  # worker_id and reason only
+    assert codec.skip_reason_from_proto(pb.SkipNotice.FromString(msg.SerializeToString())) == "not_selected"
 
 
 def _payloads_for(d: int) -> list[Payload]:

@@ -58,13 +58,14 @@ def load_worker_data(cfg: WorkerConfig) -> data.Dataset:
 class WorkerResult:
     worker_id: str
     index: int
-    rounds: int
-    uploads: int
-    skips: int
-    rejected: int
-    bytes_up: int
-    bytes_down: int
-    final_params: np.ndarray | None
+    rounds: int = 0
+    uploads: int = 0
+    skips: int = 0
+    rejected: int = 0
+    grad_evals: int = 0  # gradient evaluations (a LASG round costs two; an unselected one none)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    final_params: np.ndarray | None = None
 
 
 def _register(stub: rpc.CountingStub, req: pb.RegisterRequest, timeout: float) -> pb.RegisterReply:
@@ -74,12 +75,43 @@ def _register(stub: rpc.CountingStub, req: pb.RegisterRequest, timeout: float) -
         try:
             return stub.Register(req, timeout=max(1.0, give_up - time.monotonic()), wait_for_ready=True)
         except grpc.RpcError as exc:
-            if (
-                exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                or time.monotonic() > give_up
-            ):
+            retry = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            if not retry or time.monotonic() > give_up:
                 raise
             time.sleep(0.2)
+
+
+class _Gradients:
+    """This round's (mini)batch and a counted gradient oracle on it.
+
+    With ``batch`` B < n_m the rows are drawn without replacement from the worker's rng
+    and the objective weight is rescaled (total N*B/n_m) so the minibatch gradient is an
+    unbiased estimate of grad f_m; every evaluation in the round uses the same rows."""
+
+    def __init__(self, task: Any, ds: data.Dataset, mb: pb.ModelBroadcast, batch: int, rng: np.random.Generator):
+        self.task, self.num_workers, self.evals = task, mb.num_workers, 0
+        if 0 < batch < len(ds):
+            rows = rng.choice(len(ds), batch, replace=False)
+            self.X, self.y, self.total = ds.X[rows], ds.y[rows], mb.total_samples * batch / len(ds)
+        else:
+            self.X, self.y, self.total = ds.X, ds.y, mb.total_samples
+
+    def loss_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        self.evals += 1
+        return self.task.local_loss_grad(theta, self.X, self.y, self.total, self.num_workers)
+
+    def grad_at(self, theta: np.ndarray) -> np.ndarray:
+        return self.loss_grad(theta)[1]
+
+
+def _report(
+    stub: rpc.CountingStub, cfg: WorkerConfig, k: int, payload: Any, reason: str, loss: float | None, zstd: bool
+) -> None:
+    if payload is None:
+        stub.Skip(codec.skip_to_proto(cfg.worker_id, k, reason, loss), timeout=cfg.rpc_timeout)
+    else:
+        upload = codec.upload_to_proto(cfg.worker_id, k, loss, payload, zstd=zstd)
+        stub.Push(upload, timeout=cfg.rpc_timeout)
 
 
 def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> WorkerResult:
@@ -89,22 +121,17 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
     ds = dataset if dataset is not None else load_worker_data(cfg)
     with grpc.insecure_channel(cfg.server, options=rpc.channel_options()) as channel:
         stub = rpc.CountingStub(channel)
-        reply = _register(
-            stub,
-            pb.RegisterRequest(
-                worker_id=cfg.worker_id,
-                num_samples=len(ds),
-                n_features=ds.n_features,
-                n_classes=ds.n_classes,
-            ),
-            cfg.connect_timeout,
+        request = pb.RegisterRequest(
+            worker_id=cfg.worker_id, num_samples=len(ds), n_features=ds.n_features, n_classes=ds.n_classes
         )
+        reply = _register(stub, request, cfg.connect_timeout)
         conf = reply.config
         algo = make_algorithm(conf.algorithm, dict(conf.options), conf.compressor)
         task = make_task(conf.task, ds.n_features, ds.n_classes, **dict(conf.task_options))
         rng = np.random.default_rng([conf.seed, reply.worker_index])
+        batch = int(getattr(algo, "batch", 0))
         state: Any = algo.init(task.dim)
-        result = WorkerResult(cfg.worker_id, reply.worker_index, 0, 0, 0, 0, 0, 0, None)
+        result = WorkerResult(cfg.worker_id, reply.worker_index)
         log.info("worker %s registered as %d: %s", cfg.worker_id, reply.worker_index, conf.algorithm)
         k = 0
         while True:
@@ -119,17 +146,20 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                 result.final_params = np.array(theta, dtype=np.float64)
                 break
             k = mb.round
-            loss, grad = task.local_loss_grad(theta, ds.X, ds.y, mb.total_samples, mb.num_workers)
-            decision = algo.step(state, grad, RoundInfo(k, mb.num_workers, tuple(mb.recent_step_sq)), rng)
             try:
-                if decision.payload is None:
-                    stub.Skip(codec.skip_to_proto(cfg.worker_id, k, "lazy_rule", loss), timeout=cfg.rpc_timeout)
+                if mb.selective and reply.worker_index not in mb.selected:
+                    _report(stub, cfg, k, None, "not_selected", None, conf.zstd)  # computes nothing
                     result.skips += 1
                 else:
-                    upload = codec.upload_to_proto(cfg.worker_id, k, loss, decision.payload, zstd=conf.zstd)
-                    stub.Push(upload, timeout=cfg.rpc_timeout)
-                    result.uploads += 1
-                state = decision.state
+                    grads = _Gradients(task, ds, mb, batch, rng)
+                    loss, grad = grads.loss_grad(theta)
+                    info = RoundInfo(k, mb.num_workers, tuple(mb.recent_step_sq), theta, grads.grad_at)
+                    decision = algo.step(state, grad, info, rng)
+                    result.grad_evals += grads.evals
+                    _report(stub, cfg, k, decision.payload, "lazy_rule", loss, conf.zstd)
+                    result.uploads += decision.payload is not None
+                    result.skips += decision.payload is None
+                    state = decision.state
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                     raise

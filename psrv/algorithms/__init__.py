@@ -26,11 +26,29 @@ from psrv.payload import Payload
 
 @dataclass(frozen=True)
 class RoundInfo:
-    """What a worker learns from the round's broadcast besides the model."""
+    """What a worker knows at round k besides its gradient.
+
+    ``theta`` is the broadcast model; ``grad_at(x)`` evaluates the worker's gradient at
+    another point on the SAME minibatch (and counts as a gradient evaluation), which the
+    stochastic lazy rule needs (SASG/LASG eq. 6)."""
 
     round: int
     num_workers: int
     recent_step_sq: tuple[float, ...] = ()
+    theta: np.ndarray | None = None
+    grad_at: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class SelectionView:
+    """What the server knows when it selects workers (``Algorithm.select``)."""
+
+    round: int
+    theta: np.ndarray
+    theta_hat: np.ndarray | None  # (M, d) iterate of each worker's last upload, if tracked
+    smoothness: tuple[float, ...]  # L_m reported at registration
+    staleness: tuple[int, ...]  # rounds since each worker's last upload
+    recent_step_sq: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,10 @@ class Decision:
 
 
 class Algorithm(Protocol):
+    """Optional members: ``batch`` (minibatch size, 0 = full gradient), ``select(view, rng)``
+    (server-side selection: the set of worker indices that compute this round), and
+    ``tracks_theta_hat`` (the server keeps each worker's last-upload iterate for ``select``)."""
+
     name: str
     lr: float
 

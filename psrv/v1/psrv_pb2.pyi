@@ -151,16 +151,18 @@ class SkipNotice(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[_Union[SkipReason, str]] = ..., local_loss: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "num_samples", "n_features", "n_classes")
+    __slots__ = ("worker_id", "num_samples", "n_features", "n_classes", "smoothness")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     N_FEATURES_FIELD_NUMBER: _ClassVar[int]
     N_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_samples: int
     n_features: int
     n_classes: int
-    def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., n_features: _Optional[int] = ..., n_classes: _Optional[int] = ...) -> None: ...
+    smoothness: float
+    def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., n_features: _Optional[int] = ..., n_classes: _Optional[int] = ..., smoothness: _Optional[float] = ...) -> None: ...
 
 class RunConfig(_message.Message):
     __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd")
@@ -215,20 +217,24 @@ class ModelRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class ModelBroadcast(_message.Message):
-    __slots__ = ("round", "params", "recent_step_sq", "total_samples", "num_workers", "done")
+    __slots__ = ("round", "params", "recent_step_sq", "total_samples", "num_workers", "done", "selective", "selected")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     RECENT_STEP_SQ_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    SELECTIVE_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
     round: int
     params: DenseTensor
     recent_step_sq: _containers.RepeatedScalarFieldContainer[float]
     total_samples: int
     num_workers: int
     done: bool
-    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+    selective: bool
+    selected: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ..., selective: _Optional[bool] = ..., selected: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("round",)
