@@ -47,7 +47,7 @@ def test_bench_prints_a_row_per_compressor_with_sane_ratios(capsys: pytest.Captu
 
 def test_bench_selected_compressors_and_unknown_names() -> None:
     out = io.StringIO()
-    rows = bench.run([1000, 2000], 1, ["topk", "laq", "no-such-compressor"], "cauchy", out)
+    rows = bench.run([1000, 2000], 1, ["topk", bench.LAQ_ROW, "no-such-compressor"], "cauchy", out)
     assert [(r[0], r[1]) for r in rows] == [("topk", 1000), ("laq(b=3)", 1000), ("topk", 2000), ("laq(b=3)", 2000)]
     assert "note: skipped no-such-compressor" in out.getvalue()
 

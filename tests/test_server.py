@@ -486,7 +486,7 @@ def test_client_and_server_count_the_same_bytes(make_harness: Callable[..., Harn
     call("GetModel", pb.ModelRequest(worker_id="w1", round=0))
     call("Push", codec.upload_to_proto("w0", 0, 0.5, dense(_grad(0))))
     call("Push", codec.upload_to_proto("w1", 0, 0.5, dense(_grad(0, DIM + 1))), ok=False)
-    call("Push", codec.upload_to_proto("w1", 0, 0.5, TopK(ratio=0.5).compress(_grad(1))))
+    call("Push", codec.upload_to_proto("w1", 0, 0.5, dense(_grad(1))))
     call("GetModel", pb.ModelRequest(worker_id="w0", round=1))
     call("Skip", codec.skip_to_proto("w0", 1, "lazy_rule", 0.25))
     call("Skip", codec.skip_to_proto("ghost", 1, "lazy_rule", 0.25), ok=False)
@@ -556,4 +556,6 @@ def test_payload_kind_the_algorithm_cannot_absorb_is_rejected(make_harness: Call
     h.model("w0", 0)
     with expect_status(Code.INVALID_ARGUMENT, "gd does not take laq payloads"):
         h.push("w0", 0, quantize(_grad(1), np.zeros(DIM), 3))
+    with expect_status(Code.INVALID_ARGUMENT, "gd does not take sparse payloads"):  # gd here sends dense
+        h.push("w0", 0, TopK(ratio=0.5).compress(_grad(1)))
     assert not h.ps.aggregator.total.any()

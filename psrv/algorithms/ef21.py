@@ -36,7 +36,7 @@ import numpy as np
 
 from psrv.algorithms import Decision, RoundInfo, register, split_options
 from psrv.compress import Compressor, make_compressor
-from psrv.payload import KINDS, to_dense
+from psrv.payload import to_dense
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,11 @@ class EF21:
 
     absorb = "accumulate"
     history_depth = 0
+
     # every self-describing vector can be added; LAQ innovations belong to LAQ's own quantizer
-    payload_kinds = tuple(k for k in KINDS if k != "laq")
+    @property
+    def payload_kinds(self) -> tuple[str, ...]:
+        return (self.compressor.payload_kind,)
 
     def __post_init__(self) -> None:
         if not self.lr > 0:

@@ -19,7 +19,6 @@ import numpy as np
 from psrv.algorithms import Decision, RoundInfo, register, split_options
 from psrv.compress import Compressor, make_compressor
 from psrv.compress.feedback import ef_step, init_memory
-from psrv.payload import KINDS
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,10 @@ class Plain:
 
     absorb = "replace"
     history_depth = 0
-    # any self-describing vector replaces the stored one; LAQ innovations only make sense added
-    payload_kinds = tuple(k for k in KINDS if k != "laq")
+
+    @property
+    def payload_kinds(self) -> tuple[str, ...]:
+        return (self.compressor.payload_kind,)
 
     def init(self, dim: int) -> Any:
         return init_memory(dim) if self.ef else None

@@ -26,6 +26,7 @@ class CompressorClass:
 
 class Compressor(Protocol):
     name: str
+    payload_kind: str
 
     def compress(self, x: np.ndarray, rng: np.random.Generator) -> Payload: ...
 
@@ -35,8 +36,12 @@ class Compressor(Protocol):
 COMPRESSORS: dict[str, Callable[..., Compressor]] = {}
 
 
-def register(name: str):
+def register(name: str, payload_kind: str):
+    """Register a compressor class under ``name``; ``payload_kind`` is the Payload kind it
+    emits, which the server accepts (and nothing else) from workers using it."""
+
     def deco(factory):
+        factory.payload_kind = payload_kind
         COMPRESSORS[name] = factory
         return factory
 

@@ -10,7 +10,7 @@ from psrv import payload
 from psrv.compress import CompressorClass, register
 
 
-@register("dense")
+@register("dense", "dense")
 @dataclass(frozen=True)
 class Dense:
     name: str = "dense"

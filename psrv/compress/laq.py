@@ -29,9 +29,11 @@ that need broadcasting take the reference path unchanged.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from psrv.compress import CompressorClass, register
 from psrv.payload import Payload
 
 MAX_BITS = 16
@@ -134,3 +136,26 @@ def quantize(grad: np.ndarray, q_prev: np.ndarray, bits: int) -> Payload:
             np.add(d, 0.5, out=d)
             np.copyto(codes[s:e], d, casting="unsafe")  # truncation = floor: d >= 1/2 here
     return Payload("laq", n, codes=codes, scale=float(r32), bits=bits)
+
+
+@register("laq", "laq")
+@dataclass(frozen=True)
+class LaqQuantizer:
+    """The same quantizer as a plain compressor: the innovation against a zero previous
+    quantization, i.e. ``x`` on a 2^b grid over ``[-||x||_inf, ||x||_inf]``. Deterministic
+    and biased; per coordinate ``|Q(x)_i - x_i| <= tau ||x||_inf`` (tau = 1/(2^b - 1)), so
+    ``||Q(x) - x||^2 <= d tau^2 ||x||_inf^2``. The lazy ``laq`` algorithm uses
+    :func:`quantize` with its own stored previous quantization instead."""
+
+    bits: int = 4
+    name: str = "laq"
+
+    def __post_init__(self) -> None:
+        _check_bits(int(self.bits))
+
+    def compress(self, x: np.ndarray, rng: np.random.Generator | None = None) -> Payload:
+        x = np.asarray(x).reshape(-1)
+        return quantize(x, np.zeros(x.size, dtype=np.float64), int(self.bits))
+
+    def compressor_class(self, dim: int) -> CompressorClass:
+        return CompressorClass("biased", 0.0)

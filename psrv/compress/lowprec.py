@@ -40,7 +40,7 @@ FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 BF16_MAX = float(payload.from_bfloat16(np.array([0x7F7F], dtype=np.uint16))[0])  # (2 - 2^-7) 2^127
 
 
-@register("fp16")
+@register("fp16", "dense")
 @dataclass(frozen=True)
 class FP16:
     """Dense float16, clipped to +-65504; relative error <= 2^-11 in the normal range."""
@@ -55,7 +55,7 @@ class FP16:
         return CompressorClass("biased", 0.0)
 
 
-@register("bf16")
+@register("bf16", "dense")
 @dataclass(frozen=True)
 class BF16:
     """Dense bfloat16 (raw uint16 bits), clipped to +-BF16_MAX; relative error <= 2^-8 in the normal range."""

@@ -76,7 +76,7 @@ def variance(x: np.ndarray, levels: int) -> float:
     return float((norm / levels) ** 2 * np.sum(tau * (1.0 - tau)))
 
 
-@register("qsgd")
+@register("qsgd", "qsgd")
 @dataclass(frozen=True)
 class QSGD:
     levels: int = 4

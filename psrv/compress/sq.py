@@ -67,7 +67,7 @@ def beta(g: np.ndarray, T: int) -> float:
     return inner**2 / (T * sq**2)
 
 
-@register("sq")
+@register("sq", "sign_sparse")
 @dataclass(frozen=True)
 class SQ:
     ratio: float = 0.01

@@ -121,7 +121,7 @@ def variance_factor(g: np.ndarray, p: np.ndarray) -> float:
     return float(np.max((1.0 - q) / q))
 
 
-@register("randk")
+@register("randk", "sparse")
 @dataclass(frozen=True)
 class RandK:
     """Exactly ``k`` coordinates uniformly without replacement, scaled by ``d/k``; omega = d/k - 1."""
@@ -152,7 +152,7 @@ class RandK:
         return CompressorClass("unbiased", dim / self.k_for(dim) - 1.0)
 
 
-@register("stochastic")
+@register("stochastic", "sparse")
 @dataclass(frozen=True)
 class Stochastic:
     """Bernoulli sparsification, seed 004 eq. (4), budget ``T`` = expected nnz.

@@ -43,7 +43,7 @@ from psrv import payload
 from psrv.compress import CompressorClass, register
 
 
-@register("threshold")
+@register("threshold", "sparse")
 @dataclass(frozen=True)
 class Threshold:
     """Keep exactly the entries with ``|x_j| >= threshold`` (seed 000 D1); biased, see module doc."""
@@ -64,7 +64,7 @@ class Threshold:
         return CompressorClass("biased", 0.0)
 
 
-@register("threshold-mem")
+@register("threshold-mem", "sparse")
 @dataclass(frozen=True)
 class ThresholdMem(Threshold):
     """Seed 000 D2: the threshold rule applied to the memory-compensated vector.

@@ -166,7 +166,7 @@ def _threshold_topk(
     return None
 
 
-@register("topk")
+@register("topk", "sparse")
 @dataclass(frozen=True)
 class TopK:
     ratio: float = 0.01
