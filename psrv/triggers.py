@@ -32,6 +32,32 @@ def weighted_steps(xi: Sequence[float], recent_step_sq: Sequence[float]) -> floa
     return sum(x * s for x, s in zip(xi, recent_step_sq, strict=False))  # history may be shorter than D early on
 
 
+def lag_threshold(xi: Sequence[float], recent_step_sq: Sequence[float], lr: float, num_workers: int) -> float:
+    """The right-hand side shared by LAG, LAQ, LASG and SASG:
+    ``1/(alpha^2 M^2) sum_d xi_d ||theta^{k+1-d} - theta^{k-d}||^2`` (seed 000 LAG; seed 003 (7a);
+    seed 002 eq. 6)."""
+    return weighted_steps(xi, recent_step_sq) / (lr**2 * num_workers**2)
+
+
+def may_skip(clock: int, t_bar: int) -> bool:
+    """Maximum staleness: a worker may skip only while fewer than ``t_bar`` rounds have passed
+    since its last upload, so no stored contribution is ever more than ``t_bar`` rounds old."""
+    return clock < t_bar
+
+
+def lazy_skip(change_sq: float, threshold: float, clock: int, t_bar: int) -> bool:
+    """Worker-side LAG rule (seed 000, LAG-WK) and the stochastic rule of LASG/SASG (seed 002
+    eq. 6): skip iff ``||grad(theta^k) - grad(theta_hat)||^2 <= threshold`` and staleness allows."""
+    return change_sq <= threshold and may_skip(clock, t_bar)
+
+
+def lag_ps_upload(smoothness: float, drift_sq: float, threshold: float, clock: int, t_bar: int) -> bool:
+    """Server-side LAG rule (seed 000, LAG-PS): ask worker m for a gradient iff
+    ``L_m^2 ||theta^k - theta_hat_m||^2 > threshold``, or its staleness forces it. The server
+    can decide this without the worker computing anything."""
+    return smoothness**2 * drift_sq > threshold or not may_skip(clock, t_bar)
+
+
 @dataclass(frozen=True)
 class LaqTest:
     """The two sides of LAQ's skip condition (7a) and the decision with (7b)."""
@@ -61,5 +87,5 @@ def laq_skip(
     while ``clock < t_bar``, so no stored gradient is ever more than ``t_bar``
     rounds old (at most ``t_bar`` consecutive skips).
     """
-    rhs = weighted_steps(xi, recent_step_sq) / (lr**2 * num_workers**2) + 3.0 * (eps_sq + eps_hat_sq)
-    return LaqTest(innovation_sq, rhs, innovation_sq <= rhs and clock < t_bar)
+    rhs = lag_threshold(xi, recent_step_sq, lr, num_workers) + 3.0 * (eps_sq + eps_hat_sq)
+    return LaqTest(innovation_sq, rhs, innovation_sq <= rhs and may_skip(clock, t_bar))

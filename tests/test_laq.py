@@ -87,3 +87,16 @@ def test_worker_never_exceeds_max_staleness_and_server_sum_matches() -> None:
     np.testing.assert_allclose(agg.total, agg.stored.sum(axis=0), rtol=1e-12, atol=1e-12)
     for m in range(M):
         np.testing.assert_array_equal(agg.stored[m], states[m].q_prev)
+
+
+def test_shared_lag_rules() -> None:
+    from psrv.triggers import lag_ps_upload, lag_threshold, lazy_skip, may_skip
+
+    th = lag_threshold((0.1, 0.1), (4.0, 2.0), lr=0.5, num_workers=2)
+    assert th == pytest.approx(0.1 * 6.0 / (0.25 * 4))
+    assert lazy_skip(th, th, clock=0, t_bar=3) and not lazy_skip(th * 1.01, th, 0, 3)
+    assert not lazy_skip(0.0, th, clock=3, t_bar=3)  # staleness forces the upload
+    assert may_skip(2, 3) and not may_skip(3, 3)
+    assert lag_ps_upload(2.0, th / 3.9, th, clock=0, t_bar=5)  # 4 * th/3.9 > th
+    assert not lag_ps_upload(2.0, th / 4.1, th, clock=0, t_bar=5)
+    assert lag_ps_upload(0.0, 0.0, th, clock=5, t_bar=5)

@@ -113,6 +113,13 @@ def split_options(cls: type, options: Mapping[str, float]) -> tuple[dict[str, An
     return own, rest
 
 
-from psrv.algorithms import ef21 as _ef21  # noqa: E402,F401
-from psrv.algorithms import laq as _laq  # noqa: E402,F401
-from psrv.algorithms import plain as _plain  # noqa: E402,F401
+def _load_builtin() -> None:
+    """Import every module of this package once: each registers its algorithms."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_load_builtin()
