@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from psrv import report
+from psrv import plots, report
 from psrv.algorithms import ALGORITHMS
 from psrv.compress import COMPRESSORS
 from psrv.data import DataError
@@ -50,8 +50,21 @@ def algorithm_options(fn):
             metavar="KEY=VALUE",
             help="Algorithm/compressor option, e.g. -o bits=3 -o D=10 -o t_bar=100 -o ratio=0.01.",
         ),
-        click.option("--task", default="logreg", show_default=True, help="Model/objective."),
+        click.option(
+            "--task",
+            default=None,
+            help="Model/objective: logreg, linreg, mlp (default: logreg, or the task a built-in data set is made for).",
+        ),
         click.option("--l2", type=float, default=0.01, show_default=True, help="L2 regularisation weight of the task."),
+        click.option(
+            "-t",
+            "--task-option",
+            "task_options",
+            multiple=True,
+            callback=_parse_options,
+            metavar="KEY=VALUE",
+            help="Task option, e.g. -t hidden=200 for mlp.",
+        ),
         click.option("--rounds", type=click.IntRange(min=0), default=500, show_default=True),
         click.option("--workers", type=click.IntRange(min=1), default=10, show_default=True),
         click.option(
@@ -74,8 +87,9 @@ def _server_config(
     compressor: str,
     lr: float,
     options: dict[str, float],
-    task: str,
+    task: str | None,
     l2: float,
+    task_options: dict[str, float],
     rounds: int,
     workers: int,
     round_timeout: float,
@@ -88,8 +102,8 @@ def _server_config(
             algorithm=algorithm,
             compressor=compressor,
             options={"lr": lr, **options},
-            task=task,
-            task_options={"l2": l2},
+            task=task or "logreg",
+            task_options={"l2": l2, **task_options},
             num_workers=workers,
             rounds=rounds,
             round_timeout=round_timeout,
@@ -181,7 +195,21 @@ def run(
     click.echo(report.table(summaries))
     path = summary_json or str(Path(out) / "summary.json")
     report.write_json(path, summaries[0] if len(summaries) == 1 else summaries)
-    click.echo(f"summary: {path}; per-round metrics: {Path(out)}/<algorithm>/metrics.jsonl")
+    plot = plots.plot_run_dir(out)
+    click.echo(f"summary: {path}; per-round metrics: {Path(out)}/<algorithm>/metrics.jsonl; plot: {plot}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--out", "out_path", type=click.Path(dir_okay=False), default=None, help="PNG path (default RUN_DIR/loss.png)."
+)
+def plot(run_dir: str, out_path: str | None) -> None:
+    """Plot loss vs rounds, uplink bytes and wall time for every algorithm of a run folder."""
+    try:
+        click.echo(plots.plot_run_dir(run_dir, out_path))
+    except FileNotFoundError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command("start-server")

@@ -47,6 +47,15 @@ def test_run_writes_summary_and_metrics(tmp_path: Path) -> None:
         assert key in s
     assert s["rounds"] == 5 and s["uploads"] + s["skips"] == 10
     assert len((tmp_path / "out" / "laq" / "metrics.jsonl").read_text().splitlines()) == 5
+    png = tmp_path / "out" / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    replot = subprocess.run(
+        [*PSRV, "plot", str(tmp_path / "out"), "--out", str(tmp_path / "again.png")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert replot.returncode == 0 and (tmp_path / "again.png").stat().st_size > 10_000
 
 
 def test_bad_data_file_is_a_clear_error(tmp_path: Path) -> None:
