@@ -247,6 +247,8 @@ class ParameterServer:
             self._worker(req.worker_id)
             dim = self.theta.size
         p = codec.upload_from_proto(req, dim)  # validate outside the lock
+        if req.HasField("smoothness") and not (math.isfinite(req.smoothness) and req.smoothness >= 0):
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "smoothness must be finite and >= 0")
         if p.kind not in self.algorithm.payload_kinds:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.config.algorithm} does not take {p.kind} payloads")
         vector = to_dense(p)
@@ -257,6 +259,8 @@ class ParameterServer:
                 raise Abort(
                     grpc.StatusCode.FAILED_PRECONDITION, f"worker {w.worker_id!r} is not selected in round {req.round}"
                 )
+            if req.HasField("smoothness"):
+                w.smoothness = max(w.smoothness, req.smoothness)
             if self._theta_hat is not None:
                 self._estimate_smoothness(w, vector)
                 self._theta_hat[w.index] = self.theta
@@ -299,7 +303,7 @@ class ParameterServer:
     def _estimate_smoothness(self, w: _Worker, vector: np.ndarray) -> None:
         """Secant estimate of L_m from two uploads of full gradients at different iterates:
         ``||g_m(theta^k) - g_m(theta_hat)|| / ||theta^k - theta_hat||``, keeping the largest seen
-        (for server-side selection; workers may also report L_m at registration)."""
+        (for server-side selection; workers also report an upper bound with their first upload)."""
         if self.aggregator.absorb != "replace" or w.last_upload < 0:
             return
         dtheta = float(np.linalg.norm(self.theta - self._theta_hat[w.index]))

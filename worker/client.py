@@ -104,13 +104,32 @@ class _Gradients:
         return self.loss_grad(theta)[1]
 
 
+def local_smoothness(task: Any, ds: data.Dataset, total_samples: float) -> float | None:
+    """An estimate of L_m for f_m = (n_m/N) * (mean loss on this shard) + reg: the task's
+    bound on its shard scaled by n_m/N (this over-counts the regulariser by at most the
+    difference between n_m/N and 1/M). None when the task has no bound (e.g. the MLP)."""
+    bound = getattr(task, "smoothness", None)
+    if bound is None or not len(ds):
+        return None
+    return float(bound(ds.X)) * len(ds) / total_samples
+
+
 def _report(
-    stub: rpc.CountingStub, cfg: WorkerConfig, k: int, payload: Any, reason: str, loss: float | None, zstd: bool
+    stub: rpc.CountingStub,
+    cfg: WorkerConfig,
+    k: int,
+    payload: Any,
+    reason: str,
+    loss: float | None,
+    zstd: bool,
+    smoothness: float | None = None,
 ) -> None:
     if payload is None:
         stub.Skip(codec.skip_to_proto(cfg.worker_id, k, reason, loss), timeout=cfg.rpc_timeout)
     else:
         upload = codec.upload_to_proto(cfg.worker_id, k, loss, payload, zstd=zstd)
+        if smoothness is not None:
+            upload.smoothness = smoothness
         stub.Push(upload, timeout=cfg.rpc_timeout)
 
 
@@ -156,7 +175,9 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                     info = RoundInfo(k, mb.num_workers, tuple(mb.recent_step_sq), theta, grads.grad_at)
                     decision = algo.step(state, grad, info, rng)
                     result.grad_evals += grads.evals
-                    _report(stub, cfg, k, decision.payload, "lazy_rule", loss, conf.zstd)
+                    first = result.uploads == 0 and decision.payload is not None
+                    smooth = local_smoothness(task, ds, mb.total_samples) if first else None
+                    _report(stub, cfg, k, decision.payload, "lazy_rule", loss, conf.zstd, smooth)
                     result.uploads += decision.payload is not None
                     result.skips += decision.payload is None
                     state = decision.state

@@ -4,8 +4,14 @@ optionally compressed, optionally with error feedback.
 - ``gd``: dense float32 gradients; the baseline.
 - ``topk-ef``: top-k sparsification with error feedback (Stich et al. 2018; seed 000 D3):
   ``p = e + g; send top_k(p); e = p - top_k(p)``.
+- ``sgd``: parallel minibatch SGD (seed 001, "parallel SGD"; seed 000 "Option I (SGD)"):
+  ``gd`` where each worker's gradient is taken on ``batch`` rows of its shard, drawn
+  without replacement every round (``worker.client._Gradients``; unbiased for grad f_m).
+  Default ``batch = 10``: the per-worker minibatch of the SASG paper's setup (seed README,
+  "Paper setup: 10 workers, batch 10 per worker"), the one stochastic setup the seeds fix.
 Any registered compressor can be chosen with ``compressor=``; ``ef=1`` wraps it in
-error feedback.
+error feedback. ``batch`` works for every name (0 = the full local gradient; a batch
+of at least the shard size is the full gradient too, so ``sgd`` then equals ``gd``).
 """
 
 from __future__ import annotations
@@ -26,10 +32,15 @@ class Plain:
     compressor: Compressor
     lr: float = 0.02
     ef: bool = False
+    batch: int = 0  # minibatch rows per worker and round; 0 = full local gradient (read by the worker)
     name: str = "gd"
 
     absorb = "replace"
     history_depth = 0
+
+    def __post_init__(self) -> None:
+        if self.batch < 0:
+            raise ValueError(f"{self.name}: batch must be >= 0 (0 = full gradient), got {self.batch}")
 
     @property
     def payload_kinds(self) -> tuple[str, ...]:
@@ -45,10 +56,11 @@ class Plain:
         return Decision(self.compressor.compress(grad, rng), None)
 
 
-def _factory(name: str, default_compressor: str, default_ef: bool):
+def _factory(name: str, default_compressor: str, default_ef: bool, default_batch: int = 0):
     def build(options: Mapping[str, float], compressor: str) -> Plain:
         own, rest = split_options(Plain, options)
         own.setdefault("ef", default_ef)
+        own.setdefault("batch", default_batch)
         return Plain(make_compressor(compressor or default_compressor, **rest), name=name, **own)
 
     return build
@@ -56,3 +68,4 @@ def _factory(name: str, default_compressor: str, default_ef: bool):
 
 register("gd", _factory("gd", "dense", False))
 register("topk-ef", _factory("topk-ef", "topk", True))
+register("sgd", _factory("sgd", "dense", False, default_batch=10))

@@ -117,10 +117,11 @@ class ZstdPayload(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Upload(_message.Message):
-    __slots__ = ("worker_id", "round", "local_loss", "dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
+    __slots__ = ("worker_id", "round", "local_loss", "smoothness", "dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     LAQ_FIELD_NUMBER: _ClassVar[int]
@@ -130,13 +131,14 @@ class Upload(_message.Message):
     worker_id: str
     round: int
     local_loss: float
+    smoothness: float
     dense: DenseTensor
     sparse: SparseTensor
     laq: LaqPayload
     qsgd: QsgdPayload
     sign_sparse: SignSparsePayload
     zstd: ZstdPayload
-    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., local_loss: _Optional[float] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ..., zstd: _Optional[_Union[ZstdPayload, _Mapping]] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., local_loss: _Optional[float] = ..., smoothness: _Optional[float] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ..., zstd: _Optional[_Union[ZstdPayload, _Mapping]] = ...) -> None: ...
 
 class SkipNotice(_message.Message):
     __slots__ = ("worker_id", "round", "reason", "local_loss")
