@@ -160,7 +160,7 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue  # long poll expired; the round has not started yet
                 raise
-            theta = codec.tensor_from_proto(mb.params, task.dim, "model")
+            theta = np.array(codec.tensor_from_proto(mb.params, task.dim, "model"))  # writable: torch wants it
             if mb.done:
                 result.final_params = np.array(theta, dtype=np.float64)
                 break
