@@ -14,7 +14,7 @@ import click
 from psrv import plots, report
 from psrv.algorithms import ALGORITHMS
 from psrv.compress import COMPRESSORS
-from psrv.data import DataError
+from psrv.data import SPLITS, DataError, builtin_task_hint
 from psrv.runner import DataConfig, run_local
 from psrv.server import ParameterServer, ServerConfig, create_server
 
@@ -55,7 +55,12 @@ def algorithm_options(fn):
             default=None,
             help="Model/objective: logreg, linreg, mlp (default: logreg, or the task a built-in data set is made for).",
         ),
-        click.option("--l2", type=float, default=0.01, show_default=True, help="L2 regularisation weight of the task."),
+        click.option(
+            "--l2",
+            type=float,
+            default=None,
+            help="L2 regularisation weight (default: the task's own: logreg 0.01, linreg 0, mlp 0).",
+        ),
         click.option(
             "-t",
             "--task-option",
@@ -88,7 +93,7 @@ def _server_config(
     lr: float,
     options: dict[str, float],
     task: str | None,
-    l2: float,
+    l2: float | None,
     task_options: dict[str, float],
     rounds: int,
     workers: int,
@@ -103,7 +108,7 @@ def _server_config(
             compressor=compressor,
             options={"lr": lr, **options},
             task=task or "logreg",
-            task_options={"l2": l2, **task_options},
+            task_options={**({} if l2 is None else {"l2": l2}), **task_options},
             num_workers=workers,
             rounds=rounds,
             round_timeout=round_timeout,
@@ -151,8 +156,9 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Built-in data set (mnist, digits, breast_cancer) or a .csv/.npz file.",
 )
-@click.option("--split", type=click.Choice(["iid", "noniid", "dirichlet"]), default="iid", show_default=True)
+@click.option("--split", type=click.Choice(list(SPLITS)), default="iid", show_default=True)
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
+@click.option("--regression", is_flag=True, help="The data file's label column is a real-valued target.")
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
@@ -167,14 +173,22 @@ def main(verbose: int) -> None:
     help="Write the summary here (default <out>/summary.json): one object, or a list when comparing.",
 )
 def run(
-    algorithms: list[str], data: str, split: str, test_fraction: float, out: str, summary_json: str | None, **kw: Any
+    algorithms: list[str],
+    data: str,
+    split: str,
+    test_fraction: float,
+    regression: bool,
+    out: str,
+    summary_json: str | None,
+    **kw: Any,
 ) -> None:
     """Train on this machine: one server and M worker processes over loopback gRPC."""
-    dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=kw["seed"])
+    dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=kw["seed"], regression=regression)
+    kw["task"] = kw["task"] or builtin_task_hint(data)
     try:
         from worker.client import load_training_data
 
-        load_training_data(data, test_fraction, kw["seed"])  # a bad --data fails here, clearly, once
+        load_training_data(data, test_fraction, kw["seed"], regression)  # a bad --data fails here, clearly, once
     except DataError as exc:
         raise click.UsageError(str(exc)) from None
     summaries = []
@@ -252,6 +266,15 @@ def start_server(
     click.echo(json.dumps(summary))
 
 
+def _attach_subcommands() -> None:
+    from psrv.inspect.cli import inspect
+
+    main.add_command(inspect)
+
+
+_attach_subcommands()
+
+
 @main.command("start-worker")
 @click.option("--server", "server_address", required=True, help="HOST:PORT of the parameter server.")
 @click.option("--worker-id", required=True)
@@ -262,9 +285,10 @@ def start_server(
     metavar="I/M",
     help="Use shard I of M of the data (omit when the file is this worker's own).",
 )
-@click.option("--split", type=click.Choice(["iid", "noniid", "dirichlet"]), default="iid", show_default=True)
+@click.option("--split", type=click.Choice(list(SPLITS)), default="iid", show_default=True)
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--regression", is_flag=True, help="The data file's label column is a real-valued target.")
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True)
 @click.option("--crash-after", type=int, default=None, hidden=True, help="Fault injection for tests.")
 def start_worker(
@@ -275,6 +299,7 @@ def start_worker(
     split: str,
     test_fraction: float,
     seed: int,
+    regression: bool,
     connect_timeout: float,
     crash_after: int | None,
 ) -> None:
@@ -300,6 +325,7 @@ def start_worker(
         test_fraction=test_fraction,
         connect_timeout=connect_timeout,
         crash_after=crash_after,
+        regression=regression,
     )
     try:
         result = run_worker(cfg)

@@ -1,9 +1,13 @@
 """Datasets: built-in sets, validated user files, train/test splits and worker shards.
 
 Choices:
-- A ``Dataset`` is always float64 C-contiguous ``X`` and int64 ``y`` so the tasks
-  can wrap it with ``torch.from_numpy`` without copying.
+- A ``Dataset`` is always float64 C-contiguous ``X`` and int64 ``y`` (classification) or
+  float64 ``y`` (regression, ``n_classes == 0``), so the tasks can wrap it with
+  ``torch.from_numpy`` without copying.
 - Labels are kept exactly as given (no remapping); ``n_classes = max(y) + 1``.
+- Regression is opt-in for files (``load_file(..., regression=True)``): the targets must
+  be finite numbers and nothing else is asked of them. A built-in set knows its own kind
+  (``linreg-hetero`` is the only regression built-in).
 - Every problem with user data raises ``DataError`` (a ``ValueError``) whose message
   names the file and what is wrong, so the CLI can print it as is.
 - All randomness comes from ``np.random.default_rng(seed)``; nothing is cached on disk
@@ -25,9 +29,13 @@ import numpy as np
 
 __all__ = [
     "BUILTINS",
+    "REGRESSION_BUILTINS",
     "SPLITS",
     "DataError",
     "Dataset",
+    "builtin_task_hint",
+    "from_arrays",
+    "linreg_hetero_smoothness",
     "load",
     "load_builtin",
     "load_file",
@@ -44,9 +52,13 @@ class DataError(ValueError):
 @dataclass(frozen=True, eq=False)
 class Dataset:
     X: np.ndarray  # (n, n_features) float64, C-contiguous
-    y: np.ndarray  # (n,) int64 labels in [0, n_classes)
-    n_classes: int
+    y: np.ndarray  # (n,) int64 labels in [0, n_classes); float64 targets when n_classes == 0
+    n_classes: int  # 0: regression
     name: str
+
+    @property
+    def is_regression(self) -> bool:
+        return self.n_classes == 0
 
     @property
     def n_features(self) -> int:
@@ -86,40 +98,107 @@ def _breast_cancer() -> tuple[np.ndarray, np.ndarray]:
     return (d.data - d.data.mean(axis=0)) / np.where(std > 0, std, 1.0), d.target
 
 
+# linreg-hetero: modelled on the LAG experiments (Chen et al., NeurIPS 2018; seed 000 and the
+# authors' synthetic linear-regression script, whose worker m has data matrix 1.3^(m-1) q_m q_m^T + I,
+# i.e. a geometrically growing scale and smoothness constants that differ across workers).
+LINREG_HETERO_BLOCKS = 10  # M blocks, one per worker under --split contiguous --test-fraction 0
+LINREG_HETERO_BLOCK_SIZE = 50  # samples per block
+LINREG_HETERO_FEATURES = 50  # d
+LINREG_HETERO_GROWTH = 1.3  # feature scale of block m is GROWTH**m
+LINREG_HETERO_NOISE = 0.1  # std of the additive target noise
+LINREG_HETERO_SEED = 20181203  # fixed: the data set is the same on every host
+
+
+def linreg_hetero_smoothness(m: int) -> float:
+    """The exact smoothness constant L_m = 1.69**m of block m of ``linreg-hetero`` (λ = 0)."""
+    return float(LINREG_HETERO_GROWTH ** (2 * m))
+
+
+def _linreg_hetero() -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic least squares with heterogeneous per-block smoothness, stored block by block.
+
+    Block m = 0..9 (rows 50m .. 50m+49): draw G (50 x 50) i.i.d. N(0, 1), centre its columns
+    (so each column sums to 0 over the block) and divide by sqrt(λ_max(GᵀG/50)); then
+    X_m = 1.3**m · G. Hence, with x̃ = [x, 1] (the linreg task's bias),
+
+        (1/50) X̃_mᵀX̃_m = diag((1/50) X_mᵀX_m, 1)   and   L_m = λ_max = max(1.3**(2m), 1) = 1.69**m,
+
+    i.e. L_m = 1, 1.69, 2.86, 4.83, 8.16, 13.8, 23.3, 39.4, 66.5, 112.5 (a 112x spread):
+    ``LinReg(50, 0, l2=0).smoothness(block m)``, the constant of the block's mean objective.
+    Worker m's share f_m = (1/N)·Σ_block ½(x̃ᵀθ − y)² with N = 500 has ∇f_m Lipschitz with
+    constant L_m · 50/500 = L_m/10 (``LinReg.local_smoothness``). The whole objective has
+    L = 16.59 and μ = 1 (κ = 16.6). Targets: y = X w* + b* + ε with w* ~ N(0, I_50), b* = 1
+    and ε ~ N(0, 0.1²), all from ``np.random.default_rng(20181203)`` (in this order: the 10
+    G blocks, w*, ε). Use with ``--split contiguous --test-fraction 0`` for worker m = block m.
+    """
+    rng = np.random.default_rng(LINREG_HETERO_SEED)
+    n, d = LINREG_HETERO_BLOCK_SIZE, LINREG_HETERO_FEATURES
+    blocks = []
+    for m in range(LINREG_HETERO_BLOCKS):
+        G = rng.standard_normal((n, d))
+        G -= G.mean(axis=0)
+        G /= np.sqrt(np.linalg.eigvalsh(G.T @ G / n)[-1])
+        blocks.append(LINREG_HETERO_GROWTH**m * G)
+    X = np.concatenate(blocks)
+    w_star = rng.standard_normal(d)
+    y = X @ w_star + 1.0 + LINREG_HETERO_NOISE * rng.standard_normal(len(X))
+    return X, y
+
+
 BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
     "mnist": _mnist,
     "digits": _digits,
     "breast_cancer": _breast_cancer,
+    "linreg-hetero": _linreg_hetero,
 }
+REGRESSION_BUILTINS = frozenset({"linreg-hetero"})
+_TASK_HINTS = {"linreg-hetero": "linreg"}
+
+
+def builtin_task_hint(name: str) -> str | None:
+    """The task a built-in data set is made for when it is not the default (logreg); else None."""
+    return _TASK_HINTS.get(name)
 
 
 def load_builtin(name: str) -> Dataset:
-    """One of ``BUILTINS``: mnist (/255), digits (/16), breast_cancer (standardised)."""
+    """One of ``BUILTINS``: mnist (/255), digits (/16), breast_cancer (standardised),
+    linreg-hetero (regression, see ``_linreg_hetero``)."""
     if name not in BUILTINS:
         raise DataError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTINS)}")
     X, y = BUILTINS[name]()
-    return _validated(X, y, name)
+    return _validated(X, y, name, regression=name in REGRESSION_BUILTINS)
 
 
 # ----------------------------------------------------------------------------- files
 
 
-def load(spec: str) -> Dataset:
-    """A built-in name, else a path to a ``.npz`` / ``.csv`` file."""
+def load(spec: str, regression: bool = False) -> Dataset:
+    """A built-in name, else a path to a ``.npz`` / ``.csv`` file.
+
+    ``regression`` applies to files (their last column / ``y`` is a real-valued target);
+    a built-in has its own kind, and asking for regression on a classification built-in
+    is a ``DataError``.
+    """
     if spec in BUILTINS:
+        if regression and spec not in REGRESSION_BUILTINS:
+            raise DataError(
+                f"{spec} is a classification dataset; regression built-ins: {', '.join(sorted(REGRESSION_BUILTINS))}"
+            )
         return load_builtin(spec)
     if not Path(spec).suffix and not Path(spec).exists():
         raise DataError(f"{spec}: neither a built-in dataset ({', '.join(BUILTINS)}) nor an existing file")
-    return load_file(spec)
+    return load_file(spec, regression=regression)
 
 
-def load_file(path: str | Path, label_column: int = -1) -> Dataset:
+def load_file(path: str | Path, label_column: int = -1, regression: bool = False) -> Dataset:
     """Load and validate user data.
 
-    ``.npz`` needs arrays ``X`` (2-D numeric) and ``y`` (1-D integer-valued).
-    ``.csv`` is comma-separated numbers, label in column ``label_column`` (default:
-    last); the first non-blank, non-comment row is a header iff any cell in it is not
-    a number (so a header made only of numbers cannot be told from data).
+    ``.npz`` needs arrays ``X`` (2-D numeric) and ``y`` (1-D integer-valued; with
+    ``regression``: any finite numbers).
+    ``.csv`` is comma-separated numbers, label (or regression target) in column
+    ``label_column`` (default: last); the first non-blank, non-comment row is a header iff
+    any cell in it is not a number (so a header made only of numbers cannot be told from data).
+    With ``regression`` the result has ``n_classes == 0`` and float64 ``y``.
     """
     path = Path(path)
     if not path.is_file():
@@ -131,7 +210,12 @@ def load_file(path: str | Path, label_column: int = -1) -> Dataset:
         X, y = _read_csv(path, label_column)
     else:
         raise DataError(f"{path}: unsupported file extension {path.suffix!r} (expected .npz or .csv)")
-    return _validated(X, y, path.stem, source=str(path))
+    return _validated(X, y, path.stem, source=str(path), regression=regression)
+
+
+def from_arrays(X: np.ndarray, y: np.ndarray, name: str = "arrays", regression: bool = False) -> Dataset:
+    """A validated ``Dataset`` from in-memory arrays (same checks and errors as ``load_file``)."""
+    return _validated(X, y, name, regression=regression)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -198,13 +282,14 @@ def _read_csv(path: Path, label_column: int) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- validation
 
 
-def _validated(X: np.ndarray, y: np.ndarray, name: str, source: str | None = None) -> Dataset:
+def _validated(X: np.ndarray, y: np.ndarray, name: str, source: str | None = None, regression: bool = False) -> Dataset:
     where = source or name
     X, y = np.asarray(X), np.asarray(y)
     if X.dtype.kind not in "biuf":
         raise DataError(f"{where}: X must be numeric (got dtype {X.dtype})")
     if y.dtype.kind not in "biuf":
-        raise DataError(f"{where}: labels y must be integers (got dtype {y.dtype})")
+        what = "regression targets y must be numbers" if regression else "labels y must be integers"
+        raise DataError(f"{where}: {what} (got dtype {y.dtype})")
     if X.ndim != 2:
         raise DataError(f"{where}: X must be 2-D (samples x features), got shape {X.shape}")
     if y.ndim != 1:
@@ -221,6 +306,17 @@ def _validated(X: np.ndarray, y: np.ndarray, name: str, source: str | None = Non
             f"{where}: X contains non-finite values (NaN/Inf) in {int(bad.sum())} sample(s), "
             f"first at sample {int(np.argmax(bad))} (0-based)"
         )
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    if regression:
+        y = y.astype(np.float64)
+        bad = ~np.isfinite(y)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(
+                f"{where}: regression targets must be finite, found {y[i]:g} in {int(bad.sum())} sample(s), "
+                f"first at sample {i} (0-based)"
+            )
+        return Dataset(X, y, 0, name)
     not_int = ~np.isfinite(y) | (y != np.round(y)) if y.dtype.kind == "f" else np.zeros(len(y), bool)
     if not_int.any():
         i = int(np.argmax(not_int))
@@ -231,14 +327,19 @@ def _validated(X: np.ndarray, y: np.ndarray, name: str, source: str | None = Non
     y = y.astype(np.int64)
     if len(np.unique(y)) < 2:
         raise DataError(f"{where}: need at least 2 classes, all labels are {int(y[0])}")
-    return Dataset(np.ascontiguousarray(X, dtype=np.float64), y, int(y.max()) + 1, name)
+    return Dataset(X, y, int(y.max()) + 1, name)
 
 
 # ----------------------------------------------------------------------------- splitting
 
 
 def train_test_split(ds: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """Random (unstratified) split; ``round(test_fraction * n)`` rows go to the test set."""
+    """Random (unstratified) split; ``round(test_fraction * n)`` rows go to the test set.
+
+    Both parts keep the stored order of their rows (membership is random, order is not), so
+    with ``test_fraction == 0`` the training part is the data exactly as stored, which the
+    ``contiguous`` split relies on.
+    """
     if not 0.0 <= test_fraction < 1.0:
         raise DataError(f"test_fraction must be in [0, 1), got {test_fraction}")
     n_test = round(test_fraction * len(ds))
@@ -248,7 +349,7 @@ def train_test_split(ds: Dataset, test_fraction: float, seed: int) -> tuple[Data
     return ds.subset(np.sort(perm[n_test:])), ds.subset(np.sort(perm[:n_test]))
 
 
-SPLITS = ("iid", "noniid", "dirichlet")
+SPLITS = ("iid", "noniid", "dirichlet", "contiguous")
 
 
 def shard_indices(
@@ -263,6 +364,12 @@ def shard_indices(
       class's samples are dealt out by a multinomial draw. Shards left empty then each
       take one random sample from the currently largest shard (which always has >= 2
       samples since ``n >= num_shards``), so every shard is non-empty.
+    - ``contiguous``: shard i is the i-th of ``np.array_split(range(n), num_shards)``: the
+      data in its stored order cut into near-equal consecutive blocks; no randomness
+      (``seed`` and ``labels`` are not used). With ``linreg-hetero`` and test fraction 0,
+      shard m is exactly block m.
+
+    With regression targets (float ``labels``), ``noniid`` sorts by target value.
     """
     labels = np.asarray(labels)
     if not isinstance(num_shards, Integral) or isinstance(num_shards, bool) or num_shards < 1:
@@ -273,6 +380,8 @@ def shard_indices(
         raise DataError(f"labels must have shape ({n},), got {labels.shape}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    if split == "contiguous":
+        return list(np.array_split(np.arange(n, dtype=np.int64), num_shards))
     rng = np.random.default_rng(seed)
 
     if split in ("iid", "noniid"):
@@ -300,6 +409,8 @@ def shard_indices(
 
 def shard(ds: Dataset, index: int, num_shards: int, split: str = "iid", seed: int = 0, alpha: float = 0.5) -> Dataset:
     """Worker ``index``'s part of ``ds`` under ``shard_indices``."""
+    if ds.n_classes == 0 and split == "dirichlet":
+        raise DataError(f"{ds.name}: the dirichlet split needs class labels; this is a regression dataset")
     parts = shard_indices(len(ds), ds.y, num_shards, split, seed, alpha)
     if not isinstance(index, Integral) or not 0 <= index < num_shards:
         raise DataError(f"shard index {index!r} out of range for {num_shards} shards")

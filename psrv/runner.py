@@ -25,6 +25,7 @@ class DataConfig:
     split: str = "iid"
     test_fraction: float = 0.2
     seed: int = 0
+    regression: bool = False
 
 
 def worker_command(
@@ -49,6 +50,7 @@ def worker_command(
         str(dc.test_fraction),
         "--seed",
         str(dc.seed),
+        *(["--regression"] if dc.regression else []),
         *extra,
     ]
 
@@ -57,7 +59,7 @@ def evaluate(task_name: str, task_options: dict[str, float], theta: np.ndarray, 
     """Final loss (the full training objective f) and accuracies of a model."""
     from worker.client import load_training_data  # the one definition of the split
 
-    train, test = load_training_data(dc.data, dc.test_fraction, dc.seed)
+    train, test = load_training_data(dc.data, dc.test_fraction, dc.seed, dc.regression)
     task = make_task(task_name, train.n_features, train.n_classes, **task_options)
     return {
         "final_loss": task.loss(theta, train.X, train.y),

@@ -379,7 +379,8 @@ class ParameterServer:
         self.theta += step
         step_sq = float(step @ step)
         self.history.push(step_sq)
-        reports = [self._reports[w.index] for w in sorted(self._workers.values(), key=lambda w: w.index)]
+        ordered = sorted(self._workers.values(), key=lambda w: w.index)
+        reports = [self._reports[w.index] for w in ordered]
         losses = [r.loss for r in reports if r.loss is not None]
         return {
             "round": k,
@@ -395,7 +396,10 @@ class ParameterServer:
             "round_time": now - self._round_started,
             "slowest_wait": max((r.latency for r in reports if r.latency is not None), default=None),
             "elapsed": now - started,
-            "workers": [{"status": r.status, "bits": r.bits, "bytes": r.nbytes, "latency": r.latency} for r in reports],
+            "workers": [
+                {"id": w.worker_id, "status": r.status, "bits": r.bits, "bytes": r.nbytes, "latency": r.latency}
+                for w, r in zip(ordered, reports, strict=True)
+            ],
         }
 
     def summary(self) -> dict[str, Any]:

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from psrv.data import (
+    BUILTINS,
     SPLITS,
     DataError,
     Dataset,
+    builtin_task_hint,
+    from_arrays,
     load,
     load_builtin,
     load_file,
@@ -52,7 +55,7 @@ def test_other_builtins() -> None:
 
 
 def test_unknown_builtin_lists_known() -> None:
-    with pytest.raises(DataError, match="mnist, digits, breast_cancer"):
+    with pytest.raises(DataError, match="mnist, digits, breast_cancer, linreg-hetero"):
         load_builtin("cifar")
     with pytest.raises(DataError, match="neither a built-in"):
         load("cifar")
@@ -79,7 +82,7 @@ def test_split_is_exact_partition(mnist: Dataset, split: str, num_shards: int) -
     assert all(p.dtype == np.int64 for p in parts)
 
 
-@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("split", [s for s in SPLITS if s != "contiguous"])  # contiguous: no randomness
 def test_split_deterministic_and_seed_dependent(split: str) -> None:
     labels = np.random.default_rng(0).integers(0, 10, size=1000)
 
@@ -240,3 +243,112 @@ def test_bad_files(tmp_path: Path, case: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such file"):
         load_file(tmp_path / "nope.csv")
+
+
+# ----------------------------------------------------------------------------- regression targets
+
+
+def test_csv_and_npz_regression_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20, 3)), rng.normal(size=20)
+    _write_csv(tmp_path / "r.csv", X, y, header=True)
+    np.savez(tmp_path / "r.npz", X=X, y=y)
+    for got in (load_file(tmp_path / "r.csv", regression=True), load(str(tmp_path / "r.npz"), regression=True)):
+        assert got.n_classes == 0 and got.is_regression and got.y.dtype == np.float64
+        np.testing.assert_array_equal(got.X, X)
+        np.testing.assert_array_equal(got.y, y)
+    # The default stays classification: the same file is rejected for its real-valued labels.
+    with pytest.raises(DataError, match="labels must be integers"):
+        load_file(tmp_path / "r.csv")
+
+
+def test_regression_label_column_and_integer_targets(tmp_path: Path) -> None:
+    (tmp_path / "f.csv").write_text("target,a,b\n-3,0.5,2\n7,1.5,3\n7,1,1\n")
+    ds = load_file(tmp_path / "f.csv", label_column=0, regression=True)
+    np.testing.assert_array_equal(ds.X, [[0.5, 2], [1.5, 3], [1, 1]])
+    assert ds.y.dtype == np.float64 and ds.y.tolist() == [-3.0, 7.0, 7.0] and ds.n_classes == 0
+    one_value = from_arrays(np.ones((3, 2)), np.full(3, 2.5), regression=True)  # a constant target is allowed
+    assert one_value.n_classes == 0 and one_value.subset(np.array([2, 0])).n_classes == 0
+
+
+BAD_REGRESSION = {
+    "NaN target": (np.ones((3, 2)), np.array([1.0, np.nan, 2.0]), "must be finite, found nan.*first at sample 1"),
+    "Inf target": (np.ones((2, 2)), np.array([1.0, -np.inf]), "must be finite, found -inf"),
+    "string target": (np.ones((2, 2)), np.array(["a", "b"]), "targets y must be numbers"),
+    "2-D target": (np.ones((2, 2)), np.ones((2, 1)), "y must be 1-D"),
+    "length mismatch": (np.ones((3, 2)), np.ones(2), "X has 3 rows but y has 2"),
+    "NaN in X": (np.array([[1.0, np.nan]]), np.ones(1), "X contains non-finite"),
+    "no samples": (np.ones((0, 2)), np.ones(0), "no samples"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REGRESSION)
+def test_regression_validation(case: str) -> None:
+    X, y, match = BAD_REGRESSION[case]
+    with pytest.raises(DataError, match=match):
+        from_arrays(X, y, regression=True)
+
+
+def test_regression_csv_nan_target_names_file(tmp_path: Path) -> None:
+    (tmp_path / "r.csv").write_text("1,2,0.5\n3,4,nan\n")
+    with pytest.raises(DataError, match="must be finite") as err:
+        load_file(tmp_path / "r.csv", regression=True)
+    assert str(tmp_path / "r.csv") in str(err.value)
+
+
+def test_regression_flag_on_classification_builtin() -> None:
+    with pytest.raises(DataError, match="digits is a classification dataset"):
+        load("digits", regression=True)
+    assert load("linreg-hetero", regression=True).n_classes == 0
+    assert load("linreg-hetero").n_classes == 0  # a built-in knows its kind
+
+
+def test_regression_splits() -> None:
+    ds = from_arrays(np.arange(40.0).reshape(20, 2), np.linspace(-1, 1, 20)[::-1].copy(), regression=True)
+    train, test = train_test_split(ds, 0.25, seed=0)
+    assert (len(train), len(test)) == (15, 5) and train.n_classes == test.n_classes == 0
+    parts = [shard(ds, i, 4, "noniid", seed=0) for i in range(4)]  # sorted by target value
+    assert all(a.y.max() <= b.y.min() for a, b in zip(parts, parts[1:], strict=False))
+    assert sum(len(shard(ds, i, 3, "iid", seed=1)) for i in range(3)) == 20
+    with pytest.raises(DataError, match="dirichlet split needs class labels"):
+        shard(ds, 0, 4, "dirichlet")
+
+
+# ----------------------------------------------------------------------------- contiguous split, linreg-hetero
+
+
+def test_contiguous_split_is_stored_order() -> None:
+    parts = shard_indices(23, np.zeros(23), 5, "contiguous", seed=0)
+    assert [p.tolist() for p in parts] == [
+        list(range(0, 5)),
+        *[list(range(a, a + 5)) for a in (5, 10)],
+        list(range(15, 19)),
+        list(range(19, 23)),
+    ]
+    again = shard_indices(23, np.ones(23), 5, "contiguous", seed=9)  # ignores seed and labels
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    ds = _toy(n=12)
+    np.testing.assert_array_equal(shard(ds, 2, 4, "contiguous").X, ds.X[6:9])
+
+
+def test_train_test_split_zero_keeps_order() -> None:
+    ds = _toy(n=50)
+    train, test = train_test_split(ds, 0.0, seed=123)
+    np.testing.assert_array_equal(train.X, ds.X)
+    np.testing.assert_array_equal(train.y, ds.y)
+    assert len(test) == 0
+    part, _ = train_test_split(ds, 0.3, seed=4)  # with a test part the kept rows stay in stored order
+    rows = [int(np.flatnonzero((ds.X == r).all(axis=1))[0]) for r in part.X]
+    assert rows == sorted(rows)
+
+
+def test_linreg_hetero_builtin() -> None:
+    ds = load_builtin("linreg-hetero")
+    assert (len(ds), ds.n_features, ds.n_classes) == (500, 50, 0)
+    assert ds.X.dtype == ds.y.dtype == np.float64 and ds.X.flags.c_contiguous
+    again = load("linreg-hetero")
+    np.testing.assert_array_equal(ds.X, again.X)  # fixed seed: identical on every call / host
+    np.testing.assert_array_equal(ds.y, again.y)
+    assert builtin_task_hint("linreg-hetero") == "linreg"
+    assert all(builtin_task_hint(name) is None for name in BUILTINS if name != "linreg-hetero")
+    assert builtin_task_hint("my.csv") is None

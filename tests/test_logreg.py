@@ -125,8 +125,8 @@ def test_make_task() -> None:
     assert TASKS["logreg"] is LogReg
     task = make_task("logreg", 3, 2, l2="0.5")
     assert task == LogReg(3, 2, 0.5)
-    with pytest.raises(ValueError, match="known: logreg"):
-        make_task("mlp", 3, 2)
+    with pytest.raises(ValueError, match="known: logreg, linreg, mlp"):
+        make_task("svm", 3, 2)
     with pytest.raises(ValueError, match="unknown option.*lr; valid: l2"):
         make_task("logreg", 3, 2, lr=0.1)
     with pytest.raises(ValueError, match="l2 must be"):

@@ -273,7 +273,13 @@ def test_bad_payloads_are_invalid_argument(make_harness: Callable[..., Harness])
     np.testing.assert_allclose(h.params("w0", 1), -0.02 * _grad(3), rtol=1e-6)  # gd's default lr
     rec = h.ps.records[0]
     assert rec["workers"] == [
-        {"status": "upload", "bits": 32 * DIM, "bytes": rec["bytes_up"], "latency": rec["workers"][0]["latency"]}
+        {
+            "id": "w0",
+            "status": "upload",
+            "bits": 32 * DIM,
+            "bytes": rec["bytes_up"],
+            "latency": rec["workers"][0]["latency"],
+        }
     ]
 
 

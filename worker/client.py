@@ -40,15 +40,18 @@ class WorkerConfig:
     rpc_timeout: float = 30.0
     crash_after: int | None = None  # fault injection: exit abruptly after this many rounds
     torch_threads: int = 1  # many workers share few cores: one thread each avoids oversubscription
+    regression: bool = False  # a user file's label column is a real-valued target
 
 
-def load_training_data(spec: str, test_fraction: float, seed: int) -> tuple[data.Dataset, data.Dataset]:
+def load_training_data(
+    spec: str, test_fraction: float, seed: int, regression: bool = False
+) -> tuple[data.Dataset, data.Dataset]:
     """The (train, test) split every process of a run derives identically from the seed."""
-    return data.train_test_split(data.load(spec), test_fraction, seed)
+    return data.train_test_split(data.load(spec, regression=regression), test_fraction, seed)
 
 
 def load_worker_data(cfg: WorkerConfig) -> data.Dataset:
-    train, _ = load_training_data(cfg.data, cfg.test_fraction, cfg.seed)
+    train, _ = load_training_data(cfg.data, cfg.test_fraction, cfg.seed, cfg.regression)
     if cfg.num_shards is None:
         return train
     return data.shard(train, cfg.shard or 0, cfg.num_shards, cfg.split, cfg.seed)
@@ -104,14 +107,17 @@ class _Gradients:
         return self.loss_grad(theta)[1]
 
 
-def local_smoothness(task: Any, ds: data.Dataset, total_samples: float) -> float | None:
-    """An estimate of L_m for f_m = (n_m/N) * (mean loss on this shard) + reg: the task's
-    bound on its shard scaled by n_m/N (this over-counts the regulariser by at most the
-    difference between n_m/N and 1/M). None when the task has no bound (e.g. the MLP)."""
-    bound = getattr(task, "smoothness", None)
-    if bound is None or not len(ds):
+def local_smoothness(task: Any, ds: data.Dataset, total_samples: float, num_workers: int) -> float | None:
+    """L_m of f_m: the task's own ``local_smoothness`` where it has one (exact for linreg),
+    else its bound on this shard scaled by n_m/N (over-counting the regulariser by at most
+    the difference between n_m/N and 1/M). None when the task has no bound (the MLP)."""
+    if not len(ds):
         return None
-    return float(bound(ds.X)) * len(ds) / total_samples
+    exact = getattr(task, "local_smoothness", None)
+    if exact is not None:
+        return float(exact(ds.X, total_samples, num_workers))
+    bound = getattr(task, "smoothness", None)
+    return None if bound is None else float(bound(ds.X)) * len(ds) / total_samples
 
 
 def _report(
@@ -176,7 +182,7 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                     decision = algo.step(state, grad, info, rng)
                     result.grad_evals += grads.evals
                     first = result.uploads == 0 and decision.payload is not None
-                    smooth = local_smoothness(task, ds, mb.total_samples) if first else None
+                    smooth = local_smoothness(task, ds, mb.total_samples, mb.num_workers) if first else None
                     _report(stub, cfg, k, decision.payload, "lazy_rule", loss, conf.zstd, smooth)
                     result.uploads += decision.payload is not None
                     result.skips += decision.payload is None

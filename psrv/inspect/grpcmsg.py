@@ -1,0 +1,288 @@
+"""gRPC messages of psrv -> what they were and what each part of them cost.
+
+:func:`field_split` walks the protobuf wire format itself (tag varint, then the value or the
+length varint and the bytes) over the top-level fields and one level into a payload
+submessage, and charges every byte to one category, so the split adds up exactly to the
+message length:
+
+* ``indices``: ``SparseTensor.indices``, ``SignSparsePayload.indices``;
+* ``values``: ``DenseTensor.data`` (upload payloads and the broadcast model), ``SparseTensor.values``;
+* ``codes``: ``LaqPayload.codes``, ``QsgdPayload.signs`` and ``.codes``, ``SignSparsePayload.signs``;
+* ``zstd``: ``ZstdPayload.data`` (a compressed payload, whatever it holds);
+* ``header``: everything else (tags, lengths, ids, rounds, scalars, shapes, the run config).
+
+:class:`ConnectionDecoder` turns one connection's bytes (both directions) into JSON-ready
+records: one ``message`` record per gRPC message, one ``frames`` record per stream direction
+that carried no message (e.g. a trailers-only error reply), and at the end one ``connection``
+record per direction with the bytes that belong to no stream. For every direction::
+
+    relayed == preface + control + late + partial + undecoded + sum(record["wire_bytes"])
+    record["wire_bytes"] == sum(record["bytes"].values())
+    record["proto_bytes"] == header + indices + values + codes + zstd == len(message)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor
+
+from psrv.inspect.http2 import CONNECTION_KEYS, DIRECTIONS, GRPC_PREFIX_BYTES, H2_KEYS, H2Connection, StreamPart
+from psrv.rpc import METHODS, SERVICE
+from psrv.v1 import psrv_pb2 as pb
+
+PROTO_KEYS = ("header", "indices", "values", "codes", "zstd")
+#: every key of a record's ``bytes``, in order
+BYTE_KEYS = (*H2_KEYS, "grpc_prefix", *PROTO_KEYS)
+
+#: payload submessages one level down: field number -> category (unlisted fields: header)
+_LEAF: dict[str, dict[int, str]] = {
+    "DenseTensor": {3: "values"},
+    "SparseTensor": {4: "indices", 6: "values"},
+    "LaqPayload": {4: "codes"},
+    "QsgdPayload": {4: "codes", 5: "codes"},
+    "SignSparsePayload": {5: "indices", 6: "codes"},
+    "ZstdPayload": {2: "zstd"},
+}
+
+
+def _descend(desc: Descriptor) -> dict[int, dict[int, str]]:
+    """Top-level fields of ``desc`` whose submessage is split further."""
+    return {
+        f.number: _LEAF[f.message_type.name]
+        for f in desc.fields
+        if f.message_type is not None and f.message_type.name in _LEAF
+    }
+
+
+_DESCEND: dict[str, dict[int, dict[int, str]]] = {}
+
+
+def _varint(data: bytes, i: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _walk(data: bytes, i: int, end: int, fields: dict[int, Any], split: dict[str, int]) -> None:
+    while i < end:
+        start = i
+        key, i = _varint(data, i, end)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(data, i, end)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, body = _varint(data, i, end)
+            i = body + n
+            if i > end:
+                raise ValueError("length-delimited field runs past its message")
+            target = fields.get(key >> 3)
+            if isinstance(target, str):
+                split["header"] += body - start
+                split[target] += n
+                continue
+            if isinstance(target, dict):
+                split["header"] += body - start
+                _walk(data, body, i, target, split)
+                continue
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if i > end:
+            raise ValueError("field runs past its message")
+        split["header"] += i - start
+
+
+def field_split(data: bytes, desc: Descriptor) -> dict[str, int]:
+    """Bytes of a serialized ``desc`` message per category; sums to ``len(data)``.
+    Raises ``ValueError`` on malformed wire data."""
+    if desc.full_name not in _DESCEND:
+        _DESCEND[desc.full_name] = _descend(desc)
+    split = dict.fromkeys(PROTO_KEYS, 0)
+    _walk(data, 0, len(data), _DESCEND[desc.full_name], split)
+    return split
+
+
+def method_name(path: str) -> str:
+    """``/psrv.v1.ParameterServer/Push`` -> ``Push``; any other path stays as it is."""
+    prefix = f"/{SERVICE}/"
+    if path.startswith(prefix) and path[len(prefix) :] in METHODS:
+        return path[len(prefix) :]
+    return path
+
+
+def describe(method: str, direction: str, data: bytes) -> dict[str, Any]:
+    """What a psrv message says: its type, worker, round and payload kind."""
+    if method not in METHODS:
+        return {"message": None, "worker": None, "round": None, "kind": ""}
+    msg_type = METHODS[method][0 if direction == "up" else 1]
+    msg = msg_type.FromString(data)
+    info: dict[str, Any] = {"message": msg_type.DESCRIPTOR.name, "worker": None, "round": None, "kind": ""}
+    if hasattr(msg, "worker_id"):
+        info["worker"] = msg.worker_id or None
+    if msg_type is not pb.RegisterReply and hasattr(msg, "round"):
+        info["round"] = msg.round
+    if isinstance(msg, pb.Upload):
+        kind = msg.WhichOneof("payload") or ""
+        info["kind"] = f"zstd:{msg.zstd.kind}" if kind == "zstd" else kind
+    elif isinstance(msg, pb.SkipNotice):
+        info["kind"] = pb.SkipReason.Name(msg.reason).lower() if msg.reason in pb.SkipReason.values() else ""
+    elif isinstance(msg, pb.ModelBroadcast):
+        info["kind"] = "final" if msg.done else ""
+    return info
+
+
+def _split_message(method: str, direction: str, data: bytes, compressed: bool) -> tuple[dict[str, Any], str | None]:
+    """(info + proto byte split, error)."""
+    info: dict[str, Any] = {"message": None, "worker": None, "round": None, "kind": ""}
+    split = dict.fromkeys(PROTO_KEYS, 0)
+    error = None
+    if compressed:
+        split["header"] = len(data)
+        info["kind"] = "grpc-compressed"
+        return {**info, "split": split}, None
+    try:
+        info = describe(method, direction, data)
+        if method in METHODS:
+            desc = METHODS[method][0 if direction == "up" else 1].DESCRIPTOR
+            split = field_split(data, desc)
+        else:
+            split["header"] = len(data)
+    except Exception as exc:  # noqa: BLE001 - a message we cannot read is logged, not fatal
+        split = dict.fromkeys(PROTO_KEYS, 0)
+        split["header"] = len(data)
+        error = f"{type(exc).__name__}: {exc}"
+    return {**info, "split": split}, error
+
+
+def _status(part: StreamPart) -> tuple[int | None, str | None]:
+    headers = part.headers
+    if "grpc-status" not in headers:
+        return None, None
+    try:
+        code = int(headers["grpc-status"])
+    except ValueError:
+        return None, headers["grpc-status"]
+    return code, (headers.get("grpc-message") or None) if code else None
+
+
+class ConnectionDecoder:
+    """One TCP connection's HTTP/2 bytes -> records (see the module docstring)."""
+
+    def __init__(self, conn: str) -> None:
+        self.conn = conn
+        self.h2 = H2Connection()
+        self.worker: str | None = None  # the last worker id seen on this connection
+        self.workers: set[str] = set()  # every worker id seen (in-process workers share one connection)
+        self._ctx: dict[int, dict[str, Any]] = {}  # stream id -> what its request said
+        self._streams = dict.fromkeys(DIRECTIONS, 0)  # wire bytes of stream records per direction
+        self._messages = dict.fromkeys(DIRECTIONS, 0)
+        self._closed = False
+
+    def feed(self, direction: str, data: bytes, time: float) -> list[dict[str, Any]]:
+        return self._records(self.h2.feed(direction, data, time))
+
+    def close(self, time: float) -> list[dict[str, Any]]:
+        """Flush open streams and append one ``connection`` record per direction."""
+        if self._closed:
+            return []
+        self._closed = True
+        out = self._records(self.h2.close(time))
+        for d in DIRECTIONS:
+            acct = self.h2.accounting(d)
+            conn_bytes = sum(acct[k] for k in CONNECTION_KEYS)
+            out.append(
+                {
+                    "type": "connection",
+                    "time": time,
+                    "conn": self.conn,
+                    "dir": d,
+                    "worker": next(iter(self.workers)) if len(self.workers) == 1 else None,
+                    "workers": sorted(self.workers),
+                    "relayed": acct["fed"],
+                    **{k: acct[k] for k in CONNECTION_KEYS},
+                    "streams": self._streams[d],
+                    "messages": self._messages[d],
+                    "balanced": acct["fed"] == conn_bytes + self._streams[d],
+                    "error": acct["error"],
+                }
+            )
+        return out
+
+    def _records(self, parts: list[StreamPart]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for part in parts:
+            out.extend(self._part_records(part))
+        return out
+
+    def _part_records(self, part: StreamPart) -> list[dict[str, Any]]:
+        method = method_name(part.path)
+        d, sid = part.direction, part.stream_id
+        status, detail = _status(part) if d == "down" else (None, None)
+        ctx = self._ctx.setdefault(sid, {"worker": None, "round": None})
+        base = {"conn": self.conn, "dir": d, "stream": sid, "method": method}
+        tail = {"status": status, "detail": detail, "reset": part.reset, "incomplete": part.incomplete}
+        out: list[dict[str, Any]] = []
+        for msg in part.messages:
+            info, error = _split_message(method, d, msg.data, msg.compressed)
+            if d == "up":
+                if info["worker"]:
+                    ctx["worker"] = self.worker = info["worker"]
+                    self.workers.add(info["worker"])
+                if info["round"] is not None:
+                    ctx["round"] = info["round"]
+            worker = info["worker"] or ctx["worker"] or self.worker
+            rnd = info["round"] if info["round"] is not None else ctx["round"]
+            nbytes = {**msg.h2, "grpc_prefix": GRPC_PREFIX_BYTES, **info["split"]}
+            out.append(
+                {
+                    "type": "message",
+                    "time": msg.time,
+                    **base,
+                    "message": info["message"],
+                    "worker": worker,
+                    "round": rnd,
+                    "kind": info["kind"],
+                    "compressed": msg.compressed,
+                    "bytes": nbytes,
+                    "proto_bytes": len(msg.data),
+                    "wire_bytes": sum(nbytes.values()),
+                    **tail,
+                    "error": error,
+                }
+            )
+        if not part.messages:
+            nbytes = {**part.h2, "grpc_prefix": 0, **dict.fromkeys(PROTO_KEYS, 0)}
+            out.append(
+                {
+                    "type": "frames",
+                    "time": part.end_time,
+                    **base,
+                    "message": None,
+                    "worker": ctx["worker"] or self.worker,
+                    "round": ctx["round"],
+                    "kind": "",
+                    "compressed": False,
+                    "bytes": nbytes,
+                    "proto_bytes": 0,
+                    "wire_bytes": sum(nbytes.values()),
+                    **tail,
+                    "error": None,
+                }
+            )
+        for r in out:
+            self._streams[d] += r["wire_bytes"]
+            self._messages[d] += r["type"] == "message"
+        if d == "down":
+            self._ctx.pop(sid, None)
+        return out
