@@ -160,6 +160,24 @@ def main(verbose: int) -> None:
 @click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
 @click.option("--regression", is_flag=True, help="The data file's label column is a real-valued target.")
 @click.option(
+    "--eval-every",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Record the full training loss and test accuracy every N rounds (default: about 100 times a run; 0: never).",
+)
+@click.option(
+    "--target-accuracy",
+    type=float,
+    default=None,
+    help="Report rounds/uploads/bits/bytes until the test accuracy first reaches this (seed 002 Table II).",
+)
+@click.option(
+    "--target-loss",
+    type=float,
+    default=None,
+    help="Report rounds/uploads/bits/bytes until the training loss first reaches this (seed 003 Table 2).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False),
     default="psrv-out",
@@ -178,6 +196,9 @@ def run(
     split: str,
     test_fraction: float,
     regression: bool,
+    eval_every: int | None,
+    target_accuracy: float | None,
+    target_loss: float | None,
     out: str,
     summary_json: str | None,
     **kw: Any,
@@ -204,7 +225,9 @@ def run(
             def on_round(record: dict[str, Any], bar=bar) -> None:
                 bar.update(1, record)
 
-            summary = run_local(config, dc, Path(out) / name, on_round=on_round)
+            every = max(1, config.rounds // 100) if eval_every is None else eval_every
+            targets = {k: v for k, v in (("accuracy", target_accuracy), ("train_loss", target_loss)) if v is not None}
+            summary = run_local(config, dc, Path(out) / name, on_round=on_round, eval_every=every, targets=targets)
         summaries.append(summary)
     click.echo(report.table(summaries))
     path = summary_json or str(Path(out) / "summary.json")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from psrv import report
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.tasks import make_task
 
@@ -55,18 +56,36 @@ def worker_command(
     ]
 
 
+class Evaluator:
+    """The full training objective f and the accuracies of a model, on the run's own split
+    (loaded once). Used every few rounds by embedded runs and for the final summary."""
+
+    def __init__(self, task_name: str, task_options: dict[str, float], dc: DataConfig) -> None:
+        from worker.client import load_training_data  # the one definition of the split
+
+        self.train, self.test = load_training_data(dc.data, dc.test_fraction, dc.seed, dc.regression)
+        self.task = make_task(task_name, self.train.n_features, self.train.n_classes, **task_options)
+
+    def __call__(self, theta: np.ndarray) -> dict[str, float]:
+        held_out = self.test if len(self.test) else self.train
+        return {
+            "train_loss": self.task.loss(theta, self.train.X, self.train.y),
+            "accuracy": self.task.accuracy(theta, held_out.X, held_out.y),
+        }
+
+    def final(self, theta: np.ndarray) -> dict[str, Any]:
+        now = self(theta)
+        return {
+            "final_loss": now["train_loss"],
+            "train_accuracy": self.task.accuracy(theta, self.train.X, self.train.y),
+            "accuracy": now["accuracy"],
+            "test_samples": len(self.test),
+        }
+
+
 def evaluate(task_name: str, task_options: dict[str, float], theta: np.ndarray, dc: DataConfig) -> dict[str, Any]:
     """Final loss (the full training objective f) and accuracies of a model."""
-    from worker.client import load_training_data  # the one definition of the split
-
-    train, test = load_training_data(dc.data, dc.test_fraction, dc.seed, dc.regression)
-    task = make_task(task_name, train.n_features, train.n_classes, **task_options)
-    return {
-        "final_loss": task.loss(theta, train.X, train.y),
-        "train_accuracy": task.accuracy(theta, train.X, train.y),
-        "accuracy": task.accuracy(theta, test.X, test.y) if len(test) else task.accuracy(theta, train.X, train.y),
-        "test_samples": len(test),
-    }
+    return Evaluator(task_name, task_options, dc).final(theta)
 
 
 def run_local(
@@ -75,11 +94,24 @@ def run_local(
     out_dir: str | Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     worker_extra: dict[int, tuple[str, ...]] | None = None,
+    eval_every: int = 0,
+    targets: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Run one job end to end; returns the summary (also the model is in ``out_dir``)."""
+    """Run one job end to end; returns the summary (also the model is in ``out_dir``).
+
+    ``eval_every`` > 0 records ``train_loss`` (the full objective f) and ``accuracy`` every that
+    many rounds; ``targets`` ({"accuracy": a} and/or {"train_loss": l}) then add the rounds,
+    uploads, bits and bytes it took to first reach each (seed 002 Table II, seed 003 Table 2)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ps = ParameterServer(config, metrics_path=out / "metrics.jsonl", on_round=on_round)
+    evaluator = Evaluator(config.task, dict(config.task_options), dc)
+    ps = ParameterServer(
+        config,
+        metrics_path=out / "metrics.jsonl",
+        on_round=on_round,
+        evaluator=evaluator if eval_every > 0 else None,
+        eval_every=eval_every,
+    )
     server, port = create_server(ps, "127.0.0.1:0")
     procs: list[subprocess.Popen] = []
     logs = []
@@ -93,7 +125,9 @@ def run_local(
         watcher.start()
         summary = ps.run()
         np.save(out / "model.npy", ps.theta)
-        summary.update(evaluate(config.task, dict(config.task_options), ps.theta, dc))
+        summary.update(evaluator.final(ps.theta))
+        for key, target in (targets or {}).items():
+            summary[f"to_{key}"] = report.cost_to_reach(ps.records, key, target)
         summary["worker_exit_codes"] = [p.wait(timeout=30) for p in procs]
         return summary
     finally:

@@ -100,7 +100,12 @@ class ParameterServer:
         config: ServerConfig,
         metrics_path: str | Path | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        evaluator: Callable[[np.ndarray], dict[str, float]] | None = None,
+        eval_every: int = 1,
     ) -> None:
+        """``evaluator(theta)`` (embedded runs only: a real server holds no data) adds fields to
+        every ``eval_every``-th round's record and to the last; its time is excluded from
+        ``elapsed``."""
         self.config = config
         self.algorithm = make_algorithm(config.algorithm, config.options, config.compressor)
         self.counter = rpc.ByteCounter()
@@ -123,6 +128,7 @@ class ParameterServer:
         self.records: list[dict[str, Any]] = []
         self._metrics_file = open(metrics_path, "w") if metrics_path else None
         self._on_round = on_round
+        self._evaluator, self._eval_every = evaluator, max(1, eval_every)
         self._done_served: set[str] = set()
 
     # ------------------------------------------------------------------ handlers
@@ -353,6 +359,10 @@ class ParameterServer:
                     raise RuntimeError(self.error)
                 record = self._close_round(k, started)
                 self.records.append(record)
+            if self._evaluator and (k % self._eval_every == self._eval_every - 1 or k == cfg.rounds - 1):
+                t0 = time.monotonic()
+                record.update(self._evaluator(self.theta))
+                started += time.monotonic() - t0  # evaluation is not training time
             if self._metrics_file:
                 self._metrics_file.write(json.dumps(record) + "\n")
                 self._metrics_file.flush()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PSRV = [sys.executable, "-m", "psrv"]
 
 
@@ -134,3 +136,26 @@ def test_separate_server_and_worker_processes(tmp_path: Path) -> None:
     # each worker's own count of bytes it sent equals its share of the server's count
     assert sum(r["bytes_up"] for r in reports) == s["bytes_up"]
     assert sum(r["bytes_down"] for r in reports) == s["bytes_down"]
+
+
+def test_cost_to_reach_a_target() -> None:
+    from psrv.report import cost_to_reach, table
+
+    records = [
+        {"round": k, "uploads": 2, "payload_bits": 10, "bytes_up": 5, "elapsed": 0.1 * k, "accuracy": acc}
+        for k, acc in enumerate([0.5, None, 0.7, 0.9])
+    ]
+    hit = cost_to_reach(records, "accuracy", 0.7)
+    assert hit == {
+        "target": 0.7,
+        "rounds": 3,
+        "uploads": 6,
+        "payload_bits": 30,
+        "bytes_up": 15,
+        "elapsed": pytest.approx(0.2),
+    }
+    assert cost_to_reach(records, "accuracy", 0.95) is None
+    loss = [{**r, "train_loss": 1.0 / (r["round"] + 1)} for r in records]
+    assert cost_to_reach(loss, "train_loss", 0.5)["rounds"] == 2
+    text = table([{"algorithm": "x", "to_accuracy": hit}, {"algorithm": "y", "to_accuracy": None}])
+    assert "rounds to accuracy 0.7" in text.splitlines()[0]
