@@ -290,9 +290,11 @@ def start_server(
 
 
 def _attach_subcommands() -> None:
+    from psrv.cluster.cli import cluster
     from psrv.inspect.cli import inspect
 
     main.add_command(inspect)
+    main.add_command(cluster)
 
 
 _attach_subcommands()

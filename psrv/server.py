@@ -53,6 +53,7 @@ class ServerConfig:
     register_timeout: float = 120.0
     max_misses: int = 3
     done_grace: float = 10.0  # seconds to wait for workers to fetch the final model
+    start_timeout: float = 30.0  # at most this long, round 0 waits for every worker to ask for the model
     seed: int = 0
     broadcast_dtype: str = "float32"
     zstd: bool = False  # workers zstd-compress a payload when that makes it smaller
@@ -130,6 +131,7 @@ class ParameterServer:
         self._on_round = on_round
         self._evaluator, self._eval_every = evaluator, max(1, eval_every)
         self._done_served: set[str] = set()
+        self._ready: set[str] = set()  # workers that have asked for a model: warmed up
 
     # ------------------------------------------------------------------ handlers
     def handlers(self) -> dict[str, Callable[[rpc.Received, grpc.ServicerContext], bytes]]:
@@ -213,6 +215,8 @@ class ParameterServer:
     def _on_GetModel(self, req: pb.ModelRequest, nbytes: int, context: Any) -> bytes:
         with self._cond:
             w = self._worker(req.worker_id)
+            self._ready.add(w.worker_id)
+            self._cond.notify_all()
             if self.phase in ("training", "registering") and req.round > self.round + 1 and self.round >= 0:
                 raise Abort(
                     grpc.StatusCode.OUT_OF_RANGE, f"round {req.round} is ahead of the server (round {self.round})"
@@ -350,6 +354,12 @@ class ParameterServer:
                 self._cond.notify_all()
             if self.phase == "failed":
                 raise RuntimeError(self.error)
+            # round 0's deadline starts once every worker has asked for the model, i.e. has finished
+            # its start-up, so a slow start is not mistaken for a missed round (bounded wait)
+            self._cond.wait_for(
+                lambda: len(self._ready) >= len(self._workers) or self.phase == "failed",
+                timeout=cfg.start_timeout,
+            )
         started = time.monotonic()
         for k in range(cfg.rounds):
             with self._cond:

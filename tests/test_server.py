@@ -117,6 +117,7 @@ def make_harness() -> Iterator[Callable[..., Harness]]:
         config.setdefault("rounds", 3)
         config.setdefault("round_timeout", 2.0)
         config.setdefault("register_timeout", 10.0)
+        config.setdefault("start_timeout", 0.0)  # rounds are driven by hand: start round 0 at once
         h = Harness(ServerConfig(**config), max_message_bytes)
         made.append(h)
         return h

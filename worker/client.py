@@ -153,8 +153,11 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         conf = reply.config
         algo = make_algorithm(conf.algorithm, dict(conf.options), conf.compressor)
         task = make_task(conf.task, ds.n_features, ds.n_classes, **dict(conf.task_options))
+        # warm up (torch's lazy initialisation) while the others register, not inside round 0's deadline
+        task.local_loss_grad(np.zeros(task.dim), ds.X[:2], ds.y[:2], len(ds), max(1, conf.num_workers))
         rng = np.random.default_rng([conf.seed, reply.worker_index])
         batch = int(getattr(algo, "batch", 0))
+        wants_smoothness = bool(getattr(algo, "tracks_theta_hat", False))
         state: Any = algo.init(task.dim)
         result = WorkerResult(cfg.worker_id, reply.worker_index)
         log.info("worker %s registered as %d: %s", cfg.worker_id, reply.worker_index, conf.algorithm)
@@ -181,7 +184,8 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                     info = RoundInfo(k, mb.num_workers, tuple(mb.recent_step_sq), theta, grads.grad_at)
                     decision = algo.step(state, grad, info, rng)
                     result.grad_evals += grads.evals
-                    first = result.uploads == 0 and decision.payload is not None
+                    # only server-side selection uses L_m, and the bound costs an eigendecomposition
+                    first = wants_smoothness and result.uploads == 0 and decision.payload is not None
                     smooth = local_smoothness(task, ds, mb.total_samples, mb.num_workers) if first else None
                     _report(stub, cfg, k, decision.payload, "lazy_rule", loss, conf.zstd, smooth)
                     result.uploads += decision.payload is not None

@@ -1,0 +1,210 @@
+"""``psrv cluster``: a shaped multi-host run on one machine (network namespaces; needs root).
+
+psrv cluster run --workers 4 --rate 10mbit --algorithm gd --rounds 100
+psrv cluster run --workers 4 --rate 100mbit --worker-rate 0=1mbit --worker-rate 1=1mbit/10mbit
+psrv cluster clean          # remove namespaces left by a run that was killed with SIGKILL
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from psrv.cluster.netns import ClusterError, Interrupted, remove_namespaces, require_root, stale_namespaces
+from psrv.cluster.run import SHAPE_AT, ClusterConfig, format_report, run_cluster, with_algorithm
+from psrv.cluster.shaping import QDISCS, LinkRates, parse_link
+
+
+def _options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"expected KEY=NUMBER, got {item!r}") from None
+    return out
+
+
+def _link(ctx: click.Context, param: click.Parameter, value: str) -> LinkRates:
+    try:
+        return parse_link(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _indexed(kind: str, parse: Any) -> Any:
+    def callback(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[int, Any]:
+        out = {}
+        for item in values:
+            index, sep, value = item.partition("=")
+            try:
+                if not sep or not index.strip().isdigit():
+                    raise ValueError(f"expected I={kind}, got {item!r}")
+                out[int(index)] = parse(value)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc)) from None
+        return out
+
+    return callback
+
+
+def _algorithms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    from psrv.algorithms import ALGORITHMS
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in ALGORITHMS]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"unknown algorithm {', '.join(unknown) or value!r}; known: {', '.join(sorted(ALGORITHMS))}"
+        )
+    return names
+
+
+@click.group("cluster")
+def cluster() -> None:
+    """Shaped multi-host runs on one machine: one network namespace per host (needs root)."""
+
+
+@cluster.command("run")
+@click.option("--workers", type=click.IntRange(1, 200), default=2, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option(
+    "--algorithm",
+    "algorithms",
+    default="gd",
+    show_default=True,
+    callback=_algorithms,
+    help="One algorithm, or a comma-separated list run one after another on fresh clusters.",
+)
+@click.option("--compressor", default="", help="Uplink compressor (default: the algorithm's own).")
+@click.option("--lr", type=float, default=0.02, show_default=True)
+@click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    callback=_options,
+    metavar="KEY=VALUE",
+    help="Algorithm/compressor option, passed to start-server (-o bits=4 -o ratio=0.01).",
+)
+@click.option("--task", default=None, help="logreg, linreg, mlp (default: logreg).")
+@click.option("--l2", type=float, default=0.01, show_default=True)
+@click.option("-t", "--task-option", "task_options", multiple=True, callback=_options, metavar="KEY=VALUE")
+@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--zstd", is_flag=True)
+@click.option("--data", default="mnist", show_default=True, help="Built-in data set or a .csv/.npz file.")
+@click.option("--split", type=click.Choice(["iid", "noniid", "dirichlet"]), default="iid", show_default=True)
+@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
+@click.option(
+    "--rate",
+    callback=_link,
+    default="100mbit",
+    show_default=True,
+    metavar="RATE[/DOWN]",
+    help="Every worker's link, both directions (UP/DOWN for different ones; none: unshaped).",
+)
+@click.option(
+    "--worker-rate",
+    "worker_rates",
+    multiple=True,
+    callback=_indexed("RATE", parse_link),
+    metavar="I=RATE[/DOWN]",
+    help="Worker I's link instead of --rate (repeatable), e.g. 0=1mbit.",
+)
+@click.option(
+    "--server-rate",
+    callback=_link,
+    default="none",
+    show_default=True,
+    metavar="RATE[/DOWN]",
+    help="The server's link (default unshaped, so the workers' links are the bottleneck).",
+)
+@click.option("--qdisc", type=click.Choice(QDISCS), default="tbf", show_default=True)
+@click.option(
+    "--shape-at",
+    type=click.Choice(SHAPE_AT),
+    default="bridge",
+    show_default=True,
+    help="bridge: shape both ends' egress from outside; host: each host shapes itself "
+    "(egress + ifb ingress) through the container entrypoint.",
+)
+@click.option(
+    "--offload/--no-offload",
+    default=True,
+    show_default=True,
+    help="Segmentation offload on the veths (off: interface counters count real frames too).",
+)
+@click.option("--capture", is_flag=True, help="Record every frame (AF_PACKET) to time each upload on the wire.")
+@click.option("--port", type=click.IntRange(1, 65535), default=50051, show_default=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=900.0,
+    show_default=True,
+    help="Give up (and clean up) after this many seconds per algorithm.",
+)
+@click.option(
+    "--crash-worker",
+    "crash_after",
+    multiple=True,
+    callback=_indexed("ROUNDS", int),
+    hidden=True,
+    metavar="I=N",
+    help="Fault injection: worker I exits after N rounds.",
+)
+@click.option("--out", type=click.Path(file_okay=False), default="psrv-out/cluster", show_default=True)
+def run(algorithms: list[str], out: str, **kw: Any) -> None:
+    """Run a server and M workers in network namespaces with shaped links; report message vs wire bytes.
+
+    Needs root. Runs `psrv start-server` / `psrv start-worker` inside the namespaces. Every namespace,
+    link and process it makes is removed when the run ends, fails or is interrupted (Ctrl-C, SIGTERM);
+    `psrv cluster clean` removes what a run killed with SIGKILL left behind."""
+    try:
+        require_root()
+        base = ClusterConfig(
+            algorithm=algorithms[0],
+            **{k: v for k, v in kw.items() if k not in ("worker_rates", "crash_after")},
+            worker_rates=kw["worker_rates"],
+            crash_after=kw["crash_after"],
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from None
+    results = []
+    for name in algorithms:
+        cfg = with_algorithm(base, name)
+        folder = Path(out) / name if len(algorithms) > 1 else Path(out)
+        try:
+            result = run_cluster(cfg, folder, echo=lambda s: click.echo(s, err=True))
+        except ClusterError as exc:
+            raise click.ClickException(str(exc)) from None
+        except (KeyboardInterrupt, Interrupted) as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            click.echo(f"interrupted ({signal.Signals(signum).name}); the cluster's namespaces were removed", err=True)
+            sys.exit(128 + signum)
+        click.echo(format_report(result))
+        click.echo(f"summary: {folder / 'summary.json'}; per-round metrics: {folder / 'metrics.jsonl'}")
+        results.append(result)
+    if len(results) > 1:
+        (Path(out) / "summary.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+@cluster.command("clean")
+def clean() -> None:
+    """Remove namespaces left behind by runs whose process no longer exists (e.g. killed with SIGKILL)."""
+    try:
+        require_root()
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from None
+    removed = remove_namespaces(stale_namespaces())
+    click.echo(f"removed {len(removed)} namespace(s)" + (": " + ", ".join(removed) if removed else ""))
