@@ -13,6 +13,7 @@ import click
 
 from psrv import plots, report
 from psrv.algorithms import ALGORITHMS
+from psrv.cliutil import algorithm_list
 from psrv.compress import COMPRESSORS
 from psrv.data import SPLITS, DataError, builtin_task_hint
 from psrv.runner import DataConfig, run_local
@@ -120,16 +121,6 @@ def _server_config(
         raise click.UsageError(str(exc)) from None
 
 
-def _algorithms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in ALGORITHMS]
-    if unknown or not names:
-        raise click.BadParameter(
-            f"unknown algorithm {', '.join(unknown) or value!r}; known: {', '.join(sorted(ALGORITHMS))}"
-        )
-    return names
-
-
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -146,7 +137,7 @@ def main(verbose: int) -> None:
     "algorithms",
     default="gd,topk-ef,laq",
     show_default=True,
-    callback=_algorithms,
+    callback=algorithm_list,
     help="One algorithm, or a comma-separated list to compare (e.g. gd,topk-ef,laq).",
 )
 @algorithm_options

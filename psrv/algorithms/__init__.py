@@ -113,6 +113,25 @@ def split_options(cls: type, options: Mapping[str, float]) -> tuple[dict[str, An
     return own, rest
 
 
+class LazyHistory:
+    """Mixin for the lazy rules (dataclasses with fields ``D`` and ``xi``): the server keeps the
+    last ``D`` step norms, weighted by D equal ``xi_d = xi``; ``xi`` < 0 means
+    ``xi_default_total / D`` (a class attribute, not an option; 1 unless the class overrides it)."""
+
+    D: int
+    xi: float
+    xi_default_total = 1.0
+
+    @property
+    def history_depth(self) -> int:
+        return self.D
+
+    @property
+    def xis(self) -> tuple[float, ...]:
+        xi = self.xi_default_total / self.D if self.xi < 0 and self.D else max(self.xi, 0.0)
+        return (xi,) * self.D
+
+
 def _load_builtin() -> None:
     """Import every module of this package once: each registers its algorithms."""
     import importlib

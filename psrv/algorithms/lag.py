@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psrv.algorithms import Decision, RoundInfo, register, split_options
+from psrv.algorithms import Decision, LazyHistory, RoundInfo, register, split_options
 from psrv.compress import make_compressor
 from psrv.payload import to_dense
 from psrv.triggers import lag_threshold, lazy_skip
@@ -51,7 +51,7 @@ class LagState:
 
 
 @dataclass(frozen=True)
-class LagWK:
+class LagWK(LazyHistory):
     lr: float = 0.02
     D: int = 10
     xi: float = -1.0  # per-d weight xi_d; negative means the LAG-WK default 1 / D
@@ -67,15 +67,6 @@ class LagWK:
             raise ValueError(
                 f"bad {self.name} parameters: lr={self.lr} D={self.D} t_bar={self.t_bar} batch={self.batch}"
             )
-
-    @property
-    def history_depth(self) -> int:
-        return self.D
-
-    @property
-    def xis(self) -> tuple[float, ...]:
-        xi = 1.0 / self.D if self.xi < 0 and self.D else max(self.xi, 0.0)
-        return (xi,) * self.D
 
     def init(self, dim: int) -> LagState:
         return LagState(np.zeros(dim, dtype=np.float64), 0)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psrv.algorithms import Decision, RoundInfo, register, split_options
+from psrv.algorithms import Decision, LazyHistory, RoundInfo, register, split_options
 from psrv.compress.laq import quantize
 from psrv.payload import laq_innovation
 from psrv.triggers import laq_skip
@@ -53,7 +53,7 @@ class LaqState:
 
 
 @dataclass(frozen=True)
-class LAQ:
+class LAQ(LazyHistory):
     lr: float = 0.02
     bits: int = 4
     D: int = 10
@@ -63,6 +63,7 @@ class LAQ:
     name: str = "laq"
 
     absorb = "accumulate"
+    xi_default_total = 0.8  # the paper's xi_d = 0.8 / D
     payload_kinds = ("laq",)
 
     def __post_init__(self) -> None:
@@ -70,15 +71,6 @@ class LAQ:
             raise ValueError(
                 f"bad LAQ parameters: lr={self.lr} bits={self.bits} D={self.D} t_bar={self.t_bar} batch={self.batch}"
             )
-
-    @property
-    def history_depth(self) -> int:
-        return self.D
-
-    @property
-    def xis(self) -> tuple[float, ...]:
-        xi = 0.8 / self.D if self.xi < 0 and self.D else max(self.xi, 0.0)
-        return (xi,) * self.D
 
     def init(self, dim: int) -> LaqState:
         return LaqState(np.zeros(dim, dtype=np.float64), 0.0, 0)

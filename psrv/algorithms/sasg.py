@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psrv.algorithms import Decision, RoundInfo, register, split_options
+from psrv.algorithms import Decision, LazyHistory, RoundInfo, register, split_options
 from psrv.compress import Compressor, make_compressor
 from psrv.compress.feedback import ef_step, init_memory
 from psrv.triggers import lag_threshold, lazy_skip
@@ -77,7 +77,7 @@ class LazyState:
 
 
 @dataclass(frozen=True)
-class LazyStochastic:
+class LazyStochastic(LazyHistory):
     compressor: Compressor
     ef: bool = False
     lr: float = 0.02
@@ -98,15 +98,6 @@ class LazyStochastic:
     @property
     def payload_kinds(self) -> tuple[str, ...]:
         return (self.compressor.payload_kind,)
-
-    @property
-    def history_depth(self) -> int:
-        return self.D
-
-    @property
-    def xis(self) -> tuple[float, ...]:
-        xi = 1.0 / self.D if self.xi < 0 and self.D else max(self.xi, 0.0)
-        return (xi,) * self.D
 
     def init(self, dim: int) -> LazyState:
         return LazyState(None, init_memory(dim) if self.ef else None, 0)

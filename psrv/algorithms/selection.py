@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psrv.algorithms import Decision, RoundInfo, SelectionView, register, split_options
+from psrv.algorithms import Decision, LazyHistory, RoundInfo, SelectionView, register, split_options
 from psrv.compress import Compressor, make_compressor
 from psrv.payload import to_dense
 from psrv.triggers import lag_ps_upload, lag_threshold
@@ -119,7 +119,7 @@ class CIAG(_Incremental):
 
 
 @dataclass(frozen=True)
-class LagPS:
+class LagPS(LazyHistory):
     """LAG-PS (seed 000, "Implementation of adaptive selection rule (LAG)", Server side)."""
 
     compressor: Compressor
@@ -131,6 +131,7 @@ class LagPS:
 
     absorb = "replace"
     tracks_theta_hat = True
+    xi_default_total = 10.0  # LAG-PS: xi_d = 10 / D (seeds README)
     FORCED_ROUNDS = 2  # rounds 0 and 1: the secant estimate of L_m needs two uploads
 
     def __post_init__(self) -> None:
@@ -138,17 +139,8 @@ class LagPS:
             raise ValueError(f"bad lag-ps parameters: lr={self.lr} D={self.D} t_bar={self.t_bar}")
 
     @property
-    def history_depth(self) -> int:
-        return self.D
-
-    @property
     def payload_kinds(self) -> tuple[str, ...]:
         return (self.compressor.payload_kind,)
-
-    @property
-    def xis(self) -> tuple[float, ...]:
-        xi = 10.0 / self.D if self.xi < 0 and self.D else max(self.xi, 0.0)
-        return (xi,) * self.D
 
     def init(self, dim: int) -> None:
         return None

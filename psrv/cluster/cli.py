@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from psrv.cliutil import algorithm_list
 from psrv.cluster.netns import ClusterError, Interrupted, remove_namespaces, require_root, stale_namespaces
 from psrv.cluster.run import SHAPE_AT, ClusterConfig, format_report, run_cluster, with_algorithm
 from psrv.cluster.shaping import QDISCS, LinkRates, parse_link
@@ -56,18 +57,6 @@ def _indexed(kind: str, parse: Any) -> Any:
     return callback
 
 
-def _algorithms(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
-    from psrv.algorithms import ALGORITHMS
-
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in ALGORITHMS]
-    if unknown or not names:
-        raise click.BadParameter(
-            f"unknown algorithm {', '.join(unknown) or value!r}; known: {', '.join(sorted(ALGORITHMS))}"
-        )
-    return names
-
-
 @click.group("cluster")
 def cluster() -> None:
     """Shaped multi-host runs on one machine: one network namespace per host (needs root)."""
@@ -81,7 +70,7 @@ def cluster() -> None:
     "algorithms",
     default="gd",
     show_default=True,
-    callback=_algorithms,
+    callback=algorithm_list,
     help="One algorithm, or a comma-separated list run one after another on fresh clusters.",
 )
 @click.option("--compressor", default="", help="Uplink compressor (default: the algorithm's own).")

@@ -24,40 +24,29 @@ from typing import ClassVar
 
 import numpy as np
 
+from psrv.tasks.base import ZeroInit, check_shapes, check_split, l2_penalty, set_int_fields, set_l2
+
 
 @dataclass(frozen=True)
-class LinReg:
+class LinReg(ZeroInit):
     n_features: int
     n_classes: int = 0
     l2: float = 0.0
     name: ClassVar[str] = "linreg"
 
     def __post_init__(self) -> None:
-        n = self.n_features
-        if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"linreg: n_features must be an integer >= 1, got {n!r}")
-        object.__setattr__(self, "n_features", int(n))
+        set_int_fields(self, (("n_features", 1),))
         if not isinstance(self.n_classes, Integral) or isinstance(self.n_classes, bool) or self.n_classes != 0:
             raise ValueError(
                 f"linreg: n_classes must be 0 (real-valued regression targets), got {self.n_classes!r}; "
                 "load the data as regression (a regression built-in, or a file with regression=True)"
             )
         object.__setattr__(self, "n_classes", 0)
-        try:
-            l2 = float(self.l2)
-        except (TypeError, ValueError):
-            raise ValueError(f"linreg: l2 must be a number, got {self.l2!r}") from None
-        if not l2 >= 0 or not np.isfinite(l2):
-            raise ValueError(f"linreg: l2 must be finite and >= 0, got {self.l2!r}")
-        object.__setattr__(self, "l2", l2)
+        set_l2(self)
 
     @property
     def dim(self) -> int:
         return self.n_features + 1
-
-    def init_params(self, rng: np.random.Generator) -> np.ndarray:
-        """Zeros (the problem is convex; ``rng`` is unused but part of the Task API)."""
-        return np.zeros(self.dim, dtype=np.float64)
 
     # ------------------------------------------------------------------ objective
 
@@ -65,14 +54,9 @@ class LinReg:
         self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, total_samples: float, num_workers: int
     ) -> tuple[float, np.ndarray]:
         """f_m(θ) and ∇f_m(θ) (float64, shape (dim,)) for this worker's rows X, y."""
-        if total_samples < max(len(X), 1):
-            raise ValueError(f"total_samples ({total_samples}) must be >= max(1, len(X)={len(X)})")
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        check_split(X, total_samples, num_workers)
         theta, X, y = self._checked(theta, X, y)
-        reg = self.l2 / num_workers
-        grad = reg * theta
-        loss = 0.5 * reg * float(theta @ theta)
+        loss, grad = l2_penalty(theta, self.l2, num_workers)
         if len(X):
             r = self._residuals(theta, X, y)
             scale = 1.0 / total_samples
@@ -122,10 +106,7 @@ class LinReg:
         """The exact Lipschitz constant of ∇f_m for a worker holding rows X (the L_m that LAG's
         server-side rule and the server's secant estimate refer to):
         λ_max(X̃ᵀX̃) / N + λ / M = (n_m / N) (``smoothness(X)`` − λ) + λ / M."""
-        if total_samples < max(len(X), 1):
-            raise ValueError(f"total_samples ({total_samples}) must be >= max(1, len(X)={len(X)})")
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        check_split(X, total_samples, num_workers)
         return len(X) / total_samples * (self.smoothness(X) - self.l2) + self.l2 / num_workers
 
     # ------------------------------------------------------------------ internals
@@ -140,10 +121,5 @@ class LinReg:
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         X = np.ascontiguousarray(X, dtype=np.float64)
         y = np.ascontiguousarray(y, dtype=np.float64)
-        if theta.shape != (self.dim,):
-            raise ValueError(f"theta must have shape ({self.dim},), got {theta.shape}")
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ValueError(f"X must have shape (n, {self.n_features}), got {X.shape}")
-        if y.shape != (len(X),):
-            raise ValueError(f"y must have shape ({len(X)},), got {y.shape}")
+        check_shapes(theta, X, y, self.dim, self.n_features)
         return theta, X, y

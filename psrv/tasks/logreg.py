@@ -17,42 +17,29 @@ arrays (no copies for float64 C-contiguous input); the gradient is the closed fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from psrv.tasks.base import ZeroInit, check_shapes, check_split, l2_penalty, set_int_fields, set_l2
+
 
 @dataclass(frozen=True)
-class LogReg:
+class LogReg(ZeroInit):
     n_features: int
     n_classes: int
     l2: float = 0.01
     name: ClassVar[str] = "logreg"
 
     def __post_init__(self) -> None:
-        for field, low in (("n_features", 1), ("n_classes", 2)):
-            value = getattr(self, field)
-            if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
-                raise ValueError(f"logreg: {field} must be an integer >= {low}, got {value!r}")
-            object.__setattr__(self, field, int(value))
-        try:
-            l2 = float(self.l2)
-        except (TypeError, ValueError):
-            raise ValueError(f"logreg: l2 must be a number, got {self.l2!r}") from None
-        if not l2 >= 0 or not np.isfinite(l2):
-            raise ValueError(f"logreg: l2 must be finite and >= 0, got {self.l2!r}")
-        object.__setattr__(self, "l2", l2)
+        set_int_fields(self, (("n_features", 1), ("n_classes", 2)))
+        set_l2(self)
 
     @property
     def dim(self) -> int:
         return (self.n_features + 1) * self.n_classes
-
-    def init_params(self, rng: np.random.Generator) -> np.ndarray:
-        """Zeros (the problem is convex; ``rng`` is unused but part of the Task API)."""
-        return np.zeros(self.dim, dtype=np.float64)
 
     # ------------------------------------------------------------------ objective
 
@@ -60,14 +47,9 @@ class LogReg:
         self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, total_samples: int, num_workers: int
     ) -> tuple[float, np.ndarray]:
         """f_m(θ) and ∇f_m(θ) (float64, shape (dim,)) for this worker's rows X, y."""
-        if total_samples < max(len(X), 1):
-            raise ValueError(f"total_samples ({total_samples}) must be >= max(1, len(X)={len(X)})")
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        check_split(X, total_samples, num_workers)
         theta, X, y = self._checked(theta, X, y)
-        reg = self.l2 / num_workers
-        grad = reg * theta
-        loss = 0.5 * reg * float(theta @ theta)
+        loss, grad = l2_penalty(theta, self.l2, num_workers)
         if len(X):
             loss += self._data_term(theta, X, y, 1.0 / total_samples, grad)
         return loss, grad
@@ -114,14 +96,7 @@ class LogReg:
         theta = np.ascontiguousarray(theta, dtype=np.float64)  # copies only if not float64
         X = np.ascontiguousarray(X, dtype=np.float64)
         y = np.ascontiguousarray(y, dtype=np.int64)
-        if theta.shape != (self.dim,):
-            raise ValueError(f"theta must have shape ({self.dim},), got {theta.shape}")
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ValueError(f"X must have shape (n, {self.n_features}), got {X.shape}")
-        if y.shape != (len(X),):
-            raise ValueError(f"y must have shape ({len(X)},), got {y.shape}")
-        if len(y) and (y.min() < 0 or y.max() >= self.n_classes):
-            raise ValueError(f"labels must be in [0, {self.n_classes}), got [{y.min()}, {y.max()}]")
+        check_shapes(theta, X, y, self.dim, self.n_features, self.n_classes)
         return theta, X, y
 
     def _data_term(

@@ -35,6 +35,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from psrv.tasks.base import check_shapes, check_split, set_int_fields, set_l2
+
 _CHUNK = 4096  # rows per forward/backward pass in loss/accuracy on large data (bounds memory)
 _buffers = threading.local()
 
@@ -98,23 +100,13 @@ class MLP:
     name: ClassVar[str] = "mlp"
 
     def __post_init__(self) -> None:
-        for field, low in (("n_features", 1), ("n_classes", 2)):
-            value = getattr(self, field)
-            if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
-                raise ValueError(f"mlp: {field} must be an integer >= {low}, got {value!r}")
-            object.__setattr__(self, field, int(value))
+        set_int_fields(self, (("n_features", 1), ("n_classes", 2)))
         object.__setattr__(self, "hidden", _as_int("mlp", "hidden", self.hidden, 1))
         precision = _as_int("mlp", "precision", self.precision, 1)
         if precision not in (32, 64):
             raise ValueError(f"mlp: precision must be 32 or 64, got {self.precision!r}")
         object.__setattr__(self, "precision", precision)
-        try:
-            l2 = float(self.l2)
-        except (TypeError, ValueError):
-            raise ValueError(f"mlp: l2 must be a number, got {self.l2!r}") from None
-        if not l2 >= 0 or not np.isfinite(l2):
-            raise ValueError(f"mlp: l2 must be finite and >= 0, got {self.l2!r}")
-        object.__setattr__(self, "l2", l2)
+        set_l2(self)
 
     @property
     def dim(self) -> int:
@@ -145,10 +137,7 @@ class MLP:
         θ may be float32 (the default broadcast) or float64; it is read, never converted to a
         float64 copy: per call the only dim-sized allocation is the returned gradient.
         """
-        if total_samples < max(len(X), 1):
-            raise ValueError(f"total_samples ({total_samples}) must be >= max(1, len(X)={len(X)})")
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        check_split(X, total_samples, num_workers)
         theta, X, y = self._checked(theta, X, y, keep_float32=True)
         reg = self.l2 / num_workers
         grad = np.empty(self.dim, dtype=np.float64)
@@ -239,12 +228,5 @@ class MLP:
             theta = np.asarray(theta, dtype=np.float64)
         X = np.ascontiguousarray(X, dtype=np.float64)
         y = np.ascontiguousarray(y, dtype=np.int64)
-        if theta.shape != (self.dim,):
-            raise ValueError(f"theta must have shape ({self.dim},), got {theta.shape}")
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ValueError(f"X must have shape (n, {self.n_features}), got {X.shape}")
-        if y.shape != (len(X),):
-            raise ValueError(f"y must have shape ({len(X)},), got {y.shape}")
-        if len(y) and (y.min() < 0 or y.max() >= self.n_classes):
-            raise ValueError(f"labels must be in [0, {self.n_classes}), got [{y.min()}, {y.max()}]")
+        check_shapes(theta, X, y, self.dim, self.n_features, self.n_classes)
         return theta, X, y
