@@ -445,6 +445,11 @@ class ParameterServer:
             "wall_time": recs[-1]["elapsed"] if recs else 0.0,
         }
 
+    def wait_registered(self, count: int, timeout: float) -> bool:
+        """Block until at least ``count`` workers have registered (False on timeout)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._workers) >= count, timeout=timeout)
+
     def fail(self, reason: str) -> None:
         """Abort the run: waiting handlers and the round loop give up with ``reason``."""
         with self._cond:

@@ -3,49 +3,30 @@ worker loops (threads here, for speed; tests/test_e2e.py covers worker processes
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
+from threaded import run_in_threads
 
 from psrv import data
 from psrv.compress import COMPRESSORS, make_compressor
-from psrv.server import ParameterServer, ServerConfig, create_server
-from worker.client import WorkerConfig, load_training_data, run_worker
+from psrv.server import ParameterServer, ServerConfig
+from worker.client import load_training_data
 
 M, ROUNDS = 2, 6
 
 
 def _train(algorithm: str, compressor: str, options: dict[str, float], zstd: bool = False) -> tuple[dict, list]:
-    ps = ParameterServer(
-        ServerConfig(
-            algorithm=algorithm,
-            compressor=compressor,
-            options=options,
-            num_workers=M,
-            rounds=ROUNDS,
-            round_timeout=20.0,
-            zstd=zstd,
-        )
+    config = ServerConfig(
+        algorithm=algorithm,
+        compressor=compressor,
+        options=options,
+        num_workers=M,
+        rounds=ROUNDS,
+        round_timeout=20.0,
+        zstd=zstd,
     )
-    server, port = create_server(ps)
     train, _ = load_training_data("digits", 0.2, 0)
-    results: list = [None] * M
-
-    def work(i: int) -> None:
-        cfg = WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"w{i}", data="digits")
-        results[i] = run_worker(cfg, data.shard(train, i, M))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(M)]
-    for t in threads:
-        t.start()
-    try:
-        summary = ps.run()
-    finally:
-        for t in threads:
-            t.join(timeout=60)
-        server.stop(grace=None)
-    return summary, results
+    return run_in_threads(ParameterServer(config), [data.shard(train, i, M) for i in range(M)])
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSORS))

@@ -91,6 +91,7 @@ def _run(tmp: Path, name: str) -> Run:
     server, port = create_server(ps)
     tap = TapThread(("127.0.0.1", port), pcap=tmp / "tap.pcap").start()
     cap = LiveCapture(tmp / "live.pcap", {tap.port, port}).start() if _can_capture() else None
+    idle = False
     results: list[Any] = [None] * M
     try:
         train, _ = load_training_data("digits", 0.2, 0)
@@ -120,9 +121,12 @@ def _run(tmp: Path, name: str) -> Run:
                 with pytest.raises(grpc.RpcError) as err:
                     call(msg, timeout=10)
                 assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # let every client connection end before the server stops: otherwise the server's
+        # GOAWAY races the closing client and the kernel may drop it after the tap relayed it
+        idle = tap.wait_idle(10)
     finally:
         server.stop(grace=None)
-        idle = tap.wait_idle(10)
+        tap.wait_idle(10)  # also when the body failed before its own wait
         tap.close()
         capture = None
         if cap is not None:

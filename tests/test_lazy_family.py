@@ -12,13 +12,13 @@ Two kinds of test, both on "digits" with M = 3 workers:
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from threaded import run_in_threads
 
 from psrv import data
 from psrv.aggregate import Aggregator
@@ -26,10 +26,10 @@ from psrv.algorithms import ALGORITHMS, RoundInfo, make_algorithm
 from psrv.bitpack import index_width
 from psrv.compress.topk import topk_indices
 from psrv.payload import to_dense
-from psrv.server import ParameterServer, ServerConfig, create_server
+from psrv.server import ParameterServer, ServerConfig
 from psrv.tasks import make_task
 from psrv.triggers import StepHistory
-from worker.client import WorkerConfig, _Gradients, load_training_data, run_worker
+from worker.client import _Gradients, load_training_data
 
 M = 3
 
@@ -283,36 +283,17 @@ def test_slaq_is_laq_on_minibatches() -> None:
 
 
 def train(algorithm: str, options: dict[str, float], rounds: int, broadcast: str = "float32"):
-    ps = ParameterServer(
-        ServerConfig(
-            algorithm=algorithm,
-            options=options,
-            num_workers=M,
-            rounds=rounds,
-            round_timeout=20.0,
-            broadcast_dtype=broadcast,
-        )
+    config = ServerConfig(
+        algorithm=algorithm,
+        options=options,
+        num_workers=M,
+        rounds=rounds,
+        round_timeout=20.0,
+        broadcast_dtype=broadcast,
     )
-    server, port = create_server(ps)
+    ps = ParameterServer(config)
     full, _ = load_training_data("digits", 0.2, 0)
-    results: list = [None] * M
-
-    def work(i: int) -> None:
-        cfg = WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"w{i}", data="digits")
-        results[i] = run_worker(cfg, data.shard(full, i, M))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(M)]
-    try:
-        for i, t in enumerate(threads):  # one at a time: worker index i <-> shard i <-> rng [seed, i]
-            t.start()
-            with ps._cond:
-                assert ps._cond.wait_for(lambda i=i: len(ps._workers) > i, timeout=30)
-        summary = ps.run()
-    finally:
-        for t in threads:
-            t.join(timeout=60)
-        server.stop(grace=None)
-    results.sort(key=lambda r: r.index)
+    summary, results = run_in_threads(ps, [data.shard(full, i, M) for i in range(M)])  # index i <-> shard i
     assert summary["rounds"] == rounds and summary["deadline_misses"] == 0
     assert all(r.rejected == 0 for r in results)
     np.testing.assert_array_equal(results[0].final_params, results[-1].final_params)

@@ -5,19 +5,19 @@ so the server's float64 sums of them do not depend on the order uploads arrive i
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from threaded import run_in_threads
 
 from psrv import data
 from psrv.algorithms import RoundInfo, SelectionView, make_algorithm
 from psrv.payload import to_dense
-from psrv.server import ParameterServer, ServerConfig, create_server
+from psrv.server import ParameterServer, ServerConfig
 from psrv.tasks import make_task
 from psrv.triggers import lag_ps_upload, lag_threshold
-from worker.client import WorkerConfig, load_training_data, run_worker
+from worker.client import load_training_data
 
 TRAIN, _ = load_training_data("digits", 0.2, 0)
 TASK = make_task("logreg", TRAIN.n_features, TRAIN.n_classes)
@@ -48,29 +48,11 @@ def _train(algorithm: str, options: dict[str, float], num_workers: int, rounds: 
     )
     thetas = [TASK.init_params(np.random.default_rng(cfg.seed)).astype(np.float64)]
     ps = ParameterServer(cfg, on_round=lambda rec: thetas.append(ps.theta.copy()))  # theta^{k+1} after round k
-    server, port = create_server(ps)
     shards = [data.shard(TRAIN, i, num_workers) for i in range(num_workers)]
-    results: list = [None] * num_workers
-
-    def work(i: int) -> None:
-        wcfg = WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"w{i}", data="digits")
-        results[i] = run_worker(wcfg, shards[i])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(num_workers)]
-    for t in threads:
-        t.start()
-    try:
-        summary = ps.run()
-    finally:
-        for t in threads:
-            t.join(timeout=60)
-        server.stop(grace=None)
+    summary, results = run_in_threads(ps, shards)
     assert summary["rounds"] == rounds and summary["deadline_misses"] == 0
-    assert all(r is not None and r.rejected == 0 for r in results)
-    by_index = [None] * num_workers
-    for i, r in enumerate(results):
-        by_index[r.index] = shards[i]  # registration order decides the server's index
-    return Run(ps, results, thetas, by_index)
+    assert all(r.rejected == 0 for r in results)
+    return Run(ps, results, thetas, shards)  # run_in_threads gives worker i the server index i
 
 
 def _grad(run: Run, index: int, k: int) -> np.ndarray:
