@@ -16,6 +16,7 @@ from psrv.algorithms import ALGORITHMS
 from psrv.cliutil import algorithm_list
 from psrv.compress import COMPRESSORS
 from psrv.data import SPLITS, DataError, builtin_task_hint
+from psrv.metrics import MetricsSink
 from psrv.runner import DataConfig, run_local
 from psrv.server import ParameterServer, ServerConfig, create_server
 
@@ -260,7 +261,8 @@ def start_server(
 ) -> None:
     """Run the parameter server until the configured rounds are done."""
     config = _server_config(register_timeout=register_timeout, **kw)
-    ps = ParameterServer(config, metrics_path=metrics)
+    sink = MetricsSink(metrics)
+    ps = ParameterServer(config, sink)
     server, bound = create_server(ps, f"{host}:{port}")
     click.echo(f"psrv server listening on {host}:{bound}; waiting for {config.num_workers} workers", err=True)
     signal.signal(signal.SIGTERM, lambda *_: ps.fail("terminated"))
@@ -270,7 +272,7 @@ def start_server(
         raise click.ClickException(str(exc)) from None
     finally:
         server.stop(grace=1.0)
-        ps.close()
+        sink.close()
     if model_out:
         import numpy as np
 

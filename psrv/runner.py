@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from psrv import report
+from psrv.metrics import MetricsSink
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.tasks import make_task
 
@@ -105,13 +106,13 @@ def run_local(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(config.task, dict(config.task_options), dc)
-    ps = ParameterServer(
-        config,
-        metrics_path=out / "metrics.jsonl",
-        on_round=on_round,
+    sink = MetricsSink(
+        out / "metrics.jsonl",
         evaluator=evaluator if eval_every > 0 else None,
         eval_every=eval_every,
+        on_round=on_round,
     )
+    ps = ParameterServer(config, sink)
     server, port = create_server(ps, "127.0.0.1:0")
     procs: list[subprocess.Popen] = []
     logs = []
@@ -138,7 +139,7 @@ def run_local(
         for f in logs:
             f.close()
         server.stop(grace=None)
-        ps.close()
+        sink.close()
 
 
 def _fail_if_all_die(ps: ParameterServer, procs: list[subprocess.Popen]) -> None:

@@ -337,7 +337,7 @@ def test_e2e_sasg_stores_sparse_contributions() -> None:
     assert ps.algorithm.payload_kinds == ("sparse",) and k == 7
     assert 0 < uploads.sum() < uploads.size
     for m in range(M):
-        assert 0 < np.count_nonzero(ps.aggregator.stored[m]) <= k
+        assert 0 < np.count_nonzero(ps.engine.state.aggregator.stored[m]) <= k
     bits = k * (32 + index_width(ps.theta.size))
     for rec in ps.records:
         for w in rec["workers"]:

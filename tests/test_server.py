@@ -90,7 +90,6 @@ class Harness:
         finally:
             self.channel.close()
             self.server.stop(None).wait(5)
-            self.ps.close()
         assert self.thread is None or not self.thread.is_alive(), "run loop did not end"
 
     # -------------------------------------------------------------- calls
@@ -457,7 +456,7 @@ def test_laq_accumulates_innovations(make_harness: Callable[..., Harness]) -> No
     v1 = to_dense(codec.laq_from_proto(codec.payload_to_proto(p1), DIM))
     assert np.abs(v1).max() > 0 and np.abs(v0).max() > 0
 
-    agg = h.ps.aggregator
+    agg = h.ps.engine.state.aggregator
     np.testing.assert_allclose(agg.stored[w], v0 + v1, rtol=0, atol=1e-12)
     assert not agg.stored[1 - w].any()
     np.testing.assert_allclose(agg.total, agg.stored.sum(axis=0), rtol=0, atol=1e-12)
@@ -565,4 +564,4 @@ def test_payload_kind_the_algorithm_cannot_absorb_is_rejected(make_harness: Call
         h.push("w0", 0, quantize(_grad(1), np.zeros(DIM), 3))
     with expect_status(Code.INVALID_ARGUMENT, "gd does not take sparse payloads"):  # gd here sends dense
         h.push("w0", 0, TopK(ratio=0.5).compress(_grad(1)))
-    assert not h.ps.aggregator.total.any()
+    assert not h.ps.engine.state.aggregator.total.any()

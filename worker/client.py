@@ -156,8 +156,8 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         # warm up (torch's lazy initialisation) while the others register, not inside round 0's deadline
         task.local_loss_grad(np.zeros(task.dim), ds.X[:2], ds.y[:2], len(ds), max(1, conf.num_workers))
         rng = np.random.default_rng([conf.seed, reply.worker_index])
-        batch = int(getattr(algo, "batch", 0))
-        wants_smoothness = bool(getattr(algo, "tracks_theta_hat", False))
+        batch = algo.batch
+        wants_smoothness = algo.tracks_theta_hat
         state: Any = algo.init(task.dim)
         result = WorkerResult(cfg.worker_id, reply.worker_index)
         log.info("worker %s registered as %d: %s", cfg.worker_id, reply.worker_index, conf.algorithm)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -61,12 +61,14 @@ class Decision:
 
 
 class Algorithm(Protocol):
-    """Optional members: ``batch`` (minibatch size, 0 = full gradient), ``select(view, rng)``
-    (server-side selection: the set of worker indices that compute this round), and
-    ``tracks_theta_hat`` (the server keeps each worker's last-upload iterate for ``select``)."""
+    """What the engine and the worker use of an algorithm. Concrete algorithms subclass
+    :class:`AlgorithmBase`, which declares the optional capabilities with their defaults."""
 
     name: str
     lr: float
+    batch: int
+    tracks_theta_hat: bool
+    selects: bool
 
     @property
     def absorb(self) -> str: ...
@@ -79,9 +81,40 @@ class Algorithm(Protocol):
         """Payload kinds the server accepts for this algorithm."""
         ...
 
+    @property
+    def compressor_name(self) -> str: ...
+
     def init(self, dim: int) -> Any: ...
 
     def step(self, state: Any, grad: np.ndarray, info: RoundInfo, rng: np.random.Generator) -> Decision: ...
+
+    def select(self, view: SelectionView, rng: np.random.Generator) -> frozenset[int] | None: ...
+
+
+class AlgorithmBase:
+    """Optional capabilities, declared once with their defaults (a subclass overrides a default
+    with a dataclass field or a class attribute; nothing is probed with ``getattr``):
+
+    - ``batch``: minibatch rows per worker and round; 0 = the full local gradient.
+    - ``selects``: the server chooses who computes each round through :meth:`select`.
+    - ``tracks_theta_hat``: the server keeps each worker's last-upload iterate (for ``select``),
+      and workers report their smoothness bound L_m with their first upload.
+    - ``compressor``: the uplink compressor, if the algorithm has one (named in summaries).
+    """
+
+    name: str = ""
+    batch: int = 0
+    selects: ClassVar[bool] = False
+    tracks_theta_hat: ClassVar[bool] = False
+    compressor: Any = None
+
+    @property
+    def compressor_name(self) -> str:
+        return self.compressor.name if self.compressor is not None else self.name
+
+    def select(self, view: SelectionView, rng: np.random.Generator) -> frozenset[int] | None:
+        """The worker indices that compute this round (only called when ``selects``)."""
+        return None
 
 
 ALGORITHMS: dict[str, Callable[[Mapping[str, float], str], Algorithm]] = {}
@@ -113,7 +146,7 @@ def split_options(cls: type, options: Mapping[str, float]) -> tuple[dict[str, An
     return own, rest
 
 
-class LazyHistory:
+class LazyHistory(AlgorithmBase):
     """Mixin for the lazy rules (dataclasses with fields ``D`` and ``xi``): the server keeps the
     last ``D`` step norms, weighted by D equal ``xi_d = xi``; ``xi`` < 0 means
     ``xi_default_total / D`` (a class attribute, not an option; 1 unless the class overrides it)."""

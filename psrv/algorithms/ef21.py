@@ -34,13 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psrv.algorithms import Decision, RoundInfo, register, split_options
+from psrv.algorithms import AlgorithmBase, Decision, RoundInfo, register, split_options
 from psrv.compress import Compressor, make_compressor
 from psrv.payload import to_dense
 
 
 @dataclass(frozen=True)
-class EF21:
+class EF21(AlgorithmBase):
     compressor: Compressor
     lr: float = 0.02
     name: str = "ef21"

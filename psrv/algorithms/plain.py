@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from psrv.algorithms import Decision, RoundInfo, register, split_options
+from psrv.algorithms import AlgorithmBase, Decision, RoundInfo, register, split_options
 from psrv.compress import Compressor, make_compressor
 from psrv.compress.feedback import ef_step, init_memory
 
 
 @dataclass(frozen=True)
-class Plain:
+class Plain(AlgorithmBase):
     compressor: Compressor
     lr: float = 0.02
     ef: bool = False

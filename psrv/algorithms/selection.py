@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psrv.algorithms import Decision, LazyHistory, RoundInfo, SelectionView, register, split_options
+from psrv.algorithms import AlgorithmBase, Decision, LazyHistory, RoundInfo, SelectionView, register, split_options
 from psrv.compress import Compressor, make_compressor
 from psrv.payload import to_dense
 from psrv.triggers import lag_ps_upload, lag_threshold
@@ -68,7 +68,7 @@ def _indices(selected: Iterable[int]) -> frozenset[int]:
 
 
 @dataclass(frozen=True)
-class _Incremental:
+class _Incremental(AlgorithmBase):
     """RIAG / CIAG: ``s`` selected workers upload the change of their gradient (seed 000
     "Overcome memory overhead"); subclasses choose the workers."""
 
@@ -103,6 +103,7 @@ class _Incremental:
 @dataclass(frozen=True)
 class RIAG(_Incremental):
     name: str = "riag"
+    selects = True
 
     def select(self, view: SelectionView, rng: np.random.Generator) -> frozenset[int]:
         num = len(view.staleness)
@@ -112,6 +113,7 @@ class RIAG(_Incremental):
 @dataclass(frozen=True)
 class CIAG(_Incremental):
     name: str = "ciag"
+    selects = True
 
     def select(self, view: SelectionView, rng: np.random.Generator) -> frozenset[int]:
         num = len(view.staleness)
@@ -130,6 +132,7 @@ class LagPS(LazyHistory):
     name: str = "lag-ps"
 
     absorb = "replace"
+    selects = True
     tracks_theta_hat = True
     xi_default_total = 10.0  # LAG-PS: xi_d = 10 / D (seeds README)
     FORCED_ROUNDS = 2  # rounds 0 and 1: the secant estimate of L_m needs two uploads
