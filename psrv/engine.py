@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -112,11 +113,22 @@ class ServerConfig:
 
 
 # ---------------------------------------------------------------------------------- state
+def natural_key(worker_id: str) -> tuple[Any, ...]:
+    """Sort key that puts ``w2`` before ``w10``."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", worker_id))
+
+
 @dataclass
 class WorkerState:
+    """``index``: the order of registration, which the worker is told and the wire uses (selection).
+    ``slot``: the worker's place in worker-id order, fixed when registration completes; the engine
+    keeps rows, sums contributions and lists workers in slot order, so a run does not depend on
+    the order in which workers happened to register."""
+
     worker_id: str
     index: int
     num_samples: int
+    slot: int = -1
     smoothness: float = 0.0
     responsive: bool = True
     misses: int = 0
@@ -170,8 +182,9 @@ class _OpenRound:
     broadcast: Broadcast | None = None
     encoded: Any = None  # the transport's encoding of ``broadcast``, made once per round
     selected: frozenset[int] | None = None
-    reports: dict[int, Report] = field(default_factory=dict)
-    down: dict[int, int] = field(default_factory=dict)  # model bytes served per worker index
+    reports: dict[int, Report] = field(default_factory=dict)  # by slot
+    uploads: dict[int, np.ndarray] = field(default_factory=dict)  # by slot; absorbed in slot order at the close
+    down: dict[int, int] = field(default_factory=dict)  # model bytes served per worker slot
     started: float = 0.0
 
 
@@ -257,6 +270,8 @@ class RoundEngine:
             s.workers[worker_id] = WorkerState(worker_id, index, num_samples, smoothness)
             log.info("registered %s as worker %d (%d samples)", worker_id, index, num_samples)
             if len(s.workers) == self.config.num_workers:
+                for slot, ws in enumerate(sorted(s.workers.values(), key=lambda x: natural_key(x.worker_id))):
+                    ws.slot = slot
                 s.phase = "training"
             self._cond.notify_all()
             return index
@@ -292,7 +307,7 @@ class RoundEngine:
                 self._done_served.add(w.worker_id)
                 self._cond.notify_all()
             else:
-                self._open.down[w.index] = self._open.down.get(w.index, 0) + _size(data)
+                self._open.down[w.slot] = self._open.down.get(w.slot, 0) + _size(data)
             return data
 
     def _check_round(self, w: WorkerState, round_: int) -> None:
@@ -301,12 +316,12 @@ class RoundEngine:
             raise FailedPrecondition(f"not accepting reports: server is {s.phase}")
         if round_ != s.round:
             raise FailedPrecondition(f"round {round_} is not open (current round {s.round})")
-        if w.index in self._open.reports:
+        if w.slot in self._open.reports:
             raise AlreadyExists(f"worker {w.worker_id!r} already reported for round {round_}")
 
     def _accept(self, w: WorkerState, report: Report) -> None:
         report.latency = time.monotonic() - self._open.started
-        self._open.reports[w.index] = report
+        self._open.reports[w.slot] = report
         w.responsive, w.misses = True, 0
         self._cond.notify_all()
 
@@ -330,14 +345,14 @@ class RoundEngine:
         with self._cond:
             w = self.worker(worker_id)
             self._check_round(w, round_)
-            if self._open.selected is not None and w.index not in self._open.selected:
+            if self._open.selected is not None and w.slot not in self._open.selected:
                 raise FailedPrecondition(f"worker {w.worker_id!r} is not selected in round {round_}")
             if smoothness is not None:
                 w.smoothness = max(w.smoothness, smoothness)
             if s.theta_hat is not None:
                 self._estimate_smoothness(w, vector)
-                s.theta_hat[w.index] = s.theta
-            s.aggregator.add(w.index, vector)
+                s.theta_hat[w.slot] = s.theta
+            self._open.uploads[w.slot] = vector
             w.last_upload = round_
             self._accept(w, Report("upload", payload.kind, payload_bits(payload), nbytes, loss))
 
@@ -355,6 +370,7 @@ class RoundEngine:
         """Open round ``round_`` (or the final broadcast). Call with the lock held."""
         s = self.state
         selected = None if done else self._select(round_)
+        by_slot = {w.slot: w.index for w in s.workers.values()}
         broadcast = Broadcast(
             round=round_,
             params=s.theta.astype(self.config.broadcast_dtype),
@@ -362,7 +378,7 @@ class RoundEngine:
             total_samples=sum(w.num_samples for w in s.workers.values()),
             num_workers=len(s.workers),
             done=done,
-            selected=None if selected is None else tuple(sorted(selected)),
+            selected=None if selected is None else tuple(sorted(by_slot[m] for m in selected)),  # wire: indices
         )
         self._open = _OpenRound(broadcast, self._encode(broadcast), selected, started=time.monotonic())
         s.round = round_
@@ -375,9 +391,9 @@ class RoundEngine:
         s = self.state
         if s.aggregator.absorb != "replace" or w.last_upload < 0:
             return
-        dtheta = float(np.linalg.norm(s.theta - s.theta_hat[w.index]))
+        dtheta = float(np.linalg.norm(s.theta - s.theta_hat[w.slot]))
         if dtheta > 0:
-            dgrad = float(np.linalg.norm(vector - s.aggregator.stored[w.index]))
+            dgrad = float(np.linalg.norm(vector - s.aggregator.stored[w.slot]))
             w.smoothness = max(w.smoothness, dgrad / dtheta)
 
     def _select(self, round_: int) -> frozenset[int] | None:
@@ -385,7 +401,7 @@ class RoundEngine:
         if not self.algorithm.selects:
             return None
         s = self.state
-        workers = sorted(s.workers.values(), key=lambda w: w.index)
+        workers = self._ordered()
         view = SelectionView(
             round=round_,
             theta=s.theta,
@@ -396,9 +412,12 @@ class RoundEngine:
         )
         return frozenset(self.algorithm.select(view, s.rng))
 
+    def _ordered(self) -> list[WorkerState]:
+        return sorted(self.state.workers.values(), key=lambda w: w.slot)
+
     def _all_reported(self) -> bool:
         waiting = [w for w in self.state.workers.values() if w.responsive]
-        return bool(waiting) and all(w.index in self._open.reports for w in waiting)
+        return bool(waiting) and all(w.slot in self._open.reports for w in waiting)
 
     def _raise_if_failed(self) -> None:
         if self.state.phase == "failed":
@@ -445,19 +464,22 @@ class RoundEngine:
     def _close_round(self, k: int, started: float) -> dict[str, Any]:
         s, now = self.state, time.monotonic()
         reports = self._open.reports
-        for w in s.workers.values():
-            if w.index not in reports:
-                reports[w.index] = Report("deadline")
+        ordered = self._ordered()
+        for w in ordered:
+            if w.slot not in reports:
+                reports[w.slot] = Report("deadline")
                 w.misses += 1
                 if w.misses >= self.config.max_misses and w.responsive:
                     w.responsive = False
                     log.warning("worker %s missed %d deadlines; no longer waiting for it", w.worker_id, w.misses)
+        for slot in sorted(self._open.uploads):  # a fixed summation order: same seed, same bits
+            s.aggregator.add(slot, self._open.uploads[slot])
+        self._open.uploads = {}
         step = -self.algorithm.lr * s.aggregator.total
         s.theta += step
         step_sq = float(step @ step)
         s.history.push(step_sq)
-        ordered = sorted(s.workers.values(), key=lambda w: w.index)
-        got = [reports[w.index] for w in ordered]
+        got = [reports[w.slot] for w in ordered]
         losses = [r.loss for r in got if r.loss is not None]
         return {
             "round": k,

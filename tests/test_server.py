@@ -394,8 +394,8 @@ def test_bad_messages_do_not_touch_the_model(make_harness: Callable[..., Harness
 def test_silent_worker_hits_deadline_then_is_no_longer_waited_for(make_harness: Callable[..., Harness]) -> None:
     timeout = 1.0
     h = make_harness(num_workers=2, rounds=4, round_timeout=timeout, max_misses=2)
-    live = h.register("live").worker_index
-    dead = h.register("dead").worker_index
+    h.register("live")
+    h.register("dead")
     h.start()
     for k in range(4):
         h.model("live", k)
@@ -406,8 +406,9 @@ def test_silent_worker_hits_deadline_then_is_no_longer_waited_for(make_harness: 
     recs = h.ps.records
     assert [r["deadline_misses"] for r in recs] == [1, 1, 1, 1]
     for r in recs:
-        assert r["workers"][dead]["status"] == "deadline" and r["workers"][dead]["latency"] is None
-        assert r["workers"][live]["status"] == "upload"
+        by_id = {w["id"]: w for w in r["workers"]}  # records list workers in worker-id order
+        assert by_id["dead"]["status"] == "deadline" and by_id["dead"]["latency"] is None
+        assert by_id["live"]["status"] == "upload"
     # rounds 0 and 1 wait out the deadline; after max_misses=2 misses nobody waits for "dead"
     assert recs[0]["round_time"] >= 0.9 * timeout and recs[1]["round_time"] >= 0.9 * timeout
     assert recs[2]["round_time"] < 0.3 * timeout and recs[3]["round_time"] < 0.3 * timeout
