@@ -160,13 +160,13 @@ def main(verbose: int) -> None:
     "--target-accuracy",
     type=float,
     default=None,
-    help="Report rounds/uploads/bits/bytes until the test accuracy first reaches this (seed 002 Table II).",
+    help="Report rounds/uploads/bits/bytes until the test accuracy first reaches this (SASG paper, Table II).",
 )
 @click.option(
     "--target-loss",
     type=float,
     default=None,
-    help="Report rounds/uploads/bits/bytes until the training loss first reaches this (seed 003 Table 2).",
+    help="Report rounds/uploads/bits/bytes until the training loss first reaches this (LAQ paper, Table 2).",
 )
 @click.option(
     "--out",

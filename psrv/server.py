@@ -4,7 +4,7 @@ Round k: publish theta^k; collect one upload or skip notice per registered worke
 until all responsive workers have reported or the round deadline passes; a worker
 that misses the deadline is recorded as a DEADLINE skip and contributes its stored
 (stale) value, exactly like a lazy skip; update theta^{k+1} = theta^k - alpha * total
-(seed 003 eq. 4); record metrics. A worker that misses ``max_misses`` deadlines in
+(Sun et al., NeurIPS 2019, eq. 4); record metrics. A worker that misses ``max_misses`` deadlines in
 a row stops being waited for until it reports again, so a dead worker costs the
 run at most ``max_misses`` deadlines, then nothing (while no worker at all is
 responsive, every round waits for its deadline).
