@@ -78,13 +78,13 @@ def main(verbose: int) -> None:
     "--target-accuracy",
     type=float,
     default=None,
-    help="Report rounds/uploads/bits/bytes until the test accuracy first reaches this.",
+    help="Report rounds/uploads/bits/bytes until the test accuracy first reaches this (SASG paper, Table II).",
 )
 @click.option(
     "--target-loss",
     type=float,
     default=None,
-    help="Report rounds/uploads/bits/bytes until the training loss first reaches this.",
+    help="Report rounds/uploads/bits/bytes until the training loss first reaches this (LAQ paper, Table 2).",
 )
 @click.option(
     "--out",

@@ -6,7 +6,7 @@ Round k: publish theta^k; collect one upload or skip notice per registered worke
 responsive workers have reported or the round deadline passes; a worker that misses the deadline
 is recorded as a ``deadline`` skip and contributes its stored (stale) value, exactly like a lazy
 skip; update ``theta^{k+1} = theta^k - alpha * sum_m stored_m`` (the lazily aggregated gradient
-step of Chen et al., NeurIPS 2018, eq. 4; Sun et al., NeurIPS 2019, eq. 4); hand the round's
+step of LAG, Chen et al., NeurIPS 2018, and of LAQ, Sun et al., NeurIPS 2019, eq. 4); hand the round's
 record to the metrics sink. A worker that misses ``max_misses`` deadlines in a row stops being
 waited for until it reports again, so a dead worker costs the run at most ``max_misses``
 deadlines, then nothing (while no worker at all is responsive, every round waits its deadline).

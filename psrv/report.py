@@ -1,5 +1,5 @@
-"""Summaries a person reads: the table printed after a run (in the spirit of seed
-003 Table 2) and the JSON summary written next to the per-round metrics."""
+"""Summaries a person reads: the table printed after a run (in the spirit of Table 2 of Sun et
+al., NeurIPS 2019) and the JSON summary written next to the per-round metrics."""
 
 from __future__ import annotations
 

@@ -104,7 +104,8 @@ def run_local(
 
     ``eval_every`` > 0 records ``train_loss`` (the full objective f) and ``accuracy`` every that
     many rounds; ``targets`` ({"accuracy": a} and/or {"train_loss": l}) then add the rounds,
-    uploads, bits and bytes it took to first reach each (seed 002 Table II, seed 003 Table 2)."""
+    uploads, bits and bytes it took to first reach each (Deng et al., arXiv:2112.04088, Table II;
+    Sun et al., NeurIPS 2019, Table 2)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(config.task, dict(config.task_options), dc)

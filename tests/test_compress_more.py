@@ -1,4 +1,5 @@
-"""Threshold (seed 000 D1/D2), QSGD (seed 001 Part 05), S+Q (seed 004 eq. 3), fp16/bf16: the math and the wire."""
+"""Threshold (after Strom 2015), QSGD (Alistarh et al. 2017), S+Q (Khirirat et al., eq. 3), fp16/bf16: the
+math and the wire."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The lazy family: LAG-WK (seed 000), LASG / SASG (seed 002 eq. 6, eqs. 8-9), SLAQ (seed 003 §4).
+"""The lazy family: LAG-WK (Chen et al., NeurIPS 2018), LASG / SASG (Deng et al., arXiv:2112.04088,
+eq. 6, eqs. 8-9), SLAQ (Sun et al., NeurIPS 2019, §4).
 
 Two kinds of test, both on "digits" with M = 3 workers:
 - in-process: a loop that does exactly what server and workers do (the worker's own minibatch

@@ -1,4 +1,4 @@
-"""Server-side worker selection (RIAG, CIAG, LAG-PS; seed 000 "Methods for worker selection") and
+"""Server-side worker selection (RIAG, CIAG: incremental aggregated gradient; LAG-PS) and
 minibatch SGD, through the whole stack: a real gRPC server on port 0 and worker threads, as in
 tests/test_compressors_e2e.py. Exact comparisons between runs are sound: every upload is float32,
 so the server's float64 sums of them do not depend on the order uploads arrive in."""
@@ -66,7 +66,7 @@ def _grad(run: Run, index: int, k: int) -> np.ndarray:
 
 
 def _check_running_sum(run: Run) -> None:
-    """The server keeps sum_m grad f_m(theta_hat_m) (seed 000 "Overcome memory overhead")."""
+    """The server keeps sum_m grad f_m(theta_hat_m) (the running-sum form of IAG), not a d x M table."""
     agg = run.ps.engine.state.aggregator
     np.testing.assert_allclose(agg.total, agg.stored.sum(axis=0), rtol=1e-12, atol=1e-14)
     for m in range(len(run.shards)):

@@ -1,4 +1,4 @@
-"""Top-k (seed 000 D3) and error feedback (Stich et al. 2018)."""
+"""Top-k (Aji & Heafield, EMNLP 2017) and error feedback (Stich et al., NeurIPS 2018)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ the worker exactly as it was, so worker and server never disagree.
 
 Server side: ``absorb`` says whether an upload replaces the worker's stored
 contribution ("replace": plain GD, top-k) or adds to it ("accumulate": LAQ's
-innovation, seed 003 eq. 4). Skipping workers keep contributing what is stored.
+innovation, Sun et al., NeurIPS 2019, eq. 4). Skipping workers keep contributing what is stored.
 """
 
 from __future__ import annotations
