@@ -28,18 +28,11 @@ from psrv import codec, data, rpc
 from psrv.inspect.cli import inspect, read_records, summarize
 from psrv.inspect.grpcmsg import BYTE_KEYS, PROTO_KEYS, ConnectionDecoder, field_split
 from psrv.inspect.http2 import CONNECTION_KEYS, PREFACE
-from psrv.inspect.pcap import (
-    LINKTYPE_ETHERNET,
-    LINKTYPE_LINUX_SLL,
-    LINKTYPE_NULL,
-    LiveCapture,
-    decode_pcap,
-    ethernet,
-    ip_tcp_packet,
-    parse_tcp,
-    read_packets,
-)
+from psrv.inspect.live import LiveCapture
+from psrv.inspect.pcap import decode_pcap
+from psrv.inspect.pcapfile import read_packets
 from psrv.inspect.tap import TapThread
+from psrv.inspect.tcpip import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_NULL, ethernet, ip_tcp_packet, parse_tcp
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.v1 import psrv_pb2 as pb
 from worker.client import WorkerConfig, load_training_data, run_worker
