@@ -38,8 +38,9 @@ import click
 
 from psrv.cluster import counters, shaping
 from psrv.cluster.netns import ClusterError, Topology, in_netns, interrupt_guard, require_root, set_offload
-from psrv.cluster.run import ClusterConfig, format_report, run_cluster
+from psrv.cluster.run import ClusterConfig, run_cluster
 from psrv.cluster.shaping import LinkRates, format_rate, parse_rate
+from psrv.report import format_report
 
 TCP_HEADERS = 14 + 20 + 32  # Ethernet + IPv4 + TCP with timestamps
 MSS = 1500 - 20 - 32
