@@ -37,8 +37,11 @@ from typing import Any
 import click
 
 from psrv.cluster import counters, shaping
+from psrv.cluster.analysis import capture_totals
+from psrv.cluster.capture import load_capture
+from psrv.cluster.config import ClusterConfig
 from psrv.cluster.netns import ClusterError, Topology, in_netns, interrupt_guard, require_root, set_offload
-from psrv.cluster.run import ClusterConfig, run_cluster
+from psrv.cluster.run import child_env, run_cluster
 from psrv.cluster.shaping import LinkRates, format_rate, parse_rate
 from psrv.report import format_report
 
@@ -95,8 +98,8 @@ def calibrate_counters(
             cap_file = Path(f"/tmp/{topo.prefix}-cap.npz")
             cap = None
             if capture:
-                argv = [sys.executable, "-m", "psrv.cluster.counters", "capture", "--out", str(cap_file), a.peer]
-                cap = topo.hub_popen(argv, stdout=subprocess.PIPE, text=True)
+                argv = [sys.executable, "-m", "psrv.cluster.capture", "--out", str(cap_file), a.peer]
+                cap = topo.hub_popen(argv, stdout=subprocess.PIPE, text=True, env=child_env())
                 assert cap.stdout is not None and "ready" in cap.stdout.readline()
             recv = topo.popen("b", [sys.executable, "-c", _RECEIVER, b.ip, "5201"], stdout=subprocess.PIPE, text=True)
             assert recv.stdout is not None and "ready" in recv.stdout.readline()
@@ -109,7 +112,7 @@ def calibrate_counters(
             if cap is not None:
                 cap.terminate()
                 cap.wait(timeout=30)
-                totals = counters.capture_totals(counters.load_capture(str(cap_file)), a.peer)
+                totals = capture_totals(load_capture(str(cap_file)), a.peer)
                 cap_file.unlink(missing_ok=True)
         segs = math.ceil(nbytes / MSS)
         rows.append(
