@@ -6,6 +6,7 @@ The root tests skip (with the reason) when not root or when ``ip netns`` does no
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -281,6 +282,23 @@ def test_entrypoint_builds_the_psrv_command() -> None:
     assert entrypoint.main(["--help"]) == 0
 
 
+def _measure_script() -> Any:
+    """scripts/cluster_measure.py, imported from its file (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("cluster_measure", ROOT / "scripts" / "cluster_measure.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_script_analysis() -> None:
+    """The measurement script's pure parts: the round and time at which a loss is first reached."""
+    m = _measure_script()
+    records = [{"round": i, "loss": 1.0 / (i + 1), "elapsed": 1.0 + 0.5 * i} for i in range(6)]
+    assert m.time_to_loss(records, 0.25) == (3, 1.5)  # seconds from the end of round 0
+    assert m.time_to_loss(records, 0.01) == (None, None)
+
+
 # ------------------------------------------------------------------------------------------ root
 def _netns_works() -> str | None:
     if os.geteuid() != 0:
@@ -318,9 +336,7 @@ def owned_pids():
 def test_which_counter_is_right(owned_pids: set[int]) -> None:
     """qdisc "Sent" counts the frames TCP sent, offload on or off; interface counters undercount
     with offload on (super-packets), and agree once it is off."""
-    from psrv.cluster.measure import calibrate_counters
-
-    rows = calibrate_counters(None, 400_000, settings=[(True, False), (False, False)], capture=False)
+    rows = _measure_script().calibrate_counters(None, 400_000, settings=[(True, False), (False, False)], capture=False)
     on, off = rows
     for r in rows:
         assert r["bytes"] == 400_000

@@ -10,5 +10,6 @@
 - :mod:`psrv.cluster.outputs` -- the run folder: files read back, summary.json and wire-uploads.jsonl written.
 - :mod:`psrv.cluster.cli` -- the click group ``cluster`` (``run``, ``clean``).
 - :mod:`psrv.cluster.entrypoint` -- the container entrypoint (docker-compose.yml): shape, then run psrv.
-- :mod:`psrv.cluster.measure` -- ``python -m psrv.cluster.measure``: the figures on shaped links.
+
+``scripts/cluster_measure.py`` measures algorithms on shaped links with these pieces.
 """

@@ -1,6 +1,6 @@
 """True bytes and packets on a host's link: tc qdisc counters, interface counters, and a frame capture.
 
-Which counter is right (measured here, ``python -m psrv.cluster.measure --calibrate``, and in
+Which counter is right (measured here, ``python scripts/cluster_measure.py --calibrate``, and in
 ``tests/test_cluster.py``): with segmentation offload on (the default for veth), TCP hands the device
 super-packets of up to 64 KB. The **interface counters** (``ip -s link``) count each super-packet as
 one packet with one set of headers, so they undercount packets many times over and bytes by the
