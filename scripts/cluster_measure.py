@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import click  # noqa: E402
 
+from psrv.algorithms import distribute_options  # noqa: E402
 from psrv.cluster import counters, shaping  # noqa: E402
 from psrv.cluster.analysis import capture_totals  # noqa: E402
 from psrv.cluster.capture import load_capture  # noqa: E402
@@ -52,6 +53,7 @@ from psrv.cluster.netns import (  # noqa: E402
 )
 from psrv.cluster.run import child_env, run_cluster  # noqa: E402
 from psrv.cluster.shaping import LinkRates, format_rate, parse_rate  # noqa: E402
+from psrv.options import DataConfig, JobConfig, parse_key_values  # noqa: E402
 from psrv.report import format_report  # noqa: E402
 
 TCP_HEADERS = 14 + 20 + 32  # Ethernet + IPv4 + TCP with timestamps
@@ -272,17 +274,6 @@ def format_analysis(a: Mapping[str, Any]) -> str:
     return _table(rows) + "\n" + note + "\n" + legend
 
 
-def _per_algorithm_options(values: Sequence[str]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for item in values:
-        alg, sep, kv = item.partition(":")
-        key, sep2, value = kv.partition("=")
-        if not sep or not sep2:
-            raise click.BadParameter(f"expected ALGORITHM:KEY=NUMBER, got {item!r}")
-        out.setdefault(alg, {})[key] = float(value)
-    return out
-
-
 @click.command()
 @click.option("--rate", default="10mbit", show_default=True, help="Every worker's link rate.")
 @click.option("--down-rate", default=None, help="Downlink rate if different (none: unshaped).")
@@ -291,7 +282,7 @@ def _per_algorithm_options(values: Sequence[str]) -> dict[str, dict[str, float]]
 @click.option("--rounds", type=click.IntRange(1), default=100, show_default=True, help="GD's rounds.")
 @click.option("--rounds-factor", type=click.FloatRange(1), default=2.0, show_default=True)
 @click.option("--algorithms", default="gd,laq,topk-ef", show_default=True)
-@click.option("-o", "--option", "options", multiple=True, metavar="ALG:KEY=VALUE")
+@click.option("-o", "--option", "options", multiple=True, metavar="[ALGORITHM.]KEY=VALUE")
 @click.option("--lr", type=float, default=0.02, show_default=True)
 @click.option("--data", default="mnist", show_default=True)
 @click.option("--qdisc", type=click.Choice(shaping.QDISCS), default="tbf", show_default=True)
@@ -327,7 +318,10 @@ def main(
     unknown = [n for n in names if n not in ALGORITHMS]
     if unknown:
         raise click.BadParameter(f"unknown {', '.join(unknown)}; known: {', '.join(sorted(ALGORITHMS))}")
-    per_alg = _per_algorithm_options(options)
+    try:
+        per_alg = distribute_options(names, "", parse_key_values(options))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="-o") from None
     root = Path(out)
     report: dict[str, Any] = {"command": " ".join(["python scripts/cluster_measure.py", *sys.argv[1:]])}
     with interrupt_guard():
@@ -337,18 +331,21 @@ def main(
             click.echo(format_calibration(calibrate_rows) + "\n")
         results, folders = {}, {}
         for name in names:
-            cfg = ClusterConfig(
-                workers=workers,
-                rounds=rounds if name == "gd" else int(round(rounds * rounds_factor)),
+            job = JobConfig(
                 algorithm=name,
                 lr=lr,
-                options=per_alg.get(name, {}),
-                data=data,
+                options=per_alg[name],
+                workers=workers,
+                rounds=rounds if name == "gd" else int(round(rounds * rounds_factor)),
+                round_timeout=120.0,  # round 0 (warm-up) can take seconds on a loaded machine: no deadline misses
+            )
+            cfg = ClusterConfig(
+                job=job,
+                data=DataConfig(data=data),
                 rate=LinkRates(up, down),
                 server_rate=shaping.parse_link(server_rate),
                 qdisc=qdisc,
                 capture=True,
-                round_timeout=120.0,  # round 0 (warm-up) can take seconds on a loaded machine: no deadline misses
                 timeout=900,
             )
             folders[name] = root / name

@@ -26,6 +26,7 @@ from psrv.cluster.cli import cluster
 from psrv.cluster.config import ClusterConfig
 from psrv.cluster.run import server_argv, worker_argv
 from psrv.cluster.shaping import LinkRates, parse_link, parse_rate
+from psrv.options import DataConfig, JobConfig
 from psrv.report import format_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,10 +245,11 @@ def test_config_validation_and_commands_exist_in_the_cli() -> None:
     from psrv.cli import main
 
     with pytest.raises(ValueError):
-        ClusterConfig(workers=2, worker_rates={2: LinkRates(1_000_000, None)})
+        ClusterConfig(job=JobConfig(workers=2), worker_rates={2: LinkRates(1_000_000, None)})
     with pytest.raises(ValueError):
-        ClusterConfig(workers=2, crash_after={-1: 3})
-    cfg = ClusterConfig(workers=2, options={"bits": 4.0}, task_options={"hidden": 10.0}, zstd=True, compressor="topk")
+        ClusterConfig(job=JobConfig(workers=2), crash_after={-1: 3})
+    job = JobConfig(workers=2, options={"bits": 4.0}, task_options={"hidden": 10.0}, zstd=True, compressor="topk")
+    cfg = ClusterConfig(job=job, data=DataConfig(split="contiguous", regression=True))
     for argv in (server_argv(cfg, "10.0.0.1", Path("/tmp/x")), worker_argv(cfg, 1, "10.0.0.1:50051")):
         cmd = main.commands[argv[0]]
         cmd.make_context(argv[0], argv[1:])  # every option exists and every value parses

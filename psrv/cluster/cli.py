@@ -15,25 +15,12 @@ from typing import Any
 
 import click
 
-from psrv.cliutil import algorithm_list
-from psrv.cluster.config import SHAPE_AT, ClusterConfig, with_algorithm
+from psrv.cluster.config import SHAPE_AT, ClusterConfig, with_job
 from psrv.cluster.netns import ClusterError, Interrupted, remove_namespaces, require_root, stale_namespaces
 from psrv.cluster.run import run_cluster
 from psrv.cluster.shaping import QDISCS, LinkRates, parse_link
+from psrv.options import job_and_data_options, jobs_from_cli, pop_data
 from psrv.report import format_report
-
-
-def _options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        try:
-            if not sep or not key.strip():
-                raise ValueError
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise click.BadParameter(f"expected KEY=NUMBER, got {item!r}") from None
-    return out
 
 
 def _link(ctx: click.Context, param: click.Parameter, value: str) -> LinkRates:
@@ -65,36 +52,7 @@ def cluster() -> None:
 
 
 @cluster.command("run")
-@click.option("--workers", type=click.IntRange(1, 200), default=2, show_default=True)
-@click.option("--rounds", type=click.IntRange(min=0), default=100, show_default=True)
-@click.option(
-    "--algorithm",
-    "algorithms",
-    default="gd",
-    show_default=True,
-    callback=algorithm_list,
-    help="One algorithm, or a comma-separated list run one after another on fresh clusters.",
-)
-@click.option("--compressor", default="", help="Uplink compressor (default: the algorithm's own).")
-@click.option("--lr", type=float, default=0.02, show_default=True)
-@click.option(
-    "-o",
-    "--option",
-    "options",
-    multiple=True,
-    callback=_options,
-    metavar="KEY=VALUE",
-    help="Algorithm/compressor option, passed to start-server (-o bits=4 -o ratio=0.01).",
-)
-@click.option("--task", default=None, help="logreg, linreg, mlp (default: logreg).")
-@click.option("--l2", type=float, default=0.01, show_default=True)
-@click.option("-t", "--task-option", "task_options", multiple=True, callback=_options, metavar="KEY=VALUE")
-@click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--zstd", is_flag=True)
-@click.option("--data", default="mnist", show_default=True, help="Built-in data set or a .csv/.npz file.")
-@click.option("--split", type=click.Choice(["iid", "noniid", "dirichlet"]), default="iid", show_default=True)
-@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
+@job_and_data_options
 @click.option(
     "--rate",
     callback=_link,
@@ -153,27 +111,27 @@ def cluster() -> None:
     help="Fault injection: worker I exits after N rounds.",
 )
 @click.option("--out", type=click.Path(file_okay=False), default="psrv-out/cluster", show_default=True)
-def run(algorithms: list[str], out: str, **kw: Any) -> None:
+def run(out: str, **kw: Any) -> None:
     """Run a server and M workers in network namespaces with shaped links; report message vs wire bytes.
 
-    Needs root. Runs `psrv start-server` / `psrv start-worker` inside the namespaces. Every namespace,
-    link and process it makes is removed when the run ends, fails or is interrupted (Ctrl-C, SIGTERM);
-    `psrv cluster clean` removes what a run killed with SIGKILL left behind."""
+    Takes the job and data options of `psrv run`, with the same defaults. Needs root. Runs
+    `psrv start-server` / `psrv start-worker` inside the namespaces. Every namespace, link and process
+    it makes is removed when the run ends, fails or is interrupted (Ctrl-C, SIGTERM); `psrv cluster
+    clean` removes what a run killed with SIGKILL left behind."""
+    dc = pop_data(kw)
+    jobs = jobs_from_cli(kw, dc.data)
     try:
         require_root()
-        base = ClusterConfig(
-            algorithm=algorithms[0],
-            **{k: v for k, v in kw.items() if k not in ("worker_rates", "crash_after")},
-            worker_rates=kw["worker_rates"],
-            crash_after=kw["crash_after"],
-        )
+        base = ClusterConfig(job=jobs[0], data=dc, **kw)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
     results = []
-    for name in algorithms:
-        cfg = with_algorithm(base, name)
+    for job in jobs:
+        cfg = with_job(base, job)
+        name = job.algorithm
+        algorithms = [j.algorithm for j in jobs]
         folder = Path(out) / name if len(algorithms) > 1 else Path(out)
         try:
             result = run_cluster(cfg, folder, echo=lambda s: click.echo(s, err=True))

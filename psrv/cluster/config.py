@@ -7,28 +7,22 @@ from dataclasses import dataclass, field, replace
 
 from psrv.cluster import shaping
 from psrv.cluster.shaping import LinkRates
+from psrv.options import DataConfig, JobConfig
 
 SERVER = "server"  # the server's host name; workers are w0, w1, ...
 SHAPE_AT = ("bridge", "host")
 
 
+MAX_WORKERS = 200  # hosts share one /24 on the bridge
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
-    workers: int = 2
-    rounds: int = 100
-    algorithm: str = "gd"
-    compressor: str = ""
-    lr: float = 0.02
-    options: Mapping[str, float] = field(default_factory=dict)
-    task: str | None = None
-    l2: float = 0.01
-    task_options: Mapping[str, float] = field(default_factory=dict)
-    round_timeout: float = 10.0
-    seed: int = 0
-    zstd: bool = False
-    data: str = "mnist"
-    split: str = "iid"
-    test_fraction: float = 0.2
+    """A job (:class:`psrv.options.JobConfig`, the same as ``psrv run``'s) and its data, on hosts
+    with shaped links."""
+
+    job: JobConfig = field(default_factory=JobConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     rate: LinkRates = LinkRates()  # every worker's link unless worker_rates says otherwise
     worker_rates: Mapping[int, LinkRates] = field(default_factory=dict)
     server_rate: LinkRates = LinkRates()  # default: the server's link is not shaped
@@ -42,8 +36,8 @@ class ClusterConfig:
     server_args: tuple[str, ...] = ()  # more start-server options, verbatim
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.rounds < 0:
-            raise ValueError("need workers >= 1 and rounds >= 0")
+        if not 1 <= self.workers <= MAX_WORKERS or self.rounds < 0:
+            raise ValueError(f"need 1 <= workers <= {MAX_WORKERS} and rounds >= 0")
         if self.shape_at not in SHAPE_AT:
             raise ValueError(f"shape_at must be one of {', '.join(SHAPE_AT)}")
         if self.qdisc not in shaping.QDISCS:
@@ -52,11 +46,24 @@ class ClusterConfig:
         if bad:
             raise ValueError(f"worker index {bad[0]} out of range 0..{self.workers - 1}")
 
+    @property
+    def workers(self) -> int:
+        return self.job.workers
+
+    @property
+    def rounds(self) -> int:
+        return self.job.rounds
+
+    @property
+    def algorithm(self) -> str:
+        return self.job.algorithm
+
     def link(self, host: str) -> LinkRates:
         if host == SERVER:
             return self.server_rate
         return self.worker_rates.get(int(host[1:]), self.rate)
 
 
-def with_algorithm(cfg: ClusterConfig, algorithm: str, rounds: int | None = None) -> ClusterConfig:
-    return replace(cfg, algorithm=algorithm, rounds=cfg.rounds if rounds is None else rounds)
+def with_job(cfg: ClusterConfig, job: JobConfig) -> ClusterConfig:
+    """The same cluster running another job (the next algorithm of a comparison)."""
+    return replace(cfg, job=job)

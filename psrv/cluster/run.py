@@ -43,45 +43,28 @@ def _python() -> list[str]:
 
 
 def server_argv(cfg: ClusterConfig, host_ip: str, out: Path) -> list[str]:
-    args = [
+    """``start-server`` and its arguments (the job's options, built in :mod:`psrv.options`)."""
+    return [
         "start-server",
-        "--algorithm", cfg.algorithm,
-        "--workers", str(cfg.workers),
-        "--rounds", str(cfg.rounds),
-        "--lr", repr(cfg.lr),
-        "--l2", repr(cfg.l2),
-        "--round-timeout", repr(cfg.round_timeout),
-        "--seed", str(cfg.seed),
+        *cfg.job.argv(),
         "--host", host_ip,
         "--port", str(cfg.port),
         "--register-timeout", repr(min(300.0, cfg.timeout)),
         "--metrics", str(out / outputs.METRICS),
         "--summary-json", str(out / outputs.SERVER_SUMMARY),
         "--model-out", str(out / outputs.MODEL),
+        *cfg.server_args,
     ]  # fmt: skip
-    if cfg.compressor:
-        args += ["--compressor", cfg.compressor]
-    if cfg.task:
-        args += ["--task", cfg.task]
-    if cfg.zstd:
-        args += ["--zstd"]
-    for k, v in cfg.options.items():
-        args += ["-o", f"{k}={v!r}"]
-    for k, v in cfg.task_options.items():
-        args += ["-t", f"{k}={v!r}"]
-    return [*args, *cfg.server_args]
 
 
 def worker_argv(cfg: ClusterConfig, index: int, server_address: str) -> list[str]:
+    """``start-worker`` and its arguments (the data's options, built in :mod:`psrv.options`)."""
     args = [
         "start-worker",
         "--server", server_address,
         "--worker-id", f"w{index}",
-        "--data", cfg.data,
         "--shard", f"{index}/{cfg.workers}",
-        "--split", cfg.split,
-        "--test-fraction", repr(cfg.test_fraction),
-        "--seed", str(cfg.seed),
+        *cfg.data.argv(),
         "--connect-timeout", repr(min(120.0, cfg.timeout)),
     ]  # fmt: skip
     if index in cfg.crash_after:
@@ -203,7 +186,7 @@ def _wait(cfg: ClusterConfig, srv: Any, workers: Sequence[Any], started: float, 
     gets a grace period (it may still be closing rounds by deadline) and is then stopped. Enforces
     ``cfg.timeout``."""
     all_gone_at = None
-    grace = 3 * cfg.round_timeout + 10
+    grace = 3 * cfg.job.round_timeout + 10
     checked: set[int] = set()
     while srv.poll() is None:
         now = time.monotonic()
@@ -236,13 +219,12 @@ def _wait(cfg: ClusterConfig, srv: Any, workers: Sequence[Any], started: float, 
 
 
 def _evaluate(cfg: ClusterConfig, out: Path) -> dict[str, Any]:
-    from psrv.runner import DataConfig, evaluate
+    from psrv.runner import evaluate
 
     model = out / outputs.MODEL
     if not model.exists():
         return {}
-    dc = DataConfig(cfg.data, cfg.split, cfg.test_fraction, cfg.seed)
-    return evaluate(cfg.task or "logreg", {"l2": cfg.l2, **cfg.task_options}, np.load(model), dc)
+    return evaluate(cfg.job.task, cfg.job.all_task_options(), np.load(model), cfg.data)
 
 
 def _summarize(
