@@ -22,7 +22,7 @@ from psrv.v1 import psrv_pb2 as pb
 
 __all__ = ["ByteCounter", "CountingStub", "Received", "channel_options", "generic_handler"]
 
-_SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"]
+_SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServerService"]
 
 #: the gRPC service name: method paths are ``/{SERVICE}/{method}``
 SERVICE = _SERVICE.full_name
