@@ -2,15 +2,20 @@
 byte accounting, the pcap decoder on the tap's capture, on a kernel capture of the same run
 (AF_PACKET, where the test runs as root; tcpdump is not installed here) and on hand-made
 captures with reordered, retransmitted and overlapping segments, the HTTP/2 parser on
-edge cases generated with the h2 library, the protobuf field split, and the CLI."""
+edge cases generated with the h2 library, the protobuf field split, the CLI, and the tshark
+commands and display filters of docs/wireshark.md on the tap's capture (where tshark is installed)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import random
+import re
+import shlex
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections import Counter, defaultdict
@@ -395,6 +400,75 @@ def test_pcap_gap_is_reported(run: Run, tmp_path: Path) -> None:
     _classic(path, LINKTYPE_ETHERNET, frames, big=False, nano=False)
     conns = [r for r in decode_pcap(path, port=run.server_port).records if r["type"] == "connection"]
     assert any(r["error"] and "gap" in r["error"] for r in conns)
+
+
+# ------------------------------------------------------------ docs/wireshark.md with tshark
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "wireshark.md"
+#: placeholders of the documented commands: the capture, the server's port, the repository's protos/
+_PLACEHOLDERS = re.compile(r"tap\.pcap|50051|/path/to/psrv/protos")
+
+
+def _documented(name: str) -> str:
+    """The fenced block under ``<!-- tested: NAME -->`` in docs/wireshark.md."""
+    m = re.search(rf"<!-- tested: {re.escape(name)} -->\n```[a-z]*\n(.*?)```", DOCS.read_text(), re.S)
+    assert m, f"docs/wireshark.md has no block marked 'tested: {name}'"
+    return m.group(1)
+
+
+def _for_run(command: str, run: Run) -> str:
+    """A documented command, pointed at this run's tap capture, server port and protos/."""
+    values = {
+        "tap.pcap": str(run.tap_pcap),
+        "50051": str(run.server_port),
+        "/path/to/psrv/protos": str(DOCS.parents[1] / "protos"),
+    }
+    return _PLACEHOLDERS.sub(lambda m: shlex.quote(values[m.group()]), command)
+
+
+def _sh(command: str) -> str:
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"{command}\nfailed ({res.returncode}): {res.stderr}"
+    assert "valid" not in res.stderr, res.stderr  # "Some fields aren't valid", "... is not a valid ..."
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def tshark() -> None:
+    if shutil.which("tshark") is None:
+        pytest.skip("tshark is not installed (apt-get install tshark)")
+
+
+TSHARK_RUN = pytest.mark.parametrize("run", ["gd-topk"], indirect=True)  # every worker uploads every round
+
+
+@TSHARK_RUN
+def test_documented_tshark_uploads(tshark: None, run: Run) -> None:
+    rows = [line.split("\t") for line in _sh(_for_run(_documented("tshark uploads"), run)).splitlines()]
+    seen = Counter(
+        (w, int(k)) for _, workers, rounds in rows for w, k in zip(workers.split(","), rounds.split(","), strict=True)
+    )
+    pushes = [r for r in run.records if r["type"] == "message" and r["method"] == "Push" and r["dir"] == "up"]
+    assert seen == Counter((r["worker"], r["round"]) for r in pushes)
+    assert ("w0", 0) in seen  # round 0 is not on the wire: shown by add_default_value
+
+
+@TSHARK_RUN
+def test_documented_tshark_bytes_up(tshark: None, run: Run) -> None:
+    assert int(_sh(_for_run(_documented("tshark bytes_up"), run))) == run.ps.counter.total("up")
+
+
+@TSHARK_RUN
+def test_documented_display_filters(tshark: None, run: Run) -> None:
+    """Every documented filter is valid with the documented options and picks some packets, not all."""
+    argv = shlex.split(_for_run(_documented("tshark uploads"), run).replace("\\\n", " "))
+    base = shlex.join(argv[: argv.index("-Y")])
+    total = len(_sh(base).splitlines())
+    filters = [re.split(r"\s{2,}", line)[0] for line in _documented("tshark display filters").splitlines()]
+    assert len(filters) >= 10
+    for f in filters:
+        n = len(_sh(f"{base} -Y {shlex.quote(f)}").splitlines())
+        assert 0 < n < total, f"{f!r} matches {n} of {total} packets"
 
 
 # ---------------------------------------------------------------- HTTP/2 edge cases (h2)
