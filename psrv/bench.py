@@ -9,10 +9,10 @@ dtype the LAQ algorithm keeps), and every dimension d, on a seeded float32 vecto
 with standard normal entries (``--dist cauchy`` for heavy tails), it prints:
 
 - ``enc ms``: median of compress + :func:`psrv.codec.upload_to_proto` + ``SerializeToString``;
-- ``dec ms``: median of ``pb.Upload.FromString`` + :func:`psrv.codec.upload_from_proto`
+- ``dec ms``: median of ``pb.PushRequest.FromString`` + :func:`psrv.codec.upload_from_proto`
   + :func:`psrv.payload.to_dense`;
-- ``bytes``: the serialized Upload; ``formula B``: :func:`psrv.payload.payload_bits` / 8;
-  ``ratio``: bytes / formula bytes (the Upload's few header bytes included).
+- ``bytes``: the serialized PushRequest; ``formula B``: :func:`psrv.payload.payload_bits` / 8;
+  ``ratio``: bytes / formula bytes (the PushRequest's few header bytes included).
 
 Each timing is warmed up once and is the median of ``--repeat`` runs
 (``time.perf_counter``). Then the two kernel targets alone, at ``--target-dim``
@@ -98,7 +98,7 @@ def _row(name: str, x: np.ndarray, compress: Callable[[], Payload], repeat: int)
     p = compress()
 
     def decode() -> np.ndarray:
-        return to_dense(codec.upload_from_proto(pb.Upload.FromString(wire), dim))
+        return to_dense(codec.upload_from_proto(pb.PushRequest.FromString(wire), dim))
 
     dec_ms = median_ms(decode, repeat)
     formula = payload_bits(p) / 8

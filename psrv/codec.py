@@ -27,13 +27,17 @@ class CodecError(ValueError):
     """A message that cannot be decoded into a valid core object."""
 
 
-_NP_OF_DTYPE = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT64: np.dtype("<f8"), pb.FLOAT16: np.dtype("<f2")}
+_NP_OF_DTYPE = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+}
 _DTYPE_OF_NP = {np.dtype(v).name: k for k, v in _NP_OF_DTYPE.items()}
 
 
 def _np_dtype(code: int, what: str) -> np.dtype:
     if code not in _NP_OF_DTYPE:
-        name = pb.DType.Name(code) if code in pb.DType.values() else str(code)
+        name = pb.Dtype.Name(code) if code in pb.Dtype.values() else str(code)
         raise CodecError(f"{what}: unsupported dtype {name}")
     return _NP_OF_DTYPE[code]
 
@@ -63,12 +67,12 @@ def _array(data: bytes, dtype: np.dtype, count: int, what: str) -> np.ndarray:
 
 
 def _values_code(values: np.ndarray, value_format: str) -> int:
-    return pb.BFLOAT16 if value_format == "bfloat16" else _dtype_code(values)
+    return pb.DTYPE_BFLOAT16 if value_format == "bfloat16" else _dtype_code(values)
 
 
 def _values(data: bytes, code: int, count: int, what: str) -> tuple[np.ndarray, str]:
     """Decode a value array; bfloat16 stays as raw uint16 bits (checked finite via float32)."""
-    if code == pb.BFLOAT16:
+    if code == pb.DTYPE_BFLOAT16:
         raw = _array(data, np.dtype("<u2"), count, what)
         _finite(payload_from_bfloat16(raw), what)
         return raw, "bfloat16"
@@ -107,8 +111,8 @@ def encode_indices(indices: np.ndarray, dim: int) -> tuple[int, bytes]:
     count) and delta + varint (smaller where the support is sparse), with its tag."""
     width = bitpack.index_width(dim)
     if varint.encoded_size(indices) < bitpack.packed_size(len(indices), width):
-        return pb.DELTA_VARINT, varint.encode_indices(indices)
-    return pb.BITPACKED, bitpack.pack(indices, width)
+        return pb.INDEX_ENCODING_DELTA_VARINT, varint.encode_indices(indices)
+    return pb.INDEX_ENCODING_BITPACKED, bitpack.pack(indices, width)
 
 
 def payload_to_proto(p: Payload) -> Any:
@@ -171,9 +175,9 @@ def _indices(msg: Any, dim: int, what: str) -> np.ndarray:
     _check_dim(msg, dim, what)
     if msg.nnz > dim:
         raise CodecError(f"{what}: nnz {msg.nnz} exceeds dimension {dim}")
-    if msg.index_encoding == pb.BITPACKED:
+    if msg.index_encoding == pb.INDEX_ENCODING_BITPACKED:
         indices = _unpack(msg.indices, msg.nnz, bitpack.index_width(dim), f"{what}: indices").astype(np.int64)
-    elif msg.index_encoding == pb.DELTA_VARINT:
+    elif msg.index_encoding == pb.INDEX_ENCODING_DELTA_VARINT:
         try:
             indices = varint.decode_indices(msg.indices, msg.nnz)
         except ValueError as exc:
@@ -236,16 +240,32 @@ def sign_sparse_from_proto(msg: pb.SignSparsePayload, dim: int) -> Payload:
 
 ZSTD_LEVEL = 3
 
+#: payload kind (the ``PushRequest.payload`` field name) <-> ``PayloadKind`` value of a ZstdPayload
+PAYLOAD_KINDS = {name.removeprefix("PAYLOAD_KIND_").lower(): value for name, value in pb.PayloadKind.items() if value}
+_KIND_NAMES = {v: k for k, v in PAYLOAD_KINDS.items()}
 
-def upload_to_proto(worker_id: str, round_: int, local_loss: float, p: Payload, zstd: bool = False) -> pb.Upload:
-    """An upload; with ``zstd`` the payload is compressed when that makes it smaller."""
-    msg = pb.Upload(worker_id=worker_id, round=round_, local_loss=local_loss)
+
+def upload_to_proto(
+    worker_id: str,
+    round_: int,
+    local_loss: float,
+    p: Payload,
+    zstd: bool = False,
+    smoothness: float | None = None,
+) -> pb.PushRequest:
+    """An upload; with ``zstd`` the payload is compressed when that makes it smaller.
+    ``smoothness``: the worker's bound on L_m (sent with the first upload where the server selects with it)."""
+    msg = pb.PushRequest(worker_id=worker_id, round=round_, local_loss=local_loss)
+    if smoothness is not None:
+        msg.smoothness = smoothness
     inner = payload_to_proto(p)
     if zstd:
         raw = inner.SerializeToString()
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
-        if len(packed) + len(p.kind) + 4 < len(raw):
-            msg.zstd.CopyFrom(pb.ZstdPayload(kind=p.kind, data=packed))
+        packed = pb.ZstdPayload(
+            kind=PAYLOAD_KINDS[p.kind], data=zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+        )
+        if packed.ByteSize() < len(raw):  # then the whole field (tag, length, body) is smaller too
+            msg.zstd.CopyFrom(packed)
             return msg
     getattr(msg, p.kind).CopyFrom(inner)
     return msg
@@ -253,8 +273,9 @@ def upload_to_proto(worker_id: str, round_: int, local_loss: float, p: Payload, 
 
 def _unzstd(msg: pb.ZstdPayload, dim: int) -> tuple[str, Any]:
     """The inner payload message; its decompressed size is bounded (no zip bombs)."""
-    if msg.kind not in _DECODERS:
-        raise CodecError(f"zstd payload: unknown kind {msg.kind!r}")
+    kind = _KIND_NAMES.get(msg.kind)
+    if kind is None:
+        raise CodecError(f"zstd payload: unknown kind {msg.kind}")
     limit = 16 * dim + 1024  # generous: float64 values plus indices of every coordinate
     try:
         with zstandard.ZstdDecompressor().stream_reader(msg.data) as reader:
@@ -263,11 +284,11 @@ def _unzstd(msg: pb.ZstdPayload, dim: int) -> tuple[str, Any]:
         raise CodecError(f"zstd payload: {exc}") from None
     if len(raw) > limit:
         raise CodecError(f"zstd payload: decompresses to more than {limit} bytes")
-    inner_type = type(getattr(pb.Upload(), msg.kind))
+    inner_type = type(getattr(pb.PushRequest(), kind))
     try:
-        return msg.kind, inner_type.FromString(raw)
+        return kind, inner_type.FromString(raw)
     except Exception:  # noqa: BLE001 - protobuf raises DecodeError
-        raise CodecError(f"zstd payload: not a valid {msg.kind} message") from None
+        raise CodecError(f"zstd payload: not a valid {kind} message") from None
 
 
 _DECODERS = {
@@ -279,7 +300,7 @@ _DECODERS = {
 }
 
 
-def upload_from_proto(msg: pb.Upload, dim: int) -> Payload:
+def upload_from_proto(msg: pb.PushRequest, dim: int) -> Payload:
     """The payload of an upload, validated against the model dimension ``dim``."""
     kind = msg.WhichOneof("payload")
     if kind is None:
@@ -292,40 +313,53 @@ def upload_from_proto(msg: pb.Upload, dim: int) -> Payload:
     return _DECODERS[kind](getattr(msg, kind), dim)
 
 
+def upload_smoothness(msg: pb.PushRequest) -> float | None:
+    """The L_m bound an upload carries, if any."""
+    return msg.smoothness if msg.HasField("smoothness") else None
+
+
 # --- skip notices -------------------------------------------------------------------
 
-SKIP_REASONS = {"lazy_rule": pb.LAZY_RULE, "not_selected": pb.NOT_SELECTED, "deadline": pb.DEADLINE}
+#: reasons a worker may give; the engine's own ``deadline`` verdict has no wire value
+SKIP_REASONS = {"lazy_rule": pb.SKIP_REASON_LAZY_RULE, "not_selected": pb.SKIP_REASON_NOT_SELECTED}
 _SKIP_NAMES = {v: k for k, v in SKIP_REASONS.items()}
 
 
-def skip_to_proto(worker_id: str, round_: int, reason: str, local_loss: float | None) -> pb.SkipNotice:
-    msg = pb.SkipNotice(worker_id=worker_id, round=round_, reason=SKIP_REASONS[reason])
+def skip_to_proto(worker_id: str, round_: int, reason: str, local_loss: float | None) -> pb.SkipRequest:
+    msg = pb.SkipRequest(worker_id=worker_id, round=round_, reason=SKIP_REASONS[reason])
     if local_loss is not None:
         msg.local_loss = local_loss
     return msg
 
 
-def skip_reason_from_proto(msg: pb.SkipNotice) -> str:
-    """The reason a worker gave; DEADLINE is the server's own verdict and never valid on the wire."""
-    if msg.reason not in _SKIP_NAMES or msg.reason == pb.DEADLINE:
+def skip_reason_from_proto(msg: pb.SkipRequest) -> str:
+    """The reason a worker gave (``lazy_rule`` or ``not_selected``)."""
+    if msg.reason not in _SKIP_NAMES:
         raise CodecError(f"skip notice: invalid reason {msg.reason}")
     if msg.HasField("local_loss") and not math.isfinite(msg.local_loss):
         raise CodecError("skip notice: local_loss is NaN or Inf")
     return _SKIP_NAMES[msg.reason]
 
 
-def broadcast_to_proto(b: Broadcast) -> pb.ModelBroadcast:
+def broadcast_to_proto(b: Broadcast) -> pb.GetModelResponse:
     """The round's model broadcast (:class:`psrv.engine.Broadcast`) as a message."""
-    return pb.ModelBroadcast(
+    msg = pb.GetModelResponse(
         round=b.round,
         params=tensor_to_proto(b.params),
         recent_step_sq=b.recent_step_sq,
         total_samples=b.total_samples,
         num_workers=b.num_workers,
         done=b.done,
-        selective=b.selected is not None,
-        selected=b.selected or (),
     )
+    if b.selected is not None:
+        msg.selection.SetInParent()  # present even when nobody is selected
+        msg.selection.workers.extend(b.selected)
+    return msg
+
+
+def selected_workers(msg: pb.GetModelResponse) -> tuple[int, ...] | None:
+    """The workers a broadcast selects; None when every worker computes."""
+    return tuple(msg.selection.workers) if msg.HasField("selection") else None
 
 
 def run_config_to_proto(config: ServerConfig, dim: int) -> pb.RunConfig:

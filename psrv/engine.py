@@ -240,9 +240,7 @@ class RoundEngine:
         return w
 
     # ------------------------------------------------------------------ requests
-    def register(
-        self, worker_id: str, num_samples: int, n_features: int, n_classes: int, smoothness: float = 0.0
-    ) -> int:
+    def register(self, worker_id: str, num_samples: int, n_features: int, n_classes: int) -> int:
         """Admit a worker; returns its index. The first registration fixes the model's shape."""
         if not worker_id:
             raise InvalidArgument("worker_id must not be empty")
@@ -250,8 +248,6 @@ class RoundEngine:
             raise InvalidArgument(
                 "registration needs num_samples >= 1, n_features >= 1, n_classes >= 2 (or 0 for regression)"
             )
-        if not (math.isfinite(smoothness) and smoothness >= 0):
-            raise InvalidArgument("smoothness must be finite and >= 0")
         s = self.state
         with self._cond:
             if worker_id in s.workers:
@@ -267,7 +263,7 @@ class RoundEngine:
                     f"the run has {s.task_shape[0]} / {s.task_shape[1]}"
                 )
             index = len(s.workers)
-            s.workers[worker_id] = WorkerState(worker_id, index, num_samples, smoothness)
+            s.workers[worker_id] = WorkerState(worker_id, index, num_samples)
             log.info("registered %s as worker %d (%d samples)", worker_id, index, num_samples)
             if len(s.workers) == self.config.num_workers:
                 for slot, ws in enumerate(sorted(s.workers.values(), key=lambda x: natural_key(x.worker_id))):

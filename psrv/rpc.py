@@ -15,20 +15,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message_factory import GetMessageClass
 
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
 
 __all__ = ["ByteCounter", "CountingStub", "Received", "channel_options", "generic_handler"]
 
-SERVICE = "psrv.v1.ParameterServer"
+_SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServerService"]
 
-#: method name -> (request type, response type)
+#: the gRPC service name: method paths are ``/{SERVICE}/{method}``
+SERVICE = _SERVICE.full_name
+
+#: method name -> (request type, response type), from the service in psrv.proto
 METHODS: dict[str, tuple[type, type]] = {
-    "Register": (pb.RegisterRequest, pb.RegisterReply),
-    "GetModel": (pb.ModelRequest, pb.ModelBroadcast),
-    "Push": (pb.Upload, pb.Ack),
-    "Skip": (pb.SkipNotice, pb.Ack),
+    m.name: (GetMessageClass(m.input_type), GetMessageClass(m.output_type)) for m in _SERVICE.methods
 }
 
 #: Default cap on one message; large enough for a float64 model of 64M parameters.

@@ -47,28 +47,28 @@ class Servicer:
 
         return handle
 
-    def Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterReply:
-        index = self.engine.register(req.worker_id, req.num_samples, req.n_features, req.n_classes, req.smoothness)
-        return pb.RegisterReply(
+    def Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterResponse:
+        index = self.engine.register(req.worker_id, req.num_samples, req.n_features, req.n_classes)
+        return pb.RegisterResponse(
             worker_index=index, config=codec.run_config_to_proto(self.engine.config, self.engine.dim)
         )
 
-    def GetModel(self, req: pb.ModelRequest, nbytes: int, context: Any) -> bytes:
+    def GetModel(self, req: pb.GetModelRequest, nbytes: int, context: Any) -> bytes:
         remaining = context.time_remaining() if context is not None else None
         wait = 60.0 if remaining is None else max(0.0, remaining - 0.05)
         return self.engine.wait_model(req.worker_id, req.round, wait)
 
-    def Push(self, req: pb.Upload, nbytes: int, context: Any) -> pb.Ack:
+    def Push(self, req: pb.PushRequest, nbytes: int, context: Any) -> pb.PushResponse:
         payload = codec.upload_from_proto(req, self.engine.dim_for(req.worker_id))  # NOT_FOUND before decoding
-        smoothness = req.smoothness if req.HasField("smoothness") else None
+        smoothness = codec.upload_smoothness(req)
         self.engine.push(req.worker_id, req.round, payload, req.local_loss, smoothness, nbytes)
-        return pb.Ack(round=req.round)
+        return pb.PushResponse(round=req.round)
 
-    def Skip(self, req: pb.SkipNotice, nbytes: int, context: Any) -> pb.Ack:
+    def Skip(self, req: pb.SkipRequest, nbytes: int, context: Any) -> pb.SkipResponse:
         reason = codec.skip_reason_from_proto(req)
         loss = req.local_loss if req.HasField("local_loss") else None
         self.engine.skip(req.worker_id, req.round, reason, loss, nbytes)
-        return pb.Ack(round=req.round)
+        return pb.SkipResponse(round=req.round)
 
 
 def _encode_broadcast(broadcast: Any) -> bytes:

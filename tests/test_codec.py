@@ -7,6 +7,7 @@ out on the wire shows up here as a formula that no longer holds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 
@@ -17,6 +18,7 @@ from psrv import bitpack, codec, varint
 from psrv.codec import CodecError
 from psrv.compress.laq import quantize
 from psrv.compress.topk import TopK
+from psrv.engine import Broadcast
 from psrv.payload import Payload, dense, payload_bits, sparse, to_dense
 from psrv.v1 import psrv_pb2 as pb
 
@@ -63,7 +65,7 @@ def index_bytes(indices: np.ndarray, dim: int) -> tuple[int, int]:
     """The encoding the codec must pick (the smaller one) and its size in bytes."""
     packed = bitpack.index_width(dim) * math.ceil(len(indices) / 8)  # one padded plane per bit
     delta = varint.encoded_size(indices)
-    return (pb.DELTA_VARINT, delta) if delta < packed else (pb.BITPACKED, packed)
+    return (pb.INDEX_ENCODING_DELTA_VARINT, delta) if delta < packed else (pb.INDEX_ENCODING_BITPACKED, packed)
 
 
 def sparse_tensor_size(dim: int, indices: np.ndarray, value_bytes: int) -> int:
@@ -74,7 +76,7 @@ def sparse_tensor_size(dim: int, indices: np.ndarray, value_bytes: int) -> int:
         + varint_field(2, nnz)
         + varint_field(3, encoding)
         + len_field(4, nbytes)
-        + varint_field(5, pb.FLOAT32)
+        + varint_field(5, pb.DTYPE_FLOAT32)
         + len_field(6, nnz * value_bytes)
     )
 
@@ -106,7 +108,7 @@ def test_wire_helpers_agree_with_protobuf_on_basics() -> None:
         10,
     ]
     for n in (0, 1, 127, 128, 300, 16384, 2**35):
-        assert varint_field(1, n) == len(pb.Ack(round=n).SerializeToString())
+        assert varint_field(1, n) == len(pb.PushResponse(round=n).SerializeToString())
     assert tag_len(15) == 1 and tag_len(16) == 2
 
 
@@ -119,10 +121,10 @@ def _rng() -> np.random.Generator:
     return np.random.default_rng(RNG_SEED)
 
 
-def _reparse_upload(msg: pb.Upload) -> pb.Upload:
+def _reparse_upload(msg: pb.PushRequest) -> pb.PushRequest:
     data = msg.SerializeToString()
     assert len(data) == msg.ByteSize()
-    return pb.Upload.FromString(data)
+    return pb.PushRequest.FromString(data)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
@@ -147,7 +149,7 @@ def test_sparse_payload_round_trip(ratio: float, d: int) -> None:
     p = TopK(ratio=ratio).compress(x)
     msg = _reparse_upload(codec.upload_to_proto("worker-7", 3, 1.5, p))
     assert msg.WhichOneof("payload") == "sparse"
-    assert msg.sparse.index_encoding == index_bytes(p.indices, d)[0] and msg.sparse.value_dtype == pb.FLOAT32
+    assert msg.sparse.index_encoding == index_bytes(p.indices, d)[0] and msg.sparse.value_dtype == pb.DTYPE_FLOAT32
     back = codec.upload_from_proto(msg, d)
     assert back.kind == "sparse" and back.dim == d
     np.testing.assert_array_equal(back.indices, p.indices)
@@ -215,7 +217,7 @@ def test_laq_zero_innovation_round_trip() -> None:
 
 @pytest.mark.parametrize("reason", ["lazy_rule", "not_selected"])
 def test_skip_notice_round_trip(reason: str) -> None:
-    msg = pb.SkipNotice.FromString(codec.skip_to_proto("w3", 11, reason, 0.75).SerializeToString())
+    msg = pb.SkipRequest.FromString(codec.skip_to_proto("w3", 11, reason, 0.75).SerializeToString())
     assert (msg.worker_id, msg.round, msg.local_loss) == ("w3", 11, 0.75)
     assert codec.skip_reason_from_proto(msg) == reason
 
@@ -234,7 +236,7 @@ def test_tensor_round_trip(dtype: type, shape: tuple[int, ...]) -> None:
 
 def test_model_broadcast_round_trip() -> None:
     params = _rng().normal(size=(4 + 1) * 3)
-    msg = pb.ModelBroadcast(
+    msg = pb.GetModelResponse(
         round=42,
         params=codec.tensor_to_proto(params.astype(np.float32)),
         recent_step_sq=[0.5, 0.25, 1e-9],
@@ -242,11 +244,42 @@ def test_model_broadcast_round_trip() -> None:
         num_workers=4,
         done=True,
     )
-    back = pb.ModelBroadcast.FromString(msg.SerializeToString())
+    back = pb.GetModelResponse.FromString(msg.SerializeToString())
     assert back == msg
     assert (back.round, back.total_samples, back.num_workers, back.done) == (42, 1000, 4, True)
     assert list(back.recent_step_sq) == [0.5, 0.25, 1e-9]
     np.testing.assert_array_equal(codec.tensor_from_proto(back.params, 15, "model"), params.astype(np.float32))
+
+
+@pytest.mark.parametrize("selected", [None, (), (0, 2, 5)])
+def test_broadcast_selection_round_trip(selected: tuple[int, ...] | None) -> None:
+    """Absent selection: everyone computes; present, even empty: only the listed workers."""
+    b = Broadcast(round=3, params=np.zeros(4, np.float32), recent_step_sq=(), total_samples=9, num_workers=6)
+    msg = pb.GetModelResponse.FromString(
+        codec.broadcast_to_proto(dataclasses.replace(b, selected=selected)).SerializeToString()
+    )
+    assert msg.HasField("selection") == (selected is not None)
+    assert codec.selected_workers(msg) == selected
+
+
+def test_payload_kinds_are_the_push_payload_fields() -> None:
+    oneof = pb.PushRequest.DESCRIPTOR.oneofs_by_name["payload"]
+    assert sorted(codec.PAYLOAD_KINDS) == sorted(f.name for f in oneof.fields if f.name != "zstd")
+    assert sorted(codec.PAYLOAD_KINDS.values()) == sorted(v for v in pb.PayloadKind.values() if v)
+
+
+def test_bit_plane_example_of_the_proto_file() -> None:
+    """psrv.proto: values [5, 2, 7] with w = 3 are the planes 0b101, 0b110, 0b101 = bytes 05 06 05."""
+    assert bitpack.pack(np.array([5, 2, 7]), 3) == bytes([5, 6, 5])
+    laq = pb.LaqPayload(dim=3, radius=1.0, bits=3, codes=bytes([5, 6, 5]))
+    assert list(codec.laq_from_proto(laq, 3).codes) == [5, 2, 7]
+
+
+def test_smoothness_travels_only_when_given() -> None:
+    p = dense(np.ones(3, np.float32))
+    assert codec.upload_smoothness(codec.upload_to_proto("w", 0, 0.0, p)) is None
+    sent = pb.PushRequest.FromString(codec.upload_to_proto("w", 0, 0.0, p, smoothness=0.0).SerializeToString())
+    assert codec.upload_smoothness(sent) == 0.0
 
 
 def test_register_messages_round_trip() -> None:
@@ -262,8 +295,8 @@ def test_register_messages_round_trip() -> None:
         num_workers=10,
         seed=2**40 + 3,
     )
-    reply = pb.RegisterReply(worker_index=7, config=config)
-    back = pb.RegisterReply.FromString(reply.SerializeToString())
+    reply = pb.RegisterResponse(worker_index=7, config=config)
+    back = pb.RegisterResponse.FromString(reply.SerializeToString())
     assert back == reply
     assert back.worker_index == 7
     assert dict(back.config.options) == {"lr": 0.02, "bits": 4.0, "D": 10.0}
@@ -276,9 +309,10 @@ def test_register_messages_round_trip() -> None:
     )
 
 
-def test_ack_round_trip() -> None:
+def test_push_and_skip_responses_round_trip() -> None:
     for r in (0, 1, 2**63):
-        assert pb.Ack.FromString(pb.Ack(round=r).SerializeToString()).round == r
+        assert pb.PushResponse.FromString(pb.PushResponse(round=r).SerializeToString()).round == r
+        assert pb.SkipResponse.FromString(pb.SkipResponse(round=r).SerializeToString()).round == r
 
 
 # --------------------------------------------------------------------------- exact sizes and payload bits
@@ -288,7 +322,7 @@ def test_ack_round_trip() -> None:
 def test_dense_upload_exact_size(d: int) -> None:
     wid, rnd, loss = "worker-0", 17, 0.693
     p = dense(_rng().normal(size=d).astype(np.float32))
-    inner = dense_tensor_size(pb.FLOAT32, [d], 4 * d)
+    inner = dense_tensor_size(pb.DTYPE_FLOAT32, [d], 4 * d)
     expected = upload_size(wid, rnd, loss, 10, inner)
     data = codec.upload_to_proto(wid, rnd, loss, p).SerializeToString()
     assert len(data) == expected
@@ -355,7 +389,7 @@ def test_skip_notice_without_loss_is_smallest() -> None:
     msg = codec.skip_to_proto("w0", 0, "not_selected", None)
     assert not msg.HasField("local_loss")
     assert len(msg.SerializeToString()) == 2 + 2 + 2  # worker_id and reason only
-    assert codec.skip_reason_from_proto(pb.SkipNotice.FromString(msg.SerializeToString())) == "not_selected"
+    assert codec.skip_reason_from_proto(pb.SkipRequest.FromString(msg.SerializeToString())) == "not_selected"
 
 
 def _payloads_for(d: int) -> list[Payload]:
@@ -390,13 +424,13 @@ def test_sparse_indices_never_cost_more_than_the_formula_and_less_when_sparse() 
         encoding, data = codec.encode_indices(idx, d)
         assert 8 * len(data) <= k * bitpack.index_width(d) + 8 * bitpack.index_width(d)
         if k == 10_000:  # gaps ~100: about 10 bits each instead of 20
-            assert encoding == pb.DELTA_VARINT and 8 * len(data) < 0.6 * k * bitpack.index_width(d)
+            assert encoding == pb.INDEX_ENCODING_DELTA_VARINT and 8 * len(data) < 0.6 * k * bitpack.index_width(d)
         msg = pb.SparseTensor(
             dim=d,
             nnz=k,
             index_encoding=encoding,
             indices=data,
-            value_dtype=pb.FLOAT32,
+            value_dtype=pb.DTYPE_FLOAT32,
             values=np.zeros(k, np.float32).tobytes(),
         )
         np.testing.assert_array_equal(codec.sparse_from_proto(msg, d).indices, idx)
@@ -415,9 +449,9 @@ def test_bad_delta_varint_indices(data: bytes, count: int, fragment: str) -> Non
     msg = pb.SparseTensor(
         dim=8,
         nnz=count,
-        index_encoding=pb.DELTA_VARINT,
+        index_encoding=pb.INDEX_ENCODING_DELTA_VARINT,
         indices=data,
-        value_dtype=pb.FLOAT32,
+        value_dtype=pb.DTYPE_FLOAT32,
         values=np.zeros(count, np.float32).tobytes(),
     )
     with _raises(fragment):
@@ -450,23 +484,23 @@ def test_tensor_to_proto_rejects_non_float() -> None:
 
 
 def test_tensor_data_length_not_matching_shape() -> None:
-    msg = pb.DenseTensor(dtype=pb.FLOAT32, shape=[5, 3], data=_f32(*range(14)))
+    msg = pb.DenseTensor(dtype=pb.DTYPE_FLOAT32, shape=[5, 3], data=_f32(*range(14)))
     with _raises("56 bytes of data, expected 60"):
         codec.tensor_from_proto(msg)
     with _raises("bytes of data"):
-        codec.dense_from_proto(pb.DenseTensor(dtype=pb.FLOAT64, shape=[15], data=_f32(*range(15))), 15)
+        codec.dense_from_proto(pb.DenseTensor(dtype=pb.DTYPE_FLOAT64, shape=[15], data=_f32(*range(15))), 15)
 
 
 def test_tensor_element_count_not_expected_dim() -> None:
     with _raises("14 elements, expected 15"):
-        codec.dense_from_proto(pb.DenseTensor(dtype=pb.FLOAT32, shape=[14], data=_f32(*range(14))), 15)
+        codec.dense_from_proto(pb.DenseTensor(dtype=pb.DTYPE_FLOAT32, shape=[14], data=_f32(*range(14))), 15)
     with _raises("16 elements, expected 15"):
-        codec.tensor_from_proto(pb.DenseTensor(dtype=pb.FLOAT32, shape=[4, 4], data=_f32(*range(16))), 15)
+        codec.tensor_from_proto(pb.DenseTensor(dtype=pb.DTYPE_FLOAT32, shape=[4, 4], data=_f32(*range(16))), 15)
 
 
 @pytest.mark.parametrize("shape", [[5, 3], [15, 1], [], [1, 15]])
 def test_dense_payload_must_be_vector(shape: list[int]) -> None:
-    msg = pb.DenseTensor(dtype=pb.FLOAT32, shape=shape, data=_f32(*range(math.prod(shape))))
+    msg = pb.DenseTensor(dtype=pb.DTYPE_FLOAT32, shape=shape, data=_f32(*range(math.prod(shape))))
     with _raises("is not a vector"):
         codec.dense_from_proto(msg, 15)
 
@@ -486,9 +520,9 @@ def _sparse_msg(dim: int = 1000, indices: list[int] | None = None, **over: objec
     fields: dict[str, object] = dict(
         dim=dim,
         nnz=len(idx),
-        index_encoding=pb.BITPACKED,
+        index_encoding=pb.INDEX_ENCODING_BITPACKED,
         indices=bitpack.pack(np.array(idx, dtype=np.int64), bitpack.index_width(dim)),
-        value_dtype=pb.FLOAT32,
+        value_dtype=pb.DTYPE_FLOAT32,
         values=_f32(*[1.0] * len(idx)),
     )
     fields.update(over)
@@ -602,7 +636,7 @@ def test_laq_codes_length_wrong() -> None:
 
 def test_upload_without_payload() -> None:
     with _raises("no payload"):
-        codec.upload_from_proto(pb.Upload(worker_id="w", round=0, local_loss=1.0), 15)
+        codec.upload_from_proto(pb.PushRequest(worker_id="w", round=0, local_loss=1.0), 15)
 
 
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), float("-inf")])
@@ -612,9 +646,9 @@ def test_upload_non_finite_local_loss(loss: float) -> None:
         codec.upload_from_proto(msg, 15)
 
 
-@pytest.mark.parametrize("reason", [pb.DEADLINE, pb.SKIP_REASON_UNSPECIFIED, 42])
+@pytest.mark.parametrize("reason", [3, pb.SKIP_REASON_UNSPECIFIED, 42])  # 3 was DEADLINE, never a wire value
 def test_skip_invalid_reason(reason: int) -> None:
-    msg = pb.SkipNotice(worker_id="w", round=0, reason=reason, local_loss=1.0)
+    msg = pb.SkipRequest(worker_id="w", round=0, reason=reason, local_loss=1.0)
     with _raises(f"invalid reason {reason}"):
         codec.skip_reason_from_proto(msg)
 

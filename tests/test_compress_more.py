@@ -31,7 +31,7 @@ class FixedUniform:
 
 def wire(p, d: int):
     data = codec.upload_to_proto("w0", 3, 0.5, p).SerializeToString()
-    return codec.upload_from_proto(pb.Upload.FromString(data), d), len(data)
+    return codec.upload_from_proto(pb.PushRequest.FromString(data), d), len(data)
 
 
 # --------------------------------------------------------------------------- threshold (D1)

@@ -261,7 +261,7 @@ def test_large_vector_stays_fast_and_exact_in_budget() -> None:
 def test_wire_round_trip_and_bits(name: str, opts: dict, d: int) -> None:
     v = np.random.default_rng(23).standard_cauchy(d)
     p = make_compressor(name, **opts).compress(v, np.random.default_rng(24))
-    msg = pb.Upload.FromString(codec.upload_to_proto("w", 0, 0.0, p).SerializeToString())
+    msg = pb.PushRequest.FromString(codec.upload_to_proto("w", 0, 0.0, p).SerializeToString())
     back = codec.upload_from_proto(msg, d)
     np.testing.assert_array_equal(to_dense(back), to_dense(p))
     np.testing.assert_array_equal(back.values, p.values)

@@ -59,7 +59,7 @@ def test_server_store_equals_worker_state_exactly_over_the_wire() -> None:
                 dec = algo.step(states[m], grads[m], RoundInfo(k, M), rng)
                 assert dec.payload.kind in algo.payload_kinds
                 data = codec.upload_to_proto(f"w{m}", k, 0.0, dec.payload).SerializeToString()
-                agg.add(m, to_dense(codec.upload_from_proto(pb.Upload.FromString(data), d)))
+                agg.add(m, to_dense(codec.upload_from_proto(pb.PushRequest.FromString(data), d)))
                 states[m] = dec.state
         for m in range(M):
             np.testing.assert_array_equal(agg.stored[m], states[m])

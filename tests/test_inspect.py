@@ -2,15 +2,20 @@
 byte accounting, the pcap decoder on the tap's capture, on a kernel capture of the same run
 (AF_PACKET, where the test runs as root; tcpdump is not installed here) and on hand-made
 captures with reordered, retransmitted and overlapping segments, the HTTP/2 parser on
-edge cases generated with the h2 library, the protobuf field split, and the CLI."""
+edge cases generated with the h2 library, the protobuf field split, the CLI, and the tshark
+commands and display filters of docs/wireshark.md on the tap's capture (where tshark is installed)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import random
+import re
+import shlex
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections import Counter, defaultdict
@@ -106,7 +111,9 @@ def _run(tmp: Path, name: str) -> Run:
         # (many DATA frames, flow control on the stream and the connection)
         with grpc.insecure_channel(f"127.0.0.1:{tap.port}") as channel:
             stub = rpc.CountingStub(channel)
-            big = pb.Upload(worker_id="ghost", round=ROUNDS + 5, dense=pb.DenseTensor(dtype=pb.FLOAT32, data=BIG))
+            big = pb.PushRequest(
+                worker_id="ghost", round=ROUNDS + 5, dense=pb.DenseTensor(dtype=pb.DTYPE_FLOAT32, data=BIG)
+            )
             for call, msg in [
                 (stub.Skip, codec.skip_to_proto("ghost", ROUNDS + 5, "lazy_rule", 0.0)),
                 (stub.Push, big),
@@ -459,6 +466,75 @@ def test_live_frame_time_is_the_kernel_timestamp() -> None:
     assert frame.time == 1_700_000_000 + 123_456_789 * 1e-9
 
 
+# ------------------------------------------------------------ docs/wireshark.md with tshark
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "wireshark.md"
+#: placeholders of the documented commands: the capture, the server's port, the repository's protos/
+_PLACEHOLDERS = re.compile(r"tap\.pcap|50051|/path/to/psrv/protos")
+
+
+def _documented(name: str) -> str:
+    """The fenced block under ``<!-- tested: NAME -->`` in docs/wireshark.md."""
+    m = re.search(rf"<!-- tested: {re.escape(name)} -->\n```[a-z]*\n(.*?)```", DOCS.read_text(), re.S)
+    assert m, f"docs/wireshark.md has no block marked 'tested: {name}'"
+    return m.group(1)
+
+
+def _for_run(command: str, run: Run) -> str:
+    """A documented command, pointed at this run's tap capture, server port and protos/."""
+    values = {
+        "tap.pcap": str(run.tap_pcap),
+        "50051": str(run.server_port),
+        "/path/to/psrv/protos": str(DOCS.parents[1] / "protos"),
+    }
+    return _PLACEHOLDERS.sub(lambda m: shlex.quote(values[m.group()]), command)
+
+
+def _sh(command: str) -> str:
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"{command}\nfailed ({res.returncode}): {res.stderr}"
+    assert "valid" not in res.stderr, res.stderr  # "Some fields aren't valid", "... is not a valid ..."
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def tshark() -> None:
+    if shutil.which("tshark") is None:
+        pytest.skip("tshark is not installed (apt-get install tshark)")
+
+
+TSHARK_RUN = pytest.mark.parametrize("run", ["gd-topk"], indirect=True)  # every worker uploads every round
+
+
+@TSHARK_RUN
+def test_documented_tshark_uploads(tshark: None, run: Run) -> None:
+    rows = [line.split("\t") for line in _sh(_for_run(_documented("tshark uploads"), run)).splitlines()]
+    seen = Counter(
+        (w, int(k)) for _, workers, rounds in rows for w, k in zip(workers.split(","), rounds.split(","), strict=True)
+    )
+    pushes = [r for r in run.records if r["type"] == "message" and r["method"] == "Push" and r["dir"] == "up"]
+    assert seen == Counter((r["worker"], r["round"]) for r in pushes)
+    assert ("w0", 0) in seen  # round 0 is not on the wire: shown by add_default_value
+
+
+@TSHARK_RUN
+def test_documented_tshark_bytes_up(tshark: None, run: Run) -> None:
+    assert int(_sh(_for_run(_documented("tshark bytes_up"), run))) == run.ps.counter.total("up")
+
+
+@TSHARK_RUN
+def test_documented_display_filters(tshark: None, run: Run) -> None:
+    """Every documented filter is valid with the documented options and picks some packets, not all."""
+    argv = shlex.split(_for_run(_documented("tshark uploads"), run).replace("\\\n", " "))
+    base = shlex.join(argv[: argv.index("-Y")])
+    total = len(_sh(base).splitlines())
+    filters = [re.split(r"\s{2,}", line)[0] for line in _documented("tshark display filters").splitlines()]
+    assert len(filters) >= 10
+    for f in filters:
+        n = len(_sh(f"{base} -Y {shlex.quote(f)}").splitlines())
+        assert 0 < n < total, f"{f!r} matches {n} of {total} packets"
+
+
 # ---------------------------------------------------------------- HTTP/2 edge cases (h2)
 
 
@@ -490,7 +566,7 @@ def _h2_conversation() -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
             [
                 (":method", "POST"),
                 (":scheme", "http"),
-                (":path", f"/psrv.v1.ParameterServer/{method}"),
+                (":path", f"/{rpc.SERVICE}/{method}"),
                 (":authority", "127.0.0.1"),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
@@ -500,7 +576,7 @@ def _h2_conversation() -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     c.initiate_connection()
     s.initiate_connection()
     flush()
-    upload = pb.Upload(
+    upload = pb.PushRequest(
         worker_id="w9",
         round=4,
         local_loss=0.5,
@@ -515,7 +591,7 @@ def _h2_conversation() -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     c.send_data(1, body[7:], end_stream=True, pad_length=7)
     flush()
     s.send_headers(1, [(":status", "200"), ("content-type", "application/grpc")])
-    s.send_data(1, _grpc(pb.Ack(round=4)))
+    s.send_data(1, _grpc(pb.PushResponse(round=4)))
     flush()
     c.increment_flow_control_window(1000, stream_id=1)  # up, after the request ended: still stream 1's
     flush()
@@ -524,14 +600,14 @@ def _h2_conversation() -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     flush()
     # stream 3: a skip notice answered trailers-only with a long message (HEADERS + CONTINUATION)
     req(3, "Skip")
-    c.send_data(3, _grpc(pb.SkipNotice(worker_id="w9", round=5, reason=pb.LAZY_RULE)), end_stream=True)
+    c.send_data(3, _grpc(pb.SkipRequest(worker_id="w9", round=5, reason=pb.SKIP_REASON_LAZY_RULE)), end_stream=True)
     flush()
     long_detail = "round 5 is not open; " * 1999 + "round 5 is not open"
     s.send_headers(3, [(":status", "200"), ("grpc-status", "9"), ("grpc-message", long_detail)], end_stream=True)
     flush()
     # stream 5: two model requests in one DATA frame, then the client cancels
     req(5, "GetModel")
-    two = _grpc(pb.ModelRequest(worker_id="w9", round=6)) + _grpc(pb.ModelRequest(worker_id="w9", round=7))
+    two = _grpc(pb.GetModelRequest(worker_id="w9", round=6)) + _grpc(pb.GetModelRequest(worker_id="w9", round=7))
     c.send_data(5, two)
     flush()
     c.reset_stream(5, 8)
@@ -558,13 +634,15 @@ def test_http2_edge_cases_account_every_byte() -> None:
     for r in records:
         by[r["type"], r.get("stream"), r["dir"]].append(r)
     (push,) = by["message", 1, "up"]
-    assert push["message"] == "Upload" and push["worker"] == "w9" and push["round"] == 4 and push["kind"] == "sparse"
+    assert (
+        push["message"] == "PushRequest" and push["worker"] == "w9" and push["round"] == 4 and push["kind"] == "sparse"
+    )
     # HEADERS + 2 DATA + WINDOW_UPDATE; pad length + 7 padding + the window increment
     assert push["bytes"]["frame_headers"] == 36 and push["bytes"]["h2_other"] == 8 + 4
     assert push["bytes"]["indices"] == 3 and push["bytes"]["values"] == 12
     assert push["proto_bytes"] == info["upload"].ByteSize()
     (ack,) = by["message", 1, "down"]
-    assert ack["message"] == "Ack" and ack["round"] == 4 and ack["status"] == 0 and ack["worker"] == "w9"
+    assert ack["message"] == "PushResponse" and ack["round"] == 4 and ack["status"] == 0 and ack["worker"] == "w9"
     assert ack["bytes"]["frame_headers"] == 27  # HEADERS, DATA, trailers
     (rejected,) = by["frames", 3, "down"]
     assert rejected["status"] == 9 and rejected["detail"] == info["detail"] and rejected["round"] == 5
@@ -594,24 +672,30 @@ def test_garbage_is_undecoded_not_fatal() -> None:
 @pytest.mark.parametrize(
     "msg, want",
     [
-        (pb.Upload(worker_id="w", round=3, dense=pb.DenseTensor(dtype=1, shape=[4], data=b"d" * 16)), {"values": 16}),
         (
-            pb.Upload(worker_id="w", sparse=pb.SparseTensor(dim=9, nnz=2, indices=b"ii", values=b"v" * 8)),
+            pb.PushRequest(worker_id="w", round=3, dense=pb.DenseTensor(dtype=1, shape=[4], data=b"d" * 16)),
+            {"values": 16},
+        ),
+        (
+            pb.PushRequest(worker_id="w", sparse=pb.SparseTensor(dim=9, nnz=2, indices=b"ii", values=b"v" * 8)),
             {"indices": 2, "values": 8},
         ),
-        (pb.Upload(worker_id="w", laq=pb.LaqPayload(dim=300, radius=1.0, bits=4, codes=b"c" * 150)), {"codes": 150}),
-        (pb.Upload(qsgd=pb.QsgdPayload(dim=8, norm=2.0, levels=4, signs=b"s", codes=b"ccc")), {"codes": 4}),
         (
-            pb.Upload(sign_sparse=pb.SignSparsePayload(dim=8, nnz=3, indices=b"iii", signs=b"s")),
+            pb.PushRequest(worker_id="w", laq=pb.LaqPayload(dim=300, radius=1.0, bits=4, codes=b"c" * 150)),
+            {"codes": 150},
+        ),
+        (pb.PushRequest(qsgd=pb.QsgdPayload(dim=8, norm=2.0, levels=4, signs=b"s", codes=b"ccc")), {"codes": 4}),
+        (
+            pb.PushRequest(sign_sparse=pb.SignSparsePayload(dim=8, nnz=3, indices=b"iii", signs=b"s")),
             {"indices": 3, "codes": 1},
         ),
-        (pb.Upload(worker_id="w", zstd=pb.ZstdPayload(kind="qsgd", data=b"z" * 300)), {"zstd": 300}),
+        (pb.PushRequest(worker_id="w", zstd=pb.ZstdPayload(kind=pb.PAYLOAD_KIND_QSGD, data=b"z" * 300)), {"zstd": 300}),
         (
-            pb.ModelBroadcast(round=2, params=pb.DenseTensor(dtype=1, data=b"p" * 400), recent_step_sq=[1.0]),
+            pb.GetModelResponse(round=2, params=pb.DenseTensor(dtype=1, data=b"p" * 400), recent_step_sq=[1.0]),
             {"values": 400},
         ),
-        (pb.SkipNotice(worker_id="w", round=1, reason=pb.LAZY_RULE, local_loss=0.1), {}),
-        (pb.Ack(), {}),
+        (pb.SkipRequest(worker_id="w", round=1, reason=pb.SKIP_REASON_LAZY_RULE, local_loss=0.1), {}),
+        (pb.PushResponse(), {}),
     ],
 )
 def test_field_split(msg: Any, want: dict[str, int]) -> None:
@@ -621,9 +705,9 @@ def test_field_split(msg: Any, want: dict[str, int]) -> None:
 
 
 def test_field_split_rejects_malformed() -> None:
-    bad = pb.Upload(worker_id="w", round=1).SerializeToString()[:-1] + b"\x80"
+    bad = pb.PushRequest(worker_id="w", round=1).SerializeToString()[:-1] + b"\x80"
     with pytest.raises(ValueError):
-        field_split(bad, pb.Upload.DESCRIPTOR)
+        field_split(bad, pb.PushRequest.DESCRIPTOR)
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -677,7 +761,7 @@ def test_cli_tap(tmp_path: Path) -> None:
         ("Register", "down", "solo"),
     ]
     assert all(r["balanced"] for r in records if r["type"] == "connection")
-    assert "Register down RegisterReply" in res.output
+    assert "Register down RegisterResponse" in res.output
     assert decode_pcap(pcap, port=port).records == records
 
 

@@ -130,7 +130,18 @@ def test_cluster_and_run_train_the_same_objective(tmp_path: Path) -> None:
     from psrv.cluster.config import ClusterConfig
     from psrv.cluster.run import server_argv
 
-    args = ["--algorithm", "laq", "--task", "linreg", "--data", "linreg-hetero", "--split", "contiguous", "-o", "bits=8"]
+    args = [
+        "--algorithm",
+        "laq",
+        "--task",
+        "linreg",
+        "--data",
+        "linreg-hetero",
+        "--split",
+        "contiguous",
+        "-o",
+        "bits=8",
+    ]
     run_job, run_dc = _job_from(("run",), args)
     cluster_job, cluster_dc = _job_from(("cluster", "run"), args)
     assert run_job == cluster_job and run_dc == cluster_dc

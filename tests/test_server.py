@@ -45,7 +45,7 @@ class Harness:
     # -------------------------------------------------------------- lifecycle
     def register(
         self, worker_id: str, num_samples: int = 10, n_features: int = N_FEATURES, n_classes: int = N_CLASSES
-    ) -> pb.RegisterReply:
+    ) -> pb.RegisterResponse:
         reply = self.stub.Register(
             pb.RegisterRequest(
                 worker_id=worker_id, num_samples=num_samples, n_features=n_features, n_classes=n_classes
@@ -93,18 +93,18 @@ class Harness:
         assert self.thread is None or not self.thread.is_alive(), "run loop did not end"
 
     # -------------------------------------------------------------- calls
-    def model(self, worker_id: str, round_: int) -> pb.ModelBroadcast:
-        return self.stub.GetModel(pb.ModelRequest(worker_id=worker_id, round=round_), timeout=RPC_TIMEOUT)
+    def model(self, worker_id: str, round_: int) -> pb.GetModelResponse:
+        return self.stub.GetModel(pb.GetModelRequest(worker_id=worker_id, round=round_), timeout=RPC_TIMEOUT)
 
     def params(self, worker_id: str, round_: int) -> np.ndarray:
         mb = self.model(worker_id, round_)
         assert mb.round == round_
         return np.array(codec.tensor_from_proto(mb.params, DIM, "model"))
 
-    def push(self, worker_id: str, round_: int, p: Payload, loss: float = 1.0) -> pb.Ack:
+    def push(self, worker_id: str, round_: int, p: Payload, loss: float = 1.0) -> pb.PushResponse:
         return self.stub.Push(codec.upload_to_proto(worker_id, round_, loss, p), timeout=RPC_TIMEOUT)
 
-    def skip(self, worker_id: str, round_: int, reason: str = "lazy_rule") -> pb.Ack:
+    def skip(self, worker_id: str, round_: int, reason: str = "lazy_rule") -> pb.SkipResponse:
         return self.stub.Skip(codec.skip_to_proto(worker_id, round_, reason, 1.0), timeout=RPC_TIMEOUT)
 
 
@@ -237,22 +237,22 @@ def test_bad_payloads_are_invalid_argument(make_harness: Callable[..., Harness])
     with expect_status(Code.INVALID_ARGUMENT, "NaN or Inf"):
         h.push("w0", 0, sparse(DIM, np.array([1, 2]), np.array([1.0, np.inf], dtype=np.float32)))
     # index 15 fits the 4-bit index width of dim 15 but is out of range
-    bad_index = pb.Upload(
+    bad_index = pb.PushRequest(
         worker_id="w0",
         round=0,
         local_loss=1.0,
         sparse=pb.SparseTensor(
             dim=DIM,
             nnz=2,
-            index_encoding=pb.BITPACKED,
+            index_encoding=pb.INDEX_ENCODING_BITPACKED,
             indices=bitpack.pack(np.array([2, 15]), 4),
-            value_dtype=pb.FLOAT32,
+            value_dtype=pb.DTYPE_FLOAT32,
             values=np.ones(2, np.float32).tobytes(),
         ),
     )
     with expect_status(Code.INVALID_ARGUMENT, "index 15 out of range"):
         h.stub.Push(bad_index, timeout=RPC_TIMEOUT)
-    garbage = pb.Upload(
+    garbage = pb.PushRequest(
         worker_id="w0", round=0, local_loss=1.0, laq=pb.LaqPayload(dim=DIM, radius=1.0, bits=4, codes=b"\x07" * 5)
     )
     with expect_status(Code.INVALID_ARGUMENT, "codes", "5 bytes, expected 8"):
@@ -260,13 +260,13 @@ def test_bad_payloads_are_invalid_argument(make_harness: Callable[..., Harness])
     with expect_status(Code.INVALID_ARGUMENT, "dimension 16, expected 15"):
         h.push("w0", 0, sparse(16, np.array([0]), np.ones(1, np.float32)))
     with expect_status(Code.INVALID_ARGUMENT, "no payload"):
-        h.stub.Push(pb.Upload(worker_id="w0", round=0, local_loss=1.0), timeout=RPC_TIMEOUT)
+        h.stub.Push(pb.PushRequest(worker_id="w0", round=0, local_loss=1.0), timeout=RPC_TIMEOUT)
     with expect_status(Code.INVALID_ARGUMENT, "local_loss"):
         h.push("w0", 0, dense(_grad(2)), loss=float("nan"))
     with expect_status(Code.INVALID_ARGUMENT, "invalid reason"):
-        h.stub.Skip(pb.SkipNotice(worker_id="w0", round=0, reason=pb.DEADLINE), timeout=RPC_TIMEOUT)
+        h.stub.Skip(pb.SkipRequest(worker_id="w0", round=0, reason=3), timeout=RPC_TIMEOUT)  # no such reason
     with expect_status(Code.INVALID_ARGUMENT, "invalid reason"):
-        h.stub.Skip(pb.SkipNotice(worker_id="w0", round=0), timeout=RPC_TIMEOUT)
+        h.stub.Skip(pb.SkipRequest(worker_id="w0", round=0), timeout=RPC_TIMEOUT)
 
     # none of that counted as the worker's report for round 0: a good push is still accepted
     assert h.push("w0", 0, dense(_grad(3))).round == 0
@@ -349,16 +349,16 @@ def test_bad_messages_do_not_touch_the_model(make_harness: Callable[..., Harness
         h.push("w0", 0, dense(100 * g1))  # a valid second report must not replace the first
     with expect_status(Code.INVALID_ARGUMENT):
         h.stub.Push(
-            pb.Upload(
+            pb.PushRequest(
                 worker_id="w1",
                 round=0,
                 local_loss=0.0,
                 sparse=pb.SparseTensor(
                     dim=DIM,
                     nnz=1,
-                    index_encoding=pb.BITPACKED,
+                    index_encoding=pb.INDEX_ENCODING_BITPACKED,
                     indices=bitpack.pack(np.array([15]), 4),
-                    value_dtype=pb.FLOAT32,
+                    value_dtype=pb.DTYPE_FLOAT32,
                     values=np.ones(1, np.float32).tobytes(),
                 ),
             ),
@@ -366,7 +366,7 @@ def test_bad_messages_do_not_touch_the_model(make_harness: Callable[..., Harness
         )
     with expect_status(Code.INVALID_ARGUMENT):
         h.stub.Push(
-            pb.Upload(
+            pb.PushRequest(
                 worker_id="w1",
                 round=0,
                 local_loss=0.0,
@@ -489,12 +489,12 @@ def test_client_and_server_count_the_same_bytes(make_harness: Callable[..., Harn
     call("Register", _req("w1", num_samples=20))
     h.worker_ids += ["w0", "w1"]
     h.start()
-    call("GetModel", pb.ModelRequest(worker_id="w0", round=0))
-    call("GetModel", pb.ModelRequest(worker_id="w1", round=0))
+    call("GetModel", pb.GetModelRequest(worker_id="w0", round=0))
+    call("GetModel", pb.GetModelRequest(worker_id="w1", round=0))
     call("Push", codec.upload_to_proto("w0", 0, 0.5, dense(_grad(0))))
     call("Push", codec.upload_to_proto("w1", 0, 0.5, dense(_grad(0, DIM + 1))), ok=False)
     call("Push", codec.upload_to_proto("w1", 0, 0.5, dense(_grad(1))))
-    call("GetModel", pb.ModelRequest(worker_id="w0", round=1))
+    call("GetModel", pb.GetModelRequest(worker_id="w0", round=1))
     call("Skip", codec.skip_to_proto("w0", 1, "lazy_rule", 0.25))
     call("Skip", codec.skip_to_proto("ghost", 1, "lazy_rule", 0.25), ok=False)
 

@@ -14,8 +14,8 @@ from psrv.v1 import psrv_pb2 as pb
 D = 50_000
 
 
-def _wire(msg: pb.Upload) -> pb.Upload:
-    return pb.Upload.FromString(msg.SerializeToString())
+def _wire(msg: pb.PushRequest) -> pb.PushRequest:
+    return pb.PushRequest.FromString(msg.SerializeToString())
 
 
 @pytest.mark.parametrize("name", ["dense", "fp16", "topk", "qsgd", "sq", "randk"])
@@ -41,15 +41,17 @@ def test_zstd_used_when_it_pays_and_skipped_when_not() -> None:
 def test_zstd_bomb_and_garbage_are_rejected() -> None:
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (16 * 100 + 4096))
     with pytest.raises(codec.CodecError, match="decompresses to more than"):
-        codec.upload_from_proto(pb.Upload(zstd=pb.ZstdPayload(kind="dense", data=bomb)), 100)
+        codec.upload_from_proto(pb.PushRequest(zstd=pb.ZstdPayload(kind=pb.PAYLOAD_KIND_DENSE, data=bomb)), 100)
     with pytest.raises(codec.CodecError, match="zstd payload"):
-        codec.upload_from_proto(pb.Upload(zstd=pb.ZstdPayload(kind="dense", data=b"not zstd")), 100)
+        codec.upload_from_proto(pb.PushRequest(zstd=pb.ZstdPayload(kind=pb.PAYLOAD_KIND_DENSE, data=b"not zstd")), 100)
     with pytest.raises(codec.CodecError, match="unknown kind"):
-        codec.upload_from_proto(pb.Upload(zstd=pb.ZstdPayload(kind="zstd", data=b"")), 100)
+        codec.upload_from_proto(pb.PushRequest(zstd=pb.ZstdPayload(kind=pb.PAYLOAD_KIND_UNSPECIFIED, data=b"")), 100)
     junk = zstandard.ZstdCompressor().compress(b"\xff" * 40)
     with pytest.raises(codec.CodecError, match="not a valid dense"):
-        codec.upload_from_proto(pb.Upload(zstd=pb.ZstdPayload(kind="dense", data=junk)), 100)
+        codec.upload_from_proto(pb.PushRequest(zstd=pb.ZstdPayload(kind=pb.PAYLOAD_KIND_DENSE, data=junk)), 100)
     # a valid inner message is validated like any other: wrong dimension
     inner = codec.payload_to_proto(make_compressor("dense").compress(np.ones(10))).SerializeToString()
     with pytest.raises(codec.CodecError, match="expected 100"):
-        codec.upload_from_proto(pb.Upload(zstd=pb.ZstdPayload(kind="dense", data=zstandard.compress(inner))), 100)
+        codec.upload_from_proto(
+            pb.PushRequest(zstd=pb.ZstdPayload(kind=pb.PAYLOAD_KIND_DENSE, data=zstandard.compress(inner))), 100
+        )

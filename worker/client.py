@@ -80,7 +80,7 @@ def worker_rng(seed: int, shard: int | None, worker_id: str) -> np.random.Genera
     return np.random.default_rng([seed, identity])
 
 
-def _register(stub: rpc.CountingStub, req: pb.RegisterRequest, timeout: float) -> pb.RegisterReply:
+def _register(stub: rpc.CountingStub, req: pb.RegisterRequest, timeout: float) -> pb.RegisterResponse:
     """Register, retrying while the server is not up yet."""
     give_up = time.monotonic() + timeout
     while True:
@@ -100,7 +100,7 @@ class _Gradients:
     and the objective weight is rescaled (total N*B/n_m) so the minibatch gradient is an
     unbiased estimate of grad f_m; every evaluation in the round uses the same rows."""
 
-    def __init__(self, task: Any, ds: data.Dataset, mb: pb.ModelBroadcast, batch: int, rng: np.random.Generator):
+    def __init__(self, task: Any, ds: data.Dataset, mb: pb.GetModelResponse, batch: int, rng: np.random.Generator):
         self.task, self.num_workers, self.evals = task, mb.num_workers, 0
         if 0 < batch < len(ds):
             rows = rng.choice(len(ds), batch, replace=False)
@@ -142,9 +142,7 @@ def _report(
     if payload is None:
         stub.Skip(codec.skip_to_proto(cfg.worker_id, k, reason, loss), timeout=cfg.rpc_timeout)
     else:
-        upload = codec.upload_to_proto(cfg.worker_id, k, loss, payload, zstd=zstd)
-        if smoothness is not None:
-            upload.smoothness = smoothness
+        upload = codec.upload_to_proto(cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smoothness)
         stub.Push(upload, timeout=cfg.rpc_timeout)
 
 
@@ -173,7 +171,7 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         k = 0
         while True:
             try:
-                mb = stub.GetModel(pb.ModelRequest(worker_id=cfg.worker_id, round=k), timeout=cfg.rpc_timeout)
+                mb = stub.GetModel(pb.GetModelRequest(worker_id=cfg.worker_id, round=k), timeout=cfg.rpc_timeout)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue  # long poll expired; the round has not started yet
@@ -183,8 +181,9 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                 result.final_params = np.array(theta, dtype=np.float64)
                 break
             k = mb.round
+            selected = codec.selected_workers(mb)
             try:
-                if mb.selective and reply.worker_index not in mb.selected:
+                if selected is not None and reply.worker_index not in selected:
                     _report(stub, cfg, k, None, "not_selected", None, conf.zstd)  # computes nothing
                     result.skips += 1
                 else:

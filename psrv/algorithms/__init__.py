@@ -46,7 +46,7 @@ class SelectionView:
     round: int
     theta: np.ndarray
     theta_hat: np.ndarray | None  # (M, d) iterate of each worker's last upload, if tracked
-    smoothness: tuple[float, ...]  # L_m reported at registration
+    smoothness: tuple[float, ...]  # L_m: largest of the bounds sent with uploads and the secant estimates
     staleness: tuple[int, ...]  # rounds since each worker's last upload
     recent_step_sq: tuple[float, ...]
 

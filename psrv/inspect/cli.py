@@ -48,7 +48,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def kind_label(r: dict[str, Any]) -> str:
-    """``Push up Upload/sparse``, ``GetModel down (no message) DEADLINE_EXCEEDED``."""
+    """``Push up PushRequest/sparse``, ``GetModel down (no message) DEADLINE_EXCEEDED``."""
     what = r["message"] or "(no message)"
     if r.get("kind"):
         what += f"/{r['kind']}"

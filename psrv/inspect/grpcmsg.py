@@ -114,11 +114,20 @@ def field_split(data: bytes, desc: Descriptor) -> dict[str, int]:
 
 
 def method_name(path: str) -> str:
-    """``/psrv.v1.ParameterServer/Push`` -> ``Push``; any other path stays as it is."""
+    """``/psrv.v1.ParameterServerService/Push`` -> ``Push``; any other path stays as it is."""
     prefix = f"/{SERVICE}/"
     if path.startswith(prefix) and path[len(prefix) :] in METHODS:
         return path[len(prefix) :]
     return path
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    """``SKIP_REASON_LAZY_RULE`` -> ``lazy_rule``, ``PAYLOAD_KIND_SIGN_SPARSE`` -> ``sign_sparse``; an
+    unknown value as its number."""
+    if value not in enum.values():
+        return str(value)
+    prefix = enum.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
+    return enum.Name(value).removeprefix(prefix).lower()
 
 
 def describe(method: str, direction: str, data: bytes) -> dict[str, Any]:
@@ -130,14 +139,14 @@ def describe(method: str, direction: str, data: bytes) -> dict[str, Any]:
     info: dict[str, Any] = {"message": msg_type.DESCRIPTOR.name, "worker": None, "round": None, "kind": ""}
     if hasattr(msg, "worker_id"):
         info["worker"] = msg.worker_id or None
-    if msg_type is not pb.RegisterReply and hasattr(msg, "round"):
+    if hasattr(msg, "round"):
         info["round"] = msg.round
-    if isinstance(msg, pb.Upload):
+    if isinstance(msg, pb.PushRequest):
         kind = msg.WhichOneof("payload") or ""
-        info["kind"] = f"zstd:{msg.zstd.kind}" if kind == "zstd" else kind
-    elif isinstance(msg, pb.SkipNotice):
-        info["kind"] = pb.SkipReason.Name(msg.reason).lower() if msg.reason in pb.SkipReason.values() else ""
-    elif isinstance(msg, pb.ModelBroadcast):
+        info["kind"] = f"zstd:{_enum_name(pb.PayloadKind, msg.zstd.kind)}" if kind == "zstd" else kind
+    elif isinstance(msg, pb.SkipRequest):
+        info["kind"] = _enum_name(pb.SkipReason, msg.reason)
+    elif isinstance(msg, pb.GetModelResponse):
         info["kind"] = "final" if msg.done else ""
     return info
 

@@ -7,48 +7,61 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    FLOAT32: _ClassVar[DType]
-    FLOAT64: _ClassVar[DType]
-    FLOAT16: _ClassVar[DType]
-    BFLOAT16: _ClassVar[DType]
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT64: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
 
 class IndexEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INDEX_ENCODING_UNSPECIFIED: _ClassVar[IndexEncoding]
-    BITPACKED: _ClassVar[IndexEncoding]
-    DELTA_VARINT: _ClassVar[IndexEncoding]
+    INDEX_ENCODING_BITPACKED: _ClassVar[IndexEncoding]
+    INDEX_ENCODING_DELTA_VARINT: _ClassVar[IndexEncoding]
+
+class PayloadKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PAYLOAD_KIND_UNSPECIFIED: _ClassVar[PayloadKind]
+    PAYLOAD_KIND_DENSE: _ClassVar[PayloadKind]
+    PAYLOAD_KIND_SPARSE: _ClassVar[PayloadKind]
+    PAYLOAD_KIND_LAQ: _ClassVar[PayloadKind]
+    PAYLOAD_KIND_QSGD: _ClassVar[PayloadKind]
+    PAYLOAD_KIND_SIGN_SPARSE: _ClassVar[PayloadKind]
 
 class SkipReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SKIP_REASON_UNSPECIFIED: _ClassVar[SkipReason]
-    LAZY_RULE: _ClassVar[SkipReason]
-    NOT_SELECTED: _ClassVar[SkipReason]
-    DEADLINE: _ClassVar[SkipReason]
-DTYPE_UNSPECIFIED: DType
-FLOAT32: DType
-FLOAT64: DType
-FLOAT16: DType
-BFLOAT16: DType
+    SKIP_REASON_LAZY_RULE: _ClassVar[SkipReason]
+    SKIP_REASON_NOT_SELECTED: _ClassVar[SkipReason]
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT64: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_BFLOAT16: Dtype
 INDEX_ENCODING_UNSPECIFIED: IndexEncoding
-BITPACKED: IndexEncoding
-DELTA_VARINT: IndexEncoding
+INDEX_ENCODING_BITPACKED: IndexEncoding
+INDEX_ENCODING_DELTA_VARINT: IndexEncoding
+PAYLOAD_KIND_UNSPECIFIED: PayloadKind
+PAYLOAD_KIND_DENSE: PayloadKind
+PAYLOAD_KIND_SPARSE: PayloadKind
+PAYLOAD_KIND_LAQ: PayloadKind
+PAYLOAD_KIND_QSGD: PayloadKind
+PAYLOAD_KIND_SIGN_SPARSE: PayloadKind
 SKIP_REASON_UNSPECIFIED: SkipReason
-LAZY_RULE: SkipReason
-NOT_SELECTED: SkipReason
-DEADLINE: SkipReason
+SKIP_REASON_LAZY_RULE: SkipReason
+SKIP_REASON_NOT_SELECTED: SkipReason
 
 class DenseTensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    dtype: DType
+    dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SparseTensor(_message.Message):
     __slots__ = ("dim", "nnz", "index_encoding", "indices", "value_dtype", "values")
@@ -62,9 +75,9 @@ class SparseTensor(_message.Message):
     nnz: int
     index_encoding: IndexEncoding
     indices: bytes
-    value_dtype: DType
+    value_dtype: Dtype
     values: bytes
-    def __init__(self, dim: _Optional[int] = ..., nnz: _Optional[int] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ..., indices: _Optional[bytes] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., values: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, dim: _Optional[int] = ..., nnz: _Optional[int] = ..., index_encoding: _Optional[_Union[IndexEncoding, str]] = ..., indices: _Optional[bytes] = ..., value_dtype: _Optional[_Union[Dtype, str]] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class LaqPayload(_message.Message):
     __slots__ = ("dim", "radius", "bits", "codes")
@@ -112,59 +125,21 @@ class ZstdPayload(_message.Message):
     __slots__ = ("kind", "data")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    kind: str
+    kind: PayloadKind
     data: bytes
-    def __init__(self, kind: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
-
-class Upload(_message.Message):
-    __slots__ = ("worker_id", "round", "local_loss", "smoothness", "dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
-    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
-    SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
-    DENSE_FIELD_NUMBER: _ClassVar[int]
-    SPARSE_FIELD_NUMBER: _ClassVar[int]
-    LAQ_FIELD_NUMBER: _ClassVar[int]
-    QSGD_FIELD_NUMBER: _ClassVar[int]
-    SIGN_SPARSE_FIELD_NUMBER: _ClassVar[int]
-    ZSTD_FIELD_NUMBER: _ClassVar[int]
-    worker_id: str
-    round: int
-    local_loss: float
-    smoothness: float
-    dense: DenseTensor
-    sparse: SparseTensor
-    laq: LaqPayload
-    qsgd: QsgdPayload
-    sign_sparse: SignSparsePayload
-    zstd: ZstdPayload
-    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., local_loss: _Optional[float] = ..., smoothness: _Optional[float] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ..., zstd: _Optional[_Union[ZstdPayload, _Mapping]] = ...) -> None: ...
-
-class SkipNotice(_message.Message):
-    __slots__ = ("worker_id", "round", "reason", "local_loss")
-    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
-    REASON_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
-    worker_id: str
-    round: int
-    reason: SkipReason
-    local_loss: float
-    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[_Union[SkipReason, str]] = ..., local_loss: _Optional[float] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[PayloadKind, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "num_samples", "n_features", "n_classes", "smoothness")
+    __slots__ = ("worker_id", "num_samples", "n_features", "n_classes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     N_FEATURES_FIELD_NUMBER: _ClassVar[int]
     N_CLASSES_FIELD_NUMBER: _ClassVar[int]
-    SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_samples: int
     n_features: int
     n_classes: int
-    smoothness: float
-    def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., n_features: _Optional[int] = ..., n_classes: _Optional[int] = ..., smoothness: _Optional[float] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., n_features: _Optional[int] = ..., n_classes: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
     __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd")
@@ -202,7 +177,7 @@ class RunConfig(_message.Message):
     zstd: bool
     def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ...) -> None: ...
 
-class RegisterReply(_message.Message):
+class RegisterResponse(_message.Message):
     __slots__ = ("worker_index", "config")
     WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -210,7 +185,7 @@ class RegisterReply(_message.Message):
     config: RunConfig
     def __init__(self, worker_index: _Optional[int] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ...) -> None: ...
 
-class ModelRequest(_message.Message):
+class GetModelRequest(_message.Message):
     __slots__ = ("worker_id", "round")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -218,27 +193,73 @@ class ModelRequest(_message.Message):
     round: int
     def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
-class ModelBroadcast(_message.Message):
-    __slots__ = ("round", "params", "recent_step_sq", "total_samples", "num_workers", "done", "selective", "selected")
+class Selection(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, workers: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("round", "params", "recent_step_sq", "total_samples", "num_workers", "done", "selection")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     RECENT_STEP_SQ_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
-    SELECTIVE_FIELD_NUMBER: _ClassVar[int]
-    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     round: int
     params: DenseTensor
     recent_step_sq: _containers.RepeatedScalarFieldContainer[float]
     total_samples: int
     num_workers: int
     done: bool
-    selective: bool
-    selected: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ..., selective: _Optional[bool] = ..., selected: _Optional[_Iterable[int]] = ...) -> None: ...
+    selection: Selection
+    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ...) -> None: ...
 
-class Ack(_message.Message):
+class PushRequest(_message.Message):
+    __slots__ = ("worker_id", "round", "local_loss", "smoothness", "dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHNESS_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    LAQ_FIELD_NUMBER: _ClassVar[int]
+    QSGD_FIELD_NUMBER: _ClassVar[int]
+    SIGN_SPARSE_FIELD_NUMBER: _ClassVar[int]
+    ZSTD_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    round: int
+    local_loss: float
+    smoothness: float
+    dense: DenseTensor
+    sparse: SparseTensor
+    laq: LaqPayload
+    qsgd: QsgdPayload
+    sign_sparse: SignSparsePayload
+    zstd: ZstdPayload
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., local_loss: _Optional[float] = ..., smoothness: _Optional[float] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ..., zstd: _Optional[_Union[ZstdPayload, _Mapping]] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class SkipRequest(_message.Message):
+    __slots__ = ("worker_id", "round", "reason", "local_loss")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    round: int
+    reason: SkipReason
+    local_loss: float
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[_Union[SkipReason, str]] = ..., local_loss: _Optional[float] = ...) -> None: ...
+
+class SkipResponse(_message.Message):
     __slots__ = ("round",)
     ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
