@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from threaded import run_in_threads
 
 from psrv import data
 from psrv.algorithms import RoundInfo, SelectionView, make_algorithm
@@ -17,6 +16,7 @@ from psrv.payload import to_dense
 from psrv.server import ParameterServer, ServerConfig
 from psrv.tasks import make_task
 from psrv.triggers import lag_ps_upload, lag_threshold
+from tests.helpers.threaded import run_in_threads
 from worker.client import load_training_data
 
 TRAIN, _ = load_training_data("digits", 0.2, 0)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from threaded import run_in_threads
 
 from psrv import data
 from psrv.compress import COMPRESSORS, make_compressor
 from psrv.server import ParameterServer, ServerConfig
+from tests.helpers.threaded import run_in_threads
 from worker.client import load_training_data
 
 M, ROUNDS = 2, 6

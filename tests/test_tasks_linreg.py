@@ -13,14 +13,7 @@ from psrv.data import linreg_hetero_smoothness, load, load_builtin, shard, shard
 from psrv.tasks import MLP, TASKS, LinReg, Task, make_task
 from worker.client import WorkerConfig, load_worker_data
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """As in a worker process; two spinning intra-op threads crawl when the 2 cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
