@@ -1,6 +1,6 @@
 """Server-side worker selection (RIAG, CIAG, LAG-PS; seed 000 "Methods for worker selection") and
 minibatch SGD, through the whole stack: a real gRPC server on port 0 and worker threads, as in
-tests/test_compressors_e2e.py. Exact comparisons between runs are sound: every upload is float32,
+tests/test_compress_e2e.py. Exact comparisons between runs are sound: every upload is float32,
 so the server's float64 sums of them do not depend on the order uploads arrive in."""
 
 from __future__ import annotations

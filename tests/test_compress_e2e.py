@@ -1,5 +1,5 @@
 """Every registered compressor through the whole stack: a real gRPC server on port 0 and
-worker loops (threads here, for speed; tests/test_e2e.py covers worker processes)."""
+worker loops (threads here, for speed; tests/test_runner.py covers worker processes)."""
 
 from __future__ import annotations
 
