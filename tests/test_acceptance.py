@@ -6,8 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from psrv.runner import DataConfig, run_local
 from psrv.server import ServerConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 
 def test_laq_reaches_gd_loss_with_a_tenth_of_the_uplink(tmp_path: Path) -> None:

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from psrv.data import linreg_hetero_smoothness
 from psrv.runner import DataConfig, run_local
 from psrv.server import ServerConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 
 def _uploads_per_worker(metrics: Path) -> dict[str, int]:

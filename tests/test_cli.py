@@ -13,6 +13,8 @@ import pytest
 PSRV = [sys.executable, "-m", "psrv"]
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_run_writes_summary_and_metrics(tmp_path: Path) -> None:
     summary = tmp_path / "s.json"
     cmd = [
@@ -60,6 +62,8 @@ def test_run_writes_summary_and_metrics(tmp_path: Path) -> None:
     assert replot.returncode == 0 and (tmp_path / "again.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_bad_data_file_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("1,2,0\n3,oops,1\n")
@@ -77,6 +81,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_separate_server_and_worker_processes(tmp_path: Path) -> None:
     port = _free_port()
     summary = tmp_path / "server.json"

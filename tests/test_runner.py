@@ -13,6 +13,8 @@ from psrv.server import ServerConfig
 from psrv.tasks import make_task
 from worker.client import load_training_data
 
+pytestmark = [pytest.mark.slow, pytest.mark.process]
+
 DIGITS = DataConfig(data="digits", test_fraction=0.2, seed=3)
 
 

@@ -13,8 +13,6 @@ from psrv.data import load_builtin, shard_indices
 from psrv.tasks import MLP, TASKS, Task, make_task
 from tests.helpers.grad import fd_grad
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def _mlp_problem(n: int = 12, d: int = 5, h: int = 4, c: int = 3, seed: int = 0, l2: float = 0.1, precision=64):
     rng = np.random.default_rng(seed)
