@@ -10,6 +10,7 @@ import pytest
 
 from psrv.runner import DataConfig, run_local
 from psrv.server import ServerConfig
+from tests.helpers.timeouts import PATIENT
 
 pytestmark = [pytest.mark.slow, pytest.mark.process]
 
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.process]
 def test_laq_reaches_gd_loss_with_a_tenth_of_the_uplink(tmp_path: Path) -> None:
     runs = {
         name: run_local(
-            ServerConfig(algorithm=name, options={"lr": 0.02}, num_workers=10, rounds=300),
+            ServerConfig(algorithm=name, options={"lr": 0.02}, num_workers=10, rounds=300, **PATIENT),
             DataConfig(),
             tmp_path / name,
         )

@@ -28,6 +28,8 @@ def test_run_writes_summary_and_metrics(tmp_path: Path) -> None:
         "2",
         "--rounds",
         "5",
+        "--round-timeout",  # no round may end without a report on a loaded machine: uploads + skips == 10
+        "60",
         "--out",
         str(tmp_path / "out"),
         "--summary-json",
@@ -98,6 +100,8 @@ def test_separate_server_and_worker_processes(tmp_path: Path) -> None:
             "2",
             "--rounds",
             "4",
+            "--round-timeout",  # no round may end without a report on a loaded machine: uploads == 8
+            "60",
             "--host",
             "127.0.0.1",
             "--port",
