@@ -1,6 +1,7 @@
 """The foundation issue's claim on the default task (MNIST logistic regression, M = 10,
 same rounds and step size): LAQ reaches GD's loss within 1% with at most 10% of GD's
-uplink bytes, and really skips uploads."""
+uplink bytes, and really skips uploads. An acceptance test (a claim, not one module): 10 worker
+processes, 300 rounds, twice; the lazy-aggregation papers' claims are in test_acceptance_lazy.py."""
 
 from __future__ import annotations
 
