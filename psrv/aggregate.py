@@ -1,7 +1,7 @@
 """The server's memory of every worker's latest contribution, and their running sum.
 
 Lazy algorithms need the server to keep, per worker, the last thing it received
-so a skipping worker still contributes its (stale) value (seed 003 eq. 4). The
+so a skipping worker still contributes its (stale) value (Sun et al., NeurIPS 2019, eq. 4). The
 aggregate ``total = sum_m stored_m`` is kept as a running sum so a round costs
 O(uploads * d), not O(M * d).
 """

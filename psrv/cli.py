@@ -1,7 +1,14 @@
-"""Command line: ``psrv run``, ``psrv start-server``, ``psrv start-worker``."""
+"""Command line: ``psrv run``, ``psrv start-server``, ``psrv start-worker``, ``psrv plot``, and the
+``cluster`` and ``inspect`` groups (loaded only when named).
+
+Job and data options are declared once in :mod:`psrv.options`. Heavy modules (torch, grpc,
+matplotlib, scikit-learn, mlxtend) are imported inside the commands that use them, so
+``psrv --help`` and the subcommands that need none of them start fast.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import signal
@@ -11,117 +18,45 @@ from typing import Any
 
 import click
 
-from psrv import plots, report
-from psrv.algorithms import ALGORITHMS
-from psrv.cliutil import algorithm_list
-from psrv.compress import COMPRESSORS
-from psrv.data import SPLITS, DataError, builtin_task_hint
-from psrv.runner import DataConfig, run_local
-from psrv.server import ParameterServer, ServerConfig, create_server
+from psrv.options import data_options, job_and_data_options, job_options, jobs_from_cli, pop_data
 
 
-def _parse_options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        try:
-            if not sep or not key:
-                raise ValueError
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise click.BadParameter(f"expected KEY=NUMBER, got {item!r}") from None
-    return out
+class LazyGroup(click.Group):
+    """A group whose listed subcommands are imported only when they are run or asked for help."""
+
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attr = self.lazy[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List every command without importing the lazy ones (their one-line help is given here)."""
+        rows = [(name, self.commands[name].get_short_help_str(60)) for name in super().list_commands(ctx)]
+        rows += [(name, LAZY_HELP[name]) for name in self.lazy]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(sorted(rows))
 
 
-def algorithm_options(fn):
-    """Options shared by ``run`` and ``start-server``: they define the job."""
-    decorators = [
-        click.option(
-            "--compressor",
-            default="",
-            help=f"Uplink compressor (default: the algorithm's own). Known: {', '.join(sorted(COMPRESSORS))}.",
-        ),
-        click.option("--lr", type=float, default=0.02, show_default=True, help="Step size alpha."),
-        click.option(
-            "-o",
-            "--option",
-            "options",
-            multiple=True,
-            callback=_parse_options,
-            metavar="KEY=VALUE",
-            help="Algorithm/compressor option, e.g. -o bits=3 -o D=10 -o t_bar=100 -o ratio=0.01.",
-        ),
-        click.option(
-            "--task",
-            default=None,
-            help="Model/objective: logreg, linreg, mlp (default: logreg, or the task a built-in data set is made for).",
-        ),
-        click.option(
-            "--l2",
-            type=float,
-            default=None,
-            help="L2 regularisation weight (default: the task's own: logreg 0.01, linreg 0, mlp 0).",
-        ),
-        click.option(
-            "-t",
-            "--task-option",
-            "task_options",
-            multiple=True,
-            callback=_parse_options,
-            metavar="KEY=VALUE",
-            help="Task option, e.g. -t hidden=200 for mlp.",
-        ),
-        click.option("--rounds", type=click.IntRange(min=0), default=500, show_default=True),
-        click.option("--workers", type=click.IntRange(min=1), default=10, show_default=True),
-        click.option(
-            "--round-timeout",
-            type=click.FloatRange(min=0, min_open=True),
-            default=10.0,
-            show_default=True,
-            help="Seconds a round waits for reports; a worker that misses it counts as skipping.",
-        ),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--zstd", is_flag=True, help="Workers zstd-compress each payload when that makes it smaller."),
-    ]
-    for d in reversed(decorators):
-        fn = d(fn)
-    return fn
+LAZY_HELP = {
+    "cluster": "Shaped multi-host runs on one machine: one network namespace per host (needs root).",
+    "inspect": "Look at psrv's traffic on the wire: HTTP/2 frames, gRPC messages, bytes per field.",
+}
 
 
-def _server_config(
-    algorithm: str,
-    compressor: str,
-    lr: float,
-    options: dict[str, float],
-    task: str | None,
-    l2: float | None,
-    task_options: dict[str, float],
-    rounds: int,
-    workers: int,
-    round_timeout: float,
-    seed: int,
-    zstd: bool,
-    **extra: Any,
-) -> ServerConfig:
-    try:
-        return ServerConfig(
-            algorithm=algorithm,
-            compressor=compressor,
-            options={"lr": lr, **options},
-            task=task or "logreg",
-            task_options={**({} if l2 is None else {"l2": l2}), **task_options},
-            num_workers=workers,
-            rounds=rounds,
-            round_timeout=round_timeout,
-            seed=seed,
-            zstd=zstd,
-            **extra,
-        )
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-
-
-@click.group()
+@click.group(
+    cls=LazyGroup,
+    lazy={"cluster": ("psrv.cluster.cli", "cluster"), "inspect": ("psrv.inspect.cli", "inspect")},
+)
+@click.version_option(package_name="psrv")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """psrv: a communication-efficient parameter server over gRPC."""
@@ -132,24 +67,7 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.option(
-    "--algorithm",
-    "algorithms",
-    default="gd,topk-ef,laq",
-    show_default=True,
-    callback=algorithm_list,
-    help="One algorithm, or a comma-separated list to compare (e.g. gd,topk-ef,laq).",
-)
-@algorithm_options
-@click.option(
-    "--data",
-    default="mnist",
-    show_default=True,
-    help="Built-in data set (mnist, digits, breast_cancer) or a .csv/.npz file.",
-)
-@click.option("--split", type=click.Choice(list(SPLITS)), default="iid", show_default=True)
-@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
-@click.option("--regression", is_flag=True, help="The data file's label column is a real-valued target.")
+@job_and_data_options
 @click.option(
     "--eval-every",
     type=click.IntRange(min=0),
@@ -160,20 +78,20 @@ def main(verbose: int) -> None:
     "--target-accuracy",
     type=float,
     default=None,
-    help="Report rounds/uploads/bits/bytes until the test accuracy first reaches this (seed 002 Table II).",
+    help="Report rounds/uploads/bits/bytes until the test accuracy first reaches this (SASG paper, Table II).",
 )
 @click.option(
     "--target-loss",
     type=float,
     default=None,
-    help="Report rounds/uploads/bits/bytes until the training loss first reaches this (seed 003 Table 2).",
+    help="Report rounds/uploads/bits/bytes until the training loss first reaches this (LAQ paper, Table 2).",
 )
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
     default="psrv-out",
     show_default=True,
-    help="Folder for metrics (<out>/<algorithm>/metrics.jsonl), models and worker logs.",
+    help="Folder for the manifest, metrics (<out>/<algorithm>/metrics.jsonl), models and worker logs.",
 )
 @click.option(
     "--summary-json",
@@ -182,11 +100,6 @@ def main(verbose: int) -> None:
     help="Write the summary here (default <out>/summary.json): one object, or a list when comparing.",
 )
 def run(
-    algorithms: list[str],
-    data: str,
-    split: str,
-    test_fraction: float,
-    regression: bool,
     eval_every: int | None,
     target_accuracy: float | None,
     target_loss: float | None,
@@ -195,22 +108,29 @@ def run(
     **kw: Any,
 ) -> None:
     """Train on this machine: one server and M worker processes over loopback gRPC."""
-    dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=kw["seed"], regression=regression)
-    kw["task"] = kw["task"] or builtin_task_hint(data)
-    try:
-        from worker.client import load_training_data
+    from psrv import plots, report
+    from psrv.data import DataError
+    from psrv.runner import run_local, write_manifest
+    from worker.client import load_training_data
 
-        load_training_data(data, test_fraction, kw["seed"], regression)  # a bad --data fails here, clearly, once
+    dc = pop_data(kw)
+    jobs = jobs_from_cli(kw, dc.data)
+    try:
+        load_training_data(dc.data, dc.test_fraction, dc.seed, dc.regression)  # a bad --data fails here, once
     except DataError as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        configs = [job.server_config() for job in jobs]
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    manifest = write_manifest(out, configs, dc)
     summaries = []
-    for name in algorithms:
-        config = _server_config(name, **kw)
+    for job, config in zip(jobs, configs, strict=True):
         with click.progressbar(
             length=config.rounds,
-            label=f"{name:>8}",
+            label=f"{job.algorithm:>8}",
             file=sys.stderr,
-            item_show_func=lambda r: r and f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "",
+            item_show_func=lambda r: f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "",
         ) as bar:
 
             def on_round(record: dict[str, Any], bar=bar) -> None:
@@ -218,13 +138,16 @@ def run(
 
             every = max(1, config.rounds // 100) if eval_every is None else eval_every
             targets = {k: v for k, v in (("accuracy", target_accuracy), ("train_loss", target_loss)) if v is not None}
-            summary = run_local(config, dc, Path(out) / name, on_round=on_round, eval_every=every, targets=targets)
+            summary = run_local(
+                config, dc, Path(out) / job.algorithm, on_round=on_round, eval_every=every, targets=targets
+            )
         summaries.append(summary)
     click.echo(report.table(summaries))
     path = summary_json or str(Path(out) / "summary.json")
     report.write_json(path, summaries[0] if len(summaries) == 1 else summaries)
     plot = plots.plot_run_dir(out)
-    click.echo(f"summary: {path}; per-round metrics: {Path(out)}/<algorithm>/metrics.jsonl; plot: {plot}")
+    click.echo(f"summary: {path}; manifest: {manifest}; per-round metrics: {Path(out)}/<algorithm>/metrics.jsonl")
+    click.echo(f"plot: {plot}")
 
 
 @main.command()
@@ -233,16 +156,17 @@ def run(
     "--out", "out_path", type=click.Path(dir_okay=False), default=None, help="PNG path (default RUN_DIR/loss.png)."
 )
 def plot(run_dir: str, out_path: str | None) -> None:
-    """Plot loss vs rounds, uplink bytes and wall time for every algorithm of a run folder."""
+    """Plot loss vs rounds, uplink bytes and wall time for every algorithm of a run folder's manifest."""
+    from psrv import plots
+
     try:
         click.echo(plots.plot_run_dir(run_dir, out_path))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
 
 
 @main.command("start-server")
-@click.option("--algorithm", default="laq", show_default=True, type=click.Choice(sorted(ALGORITHMS)))
-@algorithm_options
+@job_options
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True)
 @click.option("--register-timeout", type=float, default=300.0, show_default=True)
@@ -258,9 +182,21 @@ def start_server(
     model_out: str | None,
     **kw: Any,
 ) -> None:
-    """Run the parameter server until the configured rounds are done."""
-    config = _server_config(register_timeout=register_timeout, **kw)
-    ps = ParameterServer(config, metrics_path=metrics)
+    """Run the parameter server for one algorithm until the configured rounds are done."""
+    from psrv import report
+    from psrv.metrics import MetricsSink
+    from psrv.runner import config_manifest
+    from psrv.server import ParameterServer, create_server
+
+    if len(kw["algorithms"]) != 1:
+        raise click.UsageError(f"a server runs one algorithm; got {','.join(kw['algorithms'])} (pass --algorithm NAME)")
+    (job,) = jobs_from_cli(kw)
+    try:
+        config = job.server_config(register_timeout=register_timeout)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    sink = MetricsSink(metrics)
+    ps = ParameterServer(config, sink)
     server, bound = create_server(ps, f"{host}:{port}")
     click.echo(f"psrv server listening on {host}:{bound}; waiting for {config.num_workers} workers", err=True)
     signal.signal(signal.SIGTERM, lambda *_: ps.fail("terminated"))
@@ -270,7 +206,8 @@ def start_server(
         raise click.ClickException(str(exc)) from None
     finally:
         server.stop(grace=1.0)
-        ps.close()
+        sink.close()
+    summary["config"] = config_manifest(config, None)
     if model_out:
         import numpy as np
 
@@ -280,48 +217,31 @@ def start_server(
     click.echo(json.dumps(summary))
 
 
-def _attach_subcommands() -> None:
-    from psrv.cluster.cli import cluster
-    from psrv.inspect.cli import inspect
-
-    main.add_command(inspect)
-    main.add_command(cluster)
-
-
-_attach_subcommands()
-
-
 @main.command("start-worker")
 @click.option("--server", "server_address", required=True, help="HOST:PORT of the parameter server.")
 @click.option("--worker-id", required=True)
-@click.option("--data", default="mnist", show_default=True, help="Built-in data set name or a .csv/.npz file.")
+@data_options
 @click.option(
     "--shard",
     default=None,
     metavar="I/M",
     help="Use shard I of M of the data (omit when the file is this worker's own).",
 )
-@click.option("--split", type=click.Choice(list(SPLITS)), default="iid", show_default=True)
-@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--regression", is_flag=True, help="The data file's label column is a real-valued target.")
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True)
 @click.option("--crash-after", type=int, default=None, hidden=True, help="Fault injection for tests.")
 def start_worker(
     server_address: str,
     worker_id: str,
-    data: str,
     shard: str | None,
-    split: str,
-    test_fraction: float,
-    seed: int,
-    regression: bool,
     connect_timeout: float,
     crash_after: int | None,
+    **kw: Any,
 ) -> None:
     """Run one worker: register with the server and train until it says done."""
+    from psrv.data import DataError
     from worker.client import WorkerConfig, run_worker
 
+    dc = pop_data(kw)
     index = num = None
     if shard is not None:
         try:
@@ -333,15 +253,15 @@ def start_worker(
     cfg = WorkerConfig(
         server=server_address,
         worker_id=worker_id,
-        data=data,
+        data=dc.data,
         shard=index,
         num_shards=num,
-        split=split,
-        seed=seed,
-        test_fraction=test_fraction,
+        split=dc.split,
+        seed=dc.seed,
+        test_fraction=dc.test_fraction,
         connect_timeout=connect_timeout,
         crash_after=crash_after,
-        regression=regression,
+        regression=dc.regression,
     )
     try:
         result = run_worker(cfg)

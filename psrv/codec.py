@@ -9,7 +9,7 @@ reaches the model.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zstandard
@@ -18,6 +18,9 @@ from psrv import bitpack, varint
 from psrv.payload import Payload, qsgd_code_width
 from psrv.payload import from_bfloat16 as payload_from_bfloat16
 from psrv.v1 import psrv_pb2 as pb
+
+if TYPE_CHECKING:
+    from psrv.engine import Broadcast, ServerConfig
 
 
 class CodecError(ValueError):
@@ -309,3 +312,33 @@ def skip_reason_from_proto(msg: pb.SkipNotice) -> str:
     if msg.HasField("local_loss") and not math.isfinite(msg.local_loss):
         raise CodecError("skip notice: local_loss is NaN or Inf")
     return _SKIP_NAMES[msg.reason]
+
+
+def broadcast_to_proto(b: Broadcast) -> pb.ModelBroadcast:
+    """The round's model broadcast (:class:`psrv.engine.Broadcast`) as a message."""
+    return pb.ModelBroadcast(
+        round=b.round,
+        params=tensor_to_proto(b.params),
+        recent_step_sq=b.recent_step_sq,
+        total_samples=b.total_samples,
+        num_workers=b.num_workers,
+        done=b.done,
+        selective=b.selected is not None,
+        selected=b.selected or (),
+    )
+
+
+def run_config_to_proto(config: ServerConfig, dim: int) -> pb.RunConfig:
+    """Everything a worker needs to run the server's algorithm on its data."""
+    c = config
+    return pb.RunConfig(
+        algorithm=c.algorithm,
+        compressor=c.compressor,
+        options=c.options,
+        task=c.task,
+        task_options=c.task_options,
+        dim=dim,
+        num_workers=c.num_workers,
+        seed=c.seed,
+        zstd=c.zstd,
+    )

@@ -98,9 +98,10 @@ def _breast_cancer() -> tuple[np.ndarray, np.ndarray]:
     return (d.data - d.data.mean(axis=0)) / np.where(std > 0, std, 1.0), d.target
 
 
-# linreg-hetero: modelled on the LAG experiments (Chen et al., NeurIPS 2018; seed 000 and the
-# authors' synthetic linear-regression script, whose worker m has data matrix 1.3^(m-1) q_m q_m^T + I,
-# i.e. a geometrically growing scale and smoothness constants that differ across workers).
+# linreg-hetero: modelled on the LAG experiments (Chen et al., NeurIPS 2018, and the authors'
+# synthetic linear-regression script, github.com/chentianyi1991/LAG-code nips2018synlinear.m, whose
+# worker m has data matrix 1.3^(m-1) q_m q_m^T + I, i.e. a geometrically growing scale and
+# smoothness constants that differ across workers).
 LINREG_HETERO_BLOCKS = 10  # M blocks, one per worker under --split contiguous --test-fraction 0
 LINREG_HETERO_BLOCK_SIZE = 50  # samples per block
 LINREG_HETERO_FEATURES = 50  # d

@@ -26,7 +26,7 @@ class Payload:
     kind "dense": ``values`` holds all ``dim`` entries.
     kind "sparse": ``indices`` (sorted, unique int64) and ``values`` of equal length.
     kind "laq": ``codes`` (``dim`` integers in ``[0, 2**bits)``) and ``scale`` = radius R;
-    the vector is the LAQ innovation ``2*tau*R*codes - R`` (seed 003 eq. 6).
+    the vector is the LAQ innovation ``2*tau*R*codes - R`` (Sun et al., NeurIPS 2019, eq. 6).
     kind "qsgd": ``codes`` (``dim`` integers in ``[0, levels]``, levels in ``bits``),
     ``signs`` (bool, True = negative) and ``scale`` = norm: ``norm * sign * codes / levels``.
     kind "sign_sparse": ``indices``, ``signs`` and ``scale``: ``scale * sign`` on the support.
@@ -80,7 +80,8 @@ def sparse(dim: int, indices: np.ndarray, values: np.ndarray) -> Payload:
 
 
 def laq_innovation(p: Payload) -> np.ndarray:
-    """``delta Q = 2 tau R q - R 1`` in float64 (seed 003 eq. 6); the one definition both sides use."""
+    """``delta Q = 2 tau R q - R 1`` in float64 (Sun et al., NeurIPS 2019, eq. 6); the one definition both
+    sides use."""
     tau = 1.0 / (2**p.bits - 1)
     radius = float(np.float32(p.scale))
     return (2.0 * tau * radius) * p.codes.astype(np.float64) - radius
@@ -111,10 +112,11 @@ def qsgd_code_width(levels: int) -> int:
 
 
 def payload_bits(p: Payload) -> int:
-    """Bits by the papers' formulas: dense FPP*d; sparse nnz*(FPP + ceil(log2 d)) (seed 004
-    eq. 5); LAQ 32 + b*d (seed 003 eq. 6); QSGD 32 + d*(1 + ceil(log2(s+1))) with fixed-width
-    codes (no Elias coding); S+Q 32 + T*(ceil(log2 d) + 1): seed 004 eq. 5 counts
-    FPP + T*ceil(log2 d) and omits the sign bit each support entry needs, psrv counts it."""
+    """Bits by the papers' formulas: dense FPP*d; sparse nnz*(FPP + ceil(log2 d)) (Khirirat et al.,
+    arXiv:2003.06377, eq. 5); LAQ 32 + b*d (Sun et al., NeurIPS 2019, text after eq. 6); QSGD
+    32 + d*(1 + ceil(log2(s+1))) with fixed-width codes (no Elias coding); S+Q 32 + T*(ceil(log2 d) + 1):
+    Khirirat et al.'s eq. 5 counts FPP + T*ceil(log2 d) and omits the sign bit each support entry
+    needs, psrv counts it."""
     if p.kind == "dense":
         return VALUE_BITS[p.value_dtype] * p.dim
     if p.kind == "sparse":

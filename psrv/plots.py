@@ -63,10 +63,25 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path, title
     return out
 
 
-def plot_run_dir(run_dir: str | Path, path: str | Path | None = None) -> Path:
-    """Plot every ``<run_dir>/<algorithm>/metrics.jsonl``; default output ``<run_dir>/loss.png``."""
+def run_metrics(run_dir: str | Path) -> dict[str, Path]:
+    """The metrics file of every algorithm of a run folder: those its ``manifest.json`` lists (so a
+    reused folder never mixes in an earlier run's algorithms), else every ``*/metrics.jsonl``."""
     root = Path(run_dir)
-    runs = {p.parent.name: load_metrics(p) for p in sorted(root.glob("*/metrics.jsonl"))}
+    manifest = root / "manifest.json"
+    if manifest.exists():
+        try:
+            runs = json.loads(manifest.read_text())["runs"]
+            listed = {r["algorithm"]: root / r["dir"] / "metrics.jsonl" for r in runs}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{manifest}: not a psrv run manifest ({exc})") from None
+        return {name: p for name, p in listed.items() if p.exists()}
+    return {p.parent.name: p for p in sorted(root.glob("*/metrics.jsonl"))}
+
+
+def plot_run_dir(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    """Plot every algorithm of a run folder (see :func:`run_metrics`); default output ``<run_dir>/loss.png``."""
+    root = Path(run_dir)
+    runs = {name: load_metrics(p) for name, p in run_metrics(root).items()}
     if not runs:
-        raise FileNotFoundError(f"no */metrics.jsonl under {root}")
+        raise FileNotFoundError(f"no metrics under {root} (expected <algorithm>/metrics.jsonl)")
     return plot_runs(runs, path or root / "loss.png", title=str(root))

@@ -1,12 +1,14 @@
-"""Summaries a person reads: the table printed after a run (in the spirit of seed
-003 Table 2) and the JSON summary written next to the per-round metrics."""
+"""Summaries a person reads: the table printed after a run (in the spirit of Table 2 of Sun et
+al., NeurIPS 2019) and the JSON summary written next to the per-round metrics."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from psrv.cluster.shaping import format_rate
 
 COLUMNS = (
     ("algorithm", "algorithm", "{}"),
@@ -81,3 +83,65 @@ def cost_to_reach(records: Sequence[dict[str, Any]], key: str, target: float) ->
                 "elapsed": r["elapsed"],
             }
     return None
+
+
+# ------------------------------------------------------------------------------ cluster runs
+def _fmt(v: Any, spec: str = ",") -> str:
+    if v is None:
+        return "-"
+    return format(v, spec)
+
+
+def format_report(result: Mapping[str, Any]) -> str:
+    """The table printed after ``psrv cluster run`` (``result``: its summary, :func:`psrv.cluster.run.run_cluster`):
+    per host message vs wire bytes, then totals and timing."""
+    head = ["host", "ip", "up", "down", "exit", "msg sent", "wire tx", "pkts tx", "iface tx", "msg recv", "wire rx",
+            "pkts rx"]  # fmt: skip
+    rows = [head]
+    for h in result["hosts"]:
+        rows.append(
+            [
+                h["host"],
+                h["ip"],
+                format_rate(h["rate_up"]),
+                format_rate(h["rate_down"]),
+                _fmt(h.get("exit_code")),
+                _fmt(h.get("message_bytes_sent")),
+                _fmt(h.get("wire_tx_bytes")),
+                _fmt(h.get("wire_tx_packets")),
+                _fmt(h.get("iface_tx_bytes")),
+                _fmt(h.get("message_bytes_received")),
+                _fmt(h.get("wire_rx_bytes")),
+                _fmt(h.get("wire_rx_packets")),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    t, tm, s = result["totals"], result["timing"], result["server"]
+    ratio = t.get("wire_over_message")
+    lines.append("")
+    lines.append(
+        f"{result['algorithm']}: {s['rounds']} rounds in {result['wall_time']:.1f} s; final loss "
+        f"{_fmt(s.get('final_loss'), '.6f')}, accuracy {_fmt(s.get('accuracy'), '.4f')}"
+    )
+    lines.append(
+        f"message bytes {t['message_bytes']:,} (up {t['message_bytes_up']:,}, down {t['message_bytes_down']:,}); "
+        f"wire bytes {_fmt(t['wire_bytes'])} (up {_fmt(t['wire_bytes_up'])}, down {_fmt(t['wire_bytes_down'])}); "
+        f"wire/message {_fmt(ratio, '.4f')}"
+    )
+    if tm.get("round_time_mean") is not None:
+        ms = lambda x: _fmt(None if x is None else x * 1e3, ".1f")  # noqa: E731
+        lat = ", ".join(ms(x) for x in tm["worker_latency_median"])
+        lines.append(
+            f"per round (after round 0, which took {ms(tm['first_round_time'])} ms): wall {ms(tm['round_time_mean'])} "
+            f"ms mean, {ms(tm['round_time_median'])} median; slowest report {ms(tm['slowest_wait_mean'])} ms mean, "
+            f"{ms(tm['straggler_wait_mean'])} ms after the fastest; worker latency medians (ms): {lat}"
+        )
+    for i, u in enumerate(tm.get("uploads", [])):
+        sec = u["upload_seconds_median"]
+        lines.append(
+            f"w{i} uploads on the wire: {u['uploads_seen']} seen, median {_fmt(sec and sec * 1e3, '.2f')} ms for "
+            f"{_fmt(u['upload_wire_bytes_median'])} wire bytes ({_fmt(u['upload_message_bytes_median'])} message bytes)"
+        )
+    return "\n".join(lines)

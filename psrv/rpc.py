@@ -10,14 +10,16 @@ are visible to the wire-level tools, not here.)
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
+
+__all__ = ["ByteCounter", "CountingStub", "Received", "channel_options", "generic_handler"]
 
 SERVICE = "psrv.v1.ParameterServer"
 
@@ -38,24 +40,6 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
-
-
-class ByteCounter:
-    """Thread-safe message and byte totals per (direction, method)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.bytes: dict[tuple[str, str], int] = defaultdict(int)
-        self.messages: dict[tuple[str, str], int] = defaultdict(int)
-
-    def add(self, direction: str, method: str, nbytes: int) -> None:
-        with self._lock:
-            self.bytes[direction, method] += nbytes
-            self.messages[direction, method] += 1
-
-    def total(self, direction: str) -> int:
-        with self._lock:
-            return sum(v for (d, _), v in self.bytes.items() if d == direction)
 
 
 @dataclass(frozen=True)

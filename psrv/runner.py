@@ -5,55 +5,58 @@ command a user runs on a real host, and are always stopped, also on error or Ctr
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from psrv import report
+from psrv import __version__, report
+from psrv.metrics import MetricsSink
+from psrv.options import DataConfig, worker_argv
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.tasks import make_task
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    data: str = "mnist"
-    split: str = "iid"
-    test_fraction: float = 0.2
-    seed: int = 0
-    regression: bool = False
+def config_manifest(config: ServerConfig, dc: DataConfig | None) -> dict[str, Any]:
+    """How one job was made, whole: the server's configuration, every algorithm and task option
+    with the value actually used (defaults included), the data, and the psrv version."""
+    from psrv.algorithms import make_algorithm, resolved_options
+    from psrv.tasks import task_option_defaults
+
+    algo = make_algorithm(config.algorithm, config.options, config.compressor)
+    return {
+        "psrv_version": __version__,
+        "server": asdict(config),
+        "algorithm_options": resolved_options(algo),
+        "compressor": algo.compressor_name,
+        "task_options": {**task_option_defaults(config.task), **config.task_options},
+        "data": None if dc is None else asdict(dc),
+    }
 
 
-def worker_command(
-    address: str, index: int, num_workers: int, dc: DataConfig, extra: tuple[str, ...] = ()
-) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "psrv",
-        "start-worker",
-        "--server",
-        address,
-        "--worker-id",
-        f"w{index}",
-        "--data",
-        dc.data,
-        "--shard",
-        f"{index}/{num_workers}",
-        "--split",
-        dc.split,
-        "--test-fraction",
-        str(dc.test_fraction),
-        "--seed",
-        str(dc.seed),
-        *(["--regression"] if dc.regression else []),
-        *extra,
-    ]
+def write_manifest(out_dir: str | Path, configs: list[ServerConfig], dc: DataConfig) -> Path:
+    """``<out>/manifest.json``: the runs this invocation makes (folder per algorithm) and their
+    whole configuration. Plots and tables of the folder are made from it, so a reused ``--out``
+    never mixes in an earlier run's algorithms."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "psrv_version": __version__,
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "data": asdict(dc),
+        "runs": [{"algorithm": c.algorithm, "dir": c.algorithm, **config_manifest(c, dc)} for c in configs],
+    }
+    path = out / "manifest.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # never a half-written manifest
+    return path
 
 
 class Evaluator:
@@ -101,17 +104,18 @@ def run_local(
 
     ``eval_every`` > 0 records ``train_loss`` (the full objective f) and ``accuracy`` every that
     many rounds; ``targets`` ({"accuracy": a} and/or {"train_loss": l}) then add the rounds,
-    uploads, bits and bytes it took to first reach each (seed 002 Table II, seed 003 Table 2)."""
+    uploads, bits and bytes it took to first reach each (Deng et al., arXiv:2112.04088, Table II;
+    Sun et al., NeurIPS 2019, Table 2)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(config.task, dict(config.task_options), dc)
-    ps = ParameterServer(
-        config,
-        metrics_path=out / "metrics.jsonl",
-        on_round=on_round,
+    sink = MetricsSink(
+        out / "metrics.jsonl",
         evaluator=evaluator if eval_every > 0 else None,
         eval_every=eval_every,
+        on_round=on_round,
     )
+    ps = ParameterServer(config, sink)
     server, port = create_server(ps, "127.0.0.1:0")
     procs: list[subprocess.Popen] = []
     logs = []
@@ -119,7 +123,7 @@ def run_local(
         for i in range(config.num_workers):
             log_file = open(out / f"worker{i}.log", "w")
             logs.append(log_file)
-            cmd = worker_command(f"127.0.0.1:{port}", i, config.num_workers, dc, (worker_extra or {}).get(i, ()))
+            cmd = worker_argv(f"127.0.0.1:{port}", i, config.num_workers, dc, (worker_extra or {}).get(i, ()))
             procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT))
         watcher = threading.Thread(target=_fail_if_all_die, args=(ps, procs), daemon=True)
         watcher.start()
@@ -128,6 +132,7 @@ def run_local(
         summary.update(evaluator.final(ps.theta))
         for key, target in (targets or {}).items():
             summary[f"to_{key}"] = report.cost_to_reach(ps.records, key, target)
+        summary["config"] = config_manifest(config, dc)
         summary["worker_exit_codes"] = [p.wait(timeout=30) for p in procs]
         return summary
     finally:
@@ -138,7 +143,7 @@ def run_local(
         for f in logs:
             f.close()
         server.stop(grace=None)
-        ps.close()
+        sink.close()
 
 
 def _fail_if_all_die(ps: ParameterServer, procs: list[subprocess.Popen]) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 class StepHistory:
     """The last D squared parameter changes ``||theta^{k+1-d} - theta^{k-d}||^2``,
     most recent first (d = 1..D). Kept by the server and broadcast with the model,
-    so every worker compares against the same numbers (seed 003 eq. 7a)."""
+    so every worker compares against the same numbers (Sun et al., NeurIPS 2019, eq. 7a)."""
 
     def __init__(self, depth: int) -> None:
         self._steps: deque[float] = deque(maxlen=max(depth, 0))
@@ -34,8 +34,8 @@ def weighted_steps(xi: Sequence[float], recent_step_sq: Sequence[float]) -> floa
 
 def lag_threshold(xi: Sequence[float], recent_step_sq: Sequence[float], lr: float, num_workers: int) -> float:
     """The right-hand side shared by LAG, LAQ, LASG and SASG:
-    ``1/(alpha^2 M^2) sum_d xi_d ||theta^{k+1-d} - theta^{k-d}||^2`` (seed 000 LAG; seed 003 (7a);
-    seed 002 eq. 6)."""
+    ``1/(alpha^2 M^2) sum_d xi_d ||theta^{k+1-d} - theta^{k-d}||^2`` (Chen et al., NeurIPS 2018, LAG;
+    Sun et al., NeurIPS 2019, eq. 7a; Deng et al., arXiv:2112.04088, eq. 6)."""
     return weighted_steps(xi, recent_step_sq) / (lr**2 * num_workers**2)
 
 
@@ -46,13 +46,14 @@ def may_skip(clock: int, t_bar: int) -> bool:
 
 
 def lazy_skip(change_sq: float, threshold: float, clock: int, t_bar: int) -> bool:
-    """Worker-side LAG rule (seed 000, LAG-WK) and the stochastic rule of LASG/SASG (seed 002
-    eq. 6): skip iff ``||grad(theta^k) - grad(theta_hat)||^2 <= threshold`` and staleness allows."""
+    """Worker-side LAG rule (LAG-WK, Chen et al., NeurIPS 2018) and the stochastic rule of LASG/SASG
+    (Deng et al., arXiv:2112.04088, eq. 6): skip iff ``||grad(theta^k) - grad(theta_hat)||^2 <= threshold``
+    and staleness allows."""
     return change_sq <= threshold and may_skip(clock, t_bar)
 
 
 def lag_ps_upload(smoothness: float, drift_sq: float, threshold: float, clock: int, t_bar: int) -> bool:
-    """Server-side LAG rule (seed 000, LAG-PS): ask worker m for a gradient iff
+    """Server-side LAG rule (LAG-PS, Chen et al., NeurIPS 2018): ask worker m for a gradient iff
     ``L_m^2 ||theta^k - theta_hat_m||^2 > threshold``, or its staleness forces it. The server
     can decide this without the worker computing anything."""
     return smoothness**2 * drift_sq > threshold or not may_skip(clock, t_bar)
@@ -78,7 +79,7 @@ def laq_skip(
     clock: int,
     t_bar: int,
 ) -> LaqTest:
-    """Seed 003 (7a)/(7b): skip iff
+    """LAQ's rule (Sun et al., NeurIPS 2019, eqs. 7a/7b): skip iff
 
         ||Q_m(theta_hat) - Q_m(theta^k)||^2 <= 1/(alpha^2 M^2) sum_d xi_d ||dtheta_d||^2
                                                + 3 (||eps_m^k||^2 + ||eps_hat_m^{k-1}||^2)

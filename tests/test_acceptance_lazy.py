@@ -25,7 +25,7 @@ def _uploads_per_worker(metrics: Path) -> dict[str, int]:
 
 
 def test_smooth_workers_upload_less_seed003_proposition1(tmp_path: Path) -> None:
-    """Seed 003 Proposition 1: worker m uploads at most k/(d_m + 1) times, d_m growing as L_m
+    """Sun et al., NeurIPS 2019, Proposition 1: worker m uploads at most k/(d_m + 1) times, d_m growing as L_m
     shrinks; on the heterogeneous linear regression (L_m = 1.69^m) LAQ's upload counts rise with L_m."""
     M = 10
     cfg = ServerConfig(algorithm="laq", options={"lr": 0.06}, task="linreg", num_workers=M, rounds=200, **PATIENT)

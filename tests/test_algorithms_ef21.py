@@ -1,4 +1,4 @@
-"""EF21 (Richtárik, Sokolov, Fatkhullin 2021; seed 001 Part 05): worker state, server state, contraction."""
+"""EF21 (Richtárik, Sokolov, Fatkhullin, NeurIPS 2021): worker state, server state, contraction."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_state_converges_geometrically_to_a_fixed_gradient() -> None:
     assert algo.compressor.name == "topk"
     g = algo.init(d)
     assert not g.any()
-    factor = math.sqrt(1 - k / d)  # seed 001: ||g' - grad||^2 <= (1 - delta) ||g - grad||^2, delta = k/d
+    factor = math.sqrt(1 - k / d)  # EF21: ||g' - grad||^2 <= (1 - delta) ||g - grad||^2, delta = k/d
     err = np.linalg.norm(g - v)
     for t in range(120):
         dec = algo.step(g, v, RoundInfo(t, 1), rng)

@@ -1,4 +1,4 @@
-"""LAQ from the math of seed 003 (Sun et al. 2019): quantizer eqs. 5-6, rule (7a)/(7b), aggregation eq. 4."""
+"""LAQ from the math of Sun et al., NeurIPS 2019: quantizer eqs. 5-6, rule (7a)/(7b), aggregation eq. 4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The lazy family: LAG-WK (seed 000), LASG / SASG (seed 002 eq. 6, eqs. 8-9), SLAQ (seed 003 §4).
+"""The lazy family: LAG-WK (Chen et al., NeurIPS 2018), LASG / SASG (Deng et al., arXiv:2112.04088,
+eq. 6, eqs. 8-9), SLAQ (Sun et al., NeurIPS 2019, §4).
 
 Two kinds of test, both on "digits" with M = 3 workers:
 - in-process: a loop that does exactly what server and workers do (the worker's own minibatch
@@ -337,7 +338,7 @@ def test_e2e_sasg_stores_sparse_contributions() -> None:
     assert ps.algorithm.payload_kinds == ("sparse",) and k == 7
     assert 0 < uploads.sum() < uploads.size
     for m in range(M):
-        assert 0 < np.count_nonzero(ps.aggregator.stored[m]) <= k
+        assert 0 < np.count_nonzero(ps.engine.state.aggregator.stored[m]) <= k
     bits = k * (32 + index_width(ps.theta.size))
     for rec in ps.records:
         for w in rec["workers"]:

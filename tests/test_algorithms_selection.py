@@ -1,4 +1,4 @@
-"""Server-side worker selection (RIAG, CIAG, LAG-PS; seed 000 "Methods for worker selection") and
+"""Server-side worker selection (RIAG, CIAG: incremental aggregated gradient; LAG-PS) and
 minibatch SGD, through the whole stack: a real gRPC server on port 0 and worker threads, as in
 tests/test_compress_e2e.py. Exact comparisons between runs are sound: every upload is float32,
 so the server's float64 sums of them do not depend on the order uploads arrive in."""
@@ -12,6 +12,7 @@ import pytest
 
 from psrv import data
 from psrv.algorithms import RoundInfo, SelectionView, make_algorithm
+from psrv.metrics import MetricsSink
 from psrv.payload import to_dense
 from psrv.server import ParameterServer, ServerConfig
 from psrv.tasks import make_task
@@ -47,7 +48,8 @@ def _train(algorithm: str, options: dict[str, float], num_workers: int, rounds: 
         round_timeout=20.0,
     )
     thetas = [TASK.init_params(np.random.default_rng(cfg.seed)).astype(np.float64)]
-    ps = ParameterServer(cfg, on_round=lambda rec: thetas.append(ps.theta.copy()))  # theta^{k+1} after round k
+    # theta^{k+1} after round k
+    ps = ParameterServer(cfg, MetricsSink(on_round=lambda rec: thetas.append(ps.theta.copy())))
     shards = [data.shard(TRAIN, i, num_workers) for i in range(num_workers)]
     summary, results = run_in_threads(ps, shards)
     assert summary["rounds"] == rounds and summary["deadline_misses"] == 0
@@ -64,8 +66,8 @@ def _grad(run: Run, index: int, k: int) -> np.ndarray:
 
 
 def _check_running_sum(run: Run) -> None:
-    """The server keeps sum_m grad f_m(theta_hat_m) (seed 000 "Overcome memory overhead")."""
-    agg = run.ps.aggregator
+    """The server keeps sum_m grad f_m(theta_hat_m) (the running-sum form of IAG), not a d x M table."""
+    agg = run.ps.engine.state.aggregator
     np.testing.assert_allclose(agg.total, agg.stored.sum(axis=0), rtol=1e-12, atol=1e-14)
     for m in range(len(run.shards)):
         last = max(k for k, s in enumerate(run.statuses(m)) if s == "upload")
@@ -189,7 +191,7 @@ def test_ciag_end_to_end_is_cyclic() -> None:
 def test_riag_with_a_compressor() -> None:
     M, rounds = 3, 8
     run = _train("riag", {"s": 2, "ratio": 0.2}, M, rounds, compressor="topk")
-    agg = run.ps.aggregator
+    agg = run.ps.engine.state.aggregator
     assert all(rec["uploads"] == 2 for rec in run.ps.records)
     np.testing.assert_allclose(agg.total, agg.stored.sum(axis=0), rtol=1e-12, atol=1e-14)
     assert sum(rec["payload_bits"] for rec in run.ps.records) < 0.5 * 32 * TASK.dim * 2 * rounds
@@ -208,7 +210,7 @@ def test_lag_ps_end_to_end() -> None:
     # the stored gradient is the one at the iterate of the last upload ("replace")
     for m in range(M):
         last = max(k for k, s in enumerate(run.statuses(m)) if s == "upload")
-        np.testing.assert_array_equal(run.ps.aggregator.stored[m], _grad(run, m, last).astype(np.float32))
+        np.testing.assert_array_equal(run.ps.engine.state.aggregator.stored[m], _grad(run, m, last).astype(np.float32))
 
 
 def _longest_gap(statuses: list[str]) -> int:

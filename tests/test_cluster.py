@@ -6,6 +6,7 @@ The root tests skip (with the reason) when not root or when ``ip netns`` does no
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -14,15 +15,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from psrv.cluster import counters, entrypoint, netns, shaping
+from psrv.cluster import analysis, capture, entrypoint, netns, outputs, shaping
 from psrv.cluster.cli import cluster
-from psrv.cluster.run import ClusterConfig, server_argv, worker_argv
+from psrv.cluster.config import ClusterConfig
+from psrv.cluster.run import server_argv, worker_argv
 from psrv.cluster.shaping import LinkRates, parse_link, parse_rate
+from psrv.report import format_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,13 +73,13 @@ def _tcp_frame(payload: int, total: int | None = None) -> tuple[bytes, int]:
 
 def test_parse_frame_counts_super_packets_as_frames() -> None:
     head, n = _tcp_frame(1448)
-    assert counters.parse_frame(head, n) == (1514, 1, 1448)
+    assert capture.parse_frame(head, n) == (1514, 1, 1448)
     head, n = _tcp_frame(0)
-    assert counters.parse_frame(head, n) == (66, 1, 0)  # a pure ACK
+    assert capture.parse_frame(head, n) == (66, 1, 0)  # a pure ACK
     head, n = _tcp_frame(10 * 1448 + 100)  # a GSO super-packet: 11 frames on a wire
-    assert counters.parse_frame(head, n) == (10 * 1448 + 100 + 11 * 66, 11, 10 * 1448 + 100)
+    assert capture.parse_frame(head, n) == (10 * 1448 + 100 + 11 * 66, 11, 10 * 1448 + 100)
     arp = b"\xff" * 12 + b"\x08\x06" + b"\0" * 28
-    assert counters.parse_frame(arp, 42) == (42, 1, -1)
+    assert capture.parse_frame(arp, 42) == (42, 1, -1)
 
 
 def test_upload_bursts_time_the_upload_and_drop_the_next_request() -> None:
@@ -93,12 +97,147 @@ def test_upload_bursts_time_the_upload_and_drop_the_next_request() -> None:
         t.append(start + 21 * frame_s + 0.003)  # the next model request, 3 ms after the last frame
         payload.append(150)
         wire.append(216)
-    bursts = counters.upload_bursts(np.array(t), np.array(payload), np.array(wire), rate, min_bytes=10_000)
+    bursts = analysis.upload_bursts(np.array(t), np.array(payload), np.array(wire), rate, min_bytes=10_000)
     assert len(bursts) == 2
     for b in bursts:
         assert b["frames"] == 22 and b["wire_bytes"] == 22 * 1514
         assert b["seconds"] == pytest.approx(22 * frame_s, rel=1e-6)
-    assert counters.upload_bursts(np.array([]), np.array([]), np.array([]), rate) == []
+    assert analysis.upload_bursts(np.array([]), np.array([]), np.array([]), rate) == []
+
+
+def _round(time: float, lat: list[float | None], nbytes: list[int], slowest: float | None = None) -> dict[str, Any]:
+    workers = [
+        {"latency": x, "status": "upload" if x is not None else "skip", "bytes": n}
+        for x, n in zip(lat, nbytes, strict=True)
+    ]
+    return {"round_time": time, "slowest_wait": slowest, "workers": workers}
+
+
+def test_round_timing_reports_round_0_apart() -> None:
+    records = [
+        _round(2.0, [1.9, 1.0], [100, 100], 1.9),  # warm-up
+        _round(0.1, [0.08, 0.02], [100, 100], 0.08),
+        _round(0.2, [None, 0.04], [0, 100]),  # w0 skipped; no slowest report
+        _round(0.3, [0.12, 0.06], [100, 100], 0.12),
+    ]
+    t = analysis.round_timing(records, workers=2)
+    assert t["first_round_time"] == 2.0
+    assert t["round_time_mean"] == pytest.approx(0.2) and t["round_time_median"] == pytest.approx(0.2)
+    assert t["slowest_wait_mean"] == pytest.approx(0.1)
+    assert t["straggler_wait_mean"] == pytest.approx((0.06 + 0.0 + 0.06) / 3)
+    assert t["worker_latency_median"] == pytest.approx([0.10, 0.04])
+    only = analysis.round_timing(records[:1], workers=2)  # one round: it is all there is
+    assert only["round_time_mean"] == 2.0 and only["worker_latency_median"] == [1.9, 1.0]
+    none = analysis.round_timing([], workers=2)
+    assert none["first_round_time"] is None and none["worker_latency_median"] == [None, None]
+
+
+def test_upload_timing_per_worker_from_the_capture() -> None:
+    rate = 10_000_000
+    frame_s = 1514 * 8 / rate
+    rows = []  # (t, iface, outgoing, length, frames, payload); ifaces: 0 = server, 1 = w0, 2 = w1
+    for start in (0.0, 0.1):
+        rows += [(start + i * frame_s, 1, 0, 1514, 1, 1448) for i in range(22)]  # w0's upload
+        rows.append((start + 21 * frame_s + 0.003, 1, 0, 216, 1, 150))  # w0's next model request
+        rows += [(start + 0.03 + i * frame_s, 1, 1, 1514, 1, 1448) for i in range(30)]  # the model, to w0
+        rows += [(start + 0.05 + i * 1e-5, 2, 0, 1514, 1, 1448) for i in range(10)]  # w1's, unshaped
+    arr = np.array(rows, dtype=np.float64)
+    cap = {f: arr[:, j] for j, f in enumerate(capture.CAPTURE_FIELDS)}
+    cap["ifaces"] = np.array(["vs", "v0", "v1"])
+    records = [_round(0.1, [0.05, 0.05], [22 * 1448, 10 * 1448]) for _ in range(2)]
+    figures, bursts = analysis.upload_timing(records, cap, [("v0", rate), ("v1", None)])
+    assert [f["uploads_seen"] for f in figures] == [2, 2] and [len(b) for b in bursts] == [2, 2]
+    assert [b["start"] for b in bursts[0]] == [0.0, 0.1]
+    w0, w1 = figures
+    assert w0["upload_seconds_median"] == pytest.approx(22 * frame_s)
+    assert w0["upload_wire_bytes_median"] == 22 * 1514 and w0["upload_message_bytes_median"] == 22 * 1448
+    assert w1["upload_seconds_median"] == pytest.approx(9e-5) and w1["upload_wire_bytes_median"] == 10 * 1514
+    assert analysis.capture_totals(cap, "v0") == {
+        "tx_bytes": 2 * (22 * 1514 + 216),
+        "tx_packets": 2 * 23,
+        "rx_bytes": 2 * 30 * 1514,
+        "rx_packets": 60,
+    }
+    assert analysis.capture_totals(cap, "elsewhere") == {}
+
+
+def _rows(worker_counts: dict[str, dict[str, int]] | None = None, captured: bool = True) -> list[dict[str, Any]]:
+    def counts(tx: int) -> dict[str, dict[str, int]]:
+        return {"wire_tx": {"bytes": tx, "packets": tx // 1000, "drops": 0}, "iface_tx": {"bytes": tx, "packets": 1}}
+
+    cap = {"tx_bytes": 1, "tx_packets": 1, "rx_bytes": 1, "rx_packets": 1} if captured else None
+    return [
+        analysis.host_row("server", "10.0.0.1", LinkRates(None, None), 0, 400, 3000, counts(600), cap),
+        analysis.host_row("w0", "10.0.0.2", LinkRates(10_000_000, 10_000_000), 0, 1500, 200, counts(1700), cap),
+        analysis.host_row(
+            "w1",
+            "10.0.0.3",
+            LinkRates(1_000_000, None),
+            17,
+            None,
+            None,
+            counts(1900) if worker_counts is None else worker_counts,
+            cap,
+        ),
+    ]
+
+
+def test_host_rows_and_totals_put_message_next_to_wire_bytes() -> None:
+    rows = _rows()
+    assert rows[1]["wire_tx_bytes"] == 1700 and rows[1]["iface_tx_packets"] == 1 and rows[1]["capture_rx_bytes"] == 1
+    assert rows[2]["exit_code"] == 17 and rows[2]["message_bytes_sent"] is None and rows[2]["rate_down"] is None
+    t = analysis.totals({"bytes_up": 3000, "bytes_down": 400}, rows)
+    assert (t["message_bytes"], t["message_bytes_up"], t["message_bytes_down"]) == (3400, 3000, 400)
+    assert (t["wire_bytes_up"], t["wire_bytes_down"], t["wire_bytes"]) == (3600, 600, 4200)
+    assert t["wire_over_message"] == pytest.approx(4200 / 3400) and t["capture_bytes"] == 3
+    assert t["wire_packets"] == 0 + 1 + 1 and t["iface_bytes"] == 4200 and t["iface_packets"] == 3
+    # a host without wire counters (its counters file missing): no wire total, no ratio
+    t = analysis.totals({"bytes_up": 3000, "bytes_down": 400}, _rows(worker_counts={}, captured=False))
+    assert t["wire_bytes_up"] is None and t["wire_bytes"] is None and t["wire_over_message"] is None
+    assert t["capture_bytes"] is None
+
+
+def test_format_report_table_and_lines() -> None:
+    rows = _rows()
+    timing = analysis.round_timing([_round(2.0, [1.0, 1.5], [9, 9], 1.5), _round(0.1, [0.05, None], [9, 0], 0.05)], 2)
+    timing["uploads"] = [
+        {"uploads_seen": 3, "upload_seconds_median": 0.0125, "upload_wire_bytes_median": 1514,
+         "upload_message_bytes_median": 1448},
+        {"uploads_seen": 0, "upload_seconds_median": None, "upload_wire_bytes_median": None,
+         "upload_message_bytes_median": None},
+    ]  # fmt: skip
+    server = {"rounds": 2, "final_loss": 0.25, "accuracy": None, "bytes_up": 3000, "bytes_down": 400}
+    result = {"algorithm": "gd", "wall_time": 3.21, "hosts": rows, "server": server, "timing": timing}
+    result["totals"] = analysis.totals(server, rows)
+    lines = format_report(result).splitlines()
+    assert lines[0].split() == ["host", "ip", "up", "down", "exit", "msg", "sent", "wire", "tx", "pkts", "tx", "iface",
+                                "tx", "msg", "recv", "wire", "rx", "pkts", "rx"]  # fmt: skip
+    assert set(lines[1]) == {"-", " "}
+    assert lines[4].split()[:8] == ["w1", "10.0.0.3", "1mbit", "none", "17", "-", "1,900", "1"]
+    assert "gd: 2 rounds in 3.2 s; final loss 0.250000, accuracy -" in lines
+    assert "wire bytes 4,200 (up 3,600, down 600); wire/message 1.2353" in lines[7]
+    assert lines[8].startswith("per round (after round 0, which took 2000.0 ms): wall 100.0 ms mean")
+    assert "worker latency medians (ms): 50.0, -" in lines[8]
+    assert lines[9] == "w0 uploads on the wire: 3 seen, median 12.50 ms for 1,514 wire bytes (1,448 message bytes)"
+    assert lines[10] == "w1 uploads on the wire: 0 seen, median - ms for - wire bytes (- message bytes)"
+
+
+def test_outputs_read_back_and_write(tmp_path: Path) -> None:
+    for name in [*outputs.STALE, outputs.SUMMARY]:
+        (tmp_path / name).write_text("old")
+    outputs.clear_stale(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [outputs.SUMMARY]  # only what this run writes anyway
+    (tmp_path / "w1.log").write_text(
+        '$ psrv start-worker\n{"bytes_up": 1}\nregistered\n{"bytes_up": 5, "bytes_down": 7}\nbye\n'
+    )
+    assert outputs.worker_result(tmp_path, 1) == {"bytes_up": 5, "bytes_down": 7}
+    assert outputs.last_json("{not json\n") is None
+    assert outputs.entrypoint_counters(tmp_path, "w1") == {}
+    outputs.counters_path(tmp_path, "w1").write_text(json.dumps({"delta": {"wire_tx": {"bytes": 3}}}))
+    assert outputs.entrypoint_counters(tmp_path, "w1") == {"wire_tx": {"bytes": 3}}
+    outputs.write_wire_uploads(tmp_path, [[{"start": 1.0}, {"start": 2.0}], [], [{"start": 3.0}]])
+    lines = [json.loads(x) for x in (tmp_path / outputs.WIRE_UPLOADS).read_text().splitlines()]
+    assert lines == [{"worker": 0, "start": 1.0}, {"worker": 0, "start": 2.0}, {"worker": 2, "start": 3.0}]
 
 
 def test_config_validation_and_commands_exist_in_the_cli() -> None:
@@ -143,6 +282,23 @@ def test_entrypoint_builds_the_psrv_command() -> None:
     assert entrypoint.main(["--help"]) == 0
 
 
+def _measure_script() -> Any:
+    """scripts/cluster_measure.py, imported from its file (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("cluster_measure", ROOT / "scripts" / "cluster_measure.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_script_analysis() -> None:
+    """The measurement script's pure parts: the round and time at which a loss is first reached."""
+    m = _measure_script()
+    records = [{"round": i, "loss": 1.0 / (i + 1), "elapsed": 1.0 + 0.5 * i} for i in range(6)]
+    assert m.time_to_loss(records, 0.25) == (3, 1.5)  # seconds from the end of round 0
+    assert m.time_to_loss(records, 0.01) == (None, None)
+
+
 # ------------------------------------------------------------------------------------------ root
 def _netns_works() -> str | None:
     if os.geteuid() != 0:
@@ -182,9 +338,7 @@ def owned_pids():
 def test_which_counter_is_right(owned_pids: set[int]) -> None:
     """qdisc "Sent" counts the frames TCP sent, offload on or off; interface counters undercount
     with offload on (super-packets), and agree once it is off."""
-    from psrv.cluster.measure import calibrate_counters
-
-    rows = calibrate_counters(None, 400_000, settings=[(True, False), (False, False)], capture=False)
+    rows = _measure_script().calibrate_counters(None, 400_000, settings=[(True, False), (False, False)], capture=False)
     on, off = rows
     for r in rows:
         assert r["bytes"] == 400_000

@@ -1,4 +1,4 @@
-"""psrv.compress.feedback: error feedback (Stich et al. 2018) around top-k (seed 000 D3)."""
+"""psrv.compress.feedback: error feedback (Stich et al., NeurIPS 2018) around top-k (Aji & Heafield, EMNLP 2017)."""
 
 from __future__ import annotations
 

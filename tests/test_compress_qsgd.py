@@ -1,4 +1,4 @@
-"""psrv.compress.qsgd: QSGD (seed 001 Part 05), the math and the wire."""
+"""psrv.compress.qsgd: QSGD (Alistarh et al. 2017), the math and the wire."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""psrv.compress.sq: S+Q (seed 004 eq. 3), the math and the wire."""
+"""psrv.compress.sq: S+Q (Khirirat et al., eq. 3), the math and the wire."""
 
 from __future__ import annotations
 

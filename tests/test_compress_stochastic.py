@@ -1,4 +1,5 @@
-"""Rand-k and stochastic sparsification (seed 004 eq. 4, Appendix F; seed 000 Lemma).
+"""Rand-k and stochastic sparsification (Khirirat et al., arXiv:2003.06377, eq. 4 and Appendix F;
+the unbiasedness/variance lemma of Wang et al., ATOMO, NeurIPS 2018).
 
 Statistical checks use N seeded draws and a 5-sigma tolerance computed from the
 known distribution of Q (Bernoulli per coordinate, or a uniform k-subset for rand-k),
@@ -40,7 +41,8 @@ def draws(c, v: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def reference_p_star(g: np.ndarray, T: float) -> np.ndarray:
-    """Wangni et al. 2018 Algorithm 1, written as a plain loop: saturate, re-solve, repeat."""
+    """The p* algorithm (ATOMO, Wang et al. 2018, Algorithm 1, as cited by Khirirat et al., Appendix F), written
+    as a plain loop: saturate, re-solve, repeat."""
     a = np.abs(g)
     sat = np.zeros(a.size, dtype=bool)
     while True:
@@ -102,7 +104,8 @@ def test_p_star_beats_uniform_on_skewed_and_ties_on_constant_magnitude() -> None
 
 
 def test_p_star_is_a_minimiser() -> None:
-    """Any other feasible p (sum T, 0 < p <= 1) has at least p*'s variance; uniform bounds it (seed 004 Lemma 5)."""
+    """Any other feasible p (sum T, 0 < p <= 1) has at least p*'s variance; uniform bounds it (Khirirat et al.,
+    Lemma 5)."""
     v, T = skewed(50, seed=8), 10.0
     p = optimal_probabilities(v, T)
     best = variance_bound(v, p)
@@ -175,7 +178,7 @@ def test_stochastic_variance_matches_formula(which: int) -> None:
     exact = variance_bound(v, p)
     tol = 5 * sq_error_std(v, p) / math.sqrt(N_DRAWS) + 1e-5 * exact
     assert abs(emp - exact) <= tol
-    lemma = variance_factor(v, p) * (v @ v)  # seed 000 Lemma (ii); equality for uniform p
+    lemma = variance_factor(v, p) * (v @ v)  # the variance lemma (ii); equality for uniform p
     assert exact <= lemma * (1 + 1e-12)
     assert emp <= lemma + tol
     assert exact <= c.compressor_class(d).constant * (v @ v) * (1 + 1e-12)

@@ -1,4 +1,4 @@
-"""psrv.compress.threshold: threshold (seed 000 D1) and threshold-mem with error feedback (D2): the math
+"""psrv.compress.threshold: threshold (after Strom 2015, D1) and threshold-mem with error feedback (D2): the math
 and the wire."""
 
 from __future__ import annotations

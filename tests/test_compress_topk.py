@@ -1,4 +1,4 @@
-"""psrv.compress.topk: top-k (seed 000 D3) keeps the largest magnitudes and contracts, and the
+"""psrv.compress.topk: top-k (Aji & Heafield, EMNLP 2017) keeps the largest magnitudes and contracts, and the
 fast kernel (a sampled threshold) gives exactly the argpartition set (up to ties, broken towards
 the lowest indices), whatever the sample, including samples that miss the top."""
 

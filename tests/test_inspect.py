@@ -28,18 +28,11 @@ from psrv import codec, data, rpc
 from psrv.inspect.cli import inspect, read_records, summarize
 from psrv.inspect.grpcmsg import BYTE_KEYS, PROTO_KEYS, ConnectionDecoder, field_split
 from psrv.inspect.http2 import CONNECTION_KEYS, PREFACE
-from psrv.inspect.pcap import (
-    LINKTYPE_ETHERNET,
-    LINKTYPE_LINUX_SLL,
-    LINKTYPE_NULL,
-    LiveCapture,
-    decode_pcap,
-    ethernet,
-    ip_tcp_packet,
-    parse_tcp,
-    read_packets,
-)
+from psrv.inspect.live import Frame, LiveCapture
+from psrv.inspect.pcap import decode_pcap
+from psrv.inspect.pcapfile import PcapError, PcapFile, read_packets
 from psrv.inspect.tap import TapThread
+from psrv.inspect.tcpip import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_NULL, ethernet, ip_tcp_packet, parse_tcp
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.v1 import psrv_pb2 as pb
 from worker.client import WorkerConfig, load_training_data, run_worker
@@ -394,6 +387,77 @@ def test_pcap_gap_is_reported(run: Run, tmp_path: Path) -> None:
     _classic(path, LINKTYPE_ETHERNET, frames, big=False, nano=False)
     conns = [r for r in decode_pcap(path, port=run.server_port).records if r["type"] == "connection"]
     assert any(r["error"] and "gap" in r["error"] for r in conns)
+
+
+def test_pcapng_packets_keep_their_interface(tmp_path: Path) -> None:
+    """Two interfaces (Ethernet in microseconds, Linux SLL in 1/64 s), the obsolete packet block,
+    a simple packet block, and a second section in the other byte order (raw IP): every packet
+    gets its own interface's link type and time resolution."""
+    ip = ip_tcp_packet(("10.0.0.1", 40000), ("10.0.0.2", 50051), 1, 1, 0x18, b"hello")
+    sll = struct.pack("!HHH8sH", 0, 772, 6, b"\0" * 8, 0x0800) + ip
+
+    def section(e: str, interfaces: list[tuple[int, int]], packets: list[tuple[int, int, int, bytes]]) -> bytes:
+        def block(btype: int, body: bytes) -> bytes:
+            body += b"\0" * (-len(body) % 4)
+            return struct.pack(e + "II", btype, len(body) + 12) + body + struct.pack(e + "I", len(body) + 12)
+
+        out = block(0x0A0D0D0A, struct.pack(e + "IHHq", 0x1A2B3C4D, 1, 0, -1))
+        for linktype, tsresol in interfaces:
+            out += block(
+                1, struct.pack(e + "HHI", linktype, 0, 262144) + struct.pack(e + "HHB3xHH", 9, 1, tsresol, 0, 0)
+            )
+        for btype, iface, ticks, frame in packets:
+            if btype == 3:
+                out += block(3, struct.pack(e + "I", len(frame)) + frame)
+                continue
+            head = (e + "IIIII", iface) if btype == 6 else (e + "HHIIII", iface, 0)
+            out += block(btype, struct.pack(*head, ticks >> 32, ticks & 0xFFFFFFFF, len(frame), len(frame)) + frame)
+        return out
+
+    path = tmp_path / "two.pcapng"
+    first = [(6, 0, 1_700_000_000_123_456, ethernet(ip)), (6, 1, 64 * 1_700_000_001 + 16, sll), (2, 1, 32, sll)]
+    path.write_bytes(
+        section(">", [(LINKTYPE_ETHERNET, 6), (LINKTYPE_LINUX_SLL, 0x86)], [*first, (3, 0, 0, ethernet(ip))])
+        + section("<", [(101, 9)], [(6, 0, 1_700_000_002 * 10**9 + 5, ip)])
+    )
+    got = [(p.time, p.linktype) for p in read_packets(path)]
+    assert got == [
+        (1_700_000_000.123456, LINKTYPE_ETHERNET),
+        (1_700_000_001.25, LINKTYPE_LINUX_SLL),
+        (0.5, LINKTYPE_LINUX_SLL),
+        (0.0, LINKTYPE_ETHERNET),
+        ((1_700_000_002 * 10**9 + 5) / 10**9, 101),
+    ]
+    assert all(parse_tcp(p.linktype, p.data).payload == b"hello" for p in read_packets(path))
+
+
+def test_pcap_files_written_exactly_and_read_until_cut_short(tmp_path: Path) -> None:
+    frame = ethernet(ip_tcp_packet(("10.0.0.1", 1), ("10.0.0.2", 2), 1, 1, 0x18, b"x" * 100))
+    t_ns = [1_700_000_000_123_456_789, 1_700_000_000_123_457_001]  # 212 ns apart: one float apart at most
+    path = tmp_path / "nano.pcap"
+    f = PcapFile(path, LINKTYPE_ETHERNET, nano=True)
+    for t in t_ns:
+        f.write(frame, t)
+    f.close()
+    raw = path.read_bytes()
+    assert struct.unpack("<II", raw[24:32]) == (1_700_000_000, 123_456_789)  # nanoseconds kept exactly
+    assert struct.unpack("<II", raw[24 + 16 + len(frame) : 32 + 16 + len(frame)]) == (1_700_000_000, 123_457_001)
+    assert [p.time for p in read_packets(path)] == [t / 10**9 for t in t_ns]
+    # a file still being written: a record cut short at the end is left out; a header alone is an error
+    for cut, n in [(len(raw) - 1, 1), (len(raw) - len(frame) - 3, 1), (24 + 16 + len(frame), 1), (24, 0)]:
+        (tmp_path / "cut.pcap").write_bytes(raw[:cut])
+        assert len(list(read_packets(tmp_path / "cut.pcap"))) == n, cut
+    (tmp_path / "cut.pcap").write_bytes(raw[:20])
+    with pytest.raises(PcapError, match="truncated"):
+        list(read_packets(tmp_path / "cut.pcap"))
+    (tmp_path / "text.pcap").write_text("hello")
+    with pytest.raises(PcapError, match="not a pcap"):
+        list(read_packets(tmp_path / "text.pcap"))
+
+
+def test_live_frame_time_is_the_kernel_timestamp() -> None:
+    frame = Frame(1_700_000_000_123_456_789, "lo", False, 60, b"", ("lo", 0x0800, 0, 772, b""))
+    assert frame.time == 1_700_000_000 + 123_456_789 * 1e-9
 
 
 # ---------------------------------------------------------------- HTTP/2 edge cases (h2)

@@ -90,7 +90,6 @@ class Harness:
         finally:
             self.channel.close()
             self.server.stop(None).wait(5)
-            self.ps.close()
         assert self.thread is None or not self.thread.is_alive(), "run loop did not end"
 
     # -------------------------------------------------------------- calls
@@ -398,8 +397,8 @@ def test_bad_messages_do_not_touch_the_model(make_harness: Callable[..., Harness
 def test_silent_worker_hits_deadline_then_is_no_longer_waited_for(make_harness: Callable[..., Harness]) -> None:
     timeout = 2.0  # long enough for the live worker's calls on a loaded machine
     h = make_harness(num_workers=2, rounds=4, round_timeout=timeout, max_misses=2)
-    live = h.register("live").worker_index
-    dead = h.register("dead").worker_index
+    h.register("live")
+    h.register("dead")
     h.start()
     for k in range(4):
         h.model("live", k)
@@ -410,8 +409,9 @@ def test_silent_worker_hits_deadline_then_is_no_longer_waited_for(make_harness: 
     recs = h.ps.records
     assert [r["deadline_misses"] for r in recs] == [1, 1, 1, 1]
     for r in recs:
-        assert r["workers"][dead]["status"] == "deadline" and r["workers"][dead]["latency"] is None
-        assert r["workers"][live]["status"] == "upload"
+        by_id = {w["id"]: w for w in r["workers"]}  # records list workers in worker-id order
+        assert by_id["dead"]["status"] == "deadline" and by_id["dead"]["latency"] is None
+        assert by_id["live"]["status"] == "upload"
     # rounds 0 and 1 wait out the deadline; after max_misses=2 misses nobody waits for "dead"
     assert recs[0]["round_time"] >= 0.9 * timeout and recs[1]["round_time"] >= 0.9 * timeout
     assert recs[2]["round_time"] < 0.5 * timeout and recs[3]["round_time"] < 0.5 * timeout
@@ -461,7 +461,7 @@ def test_laq_accumulates_innovations(make_harness: Callable[..., Harness]) -> No
     v1 = to_dense(codec.laq_from_proto(codec.payload_to_proto(p1), DIM))
     assert np.abs(v1).max() > 0 and np.abs(v0).max() > 0
 
-    agg = h.ps.aggregator
+    agg = h.ps.engine.state.aggregator
     np.testing.assert_allclose(agg.stored[w], v0 + v1, rtol=0, atol=1e-12)
     assert not agg.stored[1 - w].any()
     np.testing.assert_allclose(agg.total, agg.stored.sum(axis=0), rtol=0, atol=1e-12)
@@ -569,4 +569,4 @@ def test_payload_kind_the_algorithm_cannot_absorb_is_rejected(make_harness: Call
         h.push("w0", 0, quantize(_grad(1), np.zeros(DIM), 3))
     with expect_status(Code.INVALID_ARGUMENT, "gd does not take sparse payloads"):  # gd here sends dense
         h.push("w0", 0, TopK(ratio=0.5).compress(_grad(1)))
-    assert not h.ps.aggregator.total.any()
+    assert not h.ps.engine.state.aggregator.total.any()

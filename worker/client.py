@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,14 @@ class WorkerResult:
     bytes_up: int = 0
     bytes_down: int = 0
     final_params: np.ndarray | None = None
+
+
+def worker_rng(seed: int, shard: int | None, worker_id: str) -> np.random.Generator:
+    """The worker's random stream (minibatches, stochastic compressors), seeded from its stable
+    identity -- its shard, else its id -- never from the order in which workers happened to
+    register, so the same seed gives the same run."""
+    identity = shard if shard is not None else (1 << 32) + zlib.crc32(worker_id.encode())
+    return np.random.default_rng([seed, identity])
 
 
 def _register(stub: rpc.CountingStub, req: pb.RegisterRequest, timeout: float) -> pb.RegisterReply:
@@ -155,9 +164,9 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         task = make_task(conf.task, ds.n_features, ds.n_classes, **dict(conf.task_options))
         # warm up (torch's lazy initialisation) while the others register, not inside round 0's deadline
         task.local_loss_grad(np.zeros(task.dim), ds.X[:2], ds.y[:2], len(ds), max(1, conf.num_workers))
-        rng = np.random.default_rng([conf.seed, reply.worker_index])
-        batch = int(getattr(algo, "batch", 0))
-        wants_smoothness = bool(getattr(algo, "tracks_theta_hat", False))
+        rng = worker_rng(conf.seed, cfg.shard, cfg.worker_id)
+        batch = algo.batch
+        wants_smoothness = algo.tracks_theta_hat
         state: Any = algo.init(task.dim)
         result = WorkerResult(cfg.worker_id, reply.worker_index)
         log.info("worker %s registered as %d: %s", cfg.worker_id, reply.worker_index, conf.algorithm)

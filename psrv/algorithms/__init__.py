@@ -9,15 +9,15 @@ the worker exactly as it was, so worker and server never disagree.
 
 Server side: ``absorb`` says whether an upload replaces the worker's stored
 contribution ("replace": plain GD, top-k) or adds to it ("accumulate": LAQ's
-innovation, seed 003 eq. 4). Skipping workers keep contributing what is stored.
+innovation, Sun et al., NeurIPS 2019, eq. 4). Skipping workers keep contributing what is stored.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -61,12 +61,14 @@ class Decision:
 
 
 class Algorithm(Protocol):
-    """Optional members: ``batch`` (minibatch size, 0 = full gradient), ``select(view, rng)``
-    (server-side selection: the set of worker indices that compute this round), and
-    ``tracks_theta_hat`` (the server keeps each worker's last-upload iterate for ``select``)."""
+    """What the engine and the worker use of an algorithm. Concrete algorithms subclass
+    :class:`AlgorithmBase`, which declares the optional capabilities with their defaults."""
 
     name: str
     lr: float
+    batch: int
+    tracks_theta_hat: bool
+    selects: bool
 
     @property
     def absorb(self) -> str: ...
@@ -79,9 +81,40 @@ class Algorithm(Protocol):
         """Payload kinds the server accepts for this algorithm."""
         ...
 
+    @property
+    def compressor_name(self) -> str: ...
+
     def init(self, dim: int) -> Any: ...
 
     def step(self, state: Any, grad: np.ndarray, info: RoundInfo, rng: np.random.Generator) -> Decision: ...
+
+    def select(self, view: SelectionView, rng: np.random.Generator) -> frozenset[int] | None: ...
+
+
+class AlgorithmBase:
+    """Optional capabilities, declared once with their defaults (a subclass overrides a default
+    with a dataclass field or a class attribute; nothing is probed with ``getattr``):
+
+    - ``batch``: minibatch rows per worker and round; 0 = the full local gradient.
+    - ``selects``: the server chooses who computes each round through :meth:`select`.
+    - ``tracks_theta_hat``: the server keeps each worker's last-upload iterate (for ``select``),
+      and workers report their smoothness bound L_m with their first upload.
+    - ``compressor``: the uplink compressor, if the algorithm has one (named in summaries).
+    """
+
+    name: str = ""
+    batch: int = 0
+    selects: ClassVar[bool] = False
+    tracks_theta_hat: ClassVar[bool] = False
+    compressor: Any = None
+
+    @property
+    def compressor_name(self) -> str:
+        return self.compressor.name if self.compressor is not None else self.name
+
+    def select(self, view: SelectionView, rng: np.random.Generator) -> frozenset[int] | None:
+        """The worker indices that compute this round (only called when ``selects``)."""
+        return None
 
 
 ALGORITHMS: dict[str, Callable[[Mapping[str, float], str], Algorithm]] = {}
@@ -92,10 +125,77 @@ def register(name: str, factory: Callable[[Mapping[str, float], str], Algorithm]
 
 
 def make_algorithm(name: str, options: Mapping[str, float] | None = None, compressor: str = "") -> Algorithm:
-    """Build a registered algorithm; unknown names or options raise ``ValueError``."""
+    """Build a registered algorithm; unknown names or options raise ``ValueError`` naming the valid ones."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(sorted(ALGORITHMS))}")
-    return ALGORITHMS[name](dict(options or {}), compressor)
+    options = dict(options or {})
+    if options:
+        valid = option_defaults(name, compressor)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            with_c = f" with compressor {compressor!r}" if compressor else ""
+            raise ValueError(
+                f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for {name}{with_c}; "
+                f"valid: {', '.join(sorted(valid)) or '(none)'}"
+            )
+    return ALGORITHMS[name](options, compressor)
+
+
+_SIMPLE = {"int", "float", "bool"}
+
+
+def _simple_fields(obj: Any) -> dict[str, Any]:
+    """The numeric init fields of a dataclass instance (the options it takes), with their values."""
+    if not dataclasses.is_dataclass(obj):
+        return {}
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init and f.type in _SIMPLE}
+
+
+def option_defaults(name: str, compressor: str = "") -> dict[str, Any]:
+    """Every option algorithm ``name`` takes (with ``compressor``), and its default (None where the
+    compressor requires a value, e.g. ``threshold``)."""
+    from psrv.compress import COMPRESSORS
+
+    base = ALGORITHMS[name]({}, "")  # the default build: its fields are the algorithm's options
+    out = _simple_fields(base)
+    if base.compressor is not None and any(f.name == "compressor" for f in dataclasses.fields(base)):
+        cls = COMPRESSORS.get(compressor or base.compressor.name)
+        if cls is not None and dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                if f.init and f.type in _SIMPLE:
+                    out[f.name] = None if f.default is dataclasses.MISSING else f.default
+    return out
+
+
+def resolved_options(algo: Algorithm) -> dict[str, Any]:
+    """Every option of a built algorithm with the value actually used (defaults included)."""
+    out = _simple_fields(algo)
+    if algo.compressor is not None:
+        out.update(_simple_fields(algo.compressor))
+    return out
+
+
+def distribute_options(
+    names: Sequence[str], compressor: str, options: Mapping[str, float]
+) -> dict[str, dict[str, float]]:
+    """Options per algorithm of a comparison. ``ALGO.KEY`` goes to ``ALGO`` only; a plain ``KEY`` to
+    every listed algorithm that takes it, and it must fit at least one (else ``ValueError``)."""
+    out: dict[str, dict[str, float]] = {n: {} for n in names}
+    valid = {n: option_defaults(n, compressor) for n in names}
+    for key, value in options.items():
+        target, dot, k = key.rpartition(".")
+        if dot:
+            if target not in out:
+                raise ValueError(f"option {key!r} names {target!r}, which is not among {', '.join(names)}")
+            out[target][k] = value
+            continue
+        takers = [n for n in names if key in valid[n]]
+        if not takers:
+            listed = "; ".join(f"{n}: {', '.join(sorted(valid[n])) or '(none)'}" for n in names)
+            raise ValueError(f"unknown option {key!r}; valid options are {listed}")
+        for n in takers:
+            out[n][key] = value
+    return out
 
 
 def split_options(cls: type, options: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, float]]:
@@ -113,7 +213,7 @@ def split_options(cls: type, options: Mapping[str, float]) -> tuple[dict[str, An
     return own, rest
 
 
-class LazyHistory:
+class LazyHistory(AlgorithmBase):
     """Mixin for the lazy rules (dataclasses with fields ``D`` and ``xi``): the server keeps the
     last ``D`` step norms, weighted by D equal ``xi_d = xi``; ``xi`` < 0 means
     ``xi_default_total / D`` (a class attribute, not an option; 1 unless the class overrides it)."""

@@ -1,8 +1,7 @@
 """EF21 error feedback (Richtárik, Sokolov, Fatkhullin, "EF21: A new, simpler, theoretically
-better, and practically faster error feedback", NeurIPS 2021; seed 001 Part 05, "Error feedback:
-corrects the distortion").
+better, and practically faster error feedback", NeurIPS 2021).
 
-Seed 001 writes the method as
+The method, in the notation ``x`` (model), ``g_i`` (worker i's gradient estimate), ``C`` (compressor):
 
     x^(k+1) = x^(k) - (gamma/n) sum_i g_i^(k),      g_i^(k+1) = g_i^(k) + C(grad f_i(x^(k+1)) - g_i^(k)):
 
@@ -13,7 +12,7 @@ bit for bit (both sides add the same float64 ``to_dense(c)``) and the aggregate 
 ``sum_m g_m``. The model step is the server's usual ``theta -= lr * aggregate``, as for every
 algorithm.
 
-Why it works (seed 001): for a contractive C with constant delta,
+Why it works: for a contractive C with constant delta (``E||C(x) - x||^2 <= (1 - delta)||x||^2``),
 ``||g_m^(k+1) - grad||^2 = ||C(grad - g_m) - (grad - g_m)||^2 <= (1 - delta) ||g_m - grad||^2``,
 so on a fixed gradient g_m converges to it geometrically (factor ``sqrt(1 - k/d)`` per round in
 norm for top-k), and the distortion vanishes as the gradients settle, unlike compressing the
@@ -34,13 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psrv.algorithms import Decision, RoundInfo, register, split_options
+from psrv.algorithms import AlgorithmBase, Decision, RoundInfo, register, split_options
 from psrv.compress import Compressor, make_compressor
 from psrv.payload import to_dense
 
 
 @dataclass(frozen=True)
-class EF21:
+class EF21(AlgorithmBase):
     compressor: Compressor
     lr: float = 0.02
     name: str = "ef21"

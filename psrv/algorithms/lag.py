@@ -1,6 +1,5 @@
-"""LAG, worker-side rule (Chen, Giannakis, Sun, Yin, "LAG: Lazily Aggregated Gradient for
-Communication-efficient Distributed Learning", NeurIPS 2018; seed 000, "Implementation of
-adaptive selection rule (LAG)", Worker side).
+"""LAG, worker-side rule LAG-WK (Chen, Giannakis, Sun, Yin, "LAG: Lazily Aggregated Gradient for
+Communication-efficient Distributed Learning", NeurIPS 2018).
 
 ``lag-wk``: every worker computes its local gradient at the broadcast ``theta^k`` and uploads it
 iff
@@ -9,9 +8,8 @@ iff
         > 1/(alpha^2 M^2) sum_{d=1..D} xi_d ||theta^{k+1-d} - theta^{k-d}||^2
 
 or its staleness reached ``t_bar`` (:func:`psrv.triggers.lazy_skip`; the right-hand side is
-:func:`psrv.triggers.lag_threshold`). Seed 000 writes the rule with one step of history,
-``||delta_i^k||^2 <= 1/(alpha^2 n^2) ||x^k - x^{k-1}||^2`` ("If the condition is satisfied =>
-Do not upload"); psrv uses the D-step history of the LAG paper, as LAQ's (7a) does.
+:func:`psrv.triggers.lag_threshold`): the LAG paper's rule with D steps of history, as in LAQ's
+eq. 7a and in the LAG authors' code (not the one-step form ``1/(alpha^2 M^2) ||x^k - x^{k-1}||^2``).
 
 ``grad f_m(theta_hat_m)`` is exactly what the server stores for worker m: the worker keeps
 ``to_dense`` of its last accepted upload (the float32 wire value, as float64), so worker and
@@ -20,14 +18,14 @@ and so does the worker: round 0 compares the gradient against 0 with an empty st
 (threshold 0), so every worker with a nonzero gradient uploads in round 0.
 
 Uploads are dense float32 gradients that replace the stored one (``absorb = "replace"``).
-Defaults: D = 10 and xi_d = 1/D (the LAG authors' code for LAG-WK, seed README: "LAG-WK uses
-xi = 1/D, LAG-PS uses xi = 10/D, D = 10"); ``xi`` < 0 means that default, ``xi = 0`` uploads
-whenever the gradient changed at all (plain GD); ``t_bar = 100`` maximum staleness (as LAQ): no
-worker skips more than ``t_bar`` consecutive rounds. ``lr = 0.02`` as the other psrv
-algorithms (the LAG authors use 1/L; with a step much below 1/L the gradients barely move and
-LAG-WK skips almost everything: digits, M = 3, L ~ 5.7: lr 0.02 uploads only in round 0 in 100
-rounds, lr 0.5 matches GD's loss with 30 of 300 uploads). ``batch`` > 0 draws a minibatch per round (the naive
-stochastic extension, SASG eq. 5, which the SASG paper calls ineffective; use ``lasg`` for the
+Defaults: D = 10 and xi_d = 1/D (the LAG authors' code for LAG-WK, github.com/chentianyi1991/LAG-code,
+nips2018synlinear.m: weight 1/D on each of the last D = 10 steps for LAG-WK, 10/D for LAG-PS);
+``xi`` < 0 means that default, ``xi = 0`` uploads whenever the gradient changed at all (plain GD);
+``t_bar = 100`` maximum staleness (as LAQ): no worker skips more than ``t_bar`` consecutive rounds.
+``lr = 0.02`` as the other psrv algorithms (the LAG authors use 1/L; with a step much below 1/L
+the gradients barely move and LAG-WK skips almost everything; measured runs: docs/results.md).
+``batch`` > 0 draws a minibatch per round (the naive stochastic extension, eq. 5 of the SASG paper,
+Deng et al., arXiv:2112.04088, which that paper calls ineffective; use ``lasg`` for the
 same-minibatch rule); 0 = full local gradient, the setting of the paper.
 """
 

@@ -1,35 +1,34 @@
-"""LAQ: lazily aggregated quantized gradients (Sun, Giannakis, Chen, Yang, NeurIPS 2019; seed 003).
+"""LAQ: lazily aggregated quantized gradients (Sun, Chen, Giannakis, Yang, NeurIPS 2019).
 
-Worker m at round k (Algorithm 2): quantize the innovation against its last
+Worker m at round k (Algorithm 2 of the paper): quantize the innovation against its last
 uploaded quantized gradient ``Q_m(theta_hat)`` (eqs. 5-6, :mod:`psrv.compress.laq`),
 then skip if (7a) and (7b) hold (:func:`psrv.triggers.laq_skip`), else upload
 ``(R, q)``. The server adds every received innovation to the worker's stored
 ``Q_m`` and to the running aggregate (eq. 4); skipped workers keep contributing
 their stored ``Q_m``.
 
-Defaults follow the paper's experiments: D = 10, xi_d = 0.8/D, t_bar = 100,
-alpha = 0.02, and b = 4, the authors' code default for logistic regression (the
-paper's text says 3). Why 4: the 2^b grid of eq. 5 has no point at the centre, so
-every coordinate whose innovation is 0 (MNIST's always-blank pixels) carries the
-maximal error tau*R; with b = 3 the 3||eps||^2 term of (7a) then exceeds the
-innovation almost always and LAQ stalls (measured: 55 uploads in 500 rounds,
-loss 0.906 vs GD 0.650); with b = 4 it reaches 0.628 with 70 uploads.
-``Q_m(theta_hat^0) = 0`` and ``eps_hat^0 = 0``.
+Defaults follow the paper's experiments (§4): D = 10, xi_d = 0.8/D, t_bar = 100,
+alpha = 0.02, and b = 4, the authors' code default for logistic regression
+(github.com/sunjunaimer/LAQ; the paper's text says 3). Why 4: the 2^b grid of eq. 5 has no
+point at the centre, so every coordinate whose innovation is 0 (MNIST's always-blank pixels)
+carries the maximal error tau*R; with b = 3 the 3||eps||^2 term of (7a) then exceeds the
+innovation almost always and LAQ stalls (measured runs and the command that reproduces them:
+docs/results.md). ``Q_m(theta_hat^0) = 0`` and ``eps_hat^0 = 0``.
 
-``slaq``: the stochastic version of LAQ (seed 003 §4, "Stochastic gradient-based tests"): LAQ
+``slaq``: the stochastic version of LAQ (Sun et al., §4, "Stochastic gradient-based tests"): LAQ
 on minibatch gradients, ``batch`` rows per worker and round drawn by the worker
 (``worker.client._Gradients``; ``batch = 0`` is the full local gradient, ``laq``'s default).
-Defaults from the seed: "The mini-batch size is 500, alpha = 0.008, and the number of bits per
-coordinate is set as b = 3 for logistic regression and 8 for neural network" (the seeds README
-confirms the authors' code: "SLAQ: minibatch 500, alpha = 0.008, b = 3"); D, xi_d and t_bar as
+Defaults from the paper: "The mini-batch size is 500, alpha = 0.008, and the number of bits per
+coordinate is set as b = 3 for logistic regression and 8 for neural network" (the authors'
+SLAQ code uses the same: minibatch 500, alpha = 0.008, b = 3); D, xi_d and t_bar as
 LAQ ("we set D = 10, xi_1 = ... = xi_D = 0.8/D, t_bar = 100" for all experiments). The rule is
 LAQ's (7a)/(7b) applied to the stochastic gradient at theta^k alone (no second evaluation).
 
 With ``xi = 0`` LAQ is not GD: the ``3 (||eps^k||^2 + ||eps_hat^{k-1}||^2)`` term of (7a) stays,
 so a worker still skips when its quantized innovation is below its quantization error; with
 b = 16 that error is ~2^-16 of the innovation's radius, LAQ uploads every round and tracks GD to
-within the quantization error (tests/test_lazy_family.py; measured on digits, M = 3, 60 rounds:
-b = 3 or 4 skip 177 of 180 reports, b = 8 skips 15, b = 16 none and ends 4e-7 from GD, relative).
+within the quantization error (tests/test_lazy_family.py; measured skip counts for b = 3..16 in
+docs/results.md).
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
-"""Every worker uploads every round: distributed gradient descent (seed 003 eq. 2),
+"""Every worker uploads every round: distributed gradient descent (Sun et al., NeurIPS 2019, eq. 2),
 optionally compressed, optionally with error feedback.
 
 - ``gd``: dense float32 gradients; the baseline.
-- ``topk-ef``: top-k sparsification with error feedback (Stich et al. 2018; seed 000 D3):
+- ``topk-ef``: top-k sparsification (Aji & Heafield, EMNLP 2017) with error feedback (Stich,
+  Cordonnier, Jaggi, "Sparsified SGD with memory", NeurIPS 2018):
   ``p = e + g; send top_k(p); e = p - top_k(p)``.
-- ``sgd``: parallel minibatch SGD (seed 001, "parallel SGD"; seed 000 "Option I (SGD)"):
+- ``sgd``: parallel minibatch SGD (the SGD baseline of Deng et al., arXiv:2112.04088, eq. 2):
   ``gd`` where each worker's gradient is taken on ``batch`` rows of its shard, drawn
   without replacement every round (``worker.client._Gradients``; unbiased for grad f_m).
-  Default ``batch = 10``: the per-worker minibatch of the SASG paper's setup (seed README,
-  "Paper setup: 10 workers, batch 10 per worker"), the one stochastic setup the seeds fix.
+  Default ``batch = 10``: the per-worker minibatch of the SASG paper's setup (§VI-A: ten workers,
+  ten samples per worker and iteration).
 Any registered compressor can be chosen with ``compressor=``; ``ef=1`` wraps it in
 error feedback. ``batch`` works for every name (0 = the full local gradient; a batch
 of at least the shard size is the full gradient too, so ``sgd`` then equals ``gd``).
@@ -22,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from psrv.algorithms import Decision, RoundInfo, register, split_options
+from psrv.algorithms import AlgorithmBase, Decision, RoundInfo, register, split_options
 from psrv.compress import Compressor, make_compressor
 from psrv.compress.feedback import ef_step, init_memory
 
 
 @dataclass(frozen=True)
-class Plain:
+class Plain(AlgorithmBase):
     compressor: Compressor
     lr: float = 0.02
     ef: bool = False

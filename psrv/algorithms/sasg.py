@@ -2,13 +2,12 @@
 
 - ``lasg``: LASG, lazily aggregated stochastic gradients (T. Chen, Y. Sun, W. Yin,
   "Communication-adaptive stochastic gradient methods for distributed learning", IEEE TSP 2021;
-  seed 002 ref. [17], whose rule SASG adopts as its eq. 6), dense uploads.
-- ``sasg``: SASG ("Communication-Efficient Distributed Learning via Sparse and Adaptive
-  Stochastic Gradient", seed 002, Algorithm 1, eqs. 6, 8-9): the same rule, top-k uploads with
-  error feedback.
+  ref. [17] of the SASG paper, which adopts its rule as SASG's eq. 6), dense uploads.
+- ``sasg``: SASG (X. Deng, D. Li, T. Sun, X. Lu, "Communication-Efficient Distributed Learning via
+  Sparse and Adaptive Stochastic Gradient", arXiv:2112.04088, Algorithm 1, eqs. 6, 8-9): the same
+  rule, top-k uploads with error feedback.
 
-The rule (seed 002 eq. 6, restated in the seeds README since the extraction lost it): worker m
-skips round k iff
+The rule (Deng et al., eq. 6): worker m skips round k iff
 
     ||grad F_m(theta^k; xi_m^k) - grad F_m(theta_hat_m; xi_m^k)||^2
         <= 1/(alpha^2 M^2) sum_{d=1..D} xi_d ||theta^{k+1-d} - theta^{k-d}||^2
@@ -18,8 +17,8 @@ and its staleness is below the maximum delay ``t_bar`` (:func:`psrv.triggers.laz
 condition is evaluated on the same data at two different iterations"): the second one is
 ``RoundInfo.grad_at(theta_hat_m)``, so a deciding round costs two gradient evaluations.
 ``theta_hat_m`` is the broadcast ``theta`` of worker m's last accepted upload, as the paper
-states (the seeds README: the authors' multi-process code compares against the previous iterate
-instead; "psrv follows the paper").
+states (the authors' multi-process code, github.com/xiaogdeng/SASG, compares against the previous
+iterate instead; their single-process notebooks use the last-upload iterate; psrv follows the paper).
 
 Round 0 (more precisely: every round before a worker's first accepted upload): the paper starts
 from ``theta_hat_m = theta^0``, but the server then stores nothing for worker m (0, not a
@@ -44,16 +43,18 @@ On upload:
   ``sum(sent) + e' == sum(g over uploads)`` (times alpha: the paper's conservation).
   ``compressor=`` may name another compressor (options passed through); the paper's is top-k.
 
-Defaults (seeds README, "Paper setup: 10 workers, batch 10 per worker, top-1% (k = 0.01 d),
-D = 10"): ``batch = 10``, ``ratio = 0.01``, ``D = 10``. Where the seed is silent:
-- xi_d: seed 002 gives the value only as "we set [lost] for [lost]"; psrv uses xi_d = 1/D, the
-  LAG-WK constant of the seeds README (eq. 6 is "a direct extension of LAG"); ``xi`` < 0
-  means that default, ``xi = 0`` uploads whenever the two gradients differ (plain SGD).
+Defaults (the paper's setup, §VI-A: ten workers, ten samples per worker and iteration, top-1%
+(k = 0.01 d); D = 10 as in the authors' MNIST notebook, FullConnect_MNIST.ipynb):
+``batch = 10``, ``ratio = 0.01``, ``D = 10``. Where psrv had to choose (the paper's values of
+xi_d, of the maximum delay and of the MNIST step size could not be checked):
+- xi_d: psrv uses xi_d = 1/D, the LAG-WK constant of the LAG authors' code (SASG's eq. 5, which
+  eq. 6 refines, is "a direct extension of LAG"); ``xi`` < 0 means that default, ``xi = 0``
+  uploads whenever the two gradients differ (plain SGD).
   (The authors' notebook uses ``sum_d ||dtheta_d||^2 / (2 lr M^2)`` with per-worker mean
   losses, a different normalisation of the same rule.)
-- maximum delay: lost from the text as well; ``t_bar = 10`` = D, the authors' notebook
+- maximum delay: ``t_bar = 10`` = D, the authors' notebook
   (``tau[w_id] > D`` forces an upload: at most D consecutive skips).
-- ``lr = 0.02`` as the other psrv algorithms (the paper's MNIST step is lost in extraction).
+- ``lr = 0.02`` as the other psrv algorithms (the authors' MNIST notebook uses 0.005).
 """
 
 from __future__ import annotations

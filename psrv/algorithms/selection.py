@@ -1,17 +1,19 @@
-"""Server-side worker selection: only the workers the server picks compute and upload
-(seed 000, "Methods for worker selection"). The others answer NOT_SELECTED, compute
-nothing, and keep contributing what the server stored for them.
+"""Server-side worker selection: only the workers the server picks compute and upload.
+The others answer NOT_SELECTED, compute nothing, and keep contributing what the server
+stored for them.
 
-- ``riag``: Randomized Incremental Aggregated Gradient (seed 000, "Option II (RIAG)";
-  "Adaptive worker selection": ``I^k = {i_k}`` with i_k random). Round k selects ``s``
-  workers uniformly at random without replacement from the server's rng.
-- ``ciag``: Cyclic IAG (seed 000, "Non-adaptive cyclic rule", ``i_k = k mod n``; Theorem 3).
+- ``riag``: Randomized Incremental Aggregated Gradient (the randomized counterpart of IAG, as
+  in SAG: Schmidt, Le Roux, Bach, Math. Programming 2017; ``I^k = {i_k}`` with i_k random).
+  Round k selects ``s`` workers uniformly at random without replacement from the server's rng.
+- ``ciag``: Cyclic IAG (Blatt, Hero, Gauchman, SIAM J. Optim. 2007, ``i_k = k mod n``; linear
+  convergence for a small enough constant step under smoothness and strong convexity:
+  Gürbüzbalaban, Ozdaglar, Parrilo, SIAM J. Optim. 2017).
   Round k selects workers ``(k*s + j) mod M`` for ``j = 0..s-1`` (with ``s = 1``: ``k mod M``).
 
-  Both run the generic IAG update (seed 000)
+  Both run the generic IAG update
   ``x^{k+1} = x^k - alpha sum_{i in I^k} grad F_i(x^k) - alpha sum_{i not in I^k} grad F_i(x_i^k)``
-  without the server's d x M table ("Memory overhead for RIAG"), by the running-sum trick of
-  "Overcome memory overhead": the server stores ``nabla_k = sum_i grad F_i(x_i^k)`` and a
+  without the server's d x M table of stored gradients, by the running-sum trick (as in SAG's
+  implementation): the server stores ``nabla_k = sum_i grad F_i(x_i^k)`` and a
   selected worker uploads only the change ``grad F_i(x^k) - grad F_i(x_i^k)``, which the
   server adds (``absorb = "accumulate"``: ``nabla_{k+1} = nabla_k + nabla_k^i``).
 
@@ -21,18 +23,18 @@ nothing, and keep contributing what the server stored for them.
   rounding of the wire never accumulates (``g_m`` is always within one rounding of the
   gradient at the iterate of its last upload). ``C`` is dense float32 by default; with any
   other compressor (``compressor=``, its options passed through) this is EF21 restricted to
-  the selected workers (seed 001), and ``g_m`` tracks the gradient only approximately.
+  the selected workers (Richtárik et al., NeurIPS 2021), and ``g_m`` tracks the gradient only
+  approximately.
   ``s`` larger than M selects everyone. ``batch > 0`` makes the gradients minibatch ones.
 
-- ``lag-ps``: LAG, server-side rule (Chen, Giannakis, Sun, Yin, "LAG: Lazily Aggregated
-  Gradient", NeurIPS 2018; seed 000, "Implementation of adaptive selection rule (LAG)",
-  Server side). Round k asks worker m for a fresh gradient iff
+- ``lag-ps``: LAG, server-side rule LAG-PS (Chen, Giannakis, Sun, Yin, "LAG: Lazily Aggregated
+  Gradient", NeurIPS 2018). Round k asks worker m for a fresh gradient iff
 
       L_m^2 ||theta^k - theta_hat_m||^2 > 1/(alpha^2 M^2) sum_{d=1..D} xi_d ||theta^{k+1-d} - theta^{k-d}||^2
 
-  or its staleness reached ``t_bar`` (:func:`psrv.triggers.lag_ps_upload`; the slide's one-step
-  right-hand side generalised to the D-step history of the LAG paper, as in LAQ (7a)). The
-  selected workers upload their full gradient, which replaces the stored one
+  or its staleness reached ``t_bar`` (:func:`psrv.triggers.lag_ps_upload`; the D-step history of
+  the LAG paper and the LAG authors' code, as in LAQ's eq. 7a). The selected workers upload
+  their full gradient, which replaces the stored one
   (``absorb = "replace"``); ``theta_hat_m`` is the iterate of worker m's last upload, which the
   server tracks (``tracks_theta_hat``).
 
@@ -42,9 +44,10 @@ nothing, and keep contributing what the server stored for them.
   (round 0 fills the table, round 1 gives each worker its first estimate). Without that, L_m = 0
   would keep a worker silent until ``t_bar`` forces it.
 
-  Defaults: D = 10 and xi_d = 10/D (the LAG authors' code for LAG-PS, seed README: "LAG-PS uses
-  xi = 10/D, D = 10"); ``xi`` < 0 means that default, ``xi = 0`` selects every worker whose
-  iterate moved (every round, i.e. plain GD); ``t_bar = 100`` maximum staleness (as LAQ): a
+  Defaults: D = 10 and xi_d = 10/D (the LAG authors' code for LAG-PS:
+  github.com/chentianyi1991/LAG-code, nips2018synlinear.m); ``xi`` < 0 means that default,
+  ``xi = 0`` selects every worker whose iterate moved (every round, i.e. plain GD);
+  ``t_bar = 100`` maximum staleness (as LAQ): a
   worker is never left more than ``t_bar`` consecutive rounds without an upload. Dense float32
   uploads of the full local gradient only (no compressor, no ``batch``): the secant estimate
   of L_m needs exact gradients.
@@ -57,7 +60,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psrv.algorithms import Decision, LazyHistory, RoundInfo, SelectionView, register, split_options
+from psrv.algorithms import AlgorithmBase, Decision, LazyHistory, RoundInfo, SelectionView, register, split_options
 from psrv.compress import Compressor, make_compressor
 from psrv.payload import to_dense
 from psrv.triggers import lag_ps_upload, lag_threshold
@@ -68,9 +71,9 @@ def _indices(selected: Iterable[int]) -> frozenset[int]:
 
 
 @dataclass(frozen=True)
-class _Incremental:
-    """RIAG / CIAG: ``s`` selected workers upload the change of their gradient (seed 000
-    "Overcome memory overhead"); subclasses choose the workers."""
+class _Incremental(AlgorithmBase):
+    """RIAG / CIAG: ``s`` selected workers upload the change of their gradient (the running-sum
+    form of IAG, see the module doc); subclasses choose the workers."""
 
     compressor: Compressor
     lr: float = 0.02
@@ -103,6 +106,7 @@ class _Incremental:
 @dataclass(frozen=True)
 class RIAG(_Incremental):
     name: str = "riag"
+    selects = True
 
     def select(self, view: SelectionView, rng: np.random.Generator) -> frozenset[int]:
         num = len(view.staleness)
@@ -112,6 +116,7 @@ class RIAG(_Incremental):
 @dataclass(frozen=True)
 class CIAG(_Incremental):
     name: str = "ciag"
+    selects = True
 
     def select(self, view: SelectionView, rng: np.random.Generator) -> frozenset[int]:
         num = len(view.staleness)
@@ -120,7 +125,7 @@ class CIAG(_Incremental):
 
 @dataclass(frozen=True)
 class LagPS(LazyHistory):
-    """LAG-PS (seed 000, "Implementation of adaptive selection rule (LAG)", Server side)."""
+    """LAG-PS, the server-side rule of LAG (Chen et al., NeurIPS 2018)."""
 
     compressor: Compressor
     lr: float = 0.02
@@ -130,8 +135,9 @@ class LagPS(LazyHistory):
     name: str = "lag-ps"
 
     absorb = "replace"
+    selects = True
     tracks_theta_hat = True
-    xi_default_total = 10.0  # LAG-PS: xi_d = 10 / D (seeds README)
+    xi_default_total = 10.0  # LAG-PS: xi_d = 10 / D (the LAG authors' code)
     FORCED_ROUNDS = 2  # rounds 0 and 1: the secant estimate of L_m needs two uploads
 
     def __post_init__(self) -> None:

@@ -16,9 +16,11 @@ from typing import Any
 import click
 
 from psrv.cliutil import algorithm_list
+from psrv.cluster.config import SHAPE_AT, ClusterConfig, with_algorithm
 from psrv.cluster.netns import ClusterError, Interrupted, remove_namespaces, require_root, stale_namespaces
-from psrv.cluster.run import SHAPE_AT, ClusterConfig, format_report, run_cluster, with_algorithm
+from psrv.cluster.run import run_cluster
 from psrv.cluster.shaping import QDISCS, LinkRates, parse_link
+from psrv.report import format_report
 
 
 def _options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:

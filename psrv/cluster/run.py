@@ -3,7 +3,9 @@
 Steps: build the namespaces (:mod:`psrv.cluster.netns`), shape every host's uplink and downlink
 (:mod:`psrv.cluster.shaping`), start ``python -m psrv start-server`` and ``python -m psrv
 start-worker`` inside them -- the commands a user runs on real hosts -- wait, read the counters
-(:mod:`psrv.cluster.counters`), and tear everything down, also on failure or Ctrl-C.
+(:mod:`psrv.cluster.counters`) and the frame capture (:mod:`psrv.cluster.capture`), and tear
+everything down, also on failure or Ctrl-C. The figures are :mod:`psrv.cluster.analysis`'s; the
+files in the run folder are listed in :mod:`psrv.cluster.outputs`.
 
 Where the shaping happens (``shape_at``):
 
@@ -13,82 +15,27 @@ Where the shaping happens (``shape_at``):
   ``python -m psrv.cluster.entrypoint`` with ``PSRV_RATE_UP``/``PSRV_RATE_DOWN``, which shapes
   ``eth0`` egress and (via ifb) ingress, and writes the counters to ``counters-<host>.json``.
   This is the docker-compose path, run without Docker.
-
-Outputs in ``out_dir``: ``metrics.jsonl`` (the server's per-round metrics), ``summary.json`` (this
-module's summary: the server's summary, final loss/accuracy, per-host message vs wire bytes, per-round
-timing), ``server.log``, ``w<i>.log``, ``model.npy`` and, with ``capture``, ``capture.npz`` (every
-frame) and ``wire-uploads.jsonl`` (every upload seen on the wire: worker, start, seconds, bytes).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from psrv.cluster import counters, shaping
+from psrv.cluster import analysis, counters, outputs, shaping
+from psrv.cluster.capture import load_capture
+from psrv.cluster.config import SERVER, ClusterConfig
 from psrv.cluster.netns import ClusterError, Topology, interrupt_guard, require_root, set_offload
-from psrv.cluster.shaping import LinkRates, format_rate
+from psrv.cluster.shaping import format_rate
 
-SERVER = "server"
-SHAPE_AT = ("bridge", "host")
 _ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds the psrv package
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    workers: int = 2
-    rounds: int = 100
-    algorithm: str = "gd"
-    compressor: str = ""
-    lr: float = 0.02
-    options: Mapping[str, float] = field(default_factory=dict)
-    task: str | None = None
-    l2: float = 0.01
-    task_options: Mapping[str, float] = field(default_factory=dict)
-    round_timeout: float = 10.0
-    seed: int = 0
-    zstd: bool = False
-    data: str = "mnist"
-    split: str = "iid"
-    test_fraction: float = 0.2
-    rate: LinkRates = LinkRates()  # every worker's link unless worker_rates says otherwise
-    worker_rates: Mapping[int, LinkRates] = field(default_factory=dict)
-    server_rate: LinkRates = LinkRates()  # default: the server's link is not shaped
-    qdisc: str = "tbf"
-    shape_at: str = "bridge"
-    offload: bool = True
-    capture: bool = False
-    port: int = 50051
-    timeout: float = 600.0  # the whole run, seconds
-    crash_after: Mapping[int, int] = field(default_factory=dict)  # worker index -> rounds (fault injection)
-    server_args: tuple[str, ...] = ()  # more start-server options, verbatim
-
-    def __post_init__(self) -> None:
-        if self.workers < 1 or self.rounds < 0:
-            raise ValueError("need workers >= 1 and rounds >= 0")
-        if self.shape_at not in SHAPE_AT:
-            raise ValueError(f"shape_at must be one of {', '.join(SHAPE_AT)}")
-        if self.qdisc not in shaping.QDISCS:
-            raise ValueError(f"qdisc must be one of {', '.join(shaping.QDISCS)}")
-        bad = sorted(i for i in [*self.worker_rates, *self.crash_after] if not 0 <= i < self.workers)
-        if bad:
-            raise ValueError(f"worker index {bad[0]} out of range 0..{self.workers - 1}")
-
-    def link(self, host: str) -> LinkRates:
-        if host == SERVER:
-            return self.server_rate
-        return self.worker_rates.get(int(host[1:]), self.rate)
 
 
 def _python() -> list[str]:
@@ -108,9 +55,9 @@ def server_argv(cfg: ClusterConfig, host_ip: str, out: Path) -> list[str]:
         "--host", host_ip,
         "--port", str(cfg.port),
         "--register-timeout", repr(min(300.0, cfg.timeout)),
-        "--metrics", str(out / "metrics.jsonl"),
-        "--summary-json", str(out / "server-summary.json"),
-        "--model-out", str(out / "model.npy"),
+        "--metrics", str(out / outputs.METRICS),
+        "--summary-json", str(out / outputs.SERVER_SUMMARY),
+        "--model-out", str(out / outputs.MODEL),
     ]  # fmt: skip
     if cfg.compressor:
         args += ["--compressor", cfg.compressor]
@@ -142,7 +89,8 @@ def worker_argv(cfg: ClusterConfig, index: int, server_address: str) -> list[str
     return args
 
 
-def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process started in a namespace: this psrv first on the path, unbuffered."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
@@ -156,8 +104,7 @@ def run_cluster(cfg: ClusterConfig, out_dir: str | Path, echo: Callable[[str], N
     say = echo or (lambda s: None)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "server-summary.json", "model.npy", "capture.npz", "wire-uploads.jsonl"):
-        (out / stale).unlink(missing_ok=True)
+    outputs.clear_stale(out)
     hosts = [SERVER, *(f"w{i}" for i in range(cfg.workers))]
     logs: list[Any] = []
     with interrupt_guard(), Topology(hosts) as topo:
@@ -174,6 +121,32 @@ def run_cluster(cfg: ClusterConfig, out_dir: str | Path, echo: Callable[[str], N
 def _run(cfg: ClusterConfig, topo: Topology, out: Path, logs: list[Any], say: Callable[[str], None]) -> dict[str, Any]:
     server = topo.hosts[SERVER]
     say(f"cluster {topo.prefix}: {len(topo.hosts)} namespaces on a bridge in {topo.hub}")
+    probes = _shape(cfg, topo)
+    before = {name: p.read() for name, p in probes.items()}
+    cap_proc = _start_capture(topo, out) if cfg.capture else None
+
+    started = time.monotonic()
+    srv = _launch(cfg, topo, SERVER, server_argv(cfg, server.ip, out), out, logs)
+    address = f"{server.ip}:{cfg.port}"
+    workers = [_launch(cfg, topo, f"w{i}", worker_argv(cfg, i, address), out, logs) for i in range(cfg.workers)]
+    say(f"server at {address}; {cfg.workers} workers started; {cfg.algorithm}, {cfg.rounds} rounds")
+    _wait(cfg, srv, workers, started, out)
+    wall = time.monotonic() - started
+    if cap_proc is not None:
+        cap_proc.terminate()
+        cap_proc.wait(timeout=30)
+
+    if srv.returncode != 0:
+        raise ClusterError(f"server exited with {srv.returncode}:\n{outputs.tail(outputs.read_log(out, SERVER))}")
+    after = {name: p.read() for name, p in probes.items()}
+    counts = {name: counters.delta(after[name], before[name]) for name in probes}
+    cap = load_capture(str(out / outputs.CAPTURE)) if cap_proc is not None else None
+    return _summarize(cfg, topo, out, srv.returncode, [p.returncode for p in workers], counts, cap, wall)
+
+
+def _shape(cfg: ClusterConfig, topo: Topology) -> dict[str, counters.Probe]:
+    """Offload off if asked; with ``shape_at="bridge"`` shape every link from outside and return
+    where each host's traffic is counted (``host``: each host shapes and counts itself)."""
     if not cfg.offload:
         for h in topo.hosts.values():
             set_offload(h.iface, False, h.netns)
@@ -185,110 +158,43 @@ def _run(cfg: ClusterConfig, topo: Topology, out: Path, logs: list[Any], say: Ca
             shaping.shape_egress(h.iface, rates.up, h.netns, cfg.qdisc)  # uplink
             shaping.shape_egress(h.peer, rates.down, topo.hub, cfg.qdisc)  # downlink, from the far end
             probes[h.name] = counters.Probe((h.iface, h.netns), (h.iface, h.netns), (h.peer, topo.hub))
-        before = {name: p.read() for name, p in probes.items()}
+    return probes
 
-    cap_proc = None
-    if cfg.capture:
-        cap_proc = topo.hub_popen(
-            [*_python(), "psrv.cluster.counters", "capture", "--out", str(out / "capture.npz"),
-             *(h.peer for h in topo.hosts.values())],
-            stdout=subprocess.PIPE, text=True, env=_child_env(),
-        )  # fmt: skip
-        line = cap_proc.stdout.readline() if cap_proc.stdout else ""
-        if "ready" not in line:
-            raise ClusterError("frame capture did not start")
 
-    def start(host: str, argv: list[str], log_name: str) -> Any:
-        f = open(out / log_name, "w")
-        logs.append(f)
-        h = topo.hosts[host]
-        env: dict[str, str] = {}
-        if cfg.shape_at == "host":
-            rates = cfg.link(host)
-            env = {
-                "PSRV_VERBOSE": "1",
-                shaping.ENV_UP: format_rate(rates.up),
-                shaping.ENV_DOWN: format_rate(rates.down),
-                shaping.ENV_IFACE: h.iface,
-                shaping.ENV_QDISC: cfg.qdisc,
-                "PSRV_COUNTERS": str(out / f"counters-{host}.json"),
-            }
-            role = "server" if host == SERVER else "worker"
-            argv = [*_python(), "psrv.cluster.entrypoint", role, *argv[1:]]
-        else:
-            argv = [*_python(), "psrv", "-v", *argv]  # -v: registration is logged (see _wait)
-        f.write("$ " + " ".join(argv) + "\n")
-        f.flush()
-        return topo.popen(host, argv, stdout=f, stderr=f.fileno(), env=_child_env(env))
+def _start_capture(topo: Topology, out: Path) -> subprocess.Popen[str]:
+    """The frame capture on the bridge side of every veth, in the hub namespace; returns once it listens."""
+    peers = [h.peer for h in topo.hosts.values()]
+    argv = [*_python(), "psrv.cluster.capture", "--out", str(out / outputs.CAPTURE), *peers]
+    proc = topo.hub_popen(argv, stdout=subprocess.PIPE, text=True, env=child_env())
+    line = proc.stdout.readline() if proc.stdout else ""
+    if "ready" not in line:
+        raise ClusterError("frame capture did not start")
+    return proc
 
-    started = time.monotonic()
-    srv = start(SERVER, server_argv(cfg, server.ip, out), "server.log")
-    address = f"{server.ip}:{cfg.port}"
-    workers = [start(f"w{i}", worker_argv(cfg, i, address), f"w{i}.log") for i in range(cfg.workers)]
-    say(f"server at {address}; {cfg.workers} workers started; {cfg.algorithm}, {cfg.rounds} rounds")
-    _wait(cfg, srv, workers, started, out)
-    wall = time.monotonic() - started
-    if cap_proc is not None:
-        cap_proc.terminate()
-        cap_proc.wait(timeout=30)
 
-    server_log = (out / "server.log").read_text(errors="replace")
-    if srv.returncode != 0:
-        raise ClusterError(f"server exited with {srv.returncode}:\n{_tail(server_log)}")
-    summary: dict[str, Any] = json.loads((out / "server-summary.json").read_text())
-    summary.update(_evaluate(cfg, out))
-
-    host_rows = []
-    worker_results = [_last_json((out / f"w{i}.log").read_text(errors="replace")) for i in range(cfg.workers)]
-    cap = counters.load_capture(str(out / "capture.npz")) if cap_proc is not None else None
-    for name, h in topo.hosts.items():
-        rates = cfg.link(name)
-        row: dict[str, Any] = {
-            "host": name,
-            "ip": h.ip,
-            "rate_up": rates.up,
-            "rate_down": rates.down,
+def _launch(cfg: ClusterConfig, topo: Topology, host: str, argv: list[str], out: Path, logs: list[Any]) -> Any:
+    """Start one psrv process in ``host``'s namespace, its output in ``<host>.log``."""
+    f = open(out / outputs.log_name(host), "w")
+    logs.append(f)
+    h = topo.hosts[host]
+    env: dict[str, str] = {}
+    if cfg.shape_at == "host":
+        rates = cfg.link(host)
+        env = {
+            "PSRV_VERBOSE": "1",
+            shaping.ENV_UP: format_rate(rates.up),
+            shaping.ENV_DOWN: format_rate(rates.down),
+            shaping.ENV_IFACE: h.iface,
+            shaping.ENV_QDISC: cfg.qdisc,
+            "PSRV_COUNTERS": str(outputs.counters_path(out, host)),
         }
-        if name == SERVER:
-            row["exit_code"] = srv.returncode
-            row["message_bytes_sent"], row["message_bytes_received"] = summary["bytes_down"], summary["bytes_up"]
-        else:
-            i = int(name[1:])
-            res = worker_results[i]
-            row["exit_code"] = workers[i].returncode
-            row["message_bytes_sent"] = res.get("bytes_up") if res else None
-            row["message_bytes_received"] = res.get("bytes_down") if res else None
-        if cfg.shape_at == "bridge":
-            d = counters.delta(probes[name].read(), before[name])
-        else:
-            d = _entrypoint_counters(out / f"counters-{name}.json")
-        for key, count in d.items():
-            for field_, value in count.items():
-                row[f"{key}_{field_}"] = value
-        if cap is not None:
-            row.update({f"capture_{k}": v for k, v in counters.capture_totals(cap, h.peer).items()})
-        host_rows.append(row)
-
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    result = {
-        "algorithm": cfg.algorithm,
-        "workers": cfg.workers,
-        "rounds": cfg.rounds,
-        "shape_at": cfg.shape_at,
-        "qdisc": cfg.qdisc,
-        "offload": cfg.offload,
-        "rate": cfg.rate.describe(),
-        "server_rate": cfg.server_rate.describe(),
-        "worker_rates": {f"w{i}": cfg.link(f"w{i}").describe() for i in range(cfg.workers)},
-        "wall_time": wall,
-        "server": summary,
-        "worker_exit_codes": [p.returncode for p in workers],
-        "hosts": host_rows,
-        "totals": _totals(summary, host_rows),
-        "timing": _timing(records, cap, cfg, topo, out),
-    }
-    (out / "summary.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return result
+        role = "server" if host == SERVER else "worker"
+        argv = [*_python(), "psrv.cluster.entrypoint", role, *argv[1:]]
+    else:
+        argv = [*_python(), "psrv", "-v", *argv]  # -v: registration is logged (see _wait)
+    f.write("$ " + " ".join(argv) + "\n")
+    f.flush()
+    return topo.popen(host, argv, stdout=f, stderr=f.fileno(), env=child_env(env))
 
 
 def _wait(cfg: ClusterConfig, srv: Any, workers: Sequence[Any], started: float, out: Path) -> None:
@@ -306,9 +212,11 @@ def _wait(cfg: ClusterConfig, srv: Any, workers: Sequence[Any], started: float, 
         for i, p in enumerate(workers):
             if i not in checked and p.poll() is not None:
                 checked.add(i)
-                log = (out / f"w{i}.log").read_text(errors="replace")
+                log = outputs.read_log(out, f"w{i}")
                 if p.returncode != 0 and "registered as" not in log:
-                    raise ClusterError(f"worker w{i} exited with {p.returncode} before registering:\n{_tail(log)}")
+                    raise ClusterError(
+                        f"worker w{i} exited with {p.returncode} before registering:\n{outputs.tail(log)}"
+                    )
         if len(checked) == len(workers):
             all_gone_at = all_gone_at or now
             if now - all_gone_at > grace:
@@ -330,182 +238,61 @@ def _wait(cfg: ClusterConfig, srv: Any, workers: Sequence[Any], started: float, 
 def _evaluate(cfg: ClusterConfig, out: Path) -> dict[str, Any]:
     from psrv.runner import DataConfig, evaluate
 
-    model = out / "model.npy"
+    model = out / outputs.MODEL
     if not model.exists():
         return {}
     dc = DataConfig(cfg.data, cfg.split, cfg.test_fraction, cfg.seed)
     return evaluate(cfg.task or "logreg", {"l2": cfg.l2, **cfg.task_options}, np.load(model), dc)
 
 
-def _last_json(text: str) -> dict[str, Any] | None:
-    for line in reversed(text.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                return json.loads(line)
-    return None
-
-
-def _tail(text: str, n: int = 20) -> str:
-    return "\n".join(text.splitlines()[-n:])
-
-
-def _entrypoint_counters(path: Path) -> dict[str, dict[str, int]]:
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text()).get("delta", {})
-
-
-def _sum(rows: Sequence[Mapping[str, Any]], key: str) -> int | None:
-    values = [r.get(key) for r in rows]
-    return None if any(v is None for v in values) else int(sum(values))
-
-
-def _totals(summary: Mapping[str, Any], hosts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Message bytes (psrv's serialized protobuf, every RPC) next to wire bytes (frames that left a host,
-    each counted once: on the host it left)."""
-    workers = [h for h in hosts if h["host"] != SERVER]
-    server = next(h for h in hosts if h["host"] == SERVER)
-    msg_up, msg_down = int(summary["bytes_up"]), int(summary["bytes_down"])
-    wire_up, wire_down = _sum(workers, "wire_tx_bytes"), server.get("wire_tx_bytes")
-    out: dict[str, Any] = {
-        "message_bytes": msg_up + msg_down,
-        "message_bytes_up": msg_up,
-        "message_bytes_down": msg_down,
-        "wire_bytes_up": wire_up,
-        "wire_bytes_down": wire_down,
-        "wire_packets": _sum(hosts, "wire_tx_packets"),
-        "iface_bytes": _sum(hosts, "iface_tx_bytes"),
-        "iface_packets": _sum(hosts, "iface_tx_packets"),
-        "capture_bytes": _sum(hosts, "capture_tx_bytes") if "capture_tx_bytes" in server else None,
-    }
-    out["wire_bytes"] = None if wire_up is None or wire_down is None else wire_up + wire_down
-    out["wire_over_message"] = out["wire_bytes"] / out["message_bytes"] if out["wire_bytes"] else None
-    return out
-
-
-def _median(xs: Sequence[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
-def _timing(
-    records: Sequence[Mapping[str, Any]],
-    cap: dict[str, np.ndarray] | None,
+def _summarize(
     cfg: ClusterConfig,
     topo: Topology,
-    out_dir: Path,
+    out: Path,
+    server_exit: int,
+    worker_exits: list[int],
+    counts: Mapping[str, dict[str, dict[str, int]]],
+    cap: analysis.Capture | None,
+    wall: float,
 ) -> dict[str, Any]:
-    """Per-round timing from the server's metrics, and per-upload wire time from the capture.
+    """The run's summary from what it left in ``out``; also written to ``summary.json`` (and, with a
+    capture, every upload seen on the wire to ``wire-uploads.jsonl``)."""
+    summary = outputs.server_summary(out)
+    summary.update(_evaluate(cfg, out))
+    host_rows = []
+    for name, h in topo.hosts.items():
+        if name == SERVER:
+            exit_code, sent, received = server_exit, summary["bytes_down"], summary["bytes_up"]
+        else:
+            res = outputs.worker_result(out, int(name[1:]))
+            exit_code = worker_exits[int(name[1:])]
+            sent, received = (res.get("bytes_up"), res.get("bytes_down")) if res else (None, None)
+        count = counts[name] if cfg.shape_at == "bridge" else outputs.entrypoint_counters(out, name)
+        captured = analysis.capture_totals(cap, h.peer) if cap is not None else None
+        host_rows.append(analysis.host_row(name, h.ip, cfg.link(name), exit_code, sent, received, count, captured))
 
-    Round 0 includes every worker's warm-up (first gradient, lazy imports) and is reported apart;
-    the means and medians are over rounds 1.. ("steady"). ``slowest_wait`` is the server's: the
-    latency of the last report of the round. ``straggler_wait`` is how much longer the round waited
-    for its slowest report than for its fastest one."""
-    steady = list(records[1:]) or list(records)
-    rt = [r["round_time"] for r in steady]
-    slow = [r["slowest_wait"] for r in steady if r.get("slowest_wait") is not None]
-    spread = []
-    for r in steady:
-        lat = [w["latency"] for w in r["workers"] if w.get("latency") is not None]
-        if lat:
-            spread.append(max(lat) - min(lat))
-    out: dict[str, Any] = {
-        "first_round_time": records[0]["round_time"] if records else None,
-        "round_time_mean": statistics.fmean(rt) if rt else None,
-        "round_time_median": _median(rt),
-        "slowest_wait_mean": statistics.fmean(slow) if slow else None,
-        "straggler_wait_mean": statistics.fmean(spread) if spread else None,
-        "worker_latency_median": [],
-    }
-    for i in range(cfg.workers):
-        lat = [r["workers"][i]["latency"] for r in steady if r["workers"][i].get("latency") is not None]
-        out["worker_latency_median"].append(_median(lat))
+    records = outputs.metrics(out)
+    timing = analysis.round_timing(records, cfg.workers)
     if cap is not None:
-        names = list(cap["ifaces"])
-        uploads = []
-        for i in range(cfg.workers):
-            h = topo.hosts[f"w{i}"]
-            sel = (cap["iface"] == names.index(h.peer)) & (cap["outgoing"] == 0)
-            up_msgs = [w["bytes"] for r in records for w in r["workers"][i : i + 1] if w["status"] == "upload"]
-            big = int(0.5 * _median(up_msgs)) if up_msgs else 1 << 62
-            bursts = counters.upload_bursts(
-                cap["t"][sel], cap["payload"][sel], cap["length"][sel], cfg.link(h.name).up, min_bytes=big
-            )
-            with open(out_dir / "wire-uploads.jsonl", "a" if i else "w") as f:  # every upload seen on the wire
-                for b in bursts:
-                    f.write(json.dumps({"worker": i, **b}) + "\n")
-            uploads.append(
-                {
-                    "uploads_seen": len(bursts),
-                    "upload_seconds_median": _median([b["seconds"] for b in bursts]),
-                    "upload_wire_bytes_median": _median([b["wire_bytes"] for b in bursts]),
-                    "upload_message_bytes_median": _median(up_msgs),
-                }
-            )
-        out["uploads"] = uploads
-    return out
-
-
-# ------------------------------------------------------------------------------------------ report
-def _fmt(v: Any, spec: str = ",") -> str:
-    if v is None:
-        return "-"
-    return format(v, spec)
-
-
-def format_report(result: Mapping[str, Any]) -> str:
-    """The table printed after a run: per host message vs wire bytes, then totals and timing."""
-    head = ["host", "ip", "up", "down", "exit", "msg sent", "wire tx", "pkts tx", "iface tx", "msg recv", "wire rx",
-            "pkts rx"]  # fmt: skip
-    rows = [head]
-    for h in result["hosts"]:
-        rows.append(
-            [
-                h["host"],
-                h["ip"],
-                format_rate(h["rate_up"]),
-                format_rate(h["rate_down"]),
-                _fmt(h.get("exit_code")),
-                _fmt(h.get("message_bytes_sent")),
-                _fmt(h.get("wire_tx_bytes")),
-                _fmt(h.get("wire_tx_packets")),
-                _fmt(h.get("iface_tx_bytes")),
-                _fmt(h.get("message_bytes_received")),
-                _fmt(h.get("wire_rx_bytes")),
-                _fmt(h.get("wire_rx_packets")),
-            ]
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    t, tm, s = result["totals"], result["timing"], result["server"]
-    ratio = t.get("wire_over_message")
-    lines.append("")
-    lines.append(
-        f"{result['algorithm']}: {s['rounds']} rounds in {result['wall_time']:.1f} s; final loss "
-        f"{_fmt(s.get('final_loss'), '.6f')}, accuracy {_fmt(s.get('accuracy'), '.4f')}"
-    )
-    lines.append(
-        f"message bytes {t['message_bytes']:,} (up {t['message_bytes_up']:,}, down {t['message_bytes_down']:,}); "
-        f"wire bytes {_fmt(t['wire_bytes'])} (up {_fmt(t['wire_bytes_up'])}, down {_fmt(t['wire_bytes_down'])}); "
-        f"wire/message {_fmt(ratio, '.4f')}"
-    )
-    if tm.get("round_time_mean") is not None:
-        ms = lambda x: _fmt(None if x is None else x * 1e3, ".1f")  # noqa: E731
-        lat = ", ".join(ms(x) for x in tm["worker_latency_median"])
-        lines.append(
-            f"per round (after round 0, which took {ms(tm['first_round_time'])} ms): wall {ms(tm['round_time_mean'])} "
-            f"ms mean, {ms(tm['round_time_median'])} median; slowest report {ms(tm['slowest_wait_mean'])} ms mean, "
-            f"{ms(tm['straggler_wait_mean'])} ms after the fastest; worker latency medians (ms): {lat}"
-        )
-    for i, u in enumerate(tm.get("uploads", [])):
-        sec = u["upload_seconds_median"]
-        lines.append(
-            f"w{i} uploads on the wire: {u['uploads_seen']} seen, median {_fmt(sec and sec * 1e3, '.2f')} ms for "
-            f"{_fmt(u['upload_wire_bytes_median'])} wire bytes ({_fmt(u['upload_message_bytes_median'])} message bytes)"
-        )
-    return "\n".join(lines)
-
-
-def with_algorithm(cfg: ClusterConfig, algorithm: str, rounds: int | None = None) -> ClusterConfig:
-    return replace(cfg, algorithm=algorithm, rounds=cfg.rounds if rounds is None else rounds)
+        uplinks = [(topo.hosts[f"w{i}"].peer, cfg.link(f"w{i}").up) for i in range(cfg.workers)]
+        timing["uploads"], bursts = analysis.upload_timing(records, cap, uplinks)
+        outputs.write_wire_uploads(out, bursts)
+    result = {
+        "algorithm": cfg.algorithm,
+        "workers": cfg.workers,
+        "rounds": cfg.rounds,
+        "shape_at": cfg.shape_at,
+        "qdisc": cfg.qdisc,
+        "offload": cfg.offload,
+        "rate": cfg.rate.describe(),
+        "server_rate": cfg.server_rate.describe(),
+        "worker_rates": {f"w{i}": cfg.link(f"w{i}").describe() for i in range(cfg.workers)},
+        "wall_time": wall,
+        "server": summary,
+        "worker_exit_codes": worker_exits,
+        "hosts": host_rows,
+        "totals": analysis.totals(summary, host_rows),
+        "timing": timing,
+    }
+    outputs.write_summary(out, result)
+    return result

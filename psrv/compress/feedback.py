@@ -1,6 +1,7 @@
 """Error feedback (memory), one mechanism wrapping any compressor.
 
-Stich, Cordonnier, Jaggi, "Sparsified SGD with memory" (2018); seed 000 D2/D3.
+Stich, Cordonnier, Jaggi, "Sparsified SGD with memory", NeurIPS 2018 (top-k with memory); the
+same memory turns threshold sparsification into its residual form (Strom, Interspeech 2015).
 One step: compensate ``p = e + x``; compress ``Q(p)``; absorb ``e' = p - Q(p)``;
 send ``Q(p)``. Nothing is lost: the sum of everything sent plus the final memory
 equals the sum of all inputs. Why it is needed: a biased (contractive) compressor

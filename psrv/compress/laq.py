@@ -1,4 +1,4 @@
-"""LAQ innovation quantizer (Sun, Giannakis, Chen, Yang, NeurIPS 2019; seed 003 §2.1).
+"""LAQ innovation quantizer (Sun, Chen, Giannakis, Yang, NeurIPS 2019, §2.1).
 
 The gradient innovation ``g - Q_prev`` is quantized on a uniform grid of 2^b points
 spanning the hypercube of radius ``R = ||g - Q_prev||_inf`` centred at ``Q_prev``:
@@ -7,9 +7,9 @@ spanning the hypercube of radius ``R = ||g - Q_prev||_inf`` centred at ``Q_prev`
     delta Q = 2 tau R q - R 1                                                      (eq. 6)
 
 so ``Q = Q_prev + delta Q`` and ``||g - Q||_inf <= tau R``. The payload is R (float32)
-and the b-bit codes: 32 + b*p bits.
+and the b-bit codes: 32 + b*p bits (the paper's count, text after eq. 6).
 
-Choice where the seed is silent: R travels as float32, so the worker rounds R *up*
+Choice where the paper is silent: R travels as float32, so the worker rounds R *up*
 to the next float32 before quantizing; the grid then still covers every
 coordinate and both sides rebuild ``delta Q`` from the same float32 R
 (:func:`psrv.payload.laq_innovation`), bit for bit.

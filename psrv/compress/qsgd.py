@@ -1,19 +1,16 @@
 """QSGD random quantization with ``s`` levels (Alistarh, Grubic, Li, Tomioka, Vojnovic,
-"QSGD: Communication-efficient SGD via gradient quantization and encoding", NeurIPS 2017;
-seed 001 Part 05, "Example: random quantization").
+"QSGD: Communication-efficient SGD via gradient quantization and encoding", NeurIPS 2017).
 
 For every coordinate, with ``r_j = s |x_j| / ||x||_2``:
 
     l_j = floor(r_j) + Bernoulli(r_j - floor(r_j)),     Q(x)_j = ||x||_2 sign(x_j) l_j / s.
 
-This is seed 001's random quantization: a value between two levels ``Q_- <= x <= Q_+`` goes
+This is random (stochastic) quantization: a value between two levels ``Q_- <= x <= Q_+`` goes
 to ``Q_+`` with probability ``(x - Q_-)/(Q_+ - Q_-)`` and to ``Q_-`` otherwise, hence
-``E[Q(x)] = x`` (seed 001: "Unbiased: E[Q(x)] = ... = x"); here the levels of coordinate j
-are ``||x|| l / s``, ``l = 0..s``.
+``E[Q(x)] = x``; here the levels of coordinate j are ``||x|| l / s``, ``l = 0..s``.
 
-Compressor class: **unbiased** with ``omega = min(d/s^2, sqrt(d)/s)``. Seed 001 states the
-unbiased class (``E||C(x) - x||^2 <= omega ||x||^2``) and QSGD, but not this constant; it is
-Lemma 3.1 (ii) of Alistarh et al. 2017 (the paper seed 001 cites): the exact variance is
+Compressor class: **unbiased** (``E||C(x) - x||^2 <= omega ||x||^2``) with
+``omega = min(d/s^2, sqrt(d)/s)``, Lemma 3.1 (ii) of Alistarh et al. 2017: the exact variance is
 ``(N/s)^2 sum_j tau_j (1 - tau_j)``, ``tau_j = r_j - floor(r_j)``, and
 ``tau (1 - tau) <= min(1/4, r_j)`` gives both branches (:func:`variance`).
 

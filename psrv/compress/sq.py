@@ -1,6 +1,6 @@
-"""Sparsification + quantization, S+Q (seed 004 §2.1 eq. 3: Khirirat, Aytekin, Magnusson,
-Johansson, "A flexible framework for communication-efficient machine learning"; the scheme
-is Alistarh et al.'s, seed 004 ref. [1]):
+"""Sparsification + quantization, S+Q (Khirirat, Magnússon, Aytekin, Johansson, "A flexible
+framework for communication-efficient machine learning", AAAI 2021, §2.1 eq. 3 in arXiv:2003.06377;
+the scheme is Alistarh et al.'s, their ref. [1]: QSGD, NeurIPS 2017):
 
     [Q_T(g)]_j = ||g||_2 sign(g_j)   if j in I_T(g),   0 otherwise,            (3)
 
@@ -10,7 +10,7 @@ norm and the signed support travel: payload kind "sign_sparse" with sorted int64
 ``32 + T (ceil(log2 d) + 1)`` bits (:func:`psrv.payload.payload_bits`; eq. 5 counts
 ``FPP + T ceil(log2 d)`` and leaves out the sign bit).
 
-Choices where the seed is loose: eq. 3 writes "if i in I_T(g)" for "j in I_T(g)". ``sign(0) = 0``,
+Choices where the paper is loose: eq. 3 writes "if i in I_T(g)" for "j in I_T(g)". ``sign(0) = 0``,
 so a zero entry that falls in the top T (g has fewer than T nonzeros) contributes 0 and is not
 sent: the support is ``I_T(g)`` minus the zero entries, possibly fewer than T. Ties at the T-th
 magnitude are broken arbitrarily (``np.argpartition``), as eq. 2 allows. ``T = k`` if given,
@@ -20,7 +20,7 @@ Compressor class: **biased, no contraction constant** (``CompressorClass("biased
 ``Q_T(g)`` is not a contraction of g: ``||Q_T(g)||^2 = T ||g||^2``, so the scaled sign vector is
 longer than g for every ``T > 1`` and ``||Q_T(g) - g||^2`` can exceed ``||g||^2`` (g with d
 equal-magnitude entries and T = d gives ``||Q_T(g) - g||^2 = (sqrt(d) - 1)^2 ||g||^2``).
-Seed 004 does not analyse it through a contraction or variance constant but through the
+Khirirat et al. do not analyse it through a contraction or variance constant but through the
 data-dependent descent measure of Lemma 3, ``beta(T) = (1/T) <g, Q_T(g)>^2 / ||g||^4``, with step
 size ``sqrt(beta(T)) / (sqrt(T) L)``; :func:`beta` computes it. Unlike alpha(T) of top-T, beta(T)
 neither increases in T nor tends to 1 ("Q_T(g) does not converge to g when T increases").
@@ -50,7 +50,7 @@ def top_support(g: np.ndarray, T: int) -> np.ndarray:
 
 
 def beta(g: np.ndarray, T: int) -> float:
-    """Seed 004 Lemma 3: ``beta(T) = (1/T) <g, Q_T(g)>^2 / ||g||_2^4`` with Q_T of eq. 3.
+    """Khirirat et al., Lemma 3: ``beta(T) = (1/T) <g, Q_T(g)>^2 / ||g||_2^4`` with Q_T of eq. 3.
 
     ``<g, Q_T(g)> = ||g|| sum_{j in I_T} |g_j|``, so ``beta(T) = (sum_{I_T} |g_j|)^2 / (T ||g||^2)``
     (at most 1 by Cauchy-Schwarz). Uses the exact float64 norm. ``g = 0`` has no descent to

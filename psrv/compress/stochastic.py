@@ -1,29 +1,31 @@
 """Unbiased random sparsifiers: rand-k and stochastic (Bernoulli) sparsification.
 
-``stochastic`` implements seed 004 eq. (4) (Khirirat, Aytekin, Magnusson, Johansson,
-"A flexible framework for communication-efficient machine learning: from HPC to IoT"):
+``stochastic`` implements eq. 4 of Khirirat, Magnússon, Aytekin, Johansson, "A flexible
+framework for communication-efficient machine learning: from HPC to IoT" (AAAI 2021; equation
+numbers of arXiv:2003.06377):
 ``[Q_{T,p}(g)]_j = (g_j / p_j) xi_j`` with independent ``xi_j ~ Bernoulli(p_j)`` and budget
 ``T = sum_j p_j`` = the expected number of entries sent. The probabilities are either
-uniform, ``p_j = T/d``, or the variance-optimal ``p*`` of seed 004 Appendix F (Wangni, Wang,
-Liu, Zhang, "Gradient sparsification for communication-efficient distributed optimization",
-NeurIPS 2018, Algorithm 1): see :func:`optimal_probabilities`.
+uniform, ``p_j = T/d``, or the variance-optimal ``p*`` of Khirirat et al.'s Appendix F, which
+takes it from Wang et al., "ATOMO: Communication-efficient learning via atomic sparsification",
+NeurIPS 2018, Algorithm 1 (Wangni, Wang, Liu, Zhang, "Gradient sparsification for
+communication-efficient distributed optimization", NeurIPS 2018, derive the same
+probabilities): see :func:`optimal_probabilities`.
 
 ``randk`` sends exactly ``k`` coordinates drawn uniformly without replacement, scaled by
 ``d/k`` (the fixed-size counterpart of uniform ``p_j = k/d``).
 
-Both are unbiased (seed 000, "Stochastic sparsification", Lemma (i), after Wang et al.,
-"ATOMO", NeurIPS 2018): ``E[Q(g)_j] = (g_j / p_j) p_j = g_j``. Their exact variance is
-``E||Q(g) - g||^2 = sum_j (1 - p_j)/p_j g_j^2`` (:func:`variance_bound`), at most
-``max_j (1 - p_j)/p_j ||g||^2`` (Lemma (ii)). Seed 000 states the lemma for ``p`` on the
-simplex (``sum p_j = 1``); psrv uses seed 004's general budget ``T = sum p_j``, for which the
-same proof holds verbatim.
+Both are unbiased (Wang et al., ATOMO, NeurIPS 2018): (i) ``E[Q(g)_j] = (g_j / p_j) p_j = g_j``.
+Their exact variance is ``E||Q(g) - g||^2 = sum_j (1 - p_j)/p_j g_j^2`` (:func:`variance_bound`),
+(ii) at most ``max_j (1 - p_j)/p_j ||g||^2``. The lemma (i)/(ii) is sometimes stated for ``p`` on
+the simplex (``sum p_j = 1``); psrv uses Khirirat et al.'s general budget ``T = sum p_j``, for
+which the same proof holds verbatim.
 
 Compressor class: ``unbiased`` with omega = ``d/k - 1`` (rand-k) or ``d/T - 1`` (stochastic).
-For uniform ``p`` this is Lemma (ii)'s ``max_j (1-p_j)/p_j``. For ``p*`` Lemma (ii)'s constant
+For uniform ``p`` this is (ii)'s ``max_j (1-p_j)/p_j``. For ``p*`` (ii)'s constant
 is data dependent (small entries get small ``p_j``, so ``max_j (1-p_j)/p_j`` can be huge), but
 ``d/T - 1`` still bounds the variance: ``p*`` minimises ``sum_j g_j^2/p_j`` over
 ``{sum p = T, 0 <= p <= 1}``, a set uniform ``T/d`` belongs to, so
-``E||Q_{p*}(g) - g||^2 <= (d/T - 1)||g||^2`` (seed 004 Lemma 5: ``omega(T) >= T/d``).
+``E||Q_{p*}(g) - g||^2 <= (d/T - 1)||g||^2`` (Khirirat et al., Lemma 5: ``omega(T) >= T/d``).
 
 Sizes: ``k = max(1, ceil(ratio * d))`` unless ``k`` is given (capped at ``d``); the budget
 ``T`` of ``stochastic`` is that same number. All randomness comes from the ``rng`` argument.
@@ -50,14 +52,14 @@ def _check_size_options(name: str, ratio: float, k: float) -> None:
 
 
 def uniform_probabilities(d: int, budget: float) -> np.ndarray:
-    """``p_j = T/d`` for every coordinate (capped at 1): seed 004 Lemma 5's worst case."""
+    """``p_j = T/d`` for every coordinate (capped at 1): the worst case of Khirirat et al.'s Lemma 5."""
     if budget <= 0:
         raise ValueError(f"budget must be positive, got {budget}")
     return np.full(int(d), min(1.0, float(budget) / d), dtype=np.float64)
 
 
 def optimal_probabilities(g: np.ndarray, budget: float) -> np.ndarray:
-    """Variance-optimal keep probabilities ``p*`` for budget ``T`` (seed 004 Appendix F).
+    """Variance-optimal keep probabilities ``p*`` for budget ``T`` (Khirirat et al., Appendix F).
 
     ``p*`` solves ``min_p sum_j g_j^2 / p_j`` s.t. ``sum_j p_j = T``, ``0 <= p_j <= 1``; the
     KKT conditions give ``p_j = min(1, |g_j| / lambda)`` ("water-filling"): the ``n_s``
@@ -109,7 +111,7 @@ def variance_bound(g: np.ndarray, p: np.ndarray) -> float:
 
 
 def variance_factor(g: np.ndarray, p: np.ndarray) -> float:
-    """Seed 000 Lemma (ii)'s constant ``max_j (1 - p_j)/p_j`` over the support of ``g``."""
+    """The variance lemma's (ii) constant ``max_j (1 - p_j)/p_j`` over the support of ``g``."""
     g = np.asarray(g).reshape(-1)
     p = np.asarray(p, dtype=np.float64).reshape(-1)
     on = g != 0
@@ -155,7 +157,7 @@ class RandK:
 @register("stochastic", "sparse")
 @dataclass(frozen=True)
 class Stochastic:
-    """Bernoulli sparsification, seed 004 eq. (4), budget ``T`` = expected nnz.
+    """Bernoulli sparsification (Khirirat et al., eq. 4), budget ``T`` = expected nnz.
 
     ``optimal=1``: ``p*`` (:func:`optimal_probabilities`); ``optimal=0``: uniform ``T/d``.
     omega reported is ``d/T - 1`` (exact for uniform, a valid bound for ``p*``: see module doc).

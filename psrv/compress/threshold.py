@@ -1,9 +1,12 @@
-"""Threshold sparsification (seed 000, D1) and its memory-based form (seed 000, D2).
+"""Threshold sparsification and its memory-based form, after Strom, "Scalable distributed DNN
+training using commodity GPU cloud computing", Interspeech 2015 (Strom sends the entries of the
+accumulated residual whose magnitude exceeds tau, quantized to +-tau, and keeps the rest as the
+residual; psrv sends the entries' float32 values instead).
 
-``threshold`` (D1, "Only transmit coordinates whose magnitudes exceed tau"): keep
+``threshold`` (only transmit coordinates whose magnitudes exceed tau): keep
 exactly the entries with ``|x_j| >= threshold`` and send them as a sparse payload of
-float32 values. The seed's word "exceed" could be read as ``>``; psrv uses ``>=``,
-the comparison D2 writes out (``|v~_j| >= gamma``), so a tie at the threshold is kept.
+float32 values. "Exceed" could be read as ``>``; psrv uses ``>=``, the comparison of the
+memory-based rule below (``|v~_j| >= gamma``), so a tie at the threshold is kept.
 The comparison is made in float64 on the input (a float32 input converts exactly), so
 it is exact for any threshold, never one against a threshold rounded to float32.
 
@@ -14,10 +17,10 @@ not by a fraction of ``||x||^2``: a vector whose entries are all below t is drop
 entirely (``Q(x) = 0``), so no ``delta > 0`` with ``||Q(x) - x||^2 <= (1 - delta)||x||^2``
 holds for all x.
 
-``threshold-mem`` (D2) is the *same* compressor, meant to run inside the existing
-error-feedback mechanism (:func:`psrv.compress.feedback.ef_step`, switched on with
+``threshold-mem`` (the memory-based rule) is the *same* compressor, meant to run inside the
+existing error-feedback mechanism (:func:`psrv.compress.feedback.ef_step`, switched on with
 ``ef=1``: ``make_algorithm("gd", {"threshold": t, "ef": 1}, "threshold-mem")``); it
-keeps no memory itself. D2 reads
+keeps no memory itself. The memory-based rule reads
 
     v~^(0) = v^(0);  [Q(v^(k))]_j = v~_j^(k) if |v~_j^(k)| >= gamma, else 0;
     v~^(k+1) = v^(k+1) + (v~^(k) - Q(v^(k))),
@@ -25,11 +28,11 @@ keeps no memory itself. D2 reads
 which is error feedback with memory ``e = v~ - v`` started at 0 (``init_memory``):
 ``ef_step`` forms ``p = e + x`` (= v~), compresses ``p`` and keeps ``p - Q(p)``. So the
 threshold is compared against the *compensated* vector v~, not against the raw
-gradient, exactly as D2 says, and nothing else differs, except one detail: D2 sends
+gradient, exactly as the rule says, and nothing else differs, except one detail: the rule sends
 ``v~_j`` exactly, psrv sends ``float32(v~_j)``; the rounding residual (at most
 ``2^-24 |v~_j|``) stays in the memory instead of being lost, so "sum of everything sent
-+ final memory == sum of inputs" still holds. The seed calls the threshold tau in D1 and
-gamma in D2; both compressors take it as the option ``threshold``.
++ final memory == sum of inputs" still holds. The threshold is called tau (plain rule) and
+gamma (memory-based rule) above; both compressors take it as the option ``threshold``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from psrv.compress import CompressorClass, register
 @register("threshold", "sparse")
 @dataclass(frozen=True)
 class Threshold:
-    """Keep exactly the entries with ``|x_j| >= threshold`` (seed 000 D1); biased, see module doc."""
+    """Keep exactly the entries with ``|x_j| >= threshold`` (Strom 2015); biased, see module doc."""
 
     threshold: float
     name: str = "threshold"
@@ -67,7 +70,7 @@ class Threshold:
 @register("threshold-mem", "sparse")
 @dataclass(frozen=True)
 class ThresholdMem(Threshold):
-    """Seed 000 D2: the threshold rule applied to the memory-compensated vector.
+    """The memory-based threshold rule (after Strom 2015): the threshold applied to the compensated vector.
 
     Use with error feedback (``ef=1``); the memory lives in :func:`psrv.compress.feedback.ef_step`.
     """

@@ -1,6 +1,7 @@
-"""Top-k sparsification (seed 000, D3): keep the k entries of largest magnitude.
+"""Top-k sparsification (Aji & Heafield, EMNLP 2017): keep the k entries of largest magnitude.
 
-Contractive with delta = k/d: ||top_k(v) - v||^2 <= (1 - k/d) ||v||^2, because the
+Contractive with delta = k/d (Stich, Cordonnier, Jaggi, NeurIPS 2018):
+||top_k(v) - v||^2 <= (1 - k/d) ||v||^2, because the
 dropped d-k entries are the smallest and so carry at most a (d-k)/d share of the
 energy. Biased, so it is used with error feedback (:mod:`psrv.compress.feedback`).
 ``k = max(1, ceil(ratio * d))`` unless ``k`` is given.

@@ -7,8 +7,13 @@ between workers and server, and what each part of it cost.
   indices, values, codes, zstd) and what it says (method, worker, round, payload kind);
   :class:`~psrv.inspect.grpcmsg.ConnectionDecoder` turns a connection's bytes into records;
 * :mod:`psrv.inspect.tap` — a transparent TCP proxy that logs those records while relaying;
-* :mod:`psrv.inspect.pcap` — the same from a packet capture (and a pcap writer, and a
-  tcpdump stand-in);
+* :mod:`psrv.inspect.pcap` — the same from a packet capture: TCP connections found,
+  reassembled (:mod:`psrv.inspect.reassembly`) and decoded;
+* :mod:`psrv.inspect.pcapfile` — capture files read and written (dpkt);
+  :mod:`psrv.inspect.tcpip` — frames to TCP segments and back;
+  :mod:`psrv.inspect.pcapwriter` — byte streams written as TCP packets (the tap's ``--pcap``);
+* :mod:`psrv.inspect.live` — the AF_PACKET capture loop (a tcpdump stand-in, and the cluster's
+  frame capture);
 * :mod:`psrv.inspect.cli` — the ``inspect`` click group: ``tap``, ``pcap``, ``summary``, ``capture``.
 
 See docs/wireshark.md for opening a capture in Wireshark with psrv's .proto files.

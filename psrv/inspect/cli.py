@@ -188,7 +188,8 @@ def tap_cmd(listen: str, upstream: str, log_path: str, pcap_path: str | None, du
 @click.option("--json", "as_json", is_flag=True, help="Summary as JSON.")
 def pcap_cmd(file: str, port: int | None, log_path: str | None, summary: bool, as_json: bool) -> None:
     """Decode a packet capture (pcap or pcapng, as tcpdump writes) into the tap's records."""
-    from psrv.inspect.pcap import PcapError, decode_pcap
+    from psrv.inspect.pcap import decode_pcap
+    from psrv.inspect.pcapfile import PcapError
     from psrv.inspect.tap import JsonlSink
 
     sink = JsonlSink(log_path) if log_path else None if summary else JsonlSink(sys.stdout)
@@ -233,7 +234,7 @@ def capture_cmd(path: str, ports: tuple[int, ...], iface: str, duration: float |
     import signal
     import threading
 
-    from psrv.inspect.pcap import LiveCapture
+    from psrv.inspect.live import LiveCapture
 
     try:
         cap = LiveCapture(path, set(ports) or None, iface).start()

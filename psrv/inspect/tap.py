@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from psrv.inspect.grpcmsg import ConnectionDecoder
 from psrv.inspect.http2 import DIRECTIONS
-from psrv.inspect.pcap import PcapWriter, TcpFlow
+from psrv.inspect.pcapwriter import PcapWriter, TcpFlow
 
 Record = dict[str, Any]
 READ_CHUNK = 256 * 1024

@@ -22,7 +22,7 @@ from psrv.tasks.linreg import LinReg
 from psrv.tasks.logreg import LogReg
 from psrv.tasks.mlp import MLP
 
-__all__ = ["MLP", "TASKS", "LinReg", "LogReg", "Task", "make_task"]
+__all__ = ["MLP", "TASKS", "LinReg", "LogReg", "Task", "make_task", "task_option_defaults"]
 
 
 @runtime_checkable
@@ -58,3 +58,14 @@ def make_task(name: str, n_features: int, n_classes: int, **options: Any) -> Tas
             f"unknown option(s) for task {name!r}: {', '.join(unknown)}; valid: {', '.join(sorted(valid)) or 'none'}"
         )
     return cls(n_features=n_features, n_classes=n_classes, **options)  # type: ignore[call-arg]
+
+
+def task_option_defaults(name: str) -> dict[str, Any]:
+    """The options task ``name`` takes and their defaults."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return {
+        f.name: f.default
+        for f in fields(TASKS[name])  # type: ignore[arg-type]
+        if f.init and f.name not in ("n_features", "n_classes")
+    }

@@ -1,6 +1,6 @@
 """L2-regularised least-squares linear regression, split over M workers.
 
-The LAG experiments' linear regression (seed 000; Chen et al., NeurIPS 2018), in the same
+The LAG experiments' linear regression (Chen et al., NeurIPS 2018), in the same
 conventions as ``LogReg``: f(θ) = Σ_m f_m(θ) with
 
     f_m(θ) = (1/N) Σ_{n ∈ shard m} ½ (wᵀx_n + b − y_n)² + (λ / 2M) ||θ||²

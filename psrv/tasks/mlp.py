@@ -1,6 +1,6 @@
 """A fully connected network with one hidden ReLU layer and softmax cross-entropy.
 
-The default architecture is the network the SASG paper trains on MNIST (seed 002, §VI-A):
+The default architecture is the network the SASG paper trains on MNIST (Deng et al., arXiv:2112.04088, §VI-A):
 "a two-layer fully connected (FC) neural network model with 512 neurons in the second layer
 for 10-category classification on MNIST", i.e. 784 → 512 (ReLU) → 10, 407,050 parameters.
 The paper's Table II agrees: 60,400 SGD rounds × 407,050 × 32 bits = 7.87e11 bits, and

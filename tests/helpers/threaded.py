@@ -17,12 +17,19 @@ def run_in_threads(
 ) -> tuple[dict[str, Any], list[WorkerResult]]:
     """Train ``ps`` with one worker thread per shard; returns the summary and the workers'
     results. Workers start one at a time, so worker ``i`` gets server index ``i`` (and with it
-    the rng stream ``[seed, i]``) and shard ``i``: runs are comparable across algorithms."""
+    shard ``i``, whose rng stream is ``[seed, i]``: runs are comparable across algorithms."""
     server, port = create_server(ps)
     results: list[Any] = [None] * len(shards)
 
     def work(i: int) -> None:
-        cfg = WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"w{i}", data="digits", **worker_options)
+        cfg = WorkerConfig(
+            server=f"127.0.0.1:{port}",
+            worker_id=f"w{i}",
+            data="digits",
+            shard=i,
+            num_shards=len(shards),
+            **worker_options,
+        )
         results[i] = run_worker(cfg, shards[i])
 
     threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(shards))]

@@ -1,7 +1,7 @@
 """Measure algorithms on a shaped namespace cluster (root): wire vs message bytes, time per round,
 upload time on the wire, and time to reach GD's final loss.
 
-    python -m psrv.cluster.measure --rate 10mbit --workers 4 --rounds 100 --algorithms gd,laq,topk-ef
+    python scripts/cluster_measure.py --rate 10mbit --workers 4 --rounds 100 --algorithms gd,laq,topk-ef
 
 Steps:
 
@@ -34,12 +34,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import click
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's psrv, not an installed one
 
-from psrv.cluster import counters, shaping
-from psrv.cluster.netns import ClusterError, Topology, in_netns, interrupt_guard, require_root, set_offload
-from psrv.cluster.run import ClusterConfig, format_report, run_cluster
-from psrv.cluster.shaping import LinkRates, format_rate, parse_rate
+import click  # noqa: E402
+
+from psrv.cluster import counters, shaping  # noqa: E402
+from psrv.cluster.analysis import capture_totals  # noqa: E402
+from psrv.cluster.capture import load_capture  # noqa: E402
+from psrv.cluster.config import ClusterConfig  # noqa: E402
+from psrv.cluster.netns import (  # noqa: E402
+    ClusterError,
+    Topology,
+    in_netns,
+    interrupt_guard,
+    require_root,
+    set_offload,
+)
+from psrv.cluster.run import child_env, run_cluster  # noqa: E402
+from psrv.cluster.shaping import LinkRates, format_rate, parse_rate  # noqa: E402
+from psrv.report import format_report  # noqa: E402
 
 TCP_HEADERS = 14 + 20 + 32  # Ethernet + IPv4 + TCP with timestamps
 MSS = 1500 - 20 - 32
@@ -94,8 +107,8 @@ def calibrate_counters(
             cap_file = Path(f"/tmp/{topo.prefix}-cap.npz")
             cap = None
             if capture:
-                argv = [sys.executable, "-m", "psrv.cluster.counters", "capture", "--out", str(cap_file), a.peer]
-                cap = topo.hub_popen(argv, stdout=subprocess.PIPE, text=True)
+                argv = [sys.executable, "-m", "psrv.cluster.capture", "--out", str(cap_file), a.peer]
+                cap = topo.hub_popen(argv, stdout=subprocess.PIPE, text=True, env=child_env())
                 assert cap.stdout is not None and "ready" in cap.stdout.readline()
             recv = topo.popen("b", [sys.executable, "-c", _RECEIVER, b.ip, "5201"], stdout=subprocess.PIPE, text=True)
             assert recv.stdout is not None and "ready" in recv.stdout.readline()
@@ -108,7 +121,7 @@ def calibrate_counters(
             if cap is not None:
                 cap.terminate()
                 cap.wait(timeout=30)
-                totals = counters.capture_totals(counters.load_capture(str(cap_file)), a.peer)
+                totals = capture_totals(load_capture(str(cap_file)), a.peer)
                 cap_file.unlink(missing_ok=True)
         segs = math.ceil(nbytes / MSS)
         rows.append(
@@ -316,7 +329,7 @@ def main(
         raise click.BadParameter(f"unknown {', '.join(unknown)}; known: {', '.join(sorted(ALGORITHMS))}")
     per_alg = _per_algorithm_options(options)
     root = Path(out)
-    report: dict[str, Any] = {"command": " ".join(["python -m psrv.cluster.measure", *sys.argv[1:]])}
+    report: dict[str, Any] = {"command": " ".join(["python scripts/cluster_measure.py", *sys.argv[1:]])}
     with interrupt_guard():
         if calibrate:
             click.echo(f"counter calibration: 1,000,000 bytes over TCP, one link (MSS {MSS})")

@@ -1,0 +1,541 @@
+"""The round engine: registration, synchronous rounds, deadlines, aggregation, the model update
+and server-side selection. Pure: no gRPC, no protobuf (a test checks the import graph), so it is
+tested without sockets and any transport can sit in front of it (``psrv.server`` is the gRPC one).
+
+Round k: publish theta^k; collect one upload or skip notice per registered worker until all
+responsive workers have reported or the round deadline passes; a worker that misses the deadline
+is recorded as a ``deadline`` skip and contributes its stored (stale) value, exactly like a lazy
+skip; update ``theta^{k+1} = theta^k - alpha * sum_m stored_m`` (the lazily aggregated gradient
+step of LAG, Chen et al., NeurIPS 2018, and of LAQ, Sun et al., NeurIPS 2019, eq. 4); hand the round's
+record to the metrics sink. A worker that misses ``max_misses`` deadlines in a row stops being
+waited for until it reports again, so a dead worker costs the run at most ``max_misses``
+deadlines, then nothing (while no worker at all is responsive, every round waits its deadline).
+
+Errors are domain errors (:class:`EngineError` subclasses, each naming the status a transport
+should report); the engine never half-applies a rejected report.
+
+Everything that defines the run between two rounds lives in one :class:`EngineState`, so the
+run can be saved and restored whole; the open round's bookkeeping (reports so far, timers, who
+has fetched the model) is kept apart in :class:`_OpenRound`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from psrv.aggregate import Aggregator
+from psrv.algorithms import Algorithm, SelectionView, make_algorithm
+from psrv.payload import Payload, payload_bits, to_dense
+from psrv.tasks import make_task
+from psrv.triggers import StepHistory
+
+log = logging.getLogger("psrv.engine")
+
+#: Why a worker did not upload in a round. ``deadline`` is set by the engine only.
+SKIP_REASONS = ("lazy_rule", "not_selected")
+
+
+# ---------------------------------------------------------------------------------- errors
+class EngineError(Exception):
+    """A request the engine refuses; ``status`` names the matching gRPC status code."""
+
+    status = "INTERNAL"
+
+
+class InvalidArgument(EngineError):
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(EngineError):
+    status = "NOT_FOUND"
+
+
+class AlreadyExists(EngineError):
+    status = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(EngineError):
+    """The request is well formed but arrives at the wrong time (closed round, closed registration)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class OutOfRange(EngineError):
+    status = "OUT_OF_RANGE"
+
+
+class RunAborted(EngineError):
+    """The run failed; every waiting request gives up with the reason."""
+
+    status = "ABORTED"
+
+
+class NotReady(EngineError):
+    """A long poll ran out of time before the round it waits for started."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class ServerConfig:
+    algorithm: str = "gd"
+    compressor: str = ""
+    options: dict[str, float] = field(default_factory=dict)
+    task: str = "logreg"
+    task_options: dict[str, float] = field(default_factory=dict)
+    num_workers: int = 10
+    rounds: int = 100
+    round_timeout: float = 10.0
+    register_timeout: float = 120.0
+    max_misses: int = 3
+    done_grace: float = 10.0  # seconds to wait for workers to fetch the final model
+    start_timeout: float = 30.0  # at most this long, round 0 waits for every worker to ask for the model
+    seed: int = 0
+    broadcast_dtype: str = "float32"
+    zstd: bool = False  # workers zstd-compress a payload when that makes it smaller
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.rounds < 0 or self.round_timeout <= 0 or self.max_misses < 1:
+            raise ValueError("need num_workers >= 1, rounds >= 0, round_timeout > 0, max_misses >= 1")
+        if self.broadcast_dtype not in ("float32", "float64"):
+            raise ValueError(f"broadcast_dtype must be float32 or float64, got {self.broadcast_dtype!r}")
+        make_algorithm(self.algorithm, self.options, self.compressor)  # fail early on bad options
+
+
+# ---------------------------------------------------------------------------------- state
+def natural_key(worker_id: str) -> tuple[Any, ...]:
+    """Sort key that puts ``w2`` before ``w10``."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", worker_id))
+
+
+@dataclass
+class WorkerState:
+    """``index``: the order of registration, which the worker is told and the wire uses (selection).
+    ``slot``: the worker's place in worker-id order, fixed when registration completes; the engine
+    keeps rows, sums contributions and lists workers in slot order, so a run does not depend on
+    the order in which workers happened to register."""
+
+    worker_id: str
+    index: int
+    num_samples: int
+    slot: int = -1
+    smoothness: float = 0.0
+    responsive: bool = True
+    misses: int = 0
+    last_upload: int = -1  # round of the last accepted upload
+
+
+@dataclass
+class Report:
+    status: str  # "upload" | "lazy_rule" | "not_selected" | "deadline"
+    kind: str = ""
+    bits: int = 0
+    nbytes: int = 0
+    loss: float | None = None
+    latency: float | None = None
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """What every worker receives at the start of a round (and once more when training ends)."""
+
+    round: int
+    params: np.ndarray  # theta^k in the broadcast dtype
+    recent_step_sq: tuple[float, ...]
+    total_samples: int
+    num_workers: int
+    done: bool = False
+    selected: tuple[int, ...] | None = None  # None: every worker computes
+
+
+@dataclass
+class EngineState:
+    """The whole run between two rounds: what a checkpoint has to hold."""
+
+    phase: str = "registering"  # -> "training" -> "done" (or "failed")
+    error: str | None = None
+    round: int = -1
+    task_shape: tuple[int, int] | None = None
+    workers: dict[str, WorkerState] = field(default_factory=dict)
+    theta: np.ndarray | None = None
+    aggregator: Aggregator | None = None
+    history: StepHistory = field(default_factory=lambda: StepHistory(0))
+    theta_hat: np.ndarray | None = None  # (M, d) iterate of each worker's last upload, if the rule needs it
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)  # server-side selection only
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _OpenRound:
+    """Bookkeeping of the round in progress; not part of the saved state."""
+
+    broadcast: Broadcast | None = None
+    encoded: Any = None  # the transport's encoding of ``broadcast``, made once per round
+    selected: frozenset[int] | None = None
+    reports: dict[int, Report] = field(default_factory=dict)  # by slot
+    uploads: dict[int, np.ndarray] = field(default_factory=dict)  # by slot; absorbed in slot order at the close
+    down: dict[int, int] = field(default_factory=dict)  # model bytes served per worker slot
+    started: float = 0.0
+
+
+class RoundSink(Protocol):
+    """Receives every closed round (``psrv.metrics.MetricsSink`` writes JSONL and evaluates).
+
+    May add fields to ``record``; its time is not counted as training time."""
+
+    def round_closed(self, record: dict[str, Any], theta: np.ndarray, final: bool) -> None: ...
+
+
+# ---------------------------------------------------------------------------------- engine
+class RoundEngine:
+    """Registration and synchronous rounds. Thread-safe: one condition guards all state.
+
+    ``encode(broadcast)`` (optional) is called once per published round, with the lock held;
+    ``wait_model`` returns its result, and the length of it (when it has one) is booked as the
+    bytes served to that worker in that round."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        sink: RoundSink | None = None,
+        encode: Callable[[Broadcast], Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.algorithm: Algorithm = make_algorithm(config.algorithm, config.options, config.compressor)
+        self.state = EngineState(
+            history=StepHistory(self.algorithm.history_depth), rng=np.random.default_rng([config.seed, 7])
+        )
+        self._sink = sink
+        self._encode = encode or (lambda b: b)
+        self._cond = threading.Condition()
+        self._open = _OpenRound()
+        self._ready: set[str] = set()  # workers that have asked for a model: warmed up
+        self._done_served: set[str] = set()
+
+    # ------------------------------------------------------------------ views
+    @property
+    def dim(self) -> int:
+        return 0 if self.state.theta is None else int(self.state.theta.size)
+
+    def dim_for(self, worker_id: str) -> int:
+        """The model's dimension, for a registered worker (``NotFound`` otherwise)."""
+        with self._cond:
+            self.worker(worker_id)
+            return self.dim
+
+    def worker(self, worker_id: str) -> WorkerState:
+        w = self.state.workers.get(worker_id)
+        if w is None:
+            raise NotFound(f"unknown worker {worker_id!r}; register first")
+        return w
+
+    # ------------------------------------------------------------------ requests
+    def register(
+        self, worker_id: str, num_samples: int, n_features: int, n_classes: int, smoothness: float = 0.0
+    ) -> int:
+        """Admit a worker; returns its index. The first registration fixes the model's shape."""
+        if not worker_id:
+            raise InvalidArgument("worker_id must not be empty")
+        if num_samples < 1 or n_features < 1 or n_classes == 1:
+            raise InvalidArgument(
+                "registration needs num_samples >= 1, n_features >= 1, n_classes >= 2 (or 0 for regression)"
+            )
+        if not (math.isfinite(smoothness) and smoothness >= 0):
+            raise InvalidArgument("smoothness must be finite and >= 0")
+        s = self.state
+        with self._cond:
+            if worker_id in s.workers:
+                raise AlreadyExists(f"worker {worker_id!r} is already registered")
+            if s.phase != "registering":
+                raise FailedPrecondition(f"registration is closed (server is {s.phase})")
+            shape = (n_features, n_classes)
+            if s.task_shape is None:
+                self._init_model(shape)
+            elif shape != s.task_shape:
+                raise InvalidArgument(
+                    f"worker data has {shape[0]} features / {shape[1]} classes; "
+                    f"the run has {s.task_shape[0]} / {s.task_shape[1]}"
+                )
+            index = len(s.workers)
+            s.workers[worker_id] = WorkerState(worker_id, index, num_samples, smoothness)
+            log.info("registered %s as worker %d (%d samples)", worker_id, index, num_samples)
+            if len(s.workers) == self.config.num_workers:
+                for slot, ws in enumerate(sorted(s.workers.values(), key=lambda x: natural_key(x.worker_id))):
+                    ws.slot = slot
+                s.phase = "training"
+            self._cond.notify_all()
+            return index
+
+    def _init_model(self, shape: tuple[int, int]) -> None:
+        cfg, s = self.config, self.state
+        try:
+            task = make_task(cfg.task, *shape, **cfg.task_options)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        s.task_shape = shape
+        s.theta = task.init_params(np.random.default_rng(cfg.seed)).astype(np.float64)
+        s.aggregator = Aggregator(cfg.num_workers, s.theta.size, self.algorithm.absorb)
+        if self.algorithm.tracks_theta_hat:
+            s.theta_hat = np.repeat(s.theta[None, :], cfg.num_workers, axis=0)
+
+    def wait_model(self, worker_id: str, round_: int, timeout: float) -> Any:
+        """Long poll: the (encoded) broadcast of the first round >= ``round_``."""
+        s = self.state
+        with self._cond:
+            w = self.worker(worker_id)
+            self._ready.add(w.worker_id)
+            self._cond.notify_all()
+            if s.phase in ("training", "registering") and round_ > s.round + 1 and s.round >= 0:
+                raise OutOfRange(f"round {round_} is ahead of the server (round {s.round})")
+            ready = self._cond.wait_for(lambda: s.phase in ("done", "failed") or s.round >= round_, timeout=timeout)
+            if s.phase == "failed":
+                raise RunAborted(f"run failed: {s.error}")
+            if not ready:
+                raise NotReady(f"round {round_} not started yet")
+            data = self._open.encoded
+            if s.phase == "done":
+                self._done_served.add(w.worker_id)
+                self._cond.notify_all()
+            else:
+                self._open.down[w.slot] = self._open.down.get(w.slot, 0) + _size(data)
+            return data
+
+    def _check_round(self, w: WorkerState, round_: int) -> None:
+        s = self.state
+        if s.phase != "training":
+            raise FailedPrecondition(f"not accepting reports: server is {s.phase}")
+        if round_ != s.round:
+            raise FailedPrecondition(f"round {round_} is not open (current round {s.round})")
+        if w.slot in self._open.reports:
+            raise AlreadyExists(f"worker {w.worker_id!r} already reported for round {round_}")
+
+    def _accept(self, w: WorkerState, report: Report) -> None:
+        report.latency = time.monotonic() - self._open.started
+        self._open.reports[w.slot] = report
+        w.responsive, w.misses = True, 0
+        self._cond.notify_all()
+
+    def push(
+        self,
+        worker_id: str,
+        round_: int,
+        payload: Payload,
+        loss: float | None = None,
+        smoothness: float | None = None,
+        nbytes: int = 0,
+    ) -> None:
+        """Absorb one upload (a decoded, validated payload of this run's dimension)."""
+        self.dim_for(worker_id)
+        if smoothness is not None and not (math.isfinite(smoothness) and smoothness >= 0):
+            raise InvalidArgument("smoothness must be finite and >= 0")
+        if payload.kind not in self.algorithm.payload_kinds:
+            raise InvalidArgument(f"{self.config.algorithm} does not take {payload.kind} payloads")
+        vector = to_dense(payload)  # outside the lock: O(d)
+        s = self.state
+        with self._cond:
+            w = self.worker(worker_id)
+            self._check_round(w, round_)
+            if self._open.selected is not None and w.slot not in self._open.selected:
+                raise FailedPrecondition(f"worker {w.worker_id!r} is not selected in round {round_}")
+            if smoothness is not None:
+                w.smoothness = max(w.smoothness, smoothness)
+            if s.theta_hat is not None:
+                self._estimate_smoothness(w, vector)
+                s.theta_hat[w.slot] = s.theta
+            self._open.uploads[w.slot] = vector
+            w.last_upload = round_
+            self._accept(w, Report("upload", payload.kind, payload_bits(payload), nbytes, loss))
+
+    def skip(self, worker_id: str, round_: int, reason: str, loss: float | None = None, nbytes: int = 0) -> None:
+        """Record a skip notice: the worker's stored contribution stands in for it."""
+        if reason not in SKIP_REASONS:
+            raise InvalidArgument(f"skip notice: invalid reason {reason!r}")
+        with self._cond:
+            w = self.worker(worker_id)
+            self._check_round(w, round_)
+            self._accept(w, Report(reason, nbytes=nbytes, loss=loss))
+
+    # ------------------------------------------------------------------ rounds
+    def _publish(self, round_: int, done: bool = False) -> None:
+        """Open round ``round_`` (or the final broadcast). Call with the lock held."""
+        s = self.state
+        selected = None if done else self._select(round_)
+        by_slot = {w.slot: w.index for w in s.workers.values()}
+        broadcast = Broadcast(
+            round=round_,
+            params=s.theta.astype(self.config.broadcast_dtype),
+            recent_step_sq=s.history.recent(),
+            total_samples=sum(w.num_samples for w in s.workers.values()),
+            num_workers=len(s.workers),
+            done=done,
+            selected=None if selected is None else tuple(sorted(by_slot[m] for m in selected)),  # wire: indices
+        )
+        self._open = _OpenRound(broadcast, self._encode(broadcast), selected, started=time.monotonic())
+        s.round = round_
+        self._cond.notify_all()
+
+    def _estimate_smoothness(self, w: WorkerState, vector: np.ndarray) -> None:
+        """Secant estimate of L_m from two uploads of full gradients at different iterates:
+        ``||g_m(theta^k) - g_m(theta_hat)|| / ||theta^k - theta_hat||``, keeping the largest seen
+        (for server-side selection; workers also report an upper bound with their first upload)."""
+        s = self.state
+        if s.aggregator.absorb != "replace" or w.last_upload < 0:
+            return
+        dtheta = float(np.linalg.norm(s.theta - s.theta_hat[w.slot]))
+        if dtheta > 0:
+            dgrad = float(np.linalg.norm(vector - s.aggregator.stored[w.slot]))
+            w.smoothness = max(w.smoothness, dgrad / dtheta)
+
+    def _select(self, round_: int) -> frozenset[int] | None:
+        """Server-side worker selection, for algorithms that have it (RIAG, CIAG, LAG-PS)."""
+        if not self.algorithm.selects:
+            return None
+        s = self.state
+        workers = self._ordered()
+        view = SelectionView(
+            round=round_,
+            theta=s.theta,
+            theta_hat=s.theta_hat,
+            smoothness=tuple(w.smoothness for w in workers),
+            staleness=tuple(round_ - w.last_upload - 1 if w.last_upload >= 0 else round_ for w in workers),
+            recent_step_sq=s.history.recent(),
+        )
+        return frozenset(self.algorithm.select(view, s.rng))
+
+    def _ordered(self) -> list[WorkerState]:
+        return sorted(self.state.workers.values(), key=lambda w: w.slot)
+
+    def _all_reported(self) -> bool:
+        waiting = [w for w in self.state.workers.values() if w.responsive]
+        return bool(waiting) and all(w.slot in self._open.reports for w in waiting)
+
+    def _raise_if_failed(self) -> None:
+        if self.state.phase == "failed":
+            raise RuntimeError(self.state.error)
+
+    def run(self) -> dict[str, Any]:
+        """Wait for registration, train ``rounds`` rounds, return the summary.
+
+        Raises ``RuntimeError`` when registration does not complete or the run is failed."""
+        cfg, s = self.config, self.state
+        with self._cond:
+            if not self._cond.wait_for(lambda: s.phase != "registering", timeout=cfg.register_timeout):
+                s.phase, s.error = (
+                    "failed",
+                    f"only {len(s.workers)} of {cfg.num_workers} workers registered within {cfg.register_timeout:g} s",
+                )
+                self._cond.notify_all()
+            self._raise_if_failed()
+            # round 0's deadline starts once every worker has asked for the model, i.e. has finished
+            # its start-up, so a slow start is not mistaken for a missed round (bounded wait)
+            self._cond.wait_for(
+                lambda: len(self._ready) >= len(s.workers) or s.phase == "failed", timeout=cfg.start_timeout
+            )
+        started = time.monotonic()
+        for k in range(cfg.rounds):
+            with self._cond:
+                self._publish(k)
+                self._cond.wait_for(lambda: self._all_reported() or s.phase == "failed", timeout=cfg.round_timeout)
+                self._raise_if_failed()
+                record = self._close_round(k, started)
+                s.records.append(record)
+            if self._sink is not None:
+                t0 = time.monotonic()
+                self._sink.round_closed(record, s.theta, k == cfg.rounds - 1)
+                started += time.monotonic() - t0  # evaluation and logging are not training time
+        with self._cond:
+            s.phase = "done"
+            self._publish(cfg.rounds, done=True)
+            # serve the final model to every worker before summing up
+            responsive = {w.worker_id for w in s.workers.values() if w.responsive}
+            self._cond.wait_for(lambda: responsive <= self._done_served, timeout=cfg.done_grace)
+        return self.summary()
+
+    def _close_round(self, k: int, started: float) -> dict[str, Any]:
+        s, now = self.state, time.monotonic()
+        reports = self._open.reports
+        ordered = self._ordered()
+        for w in ordered:
+            if w.slot not in reports:
+                reports[w.slot] = Report("deadline")
+                w.misses += 1
+                if w.misses >= self.config.max_misses and w.responsive:
+                    w.responsive = False
+                    log.warning("worker %s missed %d deadlines; no longer waiting for it", w.worker_id, w.misses)
+        for slot in sorted(self._open.uploads):  # a fixed summation order: same seed, same bits
+            s.aggregator.add(slot, self._open.uploads[slot])
+        self._open.uploads = {}
+        step = -self.algorithm.lr * s.aggregator.total
+        s.theta += step
+        step_sq = float(step @ step)
+        s.history.push(step_sq)
+        got = [reports[w.slot] for w in ordered]
+        losses = [r.loss for r in got if r.loss is not None]
+        return {
+            "round": k,
+            "uploads": sum(r.status == "upload" for r in got),
+            "skips": sum(r.status in SKIP_REASONS for r in got),
+            "deadline_misses": sum(r.status == "deadline" for r in got),
+            "payload_bits": sum(r.bits for r in got),
+            "bytes_up": sum(r.nbytes for r in got),
+            "bytes_down": sum(self._open.down.values()),
+            "loss": math.fsum(losses) if len(losses) == len(got) else None,
+            "aggregate_norm": float(np.linalg.norm(s.aggregator.total)),
+            "step_sq": step_sq,
+            "round_time": now - self._open.started,
+            "slowest_wait": max((r.latency for r in got if r.latency is not None), default=None),
+            "elapsed": now - started,
+            "workers": [
+                {"id": w.worker_id, "status": r.status, "bits": r.bits, "bytes": r.nbytes, "latency": r.latency}
+                for w, r in zip(ordered, got, strict=True)
+            ],
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over the rounds so far (the transport adds the bytes it counted)."""
+        recs, cfg = self.state.records, self.config
+        last_loss = next((r["loss"] for r in reversed(recs) if r["loss"] is not None), None)
+        return {
+            "algorithm": cfg.algorithm,
+            "compressor": self.algorithm.compressor_name,
+            "options": dict(cfg.options),
+            "zstd": cfg.zstd,
+            "workers": cfg.num_workers,
+            "dim": self.dim,
+            "rounds": len(recs),
+            "uploads": sum(r["uploads"] for r in recs),
+            "skips": sum(r["skips"] for r in recs),
+            "deadline_misses": sum(r["deadline_misses"] for r in recs),
+            "payload_bits": sum(r["payload_bits"] for r in recs),
+            "upload_bytes": sum(r["bytes_up"] for r in recs),
+            "last_round_loss": last_loss,
+            "wall_time": recs[-1]["elapsed"] if recs else 0.0,
+        }
+
+    def wait_registered(self, count: int, timeout: float) -> bool:
+        """Block until at least ``count`` workers have registered (False on timeout)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.state.workers) >= count, timeout=timeout)
+
+    def fail(self, reason: str) -> None:
+        """Abort the run: waiting requests and the round loop give up with ``reason``."""
+        with self._cond:
+            self.state.phase, self.state.error = "failed", reason
+            self._cond.notify_all()
+
+
+def _size(encoded: Any) -> int:
+    try:
+        return len(encoded)
+    except TypeError:
+        return 0

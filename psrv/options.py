@@ -1,0 +1,347 @@
+"""Job options, declared once: what defines a job (algorithm, task, rounds, ...) and the data a
+worker trains on. ``psrv run``, ``psrv start-server``, ``psrv start-worker``, ``psrv cluster run``
+and the container entrypoint all take these same options with the same defaults, and the command
+lines of server and worker processes are built here and nowhere else.
+
+Algorithm options (``-o KEY=VALUE``) may name one algorithm of a comparison: ``-o topk-ef.ratio=0.05``
+applies to ``topk-ef`` only; an unprefixed ``-o ratio=0.05`` applies to every listed algorithm that
+has such an option, and must fit at least one of them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+SPLITS = ("iid", "noniid", "dirichlet", "contiguous")  # psrv.data.SPLITS; a test keeps them equal
+DEFAULT_ALGORITHMS = "gd,topk-ef,laq"
+
+
+# ---------------------------------------------------------------------------------- KEY=VALUE
+def parse_key_values(items: Iterable[str]) -> dict[str, float]:
+    """``["a=1", "b=2.5"]`` -> ``{"a": 1.0, "b": 2.5}``; anything else is a ``ValueError``."""
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"expected KEY=NUMBER, got {item!r}") from None
+    return out
+
+
+def _key_values(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
+    try:
+        return parse_key_values(values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _algorithm_list(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    from psrv.algorithms import ALGORITHMS  # imported when used: --help stays fast
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in ALGORITHMS]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"unknown algorithm {', '.join(unknown) or value!r}; known: {', '.join(sorted(ALGORITHMS))}"
+        )
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"an algorithm is listed twice: {value!r}")
+    return names
+
+
+# ---------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class DataConfig:
+    """The data every process of a run derives identically: set, train/test split, shards."""
+
+    data: str = "mnist"
+    split: str = "iid"
+    test_fraction: float = 0.2
+    seed: int = 0
+    regression: bool = False
+
+    def argv(self) -> list[str]:
+        """``start-worker`` flags for this data."""
+        return [
+            "--data",
+            self.data,
+            "--split",
+            self.split,
+            "--test-fraction",
+            repr(self.test_fraction),
+            "--seed",
+            str(self.seed),
+            *(["--regression"] if self.regression else []),
+        ]
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One job: a single algorithm with its options, a task, and the run's length and pace."""
+
+    algorithm: str = "laq"
+    compressor: str = ""
+    lr: float = 0.02
+    options: Mapping[str, float] = field(default_factory=dict)  # algorithm/compressor options, lr excluded
+    task: str = "logreg"
+    l2: float | None = None  # None: the task's own default
+    task_options: Mapping[str, float] = field(default_factory=dict)
+    rounds: int = 500
+    workers: int = 10
+    round_timeout: float = 10.0
+    seed: int = 0
+    zstd: bool = False
+
+    def algorithm_options(self) -> dict[str, float]:
+        return {"lr": self.lr, **self.options}
+
+    def all_task_options(self) -> dict[str, float]:
+        return {**({} if self.l2 is None else {"l2": self.l2}), **self.task_options}
+
+    def server_config(self, **extra: Any) -> Any:
+        """The engine's :class:`psrv.engine.ServerConfig` (``ValueError`` on bad options)."""
+        from psrv.engine import ServerConfig
+
+        return ServerConfig(
+            algorithm=self.algorithm,
+            compressor=self.compressor,
+            options=self.algorithm_options(),
+            task=self.task,
+            task_options=self.all_task_options(),
+            num_workers=self.workers,
+            rounds=self.rounds,
+            round_timeout=self.round_timeout,
+            seed=self.seed,
+            zstd=self.zstd,
+            **extra,
+        )
+
+    def argv(self) -> list[str]:
+        """``start-server`` flags for this job."""
+        args = [
+            "--algorithm",
+            self.algorithm,
+            "--lr",
+            repr(self.lr),
+            "--task",
+            self.task,
+            "--rounds",
+            str(self.rounds),
+            "--workers",
+            str(self.workers),
+            "--round-timeout",
+            repr(self.round_timeout),
+            "--seed",
+            str(self.seed),
+        ]
+        if self.compressor:
+            args += ["--compressor", self.compressor]
+        if self.l2 is not None:
+            args += ["--l2", repr(self.l2)]
+        if self.zstd:
+            args.append("--zstd")
+        for k, v in self.options.items():
+            args += ["-o", f"{k}={v!r}"]
+        for k, v in self.task_options.items():
+            args += ["-t", f"{k}={v!r}"]
+        return args
+
+
+def psrv_argv(subcommand: str, *args: str, verbose: bool = False) -> list[str]:
+    """``python -m psrv [-v] SUBCOMMAND ARGS``: how a run starts its server and worker processes."""
+    return [sys.executable, "-m", "psrv", *(["-v"] if verbose else []), subcommand, *args]
+
+
+def worker_argv(
+    address: str, index: int, num_workers: int, dc: DataConfig, extra: Sequence[str] = (), verbose: bool = False
+) -> list[str]:
+    """The ``start-worker`` command of worker ``index`` of ``num_workers`` (shard ``index``)."""
+    return psrv_argv(
+        "start-worker",
+        "--server",
+        address,
+        "--worker-id",
+        f"w{index}",
+        "--shard",
+        f"{index}/{num_workers}",
+        *dc.argv(),
+        *extra,
+        verbose=verbose,
+    )
+
+
+def server_argv(job: JobConfig, extra: Sequence[str] = (), verbose: bool = False) -> list[str]:
+    """The ``start-server`` command of ``job``."""
+    return psrv_argv("start-server", *job.argv(), *extra, verbose=verbose)
+
+
+def jobs(
+    algorithms: Sequence[str],
+    data: str | None = None,
+    *,
+    compressor: str,
+    lr: float,
+    options: Mapping[str, float],
+    task: str | None,
+    l2: float | None,
+    task_options: Mapping[str, float],
+    rounds: int,
+    workers: int,
+    round_timeout: float,
+    seed: int,
+    zstd: bool,
+) -> list[JobConfig]:
+    """One :class:`JobConfig` per algorithm from the parsed job options (``ValueError`` on a bad
+    option). The task defaults to the one a built-in data set is made for, else logreg."""
+    from psrv.algorithms import distribute_options, make_algorithm
+
+    if task is None:
+        from psrv.data import builtin_task_hint
+
+        task = (builtin_task_hint(data) if data else None) or "logreg"
+    per_algorithm = distribute_options(algorithms, compressor, options)
+    out = []
+    for name in algorithms:
+        job = JobConfig(
+            algorithm=name,
+            compressor=compressor,
+            lr=lr,
+            options=per_algorithm[name],
+            task=task,
+            l2=l2,
+            task_options=dict(task_options),
+            rounds=rounds,
+            workers=workers,
+            round_timeout=round_timeout,
+            seed=seed,
+            zstd=zstd,
+        )
+        make_algorithm(name, job.algorithm_options(), compressor)  # every bad option fails before anything runs
+        out.append(job)
+    return out
+
+
+# ---------------------------------------------------------------------------------- click
+#: name -> click option. Commands pick groups of them; each declaration exists once.
+_SEED = click.option("--seed", type=int, default=0, show_default=True, help="Seeds the model, data split and rngs.")
+
+JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "algorithms": click.option(
+        "--algorithm",
+        "algorithms",
+        default=DEFAULT_ALGORITHMS,
+        show_default=True,
+        callback=_algorithm_list,
+        help="One algorithm, or a comma-separated list to compare, run one after another.",
+    ),
+    "compressor": click.option("--compressor", default="", help="Uplink compressor (default: the algorithm's own)."),
+    "lr": click.option("--lr", type=float, default=0.02, show_default=True, help="Step size alpha."),
+    "options": click.option(
+        "-o",
+        "--option",
+        "options",
+        multiple=True,
+        callback=_key_values,
+        metavar="[ALGORITHM.]KEY=VALUE",
+        help="Algorithm/compressor option, e.g. -o bits=3 -o ratio=0.01; -o topk-ef.ratio=0.05 for one "
+        "algorithm of a comparison.",
+    ),
+    "task": click.option(
+        "--task",
+        default=None,
+        help="Model/objective: logreg, linreg, mlp (default: the task a built-in data set is made for, else logreg).",
+    ),
+    "l2": click.option(
+        "--l2",
+        type=float,
+        default=None,
+        help="L2 regularisation weight (default: the task's own: logreg 0.01, linreg 0, mlp 0).",
+    ),
+    "task_options": click.option(
+        "-t",
+        "--task-option",
+        "task_options",
+        multiple=True,
+        callback=_key_values,
+        metavar="KEY=VALUE",
+        help="Task option, e.g. -t hidden=200 for mlp.",
+    ),
+    "rounds": click.option("--rounds", type=click.IntRange(min=0), default=500, show_default=True),
+    "workers": click.option("--workers", type=click.IntRange(min=1), default=10, show_default=True),
+    "round_timeout": click.option(
+        "--round-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=10.0,
+        show_default=True,
+        help="Seconds a round waits for reports; a worker that misses it counts as skipping.",
+    ),
+    "seed": _SEED,
+    "zstd": click.option("--zstd", is_flag=True, help="Workers zstd-compress each payload when that makes it smaller."),
+}
+
+DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "data": click.option(
+        "--data",
+        default="mnist",
+        show_default=True,
+        help="Built-in data set (mnist, digits, breast_cancer, linreg-hetero) or a .csv/.npz file.",
+    ),
+    "split": click.option(
+        "--split",
+        type=click.Choice(SPLITS),
+        default="iid",
+        show_default=True,
+        help="How the training data is cut into the workers' shards.",
+    ),
+    "test_fraction": click.option(
+        "--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True
+    ),
+    "seed": _SEED,
+    "regression": click.option("--regression", is_flag=True, help="The data file's label column is a real target."),
+}
+
+
+def _apply(groups: Sequence[Mapping[str, Callable[[Any], Any]]]) -> Callable[[Any], Any]:
+    def decorate(fn: Any) -> Any:
+        merged: dict[str, Callable[[Any], Any]] = {}
+        for group in groups:
+            merged.update(group)  # an option in two groups (--seed) is declared once
+        for option in reversed(list(merged.values())):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+job_options = _apply([JOB_OPTIONS])
+data_options = _apply([DATA_OPTIONS])
+job_and_data_options = _apply([JOB_OPTIONS, DATA_OPTIONS])
+
+
+def pop_data(kw: dict[str, Any]) -> DataConfig:
+    """Take the data options out of a command's keyword arguments (``--seed`` stays for the job)."""
+    return DataConfig(
+        data=kw.pop("data"),
+        split=kw.pop("split"),
+        test_fraction=kw.pop("test_fraction"),
+        seed=kw["seed"],
+        regression=kw.pop("regression"),
+    )
+
+
+def jobs_from_cli(kw: dict[str, Any], data: str | None = None) -> list[JobConfig]:
+    """The jobs of a command's job options (removed from ``kw``); bad options are usage errors."""
+    names = [k for k in JOB_OPTIONS if k != "algorithms"]
+    values = {k: kw.pop(k) for k in names}
+    try:
+        return jobs(kw.pop("algorithms"), data, **values)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None

@@ -1,0 +1,214 @@
+"""The round engine without sockets: registration, rounds, deadlines, the update, domain errors."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from psrv.engine import (
+    AlreadyExists,
+    Broadcast,
+    EngineState,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotReady,
+    OutOfRange,
+    RoundEngine,
+    RunAborted,
+    ServerConfig,
+)
+from psrv.payload import Payload
+
+
+def test_engine_imports_no_grpc_or_protobuf() -> None:
+    code = (
+        "import sys, psrv.engine, psrv.metrics\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google') or m.startswith('psrv.v1'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _dense(v: np.ndarray) -> Payload:
+    return Payload(dim=v.size, kind="dense", values=v.astype(np.float32))
+
+
+class Run:
+    """An engine with ``M`` registered workers and its round loop in a thread."""
+
+    def __init__(self, M: int = 2, rounds: int = 3, **cfg: Any) -> None:
+        cfg.setdefault("round_timeout", 10.0)
+        cfg.setdefault("done_grace", 0.5)
+        cfg.setdefault("start_timeout", 0.0)  # round 0 need not wait for every worker to poll first
+        self.records: list[dict[str, Any]] = []
+        self.thetas: list[np.ndarray] = []
+        self.engine = RoundEngine(ServerConfig(num_workers=M, rounds=rounds, **cfg), sink=self, encode=lambda b: b)
+        for m in range(M):
+            assert self.engine.register(f"w{m}", 10 + m, 4, 3) == m
+        self.summary: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.summary = self.engine.run()
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the test
+            self.error = exc
+
+    def round_closed(self, record: dict[str, Any], theta: np.ndarray, final: bool) -> None:
+        self.records.append(record)
+        self.thetas.append(theta.copy())
+
+    def model(self, worker: str, k: int) -> Broadcast:
+        b = self.engine.wait_model(worker, k, timeout=10.0)
+        assert isinstance(b, Broadcast)
+        return b
+
+    def join(self) -> None:
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+def test_rounds_apply_the_lazily_aggregated_step() -> None:
+    """theta^{k+1} = theta^k - lr * sum_m stored_m, with a skipping worker's stored value reused."""
+    lr = 0.5
+    run = Run(M=2, rounds=2, algorithm="lag-wk", options={"lr": lr})  # gd keeps no step history
+    d = run.engine.dim
+    b0 = run.model("w0", 0)
+    assert run.model("w1", 0).round == 0 and b0.num_workers == 2 and b0.total_samples == 21
+    theta0 = np.array(b0.params, dtype=np.float64)
+    g0, g1 = np.linspace(-1, 1, d), np.linspace(2, 3, d)
+    run.engine.push("w0", 0, _dense(g0), loss=1.0)
+    run.engine.push("w1", 0, _dense(g1), loss=2.0)
+    b1 = run.model("w0", 1)
+    run.model("w1", 1)
+    s0 = g0.astype(np.float32) + g1.astype(np.float32)
+    np.testing.assert_allclose(b1.params, theta0 - lr * s0, rtol=1e-6)
+    assert b1.recent_step_sq == pytest.approx((float(lr**2 * s0 @ s0),))
+    # round 1: w1 skips -> its stored gradient stands in
+    g0b = np.full(d, 0.25)
+    run.engine.push("w0", 1, _dense(g0b), loss=0.5)
+    run.engine.skip("w1", 1, "lazy_rule", loss=0.25)
+    final = run.model("w0", 2)
+    run.model("w1", 2)
+    run.join()
+    assert run.error is None and final.done
+    expected = theta0 - lr * s0 - lr * (g0b + g1.astype(np.float32))
+    np.testing.assert_allclose(run.engine.state.theta, expected, rtol=1e-6)
+    r0, r1 = run.records
+    assert (r0["uploads"], r0["skips"], r0["loss"]) == (2, 0, 3.0)
+    assert (r1["uploads"], r1["skips"], r1["loss"]) == (1, 1, 0.75)
+    assert [w["status"] for w in r1["workers"]] == ["upload", "lazy_rule"]
+    assert run.summary["uploads"] == 3 and run.summary["rounds"] == 2 and run.summary["dim"] == d
+
+
+def test_domain_errors_and_nothing_half_applied() -> None:
+    run = Run(M=2, rounds=1)
+    d = run.engine.dim
+    with pytest.raises(AlreadyExists):
+        run.engine.register("w0", 5, 4, 3)
+    with pytest.raises(NotFound):
+        run.engine.wait_model("nobody", 0, 1.0)
+    run.model("w0", 0)
+    with pytest.raises(OutOfRange):
+        run.engine.wait_model("w0", 5, 1.0)
+    with pytest.raises(NotFound):
+        run.engine.push("nobody", 0, _dense(np.ones(d)))
+    with pytest.raises(FailedPrecondition):
+        run.engine.push("w0", 1, _dense(np.ones(d)))  # round 1 is not open
+    with pytest.raises(InvalidArgument):
+        run.engine.push("w0", 0, Payload(dim=d, kind="laq", values=np.ones(d), scale=1.0, bits=2))
+    with pytest.raises(InvalidArgument):
+        run.engine.push("w0", 0, _dense(np.ones(d)), smoothness=float("nan"))
+    with pytest.raises(InvalidArgument):
+        run.engine.skip("w0", 0, "deadline")  # the engine's verdict, never a worker's
+    assert not run.engine.state.aggregator.total.any()  # every refusal left the state alone
+    run.engine.push("w0", 0, _dense(np.ones(d)))
+    with pytest.raises(AlreadyExists):
+        run.engine.skip("w0", 0, "lazy_rule")
+    run.engine.skip("w1", 0, "lazy_rule")
+    run.model("w0", 1)
+    run.model("w1", 1)
+    run.join()
+    assert run.error is None
+    with pytest.raises(FailedPrecondition):
+        run.engine.register("late", 5, 4, 3)
+
+
+def test_registration_validates_and_fixes_the_shape() -> None:
+    engine = RoundEngine(ServerConfig(num_workers=3))
+    for bad in [("", 5, 4, 3), ("a", 0, 4, 3), ("a", 5, 0, 3), ("a", 5, 4, 1)]:
+        with pytest.raises(InvalidArgument):
+            engine.register(*bad)
+    with pytest.raises(InvalidArgument):
+        engine.register("a", 5, 4, 3, smoothness=float("inf"))
+    assert engine.state.theta is None
+    engine.register("a", 5, 4, 3)
+    with pytest.raises(InvalidArgument, match="4 / 3"):
+        engine.register("b", 5, 7, 3)
+    assert engine.state.phase == "registering" and len(engine.state.workers) == 1
+
+
+def test_deadline_miss_reuses_the_stored_value_and_stops_waiting() -> None:
+    run = Run(M=2, rounds=3, round_timeout=0.3, max_misses=1)
+    d = run.engine.dim
+    for k in range(3):
+        run.model("w0", k)
+        run.engine.push("w0", k, _dense(np.ones(d)))
+    run.model("w0", 3)
+    run.join()
+    assert run.error is None
+    assert [r["deadline_misses"] for r in run.records] == [1, 1, 1]
+    assert run.engine.state.workers["w1"].responsive is False
+    assert run.records[2]["round_time"] < 0.25  # after max_misses it is no longer waited for
+
+
+def test_long_poll_times_out_and_fail_aborts_waiters() -> None:
+    engine = RoundEngine(ServerConfig(num_workers=2, rounds=1, register_timeout=5))
+    engine.register("w0", 5, 4, 3)
+    with pytest.raises(NotReady):
+        engine.wait_model("w0", 0, timeout=0.05)
+    errors: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            engine.wait_model("w0", 0, timeout=10)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    engine.fail("operator said stop")
+    t.join(timeout=5)
+    assert len(errors) == 1 and isinstance(errors[0], RunAborted) and "operator said stop" in str(errors[0])
+    with pytest.raises(RuntimeError, match="operator said stop"):
+        engine.run()
+
+
+def test_state_is_one_object_that_copies_whole() -> None:
+    run = Run(M=2, rounds=1, algorithm="lag-ps", options={"lr": 0.1})
+    d = run.engine.dim
+    b = run.model("w0", 0)
+    run.model("w1", 0)
+    for m in sorted(b.selected or ()):
+        run.engine.push(f"w{m}", 0, _dense(np.ones(d)))
+    for m in set(range(2)) - set(b.selected or ()):
+        run.engine.skip(f"w{m}", 0, "not_selected")
+    run.model("w0", 1)
+    run.model("w1", 1)
+    run.join()
+    state = run.engine.state
+    assert isinstance(state, EngineState)
+    saved = copy.deepcopy(state)
+    np.testing.assert_array_equal(saved.theta, state.theta)
+    np.testing.assert_array_equal(saved.aggregator.total, state.aggregator.total)
+    assert saved.theta_hat is not None and saved.records == state.records
+    assert saved.rng.random() == state.rng.random()  # the selection rng's position is part of the state
