@@ -3,7 +3,7 @@
 Where to look: tests/test_<module>.py covers psrv/<module>.py and tests/test_<package>_<module>.py
 covers psrv/<package>/<module>.py (test_compress_topk.py: psrv/compress/topk.py); a test file named
 after a package covers the package (test_cluster.py, test_inspect.py). Outside that scheme:
-test_acceptance*.py (claims of the issue and the papers, measured through whole runs),
+test_acceptance*.py (claims measured through whole runs: the issue's, the papers', same seed same run),
 test_compress_e2e.py (every compressor through server and worker threads), test_docker.py
 (Dockerfile and docker-compose.yml) and test_proto_fresh.py (generated code matches protos/).
 
