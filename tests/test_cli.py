@@ -13,6 +13,8 @@ import pytest
 PSRV = [sys.executable, "-m", "psrv"]
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_run_writes_summary_and_metrics(tmp_path: Path) -> None:
     summary = tmp_path / "s.json"
     cmd = [
@@ -26,6 +28,8 @@ def test_run_writes_summary_and_metrics(tmp_path: Path) -> None:
         "2",
         "--rounds",
         "5",
+        "--round-timeout",  # no round may end without a report on a loaded machine: uploads + skips == 10
+        "60",
         "--out",
         str(tmp_path / "out"),
         "--summary-json",
@@ -60,6 +64,8 @@ def test_run_writes_summary_and_metrics(tmp_path: Path) -> None:
     assert replot.returncode == 0 and (tmp_path / "again.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_bad_data_file_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("1,2,0\n3,oops,1\n")
@@ -77,6 +83,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_separate_server_and_worker_processes(tmp_path: Path) -> None:
     port = _free_port()
     summary = tmp_path / "server.json"
@@ -92,6 +100,8 @@ def test_separate_server_and_worker_processes(tmp_path: Path) -> None:
             "2",
             "--rounds",
             "4",
+            "--round-timeout",  # no round may end without a report on a loaded machine: uploads == 8
+            "60",
             "--host",
             "127.0.0.1",
             "--port",

@@ -334,6 +334,8 @@ def owned_pids():
         netns.remove_namespaces(_ours(pids))
 
 
+@pytest.mark.root
+@pytest.mark.slow
 @needs_netns
 def test_which_counter_is_right(owned_pids: set[int]) -> None:
     """qdisc "Sent" counts the frames TCP sent, offload on or off; interface counters undercount
@@ -351,6 +353,9 @@ def test_which_counter_is_right(owned_pids: set[int]) -> None:
     assert not _ours(owned_pids)
 
 
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.process
 @needs_netns
 def test_shaped_cluster_run(tmp_path: Path, owned_pids: set[int]) -> None:
     """1 server + 2 workers on links of different rates: finishes, counts message and wire bytes per
@@ -380,6 +385,9 @@ def test_shaped_cluster_run(tmp_path: Path, owned_pids: set[int]) -> None:
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 8
 
 
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.process
 @needs_netns
 def test_worker_crash_through_the_container_entrypoint(tmp_path: Path, owned_pids: set[int]) -> None:
     """Each host shapes itself through psrv.cluster.entrypoint (the docker path: egress + ifb ingress,
@@ -409,6 +417,9 @@ def _ifb_works() -> bool:
         return shaping.ifb_available(topo.hosts["probe"].netns)
 
 
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.process
 @needs_netns
 @pytest.mark.parametrize(("sig", "when"), [(signal.SIGINT, "training"), (signal.SIGTERM, "starting")])
 def test_interrupt_removes_everything(tmp_path: Path, owned_pids: set[int], sig: signal.Signals, when: str) -> None:
@@ -442,6 +453,9 @@ def test_interrupt_removes_everything(tmp_path: Path, owned_pids: set[int], sig:
             proc.wait()
 
 
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.process
 @needs_netns
 def test_entrypoint_shapes_eth0_then_execs_psrv(owned_pids: set[int]) -> None:
     """The container path without a cluster: rates from the environment, tc on eth0 (egress) and on
@@ -465,6 +479,9 @@ def test_entrypoint_shapes_eth0_then_execs_psrv(owned_pids: set[int]) -> None:
     assert not _ours(owned_pids)
 
 
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.process
 @needs_netns
 def test_a_worker_that_cannot_start_fails_the_run_fast(tmp_path: Path, owned_pids: set[int]) -> None:
     args = ["run", "--workers", "2", "--rounds", "5", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]
@@ -475,6 +492,7 @@ def test_a_worker_that_cannot_start_fails_the_run_fast(tmp_path: Path, owned_pid
     assert not _ours(owned_pids)
 
 
+@pytest.mark.root
 @needs_netns
 def test_stale_namespaces_of_dead_runs_are_found(owned_pids: set[int]) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -261,6 +261,7 @@ def test_pcap_of_the_tap_gives_the_same_records(run: Run) -> None:
     assert dec.stats["connections"] == len(_by_conn(run.records)) == 2
 
 
+@pytest.mark.root
 def test_kernel_capture_agrees_with_the_tap(run: Run) -> None:
     if run.live_pcap is None:
         pytest.skip("no AF_PACKET capture here (needs Linux and root)")
@@ -733,6 +734,7 @@ def test_cli_summary_and_pcap(run: Run, tmp_path: Path) -> None:
     assert summarize(read_records(out)) == summarize(run.records)
 
 
+@pytest.mark.slow  # the tap runs its --duration of 5 s
 def test_cli_tap(tmp_path: Path) -> None:
     ps = ParameterServer(ServerConfig(num_workers=1, rounds=1))
     server, port = create_server(ps)

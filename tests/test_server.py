@@ -114,7 +114,9 @@ def make_harness() -> Iterator[Callable[..., Harness]]:
 
     def make(max_message_bytes: int = rpc.MAX_MESSAGE_BYTES, **config: Any) -> Harness:
         config.setdefault("rounds", 3)
-        config.setdefault("round_timeout", 2.0)
+        # rounds are driven by hand: no deadline may pass while a loaded machine runs the test's
+        # calls (the deadline tests set their own round_timeout)
+        config.setdefault("round_timeout", 30.0)
         config.setdefault("register_timeout", 10.0)
         config.setdefault("start_timeout", 0.0)  # rounds are driven by hand: start round 0 at once
         h = Harness(ServerConfig(**config), max_message_bytes)
@@ -391,8 +393,9 @@ def test_bad_messages_do_not_touch_the_model(make_harness: Callable[..., Harness
     assert [w["status"] for w in rec["workers"]] == ["upload", "upload"]
 
 
+@pytest.mark.slow  # waits out two deadlines
 def test_silent_worker_hits_deadline_then_is_no_longer_waited_for(make_harness: Callable[..., Harness]) -> None:
-    timeout = 1.0
+    timeout = 2.0  # long enough for the live worker's calls on a loaded machine
     h = make_harness(num_workers=2, rounds=4, round_timeout=timeout, max_misses=2)
     h.register("live")
     h.register("dead")
@@ -411,14 +414,15 @@ def test_silent_worker_hits_deadline_then_is_no_longer_waited_for(make_harness: 
         assert by_id["live"]["status"] == "upload"
     # rounds 0 and 1 wait out the deadline; after max_misses=2 misses nobody waits for "dead"
     assert recs[0]["round_time"] >= 0.9 * timeout and recs[1]["round_time"] >= 0.9 * timeout
-    assert recs[2]["round_time"] < 0.3 * timeout and recs[3]["round_time"] < 0.3 * timeout
+    assert recs[2]["round_time"] < 0.5 * timeout and recs[3]["round_time"] < 0.5 * timeout
     h.finish()
     assert h.run_error is None and h.summary is not None
     assert (h.summary["rounds"], h.summary["deadline_misses"], h.summary["uploads"]) == (4, 4, 4)
 
 
+@pytest.mark.slow  # waits out two deadlines
 def test_silent_worker_that_returns_is_waited_for_again(make_harness: Callable[..., Harness]) -> None:
-    timeout = 1.0
+    timeout = 2.0  # long enough for the live worker's calls on a loaded machine
     h = make_harness(num_workers=2, rounds=3, round_timeout=timeout, max_misses=1)
     h.register("a")
     h.register("b")
@@ -434,7 +438,7 @@ def test_silent_worker_that_returns_is_waited_for_again(make_harness: Callable[.
     recs = h.ps.records
     assert [r["workers"][1]["status"] for r in recs] == ["deadline", "lazy_rule", "deadline"]
     assert recs[0]["round_time"] >= 0.9 * timeout
-    assert recs[1]["round_time"] < 0.3 * timeout
+    assert recs[1]["round_time"] < 0.5 * timeout
     assert recs[2]["round_time"] >= 0.9 * timeout  # ...so round 2 waited for it again
 
 
@@ -514,7 +518,7 @@ def test_client_and_server_count_the_same_bytes(make_harness: Callable[..., Harn
 
 
 def test_fail_aborts_waiting_calls_and_rejects_reports(make_harness: Callable[..., Harness]) -> None:
-    h = make_harness(num_workers=1, rounds=1, round_timeout=1.0)
+    h = make_harness(num_workers=1, rounds=1)  # round 0 must not end on its own before fail()
     h.register("w0")
     h.start()
     h.model("w0", 0)
@@ -541,7 +545,7 @@ def test_fail_aborts_waiting_calls_and_rejects_reports(make_harness: Callable[..
 
 
 def test_fail_stops_the_round_loop_promptly(make_harness: Callable[..., Harness]) -> None:
-    timeout = 1.0
+    timeout = 10.0  # fail() must end the round long before its deadline, however busy the machine
     h = make_harness(num_workers=1, rounds=2, round_timeout=timeout)
     h.register("w0")
     h.start()

@@ -27,7 +27,7 @@ LAQ's (7a)/(7b) applied to the stochastic gradient at theta^k alone (no second e
 With ``xi = 0`` LAQ is not GD: the ``3 (||eps^k||^2 + ||eps_hat^{k-1}||^2)`` term of (7a) stays,
 so a worker still skips when its quantized innovation is below its quantization error; with
 b = 16 that error is ~2^-16 of the innovation's radius, LAQ uploads every round and tracks GD to
-within the quantization error (tests/test_lazy_family.py; measured skip counts for b = 3..16 in
+within the quantization error (tests/test_algorithms_lazy.py; measured skip counts for b = 3..16 in
 docs/results.md).
 """
 

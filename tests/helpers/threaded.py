@@ -1,5 +1,5 @@
 """Test helper: a real gRPC server on port 0 and worker loops in threads — the whole stack but
-process start-up (tests/test_e2e.py and tests/test_cli.py cover worker processes)."""
+process start-up (tests/test_runner.py and tests/test_cli.py cover worker processes)."""
 
 from __future__ import annotations
 

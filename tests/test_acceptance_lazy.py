@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from psrv.data import linreg_hetero_smoothness
 from psrv.runner import DataConfig, run_local
 from psrv.server import ServerConfig
+from tests.helpers.timeouts import PATIENT
+
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 
 def _uploads_per_worker(metrics: Path) -> dict[str, int]:
@@ -20,11 +24,11 @@ def _uploads_per_worker(metrics: Path) -> dict[str, int]:
     return counts
 
 
-def test_smooth_workers_upload_less_seed003_proposition1(tmp_path: Path) -> None:
+def test_smooth_workers_upload_less_laq_proposition1(tmp_path: Path) -> None:
     """Sun et al., NeurIPS 2019, Proposition 1: worker m uploads at most k/(d_m + 1) times, d_m growing as L_m
     shrinks; on the heterogeneous linear regression (L_m = 1.69^m) LAQ's upload counts rise with L_m."""
     M = 10
-    cfg = ServerConfig(algorithm="laq", options={"lr": 0.06}, task="linreg", num_workers=M, rounds=200)
+    cfg = ServerConfig(algorithm="laq", options={"lr": 0.06}, task="linreg", num_workers=M, rounds=200, **PATIENT)
     s = run_local(cfg, DataConfig(data="linreg-hetero", split="contiguous", test_fraction=0.0), tmp_path)
     counts = _uploads_per_worker(tmp_path / "metrics.jsonl")
     uploads = np.array([counts[f"w{m}"] for m in range(M)])

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from threaded import run_in_threads
 
 from psrv import data
 from psrv.aggregate import Aggregator
@@ -30,6 +29,7 @@ from psrv.payload import to_dense
 from psrv.server import ParameterServer, ServerConfig
 from psrv.tasks import make_task
 from psrv.triggers import StepHistory
+from tests.helpers.threaded import run_in_threads
 from worker.client import _Gradients, load_training_data
 
 M = 3

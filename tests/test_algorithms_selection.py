@@ -1,6 +1,6 @@
 """Server-side worker selection (RIAG, CIAG: incremental aggregated gradient; LAG-PS) and
 minibatch SGD, through the whole stack: a real gRPC server on port 0 and worker threads, as in
-tests/test_compressors_e2e.py. Exact comparisons between runs are sound: every upload is float32,
+tests/test_compress_e2e.py. Exact comparisons between runs are sound: every upload is float32,
 so the server's float64 sums of them do not depend on the order uploads arrive in."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from threaded import run_in_threads
 
 from psrv import data
 from psrv.algorithms import RoundInfo, SelectionView, make_algorithm
@@ -18,6 +17,7 @@ from psrv.payload import to_dense
 from psrv.server import ParameterServer, ServerConfig
 from psrv.tasks import make_task
 from psrv.triggers import lag_ps_upload, lag_threshold
+from tests.helpers.threaded import run_in_threads
 from worker.client import load_training_data
 
 TRAIN, _ = load_training_data("digits", 0.2, 0)

@@ -1,3 +1,5 @@
+"""psrv.tasks.logreg: the logreg task (softmax regression with an L2 term), gradients and steps."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -13,6 +13,7 @@ import pytest
 from psrv.options import DataConfig
 from psrv.runner import run_local
 from psrv.server import ServerConfig
+from tests.helpers.timeouts import PATIENT
 
 pytestmark = [pytest.mark.slow, pytest.mark.process]
 
@@ -29,7 +30,7 @@ def _run(tmp: Path, algorithm: str, options: dict[str, float], compressor: str =
         num_workers=4,
         rounds=12,
         seed=5,
-        round_timeout=60.0,
+        **PATIENT,  # a passed deadline would make the two runs differ
     )
     summary = run_local(cfg, DIGITS, tmp)
     assert summary["deadline_misses"] == 0 and summary["worker_exit_codes"] == [0] * 4

@@ -1,0 +1,1 @@
+"""Code shared by several test modules; fixtures live in tests/conftest.py."""
