@@ -17,10 +17,8 @@ import click
 
 from psrv.cluster.config import SHAPE_AT, ClusterConfig, with_job
 from psrv.cluster.netns import ClusterError, Interrupted, remove_namespaces, require_root, stale_namespaces
-from psrv.cluster.run import run_cluster
 from psrv.cluster.shaping import QDISCS, LinkRates, parse_link
 from psrv.options import job_and_data_options, jobs_from_cli, pop_data
-from psrv.report import format_report
 
 
 def _link(ctx: click.Context, param: click.Parameter, value: str) -> LinkRates:
@@ -118,6 +116,9 @@ def run(out: str, **kw: Any) -> None:
     `psrv start-server` / `psrv start-worker` inside the namespaces. Every namespace, link and process
     it makes is removed when the run ends, fails or is interrupted (Ctrl-C, SIGTERM); `psrv cluster
     clean` removes what a run killed with SIGKILL left behind."""
+    from psrv.cluster.run import run_cluster  # numpy, grpc and the capture: only when running
+    from psrv.report import format_report
+
     dc = pop_data(kw)
     jobs = jobs_from_cli(kw, dc.data)
     try:
