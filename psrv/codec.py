@@ -9,6 +9,7 @@ reaches the model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import zstandard
 from psrv import bitpack, varint
 from psrv.payload import Payload, qsgd_code_width
 from psrv.payload import from_bfloat16 as payload_from_bfloat16
+from psrv.replica import AggregateChange
 from psrv.v1 import psrv_pb2 as pb
 
 if TYPE_CHECKING:
@@ -258,6 +260,12 @@ def upload_to_proto(
     msg = pb.PushRequest(worker_id=worker_id, round=round_, local_loss=local_loss)
     if smoothness is not None:
         msg.smoothness = smoothness
+    _put_payload(msg, p, zstd)
+    return msg
+
+
+def _put_payload(msg: Any, p: Payload, zstd: bool) -> None:
+    """Set the ``payload`` oneof of ``msg`` (a PushRequest or Contribution)."""
     inner = payload_to_proto(p)
     if zstd:
         raw = inner.SerializeToString()
@@ -266,9 +274,8 @@ def upload_to_proto(
         )
         if packed.ByteSize() < len(raw):  # then the whole field (tag, length, body) is smaller too
             msg.zstd.CopyFrom(packed)
-            return msg
+            return
     getattr(msg, p.kind).CopyFrom(inner)
-    return msg
 
 
 def _unzstd(msg: pb.ZstdPayload, dim: int) -> tuple[str, Any]:
@@ -302,11 +309,16 @@ _DECODERS = {
 
 def upload_from_proto(msg: pb.PushRequest, dim: int) -> Payload:
     """The payload of an upload, validated against the model dimension ``dim``."""
-    kind = msg.WhichOneof("payload")
-    if kind is None:
-        raise CodecError("upload carries no payload")
     if not math.isfinite(msg.local_loss):
         raise CodecError("upload: local_loss is NaN or Inf")
+    return _get_payload(msg, dim, "upload")
+
+
+def _get_payload(msg: Any, dim: int, what: str) -> Payload:
+    """The validated payload of ``msg``'s ``payload`` oneof (a PushRequest or Contribution)."""
+    kind = msg.WhichOneof("payload")
+    if kind is None:
+        raise CodecError(f"{what} carries no payload")
     if kind == "zstd":
         kind, inner = _unzstd(msg.zstd, dim)
         return _DECODERS[kind](inner, dim)
@@ -342,19 +354,104 @@ def skip_reason_from_proto(msg: pb.SkipRequest) -> str:
 
 
 def broadcast_to_proto(b: Broadcast) -> pb.GetModelResponse:
-    """The round's model broadcast (:class:`psrv.engine.Broadcast`) as a message."""
-    msg = pb.GetModelResponse(
-        round=b.round,
-        params=tensor_to_proto(b.params),
-        recent_step_sq=b.recent_step_sq,
-        total_samples=b.total_samples,
-        num_workers=b.num_workers,
-        done=b.done,
-    )
+    """The round's model broadcast (:class:`psrv.engine.Broadcast`) as a message: the plain model
+    (``params``), the exact change for replicas (``update``), or the whole state (``snapshot``)."""
+    msg = pb.GetModelResponse(round=b.round, total_samples=b.total_samples, num_workers=b.num_workers, done=b.done)
+    if b.form == "dense":
+        msg.params.CopyFrom(tensor_to_proto(b.params))
+        msg.recent_step_sq.extend(b.recent_step_sq)
+    elif b.form == "update":
+        msg.update.SetInParent()  # present even when nothing changed
+        change_to_proto(b.change, msg.update, b.zstd)
+        msg.digest = b.digest
+    elif b.form == "snapshot":
+        msg.snapshot.theta.CopyFrom(tensor_to_proto(b.theta))
+        msg.snapshot.aggregate.CopyFrom(tensor_to_proto(b.total))
+        msg.snapshot.recent_step_sq.extend(b.recent_step_sq)
+        msg.digest = b.digest
+    else:
+        raise CodecError(f"unknown broadcast form {b.form!r}")
     if b.selected is not None:
         msg.selection.SetInParent()  # present even when nobody is selected
         msg.selection.workers.extend(b.selected)
     return msg
+
+
+def change_to_proto(change: AggregateChange, msg: pb.StateUpdate, zstd: bool = False) -> None:
+    if change.kind == "relay":
+        msg.relay.SetInParent()
+        for worker, p in zip(change.workers, change.payloads, strict=True):
+            _put_payload(msg.relay.contributions.add(worker=worker), p, zstd)
+    elif change.kind == "values":
+        values = np.asarray(change.values, dtype=np.float64)
+        msg.values.CopyFrom(payload_to_proto(Payload("sparse", change.dim, values=values, indices=change.indices)))
+    elif change.kind == "aggregate":
+        msg.aggregate.CopyFrom(tensor_to_proto(np.asarray(change.values, dtype=np.float64)))
+
+
+@dataclass(frozen=True)
+class ModelMessage:
+    """A decoded GetModelResponse. ``form``: "dense" (``params``), "update" (``change``) or
+    "snapshot" (``theta``, ``total``)."""
+
+    form: str
+    round: int
+    total_samples: int
+    num_workers: int
+    done: bool
+    selected: tuple[int, ...] | None
+    recent_step_sq: tuple[float, ...] = ()
+    params: np.ndarray | None = None
+    change: AggregateChange | None = None
+    theta: np.ndarray | None = None
+    total: np.ndarray | None = None
+    digest: int = 0
+
+
+def model_from_proto(msg: pb.GetModelResponse, dim: int) -> ModelMessage:
+    """Decode and validate a broadcast of a ``dim``-parameter model."""
+    forms = [f for f in ("params", "update", "snapshot") if msg.HasField(f)]
+    if len(forms) != 1:
+        raise CodecError(f"model broadcast: expected exactly one of params/update/snapshot, got {forms or 'none'}")
+    common = dict(
+        round=msg.round,
+        total_samples=msg.total_samples,
+        num_workers=msg.num_workers,
+        done=msg.done,
+        selected=selected_workers(msg),
+        digest=msg.digest,
+    )
+    if forms[0] == "params":
+        params = tensor_from_proto(msg.params, dim, "model")
+        return ModelMessage("dense", params=params, recent_step_sq=tuple(msg.recent_step_sq), **common)
+    if forms[0] == "snapshot":
+        snap = msg.snapshot
+        theta = _float64_vector(snap.theta, dim, "snapshot theta")
+        total = _float64_vector(snap.aggregate, dim, "snapshot aggregate")
+        return ModelMessage("snapshot", theta=theta, total=total, recent_step_sq=tuple(snap.recent_step_sq), **common)
+    return ModelMessage("update", change=change_from_proto(msg.update, dim), **common)
+
+
+def _float64_vector(msg: pb.DenseTensor, dim: int, what: str) -> np.ndarray:
+    if msg.dtype != pb.DTYPE_FLOAT64:
+        raise CodecError(f"{what}: must be float64")
+    return np.array(tensor_from_proto(msg, dim, what), dtype=np.float64)  # a writable copy
+
+
+def change_from_proto(msg: pb.StateUpdate, dim: int) -> AggregateChange:
+    kind = msg.WhichOneof("change")
+    if kind is None:
+        return AggregateChange()
+    if kind == "relay":
+        contributions = msg.relay.contributions
+        payloads = tuple(_get_payload(c, dim, "relayed contribution") for c in contributions)
+        return AggregateChange("relay", payloads=payloads, workers=tuple(c.worker for c in contributions))
+    if kind == "values":
+        if msg.values.value_dtype != pb.DTYPE_FLOAT64:
+            raise CodecError("aggregate values: must be float64")
+        p = sparse_from_proto(msg.values, dim)
+        return AggregateChange("values", dim=dim, indices=p.indices, values=np.asarray(p.values, dtype=np.float64))
+    return AggregateChange("aggregate", values=_float64_vector(msg.aggregate, dim, "aggregate"))
 
 
 def selected_workers(msg: pb.GetModelResponse) -> tuple[int, ...] | None:
@@ -375,4 +472,10 @@ def run_config_to_proto(config: ServerConfig, dim: int) -> pb.RunConfig:
         num_workers=c.num_workers,
         seed=c.seed,
         zstd=c.zstd,
+        model_dtype=_dtype_code(np.empty(0, dtype=c.broadcast_dtype)),
     )
+
+
+def model_dtype(config: pb.RunConfig) -> np.dtype:
+    """The type workers compute theta in (float32 unless the run says otherwise)."""
+    return _NP_OF_DTYPE.get(config.model_dtype, np.dtype("<f4"))

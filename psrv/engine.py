@@ -26,19 +26,27 @@ import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from psrv.aggregate import Aggregator
 from psrv.algorithms import Algorithm, SelectionView, make_algorithm
+from psrv.bitpack import index_width, packed_size
 from psrv.payload import Payload, payload_bits, to_dense
+from psrv.replica import AggregateChange, changed_indices, state_digest, take_step
 from psrv.tasks import make_task
 from psrv.triggers import StepHistory
 
 log = logging.getLogger("psrv.engine")
+
+#: How the model reaches the workers: a plain dense broadcast, exact updates of replicas, or chosen per round.
+DOWNLINKS = ("auto", "dense", "replica")
+#: Rounds of update costs the ``auto`` downlink averages over.
+COST_WINDOW = 8
 
 #: Why a worker did not upload in a round. ``deadline`` is set by the engine only.
 SKIP_REASONS = ("lazy_rule", "not_selected")
@@ -103,8 +111,11 @@ class ServerConfig:
     seed: int = 0
     broadcast_dtype: str = "float32"
     zstd: bool = False  # workers zstd-compress a payload when that makes it smaller
+    downlink: str = "auto"  # "dense" | "replica" | "auto" (see RoundEngine._choose_downlink)
 
     def __post_init__(self) -> None:
+        if self.downlink not in DOWNLINKS:
+            raise ValueError(f"downlink must be one of {', '.join(DOWNLINKS)}, got {self.downlink!r}")
         if self.num_workers < 1 or self.rounds < 0 or self.round_timeout <= 0 or self.max_misses < 1:
             raise ValueError("need num_workers >= 1, rounds >= 0, round_timeout > 0, max_misses >= 1")
         if self.broadcast_dtype not in ("float32", "float64"):
@@ -147,15 +158,25 @@ class Report:
 
 @dataclass(frozen=True)
 class Broadcast:
-    """What every worker receives at the start of a round (and once more when training ends)."""
+    """What a worker receives at the start of a round (and once more when training ends), in one of
+    three forms: ``dense`` (``params``: theta^k in the broadcast dtype, and the step history),
+    ``update`` (``change``: how the aggregate changed at the last close, for workers whose replica
+    is of the previous round) or ``snapshot`` (``theta``, ``total`` and the history: the whole
+    replicated state). ``digest`` (update, snapshot) is :func:`psrv.replica.state_digest`."""
 
     round: int
-    params: np.ndarray  # theta^k in the broadcast dtype
-    recent_step_sq: tuple[float, ...]
     total_samples: int
     num_workers: int
+    form: str = "dense"
+    params: np.ndarray | None = None
+    recent_step_sq: tuple[float, ...] = ()
     done: bool = False
     selected: tuple[int, ...] | None = None  # None: every worker computes
+    change: AggregateChange | None = None
+    theta: np.ndarray | None = None
+    total: np.ndarray | None = None
+    digest: int = 0
+    zstd: bool = False  # relayed payloads are zstd-compressed where that is smaller
 
 
 @dataclass
@@ -173,6 +194,9 @@ class EngineState:
     theta_hat: np.ndarray | None = None  # (M, d) iterate of each worker's last upload, if the rule needs it
     rng: np.random.Generator = field(default_factory=np.random.default_rng)  # server-side selection only
     records: list[dict[str, Any]] = field(default_factory=list)
+    downlink: str = "dense"  # the form of the broadcasts now: "dense" or "replica"
+    change: AggregateChange = field(default_factory=AggregateChange)  # of the last close
+    update_costs: deque[int] = field(default_factory=lambda: deque(maxlen=COST_WINDOW))  # bytes, last rounds
 
 
 @dataclass
@@ -184,7 +208,10 @@ class _OpenRound:
     selected: frozenset[int] | None = None
     reports: dict[int, Report] = field(default_factory=dict)  # by slot
     uploads: dict[int, np.ndarray] = field(default_factory=dict)  # by slot; absorbed in slot order at the close
+    payloads: dict[int, Payload] = field(default_factory=dict)  # the same, as received (for relaying)
     down: dict[int, int] = field(default_factory=dict)  # model bytes served per worker slot
+    snapshot: Any = None  # the transport's encoding of this round's snapshot, made when first asked for
+    snapshots: int = 0  # snapshots served this round
     started: float = 0.0
 
 
@@ -284,8 +311,10 @@ class RoundEngine:
         if self.algorithm.tracks_theta_hat:
             s.theta_hat = np.repeat(s.theta[None, :], cfg.num_workers, axis=0)
 
-    def wait_model(self, worker_id: str, round_: int, timeout: float) -> Any:
-        """Long poll: the (encoded) broadcast of the first round >= ``round_``."""
+    def wait_model(self, worker_id: str, round_: int, timeout: float, replica_round: int | None = None) -> Any:
+        """Long poll: the (encoded) broadcast of the first round >= ``round_``. While the downlink
+        sends updates, a worker whose replica is not of the previous round (``replica_round``; None:
+        it holds none) gets a snapshot instead."""
         s = self.state
         with self._cond:
             w = self.worker(worker_id)
@@ -299,6 +328,10 @@ class RoundEngine:
             if not ready:
                 raise NotReady(f"round {round_} not started yet")
             data = self._open.encoded
+            b = self._open.broadcast
+            if b is not None and b.form == "update" and replica_round != b.round - 1:
+                data = self._snapshot()
+                self._open.snapshots += 1
             if s.phase == "done":
                 self._done_served.add(w.worker_id)
                 self._cond.notify_all()
@@ -349,6 +382,7 @@ class RoundEngine:
                 self._estimate_smoothness(w, vector)
                 s.theta_hat[w.slot] = s.theta
             self._open.uploads[w.slot] = vector
+            self._open.payloads[w.slot] = payload
             w.last_upload = round_
             self._accept(w, Report("upload", payload.kind, payload_bits(payload), nbytes, loss))
 
@@ -367,18 +401,88 @@ class RoundEngine:
         s = self.state
         selected = None if done else self._select(round_)
         by_slot = {w.slot: w.index for w in s.workers.values()}
-        broadcast = Broadcast(
+        if not done:  # the final broadcast keeps the form, so replicas end exactly on the final model
+            s.downlink = self._choose_downlink(round_)
+        common = dict(
             round=round_,
-            params=s.theta.astype(self.config.broadcast_dtype),
-            recent_step_sq=s.history.recent(),
             total_samples=sum(w.num_samples for w in s.workers.values()),
             num_workers=len(s.workers),
             done=done,
             selected=None if selected is None else tuple(sorted(by_slot[m] for m in selected)),  # wire: indices
         )
+        if s.downlink == "replica":
+            broadcast = Broadcast(
+                form="update", change=s.change, digest=state_digest(s.theta, s.aggregator.total), zstd=self.config.zstd,
+                **common,
+            )  # fmt: skip
+        else:
+            broadcast = Broadcast(
+                params=s.theta.astype(self.config.broadcast_dtype), recent_step_sq=s.history.recent(), **common
+            )
         self._open = _OpenRound(broadcast, self._encode(broadcast), selected, started=time.monotonic())
         s.round = round_
         self._cond.notify_all()
+
+    def _snapshot(self) -> Any:
+        """This round's whole replicated state, encoded once per round when first asked for. Lock held."""
+        if self._open.snapshot is None:
+            s, b = self.state, self._open.broadcast
+            snap = replace(
+                b,
+                form="snapshot",
+                change=None,
+                theta=s.theta,
+                total=s.aggregator.total,
+                recent_step_sq=s.history.recent(),
+            )
+            self._open.snapshot = self._encode(snap)
+        return self._open.snapshot
+
+    def _choose_downlink(self, round_: int) -> str:
+        """``dense`` or ``replica`` for this round. ``auto``: replicas while the recent updates
+        (mean of the last ``COST_WINDOW`` rounds' cheapest exact form, in bytes) cost less than a
+        dense broadcast; from dense, switch once the window's updates plus a snapshot (16 bytes per
+        parameter) cost less than the window's dense broadcasts. So gd, whose aggregate changes
+        densely every round, keeps the dense broadcast, and a lazy rule switches to updates once
+        most workers skip."""
+        s, mode = self.state, self.config.downlink
+        if mode != "auto":
+            return "replica" if mode == "replica" and round_ > 0 else "dense"
+        if not s.update_costs:
+            return "dense"
+        dense = s.theta.size * np.dtype(self.config.broadcast_dtype).itemsize
+        mean = sum(s.update_costs) / len(s.update_costs)
+        if s.downlink == "replica":
+            return "dense" if mean > dense else "replica"
+        window = COST_WINDOW
+        return "replica" if mean * window + 16 * s.theta.size < dense * window else "dense"
+
+    def _record_change(self, before: np.ndarray | None, ordered: list[WorkerState]) -> None:
+        """The cheapest exact form of how the aggregate changed at this close, and its cost."""
+        s, d = self.state, self.state.theta.size
+        if before is None:
+            s.change = AggregateChange(dim=d)
+            s.update_costs.append(0)
+            return
+        candidates: list[tuple[int, AggregateChange]] = []
+        if s.aggregator.absorb == "accumulate":
+            slots = sorted(self._open.payloads)
+            by_slot = {w.slot: w for w in ordered}
+            relay = AggregateChange(
+                "relay",
+                dim=d,
+                payloads=tuple(self._open.payloads[m] for m in slots),
+                workers=tuple(by_slot[m].index for m in slots),
+            )
+            candidates.append((sum(self._open.reports[m].nbytes for m in slots), relay))
+        total = s.aggregator.total
+        idx = changed_indices(before, total)
+        values_cost = 8 * len(idx) + packed_size(len(idx), index_width(d))
+        candidates.append((values_cost, AggregateChange("values", dim=d, indices=idx, values=total[idx].copy())))
+        if values_cost > 8 * d:
+            candidates.append((8 * d, AggregateChange("aggregate", dim=d, values=total.copy())))
+        cost, s.change = min(candidates, key=lambda c: c[0])
+        s.update_costs.append(cost)
 
     def _estimate_smoothness(self, w: WorkerState, vector: np.ndarray) -> None:
         """Secant estimate of L_m from two uploads of full gradients at different iterates:
@@ -468,12 +572,12 @@ class RoundEngine:
                 if w.misses >= self.config.max_misses and w.responsive:
                     w.responsive = False
                     log.warning("worker %s missed %d deadlines; no longer waiting for it", w.worker_id, w.misses)
+        before = s.aggregator.total.copy() if self._open.uploads else None
         for slot in sorted(self._open.uploads):  # a fixed summation order: same seed, same bits
             s.aggregator.add(slot, self._open.uploads[slot])
+        self._record_change(before, ordered)
         self._open.uploads = {}
-        step = -self.algorithm.lr * s.aggregator.total
-        s.theta += step
-        step_sq = float(step @ step)
+        step_sq = take_step(s.theta, s.aggregator.total, self.algorithm.lr)  # what every replica does
         s.history.push(step_sq)
         got = [reports[w.slot] for w in ordered]
         losses = [r.loss for r in got if r.loss is not None]
@@ -485,6 +589,8 @@ class RoundEngine:
             "payload_bits": sum(r.bits for r in got),
             "bytes_up": sum(r.nbytes for r in got),
             "bytes_down": sum(self._open.down.values()),
+            "downlink": self._open.broadcast.form,
+            "snapshots": self._open.snapshots,
             "loss": math.fsum(losses) if len(losses) == len(got) else None,
             "aggregate_norm": float(np.linalg.norm(s.aggregator.total)),
             "step_sq": step_sq,

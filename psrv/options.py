@@ -99,6 +99,7 @@ class JobConfig:
     round_timeout: float = 10.0
     seed: int = 0
     zstd: bool = False
+    downlink: str = "auto"
 
     def algorithm_options(self) -> dict[str, float]:
         return {"lr": self.lr, **self.options}
@@ -121,6 +122,7 @@ class JobConfig:
             round_timeout=self.round_timeout,
             seed=self.seed,
             zstd=self.zstd,
+            downlink=self.downlink,
             **extra,
         )
 
@@ -148,6 +150,8 @@ class JobConfig:
             args += ["--l2", repr(self.l2)]
         if self.zstd:
             args.append("--zstd")
+        if self.downlink != "auto":
+            args += ["--downlink", self.downlink]
         for k, v in self.options.items():
             args += ["-o", f"{k}={v!r}"]
         for k, v in self.task_options.items():
@@ -198,6 +202,7 @@ def jobs(
     round_timeout: float,
     seed: int,
     zstd: bool,
+    downlink: str = "auto",
 ) -> list[JobConfig]:
     """One :class:`JobConfig` per algorithm from the parsed job options (``ValueError`` on a bad
     option). The task defaults to the one a built-in data set is made for, else logreg."""
@@ -223,6 +228,7 @@ def jobs(
             round_timeout=round_timeout,
             seed=seed,
             zstd=zstd,
+            downlink=downlink,
         )
         make_algorithm(name, job.algorithm_options(), compressor)  # every bad option fails before anything runs
         out.append(job)
@@ -285,6 +291,13 @@ JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
     ),
     "seed": _SEED,
     "zstd": click.option("--zstd", is_flag=True, help="Workers zstd-compress each payload when that makes it smaller."),
+    "downlink": click.option(
+        "--downlink",
+        type=click.Choice(["auto", "dense", "replica"]),
+        default="auto",
+        show_default=True,
+        help="Model broadcast: dense, exact updates of the workers' replicas, or chosen per round.",
+    ),
 }
 
 DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {

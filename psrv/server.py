@@ -56,7 +56,8 @@ class Servicer:
     def GetModel(self, req: pb.GetModelRequest, nbytes: int, context: Any) -> bytes:
         remaining = context.time_remaining() if context is not None else None
         wait = 60.0 if remaining is None else max(0.0, remaining - 0.05)
-        return self.engine.wait_model(req.worker_id, req.round, wait)
+        replica_round = req.replica_round if req.HasField("replica_round") else None
+        return self.engine.wait_model(req.worker_id, req.round, wait, replica_round)
 
     def Push(self, req: pb.PushRequest, nbytes: int, context: Any) -> pb.PushResponse:
         payload = codec.upload_from_proto(req, self.engine.dim_for(req.worker_id))  # NOT_FOUND before decoding

@@ -21,7 +21,9 @@ import numpy as np
 
 from psrv import codec, data, rpc
 from psrv.algorithms import RoundInfo, make_algorithm
+from psrv.replica import Replica
 from psrv.tasks import make_task
+from psrv.triggers import StepHistory
 from psrv.v1 import psrv_pb2 as pb
 
 log = logging.getLogger("psrv.worker")
@@ -40,6 +42,7 @@ class WorkerConfig:
     connect_timeout: float = 60.0
     rpc_timeout: float = 30.0
     crash_after: int | None = None  # fault injection: exit abruptly after this many rounds
+    corrupt_replica_at: int | None = None  # fault injection: flip a bit of the replica's theta in this round
     torch_threads: int = 1  # many workers share few cores: one thread each avoids oversubscription
     regression: bool = False  # a user file's label column is a real-valued target
 
@@ -67,6 +70,8 @@ class WorkerResult:
     skips: int = 0
     rejected: int = 0
     grad_evals: int = 0  # gradient evaluations (a LASG round costs two; an unselected one none)
+    snapshots: int = 0  # whole states received (joining, falling behind, or healing a mismatch)
+    digest_mismatches: int = 0  # rounds whose replica disagreed with the server's digest
     bytes_up: int = 0
     bytes_down: int = 0
     final_params: np.ndarray | None = None
@@ -100,7 +105,7 @@ class _Gradients:
     and the objective weight is rescaled (total N*B/n_m) so the minibatch gradient is an
     unbiased estimate of grad f_m; every evaluation in the round uses the same rows."""
 
-    def __init__(self, task: Any, ds: data.Dataset, mb: pb.GetModelResponse, batch: int, rng: np.random.Generator):
+    def __init__(self, task: Any, ds: data.Dataset, mb: codec.ModelMessage, batch: int, rng: np.random.Generator):
         self.task, self.num_workers, self.evals = task, mb.num_workers, 0
         if 0 < batch < len(ds):
             rows = rng.choice(len(ds), batch, replace=False)
@@ -114,6 +119,54 @@ class _Gradients:
 
     def grad_at(self, theta: np.ndarray) -> np.ndarray:
         return self.loss_grad(theta)[1]
+
+
+class Downlink:
+    """The worker's view of the model. A plain broadcast gives theta directly; while the server
+    sends updates, the worker keeps a :class:`psrv.replica.Replica` of the server's state, replays
+    every round's close, and checks the digest; a replica that disagrees (or is missing, or is of
+    another round) is dropped and the worker asks for a snapshot -- counted and logged."""
+
+    def __init__(self, worker_id: str, lr: float, depth: int, dtype: np.dtype, corrupt_at: int | None = None):
+        self.worker_id, self.lr, self.depth, self.dtype = worker_id, lr, depth, dtype
+        self.replica: Replica | None = None
+        self.corrupt_at = corrupt_at
+        self.snapshots = self.mismatches = 0
+
+    def request(self, round_: int) -> pb.GetModelRequest:
+        msg = pb.GetModelRequest(worker_id=self.worker_id, round=round_)
+        if self.replica is not None:
+            msg.replica_round = self.replica.round
+        return msg
+
+    def receive(self, m: codec.ModelMessage) -> tuple[np.ndarray, tuple[float, ...], np.ndarray] | None:
+        """(theta to compute at, step history, theta in float64), or None: ask again (snapshot)."""
+        if m.form == "dense":
+            self.replica = None
+            theta = np.array(m.params)  # writable: torch wants it
+            return theta, m.recent_step_sq, theta.astype(np.float64)
+        if m.form == "snapshot":
+            history = StepHistory(self.depth)
+            for step_sq in reversed(m.recent_step_sq):
+                history.push(step_sq)
+            self.replica = Replica(m.round, m.theta, m.total, history)
+            self.snapshots += 1
+        else:
+            if self.replica is None or self.replica.round != m.round - 1:
+                log.warning("worker %s: no replica of round %d; asking for a snapshot", self.worker_id, m.round - 1)
+                self.replica = None
+                return None
+            self.replica.advance(m.change, self.lr)
+        if self.replica.digest() != m.digest:
+            self.mismatches += 1
+            log.warning("worker %s: replica disagrees with the server in round %d; asking for a snapshot",
+                        self.worker_id, m.round)  # fmt: skip
+            self.replica = None
+            return None
+        if self.corrupt_at == m.round:  # fault injection: the next round's digest must catch this
+            self.replica.theta.view(np.uint64)[0] ^= np.uint64(1)
+        theta = self.replica.theta.astype(self.dtype)  # what a dense broadcast would carry
+        return theta, self.replica.history.recent(), self.replica.theta
 
 
 def local_smoothness(task: Any, ds: data.Dataset, total_samples: float, num_workers: int) -> float | None:
@@ -167,21 +220,26 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         wants_smoothness = algo.tracks_theta_hat
         state: Any = algo.init(task.dim)
         result = WorkerResult(cfg.worker_id, reply.worker_index)
+        down = Downlink(cfg.worker_id, algo.lr, algo.history_depth, codec.model_dtype(conf), cfg.corrupt_replica_at)
         log.info("worker %s registered as %d: %s", cfg.worker_id, reply.worker_index, conf.algorithm)
         k = 0
         while True:
             try:
-                mb = stub.GetModel(pb.GetModelRequest(worker_id=cfg.worker_id, round=k), timeout=cfg.rpc_timeout)
+                response = stub.GetModel(down.request(k), timeout=cfg.rpc_timeout)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue  # long poll expired; the round has not started yet
                 raise
-            theta = np.array(codec.tensor_from_proto(mb.params, task.dim, "model"))  # writable: torch wants it
-            if mb.done:
-                result.final_params = np.array(theta, dtype=np.float64)
-                break
+            mb = codec.model_from_proto(response, task.dim)
             k = mb.round
-            selected = codec.selected_workers(mb)
+            view = down.receive(mb)
+            if view is None:
+                continue  # ask for this round again, without a replica: a snapshot comes
+            theta, recent_step_sq, exact = view
+            if mb.done:
+                result.final_params = np.array(exact, dtype=np.float64)
+                break
+            selected = mb.selected
             try:
                 if selected is not None and reply.worker_index not in selected:
                     _report(stub, cfg, k, None, "not_selected", None, conf.zstd)  # computes nothing
@@ -189,7 +247,7 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                 else:
                     grads = _Gradients(task, ds, mb, batch, rng)
                     loss, grad = grads.loss_grad(theta)
-                    info = RoundInfo(k, mb.num_workers, tuple(mb.recent_step_sq), theta, grads.grad_at)
+                    info = RoundInfo(k, mb.num_workers, tuple(recent_step_sq), theta, grads.grad_at)
                     decision = algo.step(state, grad, info, rng)
                     result.grad_evals += grads.evals
                     # only server-side selection uses L_m, and the bound costs an eigendecomposition
@@ -209,6 +267,7 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
             if cfg.crash_after is not None and result.rounds >= cfg.crash_after:
                 log.error("fault injection: worker %s exits after %d rounds", cfg.worker_id, result.rounds)
                 os._exit(17)
+        result.snapshots, result.digest_mismatches = down.snapshots, down.mismatches
         result.bytes_up = stub.counter.total("up")
         result.bytes_down = stub.counter.total("down")
         return result

@@ -142,7 +142,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., n_features: _Optional[int] = ..., n_classes: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd")
+    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd", "model_dtype")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,7 @@ class RunConfig(_message.Message):
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     ZSTD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     compressor: str
     options: _containers.ScalarMap[str, float]
@@ -175,7 +176,8 @@ class RunConfig(_message.Message):
     num_workers: int
     seed: int
     zstd: bool
-    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ...) -> None: ...
+    model_dtype: Dtype
+    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ..., model_dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_index", "config")
@@ -186,12 +188,58 @@ class RegisterResponse(_message.Message):
     def __init__(self, worker_index: _Optional[int] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
-    __slots__ = ("worker_id", "round")
+    __slots__ = ("worker_id", "round", "replica_round")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ROUND_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     round: int
-    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    replica_round: int
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., replica_round: _Optional[int] = ...) -> None: ...
+
+class Contribution(_message.Message):
+    __slots__ = ("worker", "dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    LAQ_FIELD_NUMBER: _ClassVar[int]
+    QSGD_FIELD_NUMBER: _ClassVar[int]
+    SIGN_SPARSE_FIELD_NUMBER: _ClassVar[int]
+    ZSTD_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    dense: DenseTensor
+    sparse: SparseTensor
+    laq: LaqPayload
+    qsgd: QsgdPayload
+    sign_sparse: SignSparsePayload
+    zstd: ZstdPayload
+    def __init__(self, worker: _Optional[int] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ..., zstd: _Optional[_Union[ZstdPayload, _Mapping]] = ...) -> None: ...
+
+class Contributions(_message.Message):
+    __slots__ = ("contributions",)
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    contributions: _containers.RepeatedCompositeFieldContainer[Contribution]
+    def __init__(self, contributions: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ...) -> None: ...
+
+class StateUpdate(_message.Message):
+    __slots__ = ("relay", "values", "aggregate")
+    RELAY_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    relay: Contributions
+    values: SparseTensor
+    aggregate: DenseTensor
+    def __init__(self, relay: _Optional[_Union[Contributions, _Mapping]] = ..., values: _Optional[_Union[SparseTensor, _Mapping]] = ..., aggregate: _Optional[_Union[DenseTensor, _Mapping]] = ...) -> None: ...
+
+class Snapshot(_message.Message):
+    __slots__ = ("theta", "aggregate", "recent_step_sq")
+    THETA_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    RECENT_STEP_SQ_FIELD_NUMBER: _ClassVar[int]
+    theta: DenseTensor
+    aggregate: DenseTensor
+    recent_step_sq: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, theta: _Optional[_Union[DenseTensor, _Mapping]] = ..., aggregate: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Selection(_message.Message):
     __slots__ = ("workers",)
@@ -200,7 +248,7 @@ class Selection(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
-    __slots__ = ("round", "params", "recent_step_sq", "total_samples", "num_workers", "done", "selection")
+    __slots__ = ("round", "params", "recent_step_sq", "total_samples", "num_workers", "done", "selection", "update", "snapshot", "digest")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     RECENT_STEP_SQ_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +256,9 @@ class GetModelResponse(_message.Message):
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     round: int
     params: DenseTensor
     recent_step_sq: _containers.RepeatedScalarFieldContainer[float]
@@ -215,7 +266,10 @@ class GetModelResponse(_message.Message):
     num_workers: int
     done: bool
     selection: Selection
-    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ...) -> None: ...
+    update: StateUpdate
+    snapshot: Snapshot
+    digest: int
+    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., update: _Optional[_Union[StateUpdate, _Mapping]] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., digest: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("worker_id", "round", "local_loss", "smoothness", "dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")

@@ -13,11 +13,15 @@ from worker.client import WorkerConfig, WorkerResult, run_worker
 
 
 def run_in_threads(
-    ps: ParameterServer, shards: Sequence[Dataset], **worker_options: Any
+    ps: ParameterServer,
+    shards: Sequence[Dataset],
+    per_worker: dict[int, dict[str, Any]] | None = None,
+    **worker_options: Any,
 ) -> tuple[dict[str, Any], list[WorkerResult]]:
     """Train ``ps`` with one worker thread per shard; returns the summary and the workers'
     results. Workers start one at a time, so worker ``i`` gets server index ``i`` (and with it
-    shard ``i``, whose rng stream is ``[seed, i]``: runs are comparable across algorithms."""
+    shard ``i``, whose rng stream is ``[seed, i]``: runs are comparable across algorithms.
+    ``per_worker[i]`` adds WorkerConfig options for worker ``i`` only (fault injection)."""
     server, port = create_server(ps)
     results: list[Any] = [None] * len(shards)
 
@@ -28,7 +32,7 @@ def run_in_threads(
             data="digits",
             shard=i,
             num_shards=len(shards),
-            **worker_options,
+            **{**worker_options, **(per_worker or {}).get(i, {})},
         )
         results[i] = run_worker(cfg, shards[i])
 

@@ -1,0 +1,101 @@
+"""The replicated broadcast state, kept bit-identical on the server and every worker.
+
+For the lazy and accumulating algorithms the model is a deterministic function of what the server
+accepted: ``theta^{k+1} = theta^k - alpha * nabla^k`` with the aggregate ``nabla^k`` (the sum the
+server steps along; Chen et al., NeurIPS 2018; Sun et al., NeurIPS 2019, eq. 4). A worker that
+holds ``(theta, nabla, step history)`` of round k-1 needs only how ``nabla`` changed at the close of
+round k-1 to compute round k itself: nothing when nobody uploaded, the round's accepted payloads
+(accumulating rules add them), or the new values of the coordinates that changed. Both sides run
+the functions of this module -- the same float64 operations in the same order -- so the replica
+stays bit-identical; :func:`state_digest` checks it every round.
+
+Pure: numpy and core types only (the engine and the worker both import it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from psrv.payload import Payload, to_dense
+from psrv.triggers import StepHistory
+
+#: the forms of :class:`AggregateChange`
+CHANGE_KINDS = ("none", "relay", "values", "aggregate")
+
+
+@dataclass(frozen=True)
+class AggregateChange:
+    """How the aggregate changed when a round closed.
+
+    ``none``: unchanged. ``relay``: add ``to_dense(p)`` of each payload, in order (accumulating
+    rules only: their aggregate is the running sum of everything accepted). ``values``: the
+    coordinates ``indices`` now hold ``values``. ``aggregate``: ``values`` is the whole aggregate."""
+
+    kind: str = "none"
+    dim: int = 0
+    payloads: tuple[Payload, ...] = ()
+    workers: tuple[int, ...] = ()  # worker index of each relayed payload (informative)
+    indices: np.ndarray | None = None
+    values: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CHANGE_KINDS:
+            raise ValueError(f"change kind must be one of {', '.join(CHANGE_KINDS)}, got {self.kind!r}")
+
+
+def absorb_relay(total: np.ndarray, payloads: tuple[Payload, ...] | list[Payload]) -> None:
+    """``total += to_dense(p)`` for each payload in order: the accumulating rules' absorb."""
+    for p in payloads:
+        total += to_dense(p)
+
+
+def apply_change(total: np.ndarray, change: AggregateChange) -> None:
+    """Apply ``change`` to the aggregate in place."""
+    if change.kind == "relay":
+        absorb_relay(total, change.payloads)
+    elif change.kind == "values":
+        total[change.indices] = change.values
+    elif change.kind == "aggregate":
+        total[:] = change.values
+
+
+def take_step(theta: np.ndarray, total: np.ndarray, lr: float) -> float:
+    """``theta += -lr * total`` in place; returns ``||step||^2`` for the lazy rules' history."""
+    step = -lr * total
+    theta += step
+    return float(step @ step)
+
+
+def state_digest(theta: np.ndarray, total: np.ndarray) -> int:
+    """Sum, modulo 2**64, of the float64 words of ``theta`` and ``total`` read as uint64: any
+    single differing coordinate changes it, and it costs one pass over memory."""
+    a = np.ascontiguousarray(theta, dtype="<f8").view("<u8")
+    b = np.ascontiguousarray(total, dtype="<f8").view("<u8")
+    return (int(a.sum(dtype=np.uint64)) + int(b.sum(dtype=np.uint64))) % (1 << 64)
+
+
+def changed_indices(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Coordinates whose bits changed (NaN-safe: compares the float64 words)."""
+    return np.flatnonzero(before.view("<u8") != after.view("<u8"))
+
+
+@dataclass
+class Replica:
+    """A worker's copy of the server's state at ``round``: theta^round, the aggregate after the
+    close of round - 1, and the step history."""
+
+    round: int
+    theta: np.ndarray
+    total: np.ndarray
+    history: StepHistory = field(default_factory=lambda: StepHistory(0))
+
+    def advance(self, change: AggregateChange, lr: float) -> None:
+        """From round k to k + 1: the server's close of round k, replayed."""
+        apply_change(self.total, change)
+        self.history.push(take_step(self.theta, self.total, lr))
+        self.round += 1
+
+    def digest(self) -> int:
+        return state_digest(self.theta, self.total)

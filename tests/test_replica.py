@@ -1,0 +1,169 @@
+"""Exact delta broadcasts: workers keep a replica of the server's state (theta, aggregate, step
+history) that stays bit-identical through every round, checked by a digest in every broadcast; a
+corrupted or stale replica is healed by a snapshot; gd keeps the dense broadcast on its own."""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import numpy as np
+import pytest
+
+from psrv import codec, data
+from psrv.algorithms import ALGORITHMS, option_defaults
+from psrv.engine import Broadcast, RoundEngine
+from psrv.payload import Payload, to_dense
+from psrv.replica import AggregateChange, Replica, apply_change, changed_indices, state_digest, take_step
+from psrv.server import ParameterServer, ServerConfig
+from psrv.triggers import StepHistory
+from tests.helpers.threaded import run_in_threads
+from worker.client import load_training_data
+
+TRAIN, _ = load_training_data("digits", 0.2, 0)
+M = 3
+
+
+def _shards() -> list[data.Dataset]:
+    return [data.shard(TRAIN, i, M) for i in range(M)]
+
+
+# ------------------------------------------------------------------------------ pure pieces
+def test_digest_sees_any_single_bit() -> None:
+    rng = np.random.default_rng(0)
+    theta, total = rng.standard_normal(1000), rng.standard_normal(1000)
+    d0 = state_digest(theta, total)
+    for i in (0, 517, 999):
+        for arr in (theta, total):
+            arr.view(np.uint64)[i] ^= np.uint64(1 << 7)
+            assert state_digest(theta, total) != d0
+            arr.view(np.uint64)[i] ^= np.uint64(1 << 7)
+    assert state_digest(theta, total) == d0 and 0 <= d0 < 2**64
+
+
+def test_every_change_form_reproduces_the_new_aggregate_exactly() -> None:
+    rng = np.random.default_rng(1)
+    d = 300
+    before = rng.standard_normal(d)
+    payloads = (
+        Payload("dense", d, values=rng.standard_normal(d).astype(np.float32)),
+        Payload("sparse", d, indices=np.array([3, 50, 299]), values=np.array([1.5, -2.0, 0.25], dtype=np.float32)),
+    )
+    after = before.copy()
+    for p in payloads:
+        after += to_dense(p)  # what the server's accumulating aggregator does
+    idx = changed_indices(before, after)
+    forms = [
+        AggregateChange("relay", dim=d, payloads=payloads, workers=(0, 2)),
+        AggregateChange("values", dim=d, indices=idx, values=after[idx]),
+        AggregateChange("aggregate", dim=d, values=after.copy()),
+    ]
+    for change in forms:
+        msg = codec.pb.StateUpdate()
+        codec.change_to_proto(change, msg, zstd=change.kind == "relay")
+        decoded = codec.change_from_proto(codec.pb.StateUpdate.FromString(msg.SerializeToString()), d)
+        total = before.copy()
+        apply_change(total, decoded)
+        assert total.tobytes() == after.tobytes(), change.kind
+    total = before.copy()
+    apply_change(total, AggregateChange(dim=d))
+    assert total.tobytes() == before.tobytes()
+
+
+def test_replica_step_is_the_servers_step() -> None:
+    rng = np.random.default_rng(2)
+    theta, total = rng.standard_normal(50), rng.standard_normal(50)
+    replica = Replica(4, theta.copy(), total.copy(), StepHistory(3))
+    change = AggregateChange("values", dim=50, indices=np.array([7]), values=np.array([0.5]))
+    replica.advance(change, 0.1)
+    total[7] = 0.5
+    step_sq = take_step(theta, total, 0.1)
+    assert replica.round == 5 and replica.theta.tobytes() == theta.tobytes()
+    assert replica.history.recent() == (step_sq,)
+
+
+def test_bad_broadcasts_are_refused() -> None:
+    msg = codec.pb.GetModelResponse(round=1)
+    with pytest.raises(codec.CodecError, match="exactly one"):
+        codec.model_from_proto(msg, 10)
+    msg.snapshot.theta.CopyFrom(codec.tensor_to_proto(np.zeros(10, dtype=np.float32)))
+    msg.snapshot.aggregate.CopyFrom(codec.tensor_to_proto(np.zeros(10)))
+    with pytest.raises(codec.CodecError, match="float64"):
+        codec.model_from_proto(msg, 10)
+    bad = codec.pb.StateUpdate()
+    bad.values.CopyFrom(codec.payload_to_proto(Payload("sparse", 10, indices=np.array([11]), values=np.ones(1))))
+    with pytest.raises(codec.CodecError, match="out of range"):
+        codec.change_from_proto(bad, 10)
+
+
+# ------------------------------------------------------------------------------ the engine
+def test_stale_or_missing_replicas_get_a_snapshot() -> None:
+    """Once the engine sends updates, a worker whose replica is not of the previous round (it
+    joined, fell behind, or lost track) gets the whole state instead."""
+    engine = RoundEngine(
+        ServerConfig(algorithm="laq", num_workers=1, rounds=4, downlink="replica", start_timeout=0, done_grace=0.2),
+        encode=lambda b: b,
+    )
+    engine.register("w0", 10, 4, 3)
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    forms = []
+    for k in range(4):
+        b = engine.wait_model("w0", k, 10.0, replica_round=k - 1 if k != 2 else 0)  # round 2: two behind
+        assert isinstance(b, Broadcast)
+        forms.append(b.form)
+        if b.form in ("update", "snapshot"):
+            assert b.digest == state_digest(engine.state.theta, engine.state.aggregator.total)
+        engine.skip("w0", k, "lazy_rule")
+    engine.wait_model("w0", 4, 10.0, replica_round=3)
+    thread.join(timeout=10)
+    assert forms == ["dense", "update", "snapshot", "update"]
+    assert [r["snapshots"] for r in engine.state.records] == [0, 0, 1, 0]
+
+
+# ------------------------------------------------------------------------------ the whole stack
+NAMES = sorted(ALGORITHMS)
+OPTIONS = {"lr": 0.05, "batch": 20}
+TAKES_BATCH = {n for n in NAMES if "batch" in option_defaults(n)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_replicas_stay_bit_identical_for_every_algorithm(name: str) -> None:
+    """200 rounds with every broadcast an update: the digest agreed every round (no mismatch),
+    each worker needed exactly one snapshot (when the updates began), and every worker's final
+    model is the server's, bit for bit."""
+    options = OPTIONS if name in TAKES_BATCH else {"lr": 0.05}
+    ps = ParameterServer(
+        ServerConfig(algorithm=name, options=options, num_workers=M, rounds=200, round_timeout=60, downlink="replica")
+    )
+    summary, results = run_in_threads(ps, _shards())
+    assert summary["deadline_misses"] == 0
+    assert collections.Counter(r["downlink"] for r in ps.records) == {"dense": 1, "update": 199}
+    for r in results:
+        assert (r.digest_mismatches, r.snapshots) == (0, 1)
+        assert r.final_params.tobytes() == ps.theta.tobytes()
+
+
+@pytest.mark.slow
+def test_a_corrupted_replica_is_detected_and_healed() -> None:
+    ps = ParameterServer(ServerConfig(algorithm="laq", num_workers=M, rounds=60, round_timeout=60, downlink="replica"))
+    summary, results = run_in_threads(ps, _shards(), per_worker={1: {"corrupt_replica_at": 30}})
+    assert [(r.digest_mismatches, r.snapshots) for r in results] == [(0, 1), (1, 2), (0, 1)]
+    assert all(r.final_params.tobytes() == ps.theta.tobytes() for r in results)
+    assert sum(rec["snapshots"] for rec in ps.records) == M + 1
+
+
+@pytest.mark.slow
+def test_auto_downlink_keeps_gd_dense_and_makes_laq_cheap() -> None:
+    down = {}
+    for name in ("gd", "laq"):
+        ps = ParameterServer(ServerConfig(algorithm=name, options={"lr": 0.05}, num_workers=M, rounds=80))
+        summary, _ = run_in_threads(ps, _shards())
+        forms = collections.Counter(r["downlink"] for r in ps.records)
+        down[name] = summary["bytes_down"]
+        if name == "gd":
+            assert forms == {"dense": 80}
+        else:
+            assert forms["update"] >= 75
+    assert down["laq"] < 0.1 * down["gd"]
