@@ -364,9 +364,14 @@ def broadcast_to_proto(b: Broadcast) -> pb.GetModelResponse:
         msg.update.SetInParent()  # present even when nothing changed
         change_to_proto(b.change, msg.update, b.zstd)
         msg.digest = b.digest
+    elif b.form == "compressed":
+        _put_payload(msg.compressed, b.step, b.zstd)
+        msg.recent_step_sq.extend(b.recent_step_sq)
+        msg.digest = b.digest
     elif b.form == "snapshot":
         msg.snapshot.theta.CopyFrom(tensor_to_proto(b.theta))
-        msg.snapshot.aggregate.CopyFrom(tensor_to_proto(b.total))
+        if b.total is not None:
+            msg.snapshot.aggregate.CopyFrom(tensor_to_proto(b.total))
         msg.snapshot.recent_step_sq.extend(b.recent_step_sq)
         msg.digest = b.digest
     else:
@@ -391,8 +396,9 @@ def change_to_proto(change: AggregateChange, msg: pb.StateUpdate, zstd: bool = F
 
 @dataclass(frozen=True)
 class ModelMessage:
-    """A decoded GetModelResponse. ``form``: "dense" (``params``), "update" (``change``) or
-    "snapshot" (``theta``, ``total``)."""
+    """A decoded GetModelResponse. ``form``: "dense" (``params``), "update" (``change``),
+    "compressed" (``step``: EF21-P's model step) or "snapshot" (``theta``, ``total``; ``total`` is
+    empty with a compressed downlink)."""
 
     form: str
     round: int
@@ -403,6 +409,7 @@ class ModelMessage:
     recent_step_sq: tuple[float, ...] = ()
     params: np.ndarray | None = None
     change: AggregateChange | None = None
+    step: Payload | None = None
     theta: np.ndarray | None = None
     total: np.ndarray | None = None
     digest: int = 0
@@ -410,9 +417,11 @@ class ModelMessage:
 
 def model_from_proto(msg: pb.GetModelResponse, dim: int) -> ModelMessage:
     """Decode and validate a broadcast of a ``dim``-parameter model."""
-    forms = [f for f in ("params", "update", "snapshot") if msg.HasField(f)]
+    forms = [f for f in ("params", "update", "compressed", "snapshot") if msg.HasField(f)]
     if len(forms) != 1:
-        raise CodecError(f"model broadcast: expected exactly one of params/update/snapshot, got {forms or 'none'}")
+        raise CodecError(
+            f"model broadcast: expected exactly one of params/update/compressed/snapshot, got {forms or 'none'}"
+        )
     common = dict(
         round=msg.round,
         total_samples=msg.total_samples,
@@ -427,8 +436,12 @@ def model_from_proto(msg: pb.GetModelResponse, dim: int) -> ModelMessage:
     if forms[0] == "snapshot":
         snap = msg.snapshot
         theta = _float64_vector(snap.theta, dim, "snapshot theta")
-        total = _float64_vector(snap.aggregate, dim, "snapshot aggregate")
+        has_total = snap.HasField("aggregate")
+        total = _float64_vector(snap.aggregate, dim, "snapshot aggregate") if has_total else np.zeros(0)
         return ModelMessage("snapshot", theta=theta, total=total, recent_step_sq=tuple(snap.recent_step_sq), **common)
+    if forms[0] == "compressed":
+        step = _get_payload(msg.compressed, dim, "model step")
+        return ModelMessage("compressed", step=step, recent_step_sq=tuple(msg.recent_step_sq), **common)
     return ModelMessage("update", change=change_from_proto(msg.update, dim), **common)
 
 
@@ -473,6 +486,7 @@ def run_config_to_proto(config: ServerConfig, dim: int) -> pb.RunConfig:
         seed=c.seed,
         zstd=c.zstd,
         model_dtype=_dtype_code(np.empty(0, dtype=c.broadcast_dtype)),
+        down_compressor=c.down_compressor,
     )
 
 

@@ -37,7 +37,7 @@ from psrv.aggregate import Aggregator
 from psrv.algorithms import Algorithm, SelectionView, make_algorithm
 from psrv.bitpack import index_width, packed_size
 from psrv.payload import Payload, payload_bits, to_dense
-from psrv.replica import AggregateChange, changed_indices, state_digest, take_step
+from psrv.replica import AggregateChange, DownCompressor, changed_indices, state_digest, take_step
 from psrv.tasks import make_task
 from psrv.triggers import StepHistory
 
@@ -47,6 +47,8 @@ log = logging.getLogger("psrv.engine")
 DOWNLINKS = ("auto", "dense", "replica")
 #: Rounds of update costs the ``auto`` downlink averages over.
 COST_WINDOW = 8
+
+_EMPTY = np.zeros(0)
 
 #: Why a worker did not upload in a round. ``deadline`` is set by the engine only.
 SKIP_REASONS = ("lazy_rule", "not_selected")
@@ -112,6 +114,7 @@ class ServerConfig:
     broadcast_dtype: str = "float32"
     zstd: bool = False  # workers zstd-compress a payload when that makes it smaller
     downlink: str = "auto"  # "dense" | "replica" | "auto" (see RoundEngine._choose_downlink)
+    down_compressor: str = ""  # "NAME[:KEY=VALUE,...]": EF21-P's compressed downlink (psrv.replica.DownCompressor)
 
     def __post_init__(self) -> None:
         if self.downlink not in DOWNLINKS:
@@ -121,6 +124,8 @@ class ServerConfig:
         if self.broadcast_dtype not in ("float32", "float64"):
             raise ValueError(f"broadcast_dtype must be float32 or float64, got {self.broadcast_dtype!r}")
         make_algorithm(self.algorithm, self.options, self.compressor)  # fail early on bad options
+        if self.down_compressor:
+            DownCompressor(self.down_compressor)  # ValueError on a bad name or option
 
 
 # ---------------------------------------------------------------------------------- state
@@ -173,6 +178,7 @@ class Broadcast:
     done: bool = False
     selected: tuple[int, ...] | None = None  # None: every worker computes
     change: AggregateChange | None = None
+    step: Payload | None = None  # form "compressed": EF21-P's model step C(theta^k - w^{k-1})
     theta: np.ndarray | None = None
     total: np.ndarray | None = None
     digest: int = 0
@@ -194,7 +200,8 @@ class EngineState:
     theta_hat: np.ndarray | None = None  # (M, d) iterate of each worker's last upload, if the rule needs it
     rng: np.random.Generator = field(default_factory=np.random.default_rng)  # server-side selection only
     records: list[dict[str, Any]] = field(default_factory=list)
-    downlink: str = "dense"  # the form of the broadcasts now: "dense" or "replica"
+    downlink: str = "dense"  # the form of the broadcasts now: "dense", "replica" or "compressed"
+    shared_model: np.ndarray | None = None  # w: the model workers compute at, with a compressed downlink
     change: AggregateChange = field(default_factory=AggregateChange)  # of the last close
     update_costs: deque[int] = field(default_factory=lambda: deque(maxlen=COST_WINDOW))  # bytes, last rounds
 
@@ -242,6 +249,7 @@ class RoundEngine:
         self.state = EngineState(
             history=StepHistory(self.algorithm.history_depth), rng=np.random.default_rng([config.seed, 7])
         )
+        self._down = DownCompressor(config.down_compressor) if config.down_compressor else None
         self._sink = sink
         self._encode = encode or (lambda b: b)
         self._cond = threading.Condition()
@@ -308,6 +316,8 @@ class RoundEngine:
         s.task_shape = shape
         s.theta = task.init_params(np.random.default_rng(cfg.seed)).astype(np.float64)
         s.aggregator = Aggregator(cfg.num_workers, s.theta.size, self.algorithm.absorb)
+        if self._down is not None:
+            s.shared_model = s.theta.copy()  # w^{-1} = theta^0: every worker starts from it (a snapshot)
         if self.algorithm.tracks_theta_hat:
             s.theta_hat = np.repeat(s.theta[None, :], cfg.num_workers, axis=0)
 
@@ -329,7 +339,7 @@ class RoundEngine:
                 raise NotReady(f"round {round_} not started yet")
             data = self._open.encoded
             b = self._open.broadcast
-            if b is not None and b.form == "update" and replica_round != b.round - 1:
+            if b is not None and b.form in ("update", "compressed") and replica_round != b.round - 1:
                 data = self._snapshot()
                 self._open.snapshots += 1
             if s.phase == "done":
@@ -410,7 +420,19 @@ class RoundEngine:
             done=done,
             selected=None if selected is None else tuple(sorted(by_slot[m] for m in selected)),  # wire: indices
         )
-        if s.downlink == "replica":
+        if self._down is not None and not done:
+            s.downlink = "compressed"
+            step = self._down.compress(s.shared_model, s.theta, s.rng)
+            self._down.apply(s.shared_model, step)
+            broadcast = Broadcast(
+                form="compressed",
+                step=step,
+                recent_step_sq=s.history.recent(),
+                digest=state_digest(s.shared_model, _EMPTY),
+                zstd=self.config.zstd,
+                **common,
+            )
+        elif s.downlink == "replica" and not (done and self._down is not None):
             broadcast = Broadcast(
                 form="update", change=s.change, digest=state_digest(s.theta, s.aggregator.total), zstd=self.config.zstd,
                 **common,
@@ -427,12 +449,14 @@ class RoundEngine:
         """This round's whole replicated state, encoded once per round when first asked for. Lock held."""
         if self._open.snapshot is None:
             s, b = self.state, self._open.broadcast
+            compressed = b.form == "compressed"  # the replica is w alone
             snap = replace(
                 b,
                 form="snapshot",
                 change=None,
-                theta=s.theta,
-                total=s.aggregator.total,
+                step=None,
+                theta=s.shared_model if compressed else s.theta,
+                total=None if compressed else s.aggregator.total,
                 recent_step_sq=s.history.recent(),
             )
             self._open.snapshot = self._encode(snap)

@@ -100,6 +100,7 @@ class JobConfig:
     seed: int = 0
     zstd: bool = False
     downlink: str = "auto"
+    down_compressor: str = ""
 
     def algorithm_options(self) -> dict[str, float]:
         return {"lr": self.lr, **self.options}
@@ -123,6 +124,7 @@ class JobConfig:
             seed=self.seed,
             zstd=self.zstd,
             downlink=self.downlink,
+            down_compressor=self.down_compressor,
             **extra,
         )
 
@@ -152,6 +154,8 @@ class JobConfig:
             args.append("--zstd")
         if self.downlink != "auto":
             args += ["--downlink", self.downlink]
+        if self.down_compressor:
+            args += ["--down-compressor", self.down_compressor]
         for k, v in self.options.items():
             args += ["-o", f"{k}={v!r}"]
         for k, v in self.task_options.items():
@@ -203,6 +207,7 @@ def jobs(
     seed: int,
     zstd: bool,
     downlink: str = "auto",
+    down_compressor: str = "",
 ) -> list[JobConfig]:
     """One :class:`JobConfig` per algorithm from the parsed job options (``ValueError`` on a bad
     option). The task defaults to the one a built-in data set is made for, else logreg."""
@@ -229,7 +234,9 @@ def jobs(
             seed=seed,
             zstd=zstd,
             downlink=downlink,
+            down_compressor=down_compressor,
         )
+        job.server_config()  # every bad option fails before anything runs (a bad --down-compressor too)
         make_algorithm(name, job.algorithm_options(), compressor)  # every bad option fails before anything runs
         out.append(job)
     return out
@@ -297,6 +304,12 @@ JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
         default="auto",
         show_default=True,
         help="Model broadcast: dense, exact updates of the workers' replicas, or chosen per round.",
+    ),
+    "down_compressor": click.option(
+        "--down-compressor",
+        default="",
+        metavar="NAME[:KEY=VALUE,...]",
+        help="Compress the model broadcast with EF21-P, e.g. topk:ratio=0.05 or qsgd:levels=16 (default: none).",
     ),
 }
 

@@ -99,3 +99,64 @@ class Replica:
 
     def digest(self) -> int:
         return state_digest(self.theta, self.total)
+
+
+# ------------------------------------------------------------------------------ compressed downlink
+def parse_compressor_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """``"topk:ratio=0.01,k=0"`` -> ``("topk", {"ratio": 0.01, "k": 0.0})`` (``ValueError`` if malformed)."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            options[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"down-compressor option: expected KEY=NUMBER, got {item!r} in {spec!r}") from None
+    if not name.strip():
+        raise ValueError(f"down-compressor: no compressor name in {spec!r}")
+    return name.strip(), options
+
+
+class DownCompressor:
+    """The primal (model) compression of EF21-P (Gruntkowska, Tyurin, Richtárik, ICML 2023, Alg. 1):
+    the workers compute at a shared model ``w`` that the server moves towards its own ``theta`` by
+    a compressed step, ``w^{k} = w^{k-1} + C(theta^k - w^{k-1})``; the server keeps the error
+    ``theta - w`` implicitly, so nothing is lost, only delayed. Server and workers apply the same
+    decoded step to their copy of ``w`` (bit-identical; the broadcast's digest checks it).
+
+    EF21-P's analysis takes a contractive C. An unbiased compressor with variance factor omega is
+    made contractive by scaling its output by ``1 / (1 + omega)`` (both sides scale); low-precision
+    floats (fp16, bf16) are contractive as they are; the other biased ones (threshold, sq, laq) are
+    refused: without contraction the error theta - w can grow (S+Q's sign step diverged in a test)."""
+
+    def __init__(self, spec: str) -> None:
+        from psrv.compress import make_compressor
+
+        self.spec = spec
+        self.name, options = parse_compressor_spec(spec)
+        self.compressor = make_compressor(self.name, **options)
+        kind = self.compressor.compressor_class(1 << 20).kind
+        if kind == "biased" and self.compressor.payload_kind != "dense":  # low-precision floats are contractive
+            raise ValueError(
+                f"down-compressor {self.name!r} is biased and not contractive; EF21-P's downlink needs a "
+                "contractive compressor (topk, dense, fp16, bf16) or an unbiased one (randk, stochastic, qsgd; "
+                "scaled by 1/(1+omega))"
+            )
+
+    def scale(self, dim: int) -> float:
+        cls = self.compressor.compressor_class(dim)
+        return 1.0 / (1.0 + cls.constant) if cls.kind == "unbiased" else 1.0
+
+    def compress(self, w: np.ndarray, theta: np.ndarray, rng: np.random.Generator) -> Payload:
+        """The payload that moves ``w`` towards ``theta``."""
+        return self.compressor.compress(theta - w, rng)
+
+    def apply(self, w: np.ndarray, p: Payload) -> None:
+        """``w += scale * decoded(p)`` in place: the same on the server and every worker."""
+        step = to_dense(p)
+        scale = self.scale(w.size)
+        if scale != 1.0:
+            step *= scale
+        w += step

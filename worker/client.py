@@ -21,7 +21,7 @@ import numpy as np
 
 from psrv import codec, data, rpc
 from psrv.algorithms import RoundInfo, make_algorithm
-from psrv.replica import Replica
+from psrv.replica import DownCompressor, Replica
 from psrv.tasks import make_task
 from psrv.triggers import StepHistory
 from psrv.v1 import psrv_pb2 as pb
@@ -127,8 +127,16 @@ class Downlink:
     every round's close, and checks the digest; a replica that disagrees (or is missing, or is of
     another round) is dropped and the worker asks for a snapshot -- counted and logged."""
 
-    def __init__(self, worker_id: str, lr: float, depth: int, dtype: np.dtype, corrupt_at: int | None = None):
-        self.worker_id, self.lr, self.depth, self.dtype = worker_id, lr, depth, dtype
+    def __init__(
+        self,
+        worker_id: str,
+        lr: float,
+        depth: int,
+        dtype: np.dtype,
+        corrupt_at: int | None = None,
+        down: DownCompressor | None = None,
+    ):
+        self.worker_id, self.lr, self.depth, self.dtype, self.down = worker_id, lr, depth, dtype, down
         self.replica: Replica | None = None
         self.corrupt_at = corrupt_at
         self.snapshots = self.mismatches = 0
@@ -156,7 +164,11 @@ class Downlink:
                 log.warning("worker %s: no replica of round %d; asking for a snapshot", self.worker_id, m.round - 1)
                 self.replica = None
                 return None
-            self.replica.advance(m.change, self.lr)
+            if m.form == "compressed":  # EF21-P: w moves by the decoded step; the history comes with it
+                self.down.apply(self.replica.theta, m.step)
+                self.replica.round += 1
+            else:
+                self.replica.advance(m.change, self.lr)
         if self.replica.digest() != m.digest:
             self.mismatches += 1
             log.warning("worker %s: replica disagrees with the server in round %d; asking for a snapshot",
@@ -166,7 +178,8 @@ class Downlink:
         if self.corrupt_at == m.round:  # fault injection: the next round's digest must catch this
             self.replica.theta.view(np.uint64)[0] ^= np.uint64(1)
         theta = self.replica.theta.astype(self.dtype)  # what a dense broadcast would carry
-        return theta, self.replica.history.recent(), self.replica.theta
+        history = m.recent_step_sq if m.form == "compressed" or self.down is not None else self.replica.history.recent()
+        return theta, history, self.replica.theta
 
 
 def local_smoothness(task: Any, ds: data.Dataset, total_samples: float, num_workers: int) -> float | None:
@@ -220,7 +233,14 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         wants_smoothness = algo.tracks_theta_hat
         state: Any = algo.init(task.dim)
         result = WorkerResult(cfg.worker_id, reply.worker_index)
-        down = Downlink(cfg.worker_id, algo.lr, algo.history_depth, codec.model_dtype(conf), cfg.corrupt_replica_at)
+        down = Downlink(
+            cfg.worker_id,
+            algo.lr,
+            algo.history_depth,
+            codec.model_dtype(conf),
+            cfg.corrupt_replica_at,
+            DownCompressor(conf.down_compressor) if conf.down_compressor else None,
+        )
         log.info("worker %s registered as %d: %s", cfg.worker_id, reply.worker_index, conf.algorithm)
         k = 0
         while True:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12psrv/v1/psrv.proto\x12\x07psrv.v1\"I\n\x0b\x44\x65nseTensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.psrv.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9e\x01\n\x0cSparseTensor\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0b\n\x03nnz\x18\x02 \x01(\x04\x12.\n\x0eindex_encoding\x18\x03 \x01(\x0e\x32\x16.psrv.v1.IndexEncoding\x12\x0f\n\x07indices\x18\x04 \x01(\x0c\x12#\n\x0bvalue_dtype\x18\x05 \x01(\x0e\x32\x0e.psrv.v1.Dtype\x12\x0e\n\x06values\x18\x06 \x01(\x0c\"F\n\nLaqPayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0e\n\x06radius\x18\x02 \x01(\x02\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12\r\n\x05\x63odes\x18\x04 \x01(\x0c\"V\n\x0bQsgdPayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0c\n\x04norm\x18\x02 \x01(\x02\x12\x0e\n\x06levels\x18\x03 \x01(\r\x12\r\n\x05signs\x18\x04 \x01(\x0c\x12\r\n\x05\x63odes\x18\x05 \x01(\x0c\"\x8c\x01\n\x11SignSparsePayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0b\n\x03nnz\x18\x02 \x01(\x04\x12\r\n\x05scale\x18\x03 \x01(\x02\x12.\n\x0eindex_encoding\x18\x04 \x01(\x0e\x32\x16.psrv.v1.IndexEncoding\x12\x0f\n\x07indices\x18\x05 \x01(\x0c\x12\r\n\x05signs\x18\x06 \x01(\x0c\"?\n\x0bZstdPayload\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.psrv.v1.PayloadKind\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"`\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\nn_features\x18\x03 \x01(\r\x12\x11\n\tn_classes\x18\x04 \x01(\r\"\xf4\x02\n\tRunConfig\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x12\n\ncompressor\x18\x02 \x01(\t\x12\x30\n\x07options\x18\x03 \x03(\x0b\x32\x1f.psrv.v1.RunConfig.OptionsEntry\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x39\n\x0ctask_options\x18\x05 \x03(\x0b\x32#.psrv.v1.RunConfig.TaskOptionsEntry\x12\x0b\n\x03\x64im\x18\x06 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x07 \x01(\r\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x0c\n\x04zstd\x18\t \x01(\x08\x12#\n\x0bmodel_dtype\x18\n \x01(\x0e\x32\x0e.psrv.v1.Dtype\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10TaskOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"L\n\x10RegisterResponse\x12\x14\n\x0cworker_index\x18\x01 \x01(\r\x12\"\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x12.psrv.v1.RunConfig\"a\n\x0fGetModelRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x1a\n\rreplica_round\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_replica_round\"\x9c\x02\n\x0c\x43ontribution\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12%\n\x05\x64\x65nse\x18\n \x01(\x0b\x32\x14.psrv.v1.DenseTensorH\x00\x12\'\n\x06sparse\x18\x0b \x01(\x0b\x32\x15.psrv.v1.SparseTensorH\x00\x12\"\n\x03laq\x18\x0c \x01(\x0b\x32\x13.psrv.v1.LaqPayloadH\x00\x12$\n\x04qsgd\x18\r \x01(\x0b\x32\x14.psrv.v1.QsgdPayloadH\x00\x12\x31\n\x0bsign_sparse\x18\x0e \x01(\x0b\x32\x1a.psrv.v1.SignSparsePayloadH\x00\x12$\n\x04zstd\x18\x0f \x01(\x0b\x32\x14.psrv.v1.ZstdPayloadH\x00\x42\t\n\x07payload\"=\n\rContributions\x12,\n\rcontributions\x18\x01 \x03(\x0b\x32\x15.psrv.v1.Contribution\"\x94\x01\n\x0bStateUpdate\x12\'\n\x05relay\x18\x01 \x01(\x0b\x32\x16.psrv.v1.ContributionsH\x00\x12\'\n\x06values\x18\x02 \x01(\x0b\x32\x15.psrv.v1.SparseTensorH\x00\x12)\n\taggregate\x18\x03 \x01(\x0b\x32\x14.psrv.v1.DenseTensorH\x00\x42\x08\n\x06\x63hange\"p\n\x08Snapshot\x12#\n\x05theta\x18\x01 \x01(\x0b\x32\x14.psrv.v1.DenseTensor\x12\'\n\taggregate\x18\x02 \x01(\x0b\x32\x14.psrv.v1.DenseTensor\x12\x16\n\x0erecent_step_sq\x18\x03 \x03(\x01\"\x1c\n\tSelection\x12\x0f\n\x07workers\x18\x01 \x03(\r\"\x9b\x02\n\x10GetModelResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12$\n\x06params\x18\x02 \x01(\x0b\x32\x14.psrv.v1.DenseTensor\x12\x16\n\x0erecent_step_sq\x18\x03 \x03(\x01\x12\x15\n\rtotal_samples\x18\x04 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x05 \x01(\r\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12%\n\tselection\x18\x07 \x01(\x0b\x32\x12.psrv.v1.Selection\x12$\n\x06update\x18\x08 \x01(\x0b\x32\x14.psrv.v1.StateUpdate\x12#\n\x08snapshot\x18\t \x01(\x0b\x32\x11.psrv.v1.Snapshot\x12\x0e\n\x06\x64igest\x18\n \x01(\x06\"\xe9\x02\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x12\n\nlocal_loss\x18\x03 \x01(\x01\x12\x17\n\nsmoothness\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12%\n\x05\x64\x65nse\x18\n \x01(\x0b\x32\x14.psrv.v1.DenseTensorH\x00\x12\'\n\x06sparse\x18\x0b \x01(\x0b\x32\x15.psrv.v1.SparseTensorH\x00\x12\"\n\x03laq\x18\x0c \x01(\x0b\x32\x13.psrv.v1.LaqPayloadH\x00\x12$\n\x04qsgd\x18\r \x01(\x0b\x32\x14.psrv.v1.QsgdPayloadH\x00\x12\x31\n\x0bsign_sparse\x18\x0e \x01(\x0b\x32\x1a.psrv.v1.SignSparsePayloadH\x00\x12$\n\x04zstd\x18\x0f \x01(\x0b\x32\x14.psrv.v1.ZstdPayloadH\x00\x42\t\n\x07payloadB\r\n\x0b_smoothness\"\x1d\n\x0cPushResponse\x12\r\n\x05round\x18\x01 \x01(\x04\"|\n\x0bSkipRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12#\n\x06reason\x18\x03 \x01(\x0e\x32\x13.psrv.v1.SkipReason\x12\x17\n\nlocal_loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_local_loss\"\x1d\n\x0cSkipResponse\x12\r\n\x05round\x18\x01 \x01(\x04*k\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04*n\n\rIndexEncoding\x12\x1e\n\x1aINDEX_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18INDEX_ENCODING_BITPACKED\x10\x01\x12\x1f\n\x1bINDEX_ENCODING_DELTA_VARINT\x10\x02*\xa7\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PAYLOAD_KIND_DENSE\x10\x01\x12\x17\n\x13PAYLOAD_KIND_SPARSE\x10\x02\x12\x14\n\x10PAYLOAD_KIND_LAQ\x10\x03\x12\x15\n\x11PAYLOAD_KIND_QSGD\x10\x04\x12\x1c\n\x18PAYLOAD_KIND_SIGN_SPARSE\x10\x05*b\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15SKIP_REASON_LAZY_RULE\x10\x01\x12\x1c\n\x18SKIP_REASON_NOT_SELECTED\x10\x02\x32\x84\x02\n\x16ParameterServerService\x12?\n\x08Register\x12\x18.psrv.v1.RegisterRequest\x1a\x19.psrv.v1.RegisterResponse\x12?\n\x08GetModel\x12\x18.psrv.v1.GetModelRequest\x1a\x19.psrv.v1.GetModelResponse\x12\x33\n\x04Push\x12\x14.psrv.v1.PushRequest\x1a\x15.psrv.v1.PushResponse\x12\x33\n\x04Skip\x12\x14.psrv.v1.SkipRequest\x1a\x15.psrv.v1.SkipResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12psrv/v1/psrv.proto\x12\x07psrv.v1\"I\n\x0b\x44\x65nseTensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.psrv.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x9e\x01\n\x0cSparseTensor\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0b\n\x03nnz\x18\x02 \x01(\x04\x12.\n\x0eindex_encoding\x18\x03 \x01(\x0e\x32\x16.psrv.v1.IndexEncoding\x12\x0f\n\x07indices\x18\x04 \x01(\x0c\x12#\n\x0bvalue_dtype\x18\x05 \x01(\x0e\x32\x0e.psrv.v1.Dtype\x12\x0e\n\x06values\x18\x06 \x01(\x0c\"F\n\nLaqPayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0e\n\x06radius\x18\x02 \x01(\x02\x12\x0c\n\x04\x62its\x18\x03 \x01(\r\x12\r\n\x05\x63odes\x18\x04 \x01(\x0c\"V\n\x0bQsgdPayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0c\n\x04norm\x18\x02 \x01(\x02\x12\x0e\n\x06levels\x18\x03 \x01(\r\x12\r\n\x05signs\x18\x04 \x01(\x0c\x12\r\n\x05\x63odes\x18\x05 \x01(\x0c\"\x8c\x01\n\x11SignSparsePayload\x12\x0b\n\x03\x64im\x18\x01 \x01(\x04\x12\x0b\n\x03nnz\x18\x02 \x01(\x04\x12\r\n\x05scale\x18\x03 \x01(\x02\x12.\n\x0eindex_encoding\x18\x04 \x01(\x0e\x32\x16.psrv.v1.IndexEncoding\x12\x0f\n\x07indices\x18\x05 \x01(\x0c\x12\r\n\x05signs\x18\x06 \x01(\x0c\"?\n\x0bZstdPayload\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.psrv.v1.PayloadKind\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"`\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\nn_features\x18\x03 \x01(\r\x12\x11\n\tn_classes\x18\x04 \x01(\r\"\x8d\x03\n\tRunConfig\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x12\n\ncompressor\x18\x02 \x01(\t\x12\x30\n\x07options\x18\x03 \x03(\x0b\x32\x1f.psrv.v1.RunConfig.OptionsEntry\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x39\n\x0ctask_options\x18\x05 \x03(\x0b\x32#.psrv.v1.RunConfig.TaskOptionsEntry\x12\x0b\n\x03\x64im\x18\x06 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x07 \x01(\r\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x0c\n\x04zstd\x18\t \x01(\x08\x12#\n\x0bmodel_dtype\x18\n \x01(\x0e\x32\x0e.psrv.v1.Dtype\x12\x17\n\x0f\x64own_compressor\x18\x0b \x01(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10TaskOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"L\n\x10RegisterResponse\x12\x14\n\x0cworker_index\x18\x01 \x01(\r\x12\"\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x12.psrv.v1.RunConfig\"a\n\x0fGetModelRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x1a\n\rreplica_round\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_replica_round\"\x9c\x02\n\x0c\x43ontribution\x12\x0e\n\x06worker\x18\x01 \x01(\r\x12%\n\x05\x64\x65nse\x18\n \x01(\x0b\x32\x14.psrv.v1.DenseTensorH\x00\x12\'\n\x06sparse\x18\x0b \x01(\x0b\x32\x15.psrv.v1.SparseTensorH\x00\x12\"\n\x03laq\x18\x0c \x01(\x0b\x32\x13.psrv.v1.LaqPayloadH\x00\x12$\n\x04qsgd\x18\r \x01(\x0b\x32\x14.psrv.v1.QsgdPayloadH\x00\x12\x31\n\x0bsign_sparse\x18\x0e \x01(\x0b\x32\x1a.psrv.v1.SignSparsePayloadH\x00\x12$\n\x04zstd\x18\x0f \x01(\x0b\x32\x14.psrv.v1.ZstdPayloadH\x00\x42\t\n\x07payload\"=\n\rContributions\x12,\n\rcontributions\x18\x01 \x03(\x0b\x32\x15.psrv.v1.Contribution\"\x94\x01\n\x0bStateUpdate\x12\'\n\x05relay\x18\x01 \x01(\x0b\x32\x16.psrv.v1.ContributionsH\x00\x12\'\n\x06values\x18\x02 \x01(\x0b\x32\x15.psrv.v1.SparseTensorH\x00\x12)\n\taggregate\x18\x03 \x01(\x0b\x32\x14.psrv.v1.DenseTensorH\x00\x42\x08\n\x06\x63hange\"\x89\x02\n\tModelStep\x12%\n\x05\x64\x65nse\x18\n \x01(\x0b\x32\x14.psrv.v1.DenseTensorH\x00\x12\'\n\x06sparse\x18\x0b \x01(\x0b\x32\x15.psrv.v1.SparseTensorH\x00\x12\"\n\x03laq\x18\x0c \x01(\x0b\x32\x13.psrv.v1.LaqPayloadH\x00\x12$\n\x04qsgd\x18\r \x01(\x0b\x32\x14.psrv.v1.QsgdPayloadH\x00\x12\x31\n\x0bsign_sparse\x18\x0e \x01(\x0b\x32\x1a.psrv.v1.SignSparsePayloadH\x00\x12$\n\x04zstd\x18\x0f \x01(\x0b\x32\x14.psrv.v1.ZstdPayloadH\x00\x42\t\n\x07payload\"p\n\x08Snapshot\x12#\n\x05theta\x18\x01 \x01(\x0b\x32\x14.psrv.v1.DenseTensor\x12\'\n\taggregate\x18\x02 \x01(\x0b\x32\x14.psrv.v1.DenseTensor\x12\x16\n\x0erecent_step_sq\x18\x03 \x03(\x01\"\x1c\n\tSelection\x12\x0f\n\x07workers\x18\x01 \x03(\r\"\xc3\x02\n\x10GetModelResponse\x12\r\n\x05round\x18\x01 \x01(\x04\x12$\n\x06params\x18\x02 \x01(\x0b\x32\x14.psrv.v1.DenseTensor\x12\x16\n\x0erecent_step_sq\x18\x03 \x03(\x01\x12\x15\n\rtotal_samples\x18\x04 \x01(\x04\x12\x13\n\x0bnum_workers\x18\x05 \x01(\r\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12%\n\tselection\x18\x07 \x01(\x0b\x32\x12.psrv.v1.Selection\x12$\n\x06update\x18\x08 \x01(\x0b\x32\x14.psrv.v1.StateUpdate\x12#\n\x08snapshot\x18\t \x01(\x0b\x32\x11.psrv.v1.Snapshot\x12\x0e\n\x06\x64igest\x18\n \x01(\x06\x12&\n\ncompressed\x18\x0b \x01(\x0b\x32\x12.psrv.v1.ModelStep\"\xe9\x02\n\x0bPushRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x12\n\nlocal_loss\x18\x03 \x01(\x01\x12\x17\n\nsmoothness\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12%\n\x05\x64\x65nse\x18\n \x01(\x0b\x32\x14.psrv.v1.DenseTensorH\x00\x12\'\n\x06sparse\x18\x0b \x01(\x0b\x32\x15.psrv.v1.SparseTensorH\x00\x12\"\n\x03laq\x18\x0c \x01(\x0b\x32\x13.psrv.v1.LaqPayloadH\x00\x12$\n\x04qsgd\x18\r \x01(\x0b\x32\x14.psrv.v1.QsgdPayloadH\x00\x12\x31\n\x0bsign_sparse\x18\x0e \x01(\x0b\x32\x1a.psrv.v1.SignSparsePayloadH\x00\x12$\n\x04zstd\x18\x0f \x01(\x0b\x32\x14.psrv.v1.ZstdPayloadH\x00\x42\t\n\x07payloadB\r\n\x0b_smoothness\"\x1d\n\x0cPushResponse\x12\r\n\x05round\x18\x01 \x01(\x04\"|\n\x0bSkipRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12#\n\x06reason\x18\x03 \x01(\x0e\x32\x13.psrv.v1.SkipReason\x12\x17\n\nlocal_loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_local_loss\"\x1d\n\x0cSkipResponse\x12\r\n\x05round\x18\x01 \x01(\x04*k\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04*n\n\rIndexEncoding\x12\x1e\n\x1aINDEX_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18INDEX_ENCODING_BITPACKED\x10\x01\x12\x1f\n\x1bINDEX_ENCODING_DELTA_VARINT\x10\x02*\xa7\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PAYLOAD_KIND_DENSE\x10\x01\x12\x17\n\x13PAYLOAD_KIND_SPARSE\x10\x02\x12\x14\n\x10PAYLOAD_KIND_LAQ\x10\x03\x12\x15\n\x11PAYLOAD_KIND_QSGD\x10\x04\x12\x1c\n\x18PAYLOAD_KIND_SIGN_SPARSE\x10\x05*b\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15SKIP_REASON_LAZY_RULE\x10\x01\x12\x1c\n\x18SKIP_REASON_NOT_SELECTED\x10\x02\x32\x84\x02\n\x16ParameterServerService\x12?\n\x08Register\x12\x18.psrv.v1.RegisterRequest\x1a\x19.psrv.v1.RegisterResponse\x12?\n\x08GetModel\x12\x18.psrv.v1.GetModelRequest\x1a\x19.psrv.v1.GetModelResponse\x12\x33\n\x04Push\x12\x14.psrv.v1.PushRequest\x1a\x15.psrv.v1.PushResponse\x12\x33\n\x04Skip\x12\x14.psrv.v1.SkipRequest\x1a\x15.psrv.v1.SkipResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNCONFIG_OPTIONSENTRY']._serialized_options = b'8\001'
   _globals['_RUNCONFIG_TASKOPTIONSENTRY']._loaded_options = None
   _globals['_RUNCONFIG_TASKOPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2768
-  _globals['_DTYPE']._serialized_end=2875
-  _globals['_INDEXENCODING']._serialized_start=2877
-  _globals['_INDEXENCODING']._serialized_end=2987
-  _globals['_PAYLOADKIND']._serialized_start=2990
-  _globals['_PAYLOADKIND']._serialized_end=3157
-  _globals['_SKIPREASON']._serialized_start=3159
-  _globals['_SKIPREASON']._serialized_end=3257
+  _globals['_DTYPE']._serialized_start=3101
+  _globals['_DTYPE']._serialized_end=3208
+  _globals['_INDEXENCODING']._serialized_start=3210
+  _globals['_INDEXENCODING']._serialized_end=3320
+  _globals['_PAYLOADKIND']._serialized_start=3323
+  _globals['_PAYLOADKIND']._serialized_end=3490
+  _globals['_SKIPREASON']._serialized_start=3492
+  _globals['_SKIPREASON']._serialized_end=3590
   _globals['_DENSETENSOR']._serialized_start=31
   _globals['_DENSETENSOR']._serialized_end=104
   _globals['_SPARSETENSOR']._serialized_start=107
@@ -58,35 +58,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_start=635
   _globals['_REGISTERREQUEST']._serialized_end=731
   _globals['_RUNCONFIG']._serialized_start=734
-  _globals['_RUNCONFIG']._serialized_end=1106
-  _globals['_RUNCONFIG_OPTIONSENTRY']._serialized_start=1008
-  _globals['_RUNCONFIG_OPTIONSENTRY']._serialized_end=1054
-  _globals['_RUNCONFIG_TASKOPTIONSENTRY']._serialized_start=1056
-  _globals['_RUNCONFIG_TASKOPTIONSENTRY']._serialized_end=1106
-  _globals['_REGISTERRESPONSE']._serialized_start=1108
-  _globals['_REGISTERRESPONSE']._serialized_end=1184
-  _globals['_GETMODELREQUEST']._serialized_start=1186
-  _globals['_GETMODELREQUEST']._serialized_end=1283
-  _globals['_CONTRIBUTION']._serialized_start=1286
-  _globals['_CONTRIBUTION']._serialized_end=1570
-  _globals['_CONTRIBUTIONS']._serialized_start=1572
-  _globals['_CONTRIBUTIONS']._serialized_end=1633
-  _globals['_STATEUPDATE']._serialized_start=1636
-  _globals['_STATEUPDATE']._serialized_end=1784
-  _globals['_SNAPSHOT']._serialized_start=1786
-  _globals['_SNAPSHOT']._serialized_end=1898
-  _globals['_SELECTION']._serialized_start=1900
-  _globals['_SELECTION']._serialized_end=1928
-  _globals['_GETMODELRESPONSE']._serialized_start=1931
-  _globals['_GETMODELRESPONSE']._serialized_end=2214
-  _globals['_PUSHREQUEST']._serialized_start=2217
-  _globals['_PUSHREQUEST']._serialized_end=2578
-  _globals['_PUSHRESPONSE']._serialized_start=2580
-  _globals['_PUSHRESPONSE']._serialized_end=2609
-  _globals['_SKIPREQUEST']._serialized_start=2611
-  _globals['_SKIPREQUEST']._serialized_end=2735
-  _globals['_SKIPRESPONSE']._serialized_start=2737
-  _globals['_SKIPRESPONSE']._serialized_end=2766
-  _globals['_PARAMETERSERVERSERVICE']._serialized_start=3260
-  _globals['_PARAMETERSERVERSERVICE']._serialized_end=3520
+  _globals['_RUNCONFIG']._serialized_end=1131
+  _globals['_RUNCONFIG_OPTIONSENTRY']._serialized_start=1033
+  _globals['_RUNCONFIG_OPTIONSENTRY']._serialized_end=1079
+  _globals['_RUNCONFIG_TASKOPTIONSENTRY']._serialized_start=1081
+  _globals['_RUNCONFIG_TASKOPTIONSENTRY']._serialized_end=1131
+  _globals['_REGISTERRESPONSE']._serialized_start=1133
+  _globals['_REGISTERRESPONSE']._serialized_end=1209
+  _globals['_GETMODELREQUEST']._serialized_start=1211
+  _globals['_GETMODELREQUEST']._serialized_end=1308
+  _globals['_CONTRIBUTION']._serialized_start=1311
+  _globals['_CONTRIBUTION']._serialized_end=1595
+  _globals['_CONTRIBUTIONS']._serialized_start=1597
+  _globals['_CONTRIBUTIONS']._serialized_end=1658
+  _globals['_STATEUPDATE']._serialized_start=1661
+  _globals['_STATEUPDATE']._serialized_end=1809
+  _globals['_MODELSTEP']._serialized_start=1812
+  _globals['_MODELSTEP']._serialized_end=2077
+  _globals['_SNAPSHOT']._serialized_start=2079
+  _globals['_SNAPSHOT']._serialized_end=2191
+  _globals['_SELECTION']._serialized_start=2193
+  _globals['_SELECTION']._serialized_end=2221
+  _globals['_GETMODELRESPONSE']._serialized_start=2224
+  _globals['_GETMODELRESPONSE']._serialized_end=2547
+  _globals['_PUSHREQUEST']._serialized_start=2550
+  _globals['_PUSHREQUEST']._serialized_end=2911
+  _globals['_PUSHRESPONSE']._serialized_start=2913
+  _globals['_PUSHRESPONSE']._serialized_end=2942
+  _globals['_SKIPREQUEST']._serialized_start=2944
+  _globals['_SKIPREQUEST']._serialized_end=3068
+  _globals['_SKIPRESPONSE']._serialized_start=3070
+  _globals['_SKIPRESPONSE']._serialized_end=3099
+  _globals['_PARAMETERSERVERSERVICE']._serialized_start=3593
+  _globals['_PARAMETERSERVERSERVICE']._serialized_end=3853
 # @@protoc_insertion_point(module_scope)

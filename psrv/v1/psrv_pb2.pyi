@@ -142,7 +142,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., n_features: _Optional[int] = ..., n_classes: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd", "model_dtype")
+    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd", "model_dtype", "down_compressor")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class RunConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     ZSTD_FIELD_NUMBER: _ClassVar[int]
     MODEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DOWN_COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     compressor: str
     options: _containers.ScalarMap[str, float]
@@ -177,7 +178,8 @@ class RunConfig(_message.Message):
     seed: int
     zstd: bool
     model_dtype: Dtype
-    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ..., model_dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
+    down_compressor: str
+    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ..., model_dtype: _Optional[_Union[Dtype, str]] = ..., down_compressor: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_index", "config")
@@ -231,6 +233,22 @@ class StateUpdate(_message.Message):
     aggregate: DenseTensor
     def __init__(self, relay: _Optional[_Union[Contributions, _Mapping]] = ..., values: _Optional[_Union[SparseTensor, _Mapping]] = ..., aggregate: _Optional[_Union[DenseTensor, _Mapping]] = ...) -> None: ...
 
+class ModelStep(_message.Message):
+    __slots__ = ("dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    LAQ_FIELD_NUMBER: _ClassVar[int]
+    QSGD_FIELD_NUMBER: _ClassVar[int]
+    SIGN_SPARSE_FIELD_NUMBER: _ClassVar[int]
+    ZSTD_FIELD_NUMBER: _ClassVar[int]
+    dense: DenseTensor
+    sparse: SparseTensor
+    laq: LaqPayload
+    qsgd: QsgdPayload
+    sign_sparse: SignSparsePayload
+    zstd: ZstdPayload
+    def __init__(self, dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ..., zstd: _Optional[_Union[ZstdPayload, _Mapping]] = ...) -> None: ...
+
 class Snapshot(_message.Message):
     __slots__ = ("theta", "aggregate", "recent_step_sq")
     THETA_FIELD_NUMBER: _ClassVar[int]
@@ -248,7 +266,7 @@ class Selection(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
-    __slots__ = ("round", "params", "recent_step_sq", "total_samples", "num_workers", "done", "selection", "update", "snapshot", "digest")
+    __slots__ = ("round", "params", "recent_step_sq", "total_samples", "num_workers", "done", "selection", "update", "snapshot", "digest", "compressed")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     RECENT_STEP_SQ_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +277,7 @@ class GetModelResponse(_message.Message):
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     round: int
     params: DenseTensor
     recent_step_sq: _containers.RepeatedScalarFieldContainer[float]
@@ -269,7 +288,8 @@ class GetModelResponse(_message.Message):
     update: StateUpdate
     snapshot: Snapshot
     digest: int
-    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., update: _Optional[_Union[StateUpdate, _Mapping]] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., digest: _Optional[int] = ...) -> None: ...
+    compressed: ModelStep
+    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., update: _Optional[_Union[StateUpdate, _Mapping]] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., digest: _Optional[int] = ..., compressed: _Optional[_Union[ModelStep, _Mapping]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("worker_id", "round", "local_loss", "smoothness", "dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
