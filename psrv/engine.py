@@ -170,7 +170,7 @@ class EngineState:
     theta: np.ndarray | None = None
     aggregator: Aggregator | None = None
     history: StepHistory = field(default_factory=lambda: StepHistory(0))
-    theta_hat: np.ndarray | None = None  # (M, d) iterate of each worker's last upload, if the rule needs it
+    theta_hat: np.ndarray | None = None  # (M, d) float64 iterate of each worker's last upload (lag-ps' selection)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)  # server-side selection only
     records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -183,7 +183,8 @@ class _OpenRound:
     encoded: Any = None  # the transport's encoding of ``broadcast``, made once per round
     selected: frozenset[int] | None = None
     reports: dict[int, Report] = field(default_factory=dict)  # by slot
-    uploads: dict[int, np.ndarray] = field(default_factory=dict)  # by slot; absorbed in slot order at the close
+    uploads: dict[int, Payload] = field(default_factory=dict)  # by slot, as received; absorbed in slot order
+    absorbed: int = 0  # slots below this have reported and their uploads are absorbed
     down: dict[int, int] = field(default_factory=dict)  # model bytes served per worker slot
     started: float = 0.0
 
@@ -330,13 +331,16 @@ class RoundEngine:
         smoothness: float | None = None,
         nbytes: int = 0,
     ) -> None:
-        """Absorb one upload (a decoded, validated payload of this run's dimension)."""
+        """Absorb one upload (a decoded, validated payload of this run's dimension). The engine keeps
+        ``payload`` as it is (its arrays must not change afterwards) until it is absorbed: in slot
+        order, as soon as every lower slot has reported (at the latest when the round closes)."""
         self.dim_for(worker_id)
         if smoothness is not None and not (math.isfinite(smoothness) and smoothness >= 0):
             raise InvalidArgument("smoothness must be finite and >= 0")
         if payload.kind not in self.algorithm.payload_kinds:
             raise InvalidArgument(f"{self.config.algorithm} does not take {payload.kind} payloads")
-        vector = to_dense(payload)  # outside the lock: O(d)
+        # the secant estimate of L_m needs the gradient dense: decoded outside the lock, O(d)
+        vector = to_dense(payload) if self.algorithm.tracks_theta_hat else None
         s = self.state
         with self._cond:
             w = self.worker(worker_id)
@@ -348,9 +352,10 @@ class RoundEngine:
             if s.theta_hat is not None:
                 self._estimate_smoothness(w, vector)
                 s.theta_hat[w.slot] = s.theta
-            self._open.uploads[w.slot] = vector
+            self._open.uploads[w.slot] = payload
             w.last_upload = round_
             self._accept(w, Report("upload", payload.kind, payload_bits(payload), nbytes, loss))
+            self._absorb_reported()
 
     def skip(self, worker_id: str, round_: int, reason: str, loss: float | None = None, nbytes: int = 0) -> None:
         """Record a skip notice: the worker's stored contribution stands in for it."""
@@ -360,6 +365,18 @@ class RoundEngine:
             w = self.worker(worker_id)
             self._check_round(w, round_)
             self._accept(w, Report(reason, nbytes=nbytes, loss=loss))
+            self._absorb_reported()
+
+    def _absorb_reported(self) -> None:
+        """Absorb the round's uploads in slot order (a fixed summation order: same seed, same bits),
+        each as soon as every lower slot has reported, so at most the uploads waiting behind a slot
+        that has not reported yet are held. Call with the lock held."""
+        o, agg = self._open, self.state.aggregator
+        while o.absorbed in o.reports:
+            upload = o.uploads.pop(o.absorbed, None)
+            if upload is not None:
+                agg.add(o.absorbed, upload)
+            o.absorbed += 1
 
     # ------------------------------------------------------------------ rounds
     def _publish(self, round_: int, done: bool = False) -> None:
@@ -383,13 +400,14 @@ class RoundEngine:
     def _estimate_smoothness(self, w: WorkerState, vector: np.ndarray) -> None:
         """Secant estimate of L_m from two uploads of full gradients at different iterates:
         ``||g_m(theta^k) - g_m(theta_hat)|| / ||theta^k - theta_hat||``, keeping the largest seen
-        (for server-side selection; workers also report an upper bound with their first upload)."""
+        (for server-side selection; workers also report an upper bound with their first upload).
+        ``g_m(theta_hat)`` is the worker's stored upload, decoded (dense float32 as sent: exact)."""
         s = self.state
         if s.aggregator.absorb != "replace" or w.last_upload < 0:
             return
         dtheta = float(np.linalg.norm(s.theta - s.theta_hat[w.slot]))
         if dtheta > 0:
-            dgrad = float(np.linalg.norm(vector - s.aggregator.stored[w.slot]))
+            dgrad = float(np.linalg.norm(vector - s.aggregator.contribution(w.slot)))
             w.smoothness = max(w.smoothness, dgrad / dtheta)
 
     def _select(self, round_: int) -> frozenset[int] | None:
@@ -468,9 +486,7 @@ class RoundEngine:
                 if w.misses >= self.config.max_misses and w.responsive:
                     w.responsive = False
                     log.warning("worker %s missed %d deadlines; no longer waiting for it", w.worker_id, w.misses)
-        for slot in sorted(self._open.uploads):  # a fixed summation order: same seed, same bits
-            s.aggregator.add(slot, self._open.uploads[slot])
-        self._open.uploads = {}
+        self._absorb_reported()  # every slot has reported now: the rest, in slot order
         step = -self.algorithm.lr * s.aggregator.total
         s.theta += step
         step_sq = float(step @ step)
