@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from psrv.aggregate import Aggregator
+from psrv.aggregate import Aggregator, compact
 from psrv.algorithms import Algorithm, SelectionView, make_algorithm
 from psrv.payload import Payload, payload_bits, to_dense
 from psrv.tasks import make_task
@@ -339,6 +339,7 @@ class RoundEngine:
             raise InvalidArgument("smoothness must be finite and >= 0")
         if payload.kind not in self.algorithm.payload_kinds:
             raise InvalidArgument(f"{self.config.algorithm} does not take {payload.kind} payloads")
+        payload = compact(payload)  # held as received, integer arrays narrowed (outside the lock)
         # the secant estimate of L_m needs the gradient dense: decoded outside the lock, O(d)
         vector = to_dense(payload) if self.algorithm.tracks_theta_hat else None
         s = self.state
