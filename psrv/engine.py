@@ -334,7 +334,9 @@ class RoundEngine:
         """Absorb one upload (a decoded, validated payload of this run's dimension). The engine keeps
         ``payload`` as it is (its arrays must not change afterwards) until it is absorbed: in slot
         order, as soon as every lower slot has reported (at the latest when the round closes)."""
-        self.dim_for(worker_id)
+        dim = self.dim_for(worker_id)
+        if payload.dim != dim:  # absorbed later, maybe in another worker's call: refuse it now
+            raise InvalidArgument(f"payload of dimension {payload.dim}, the model has {dim}")
         if smoothness is not None and not (math.isfinite(smoothness) and smoothness >= 0):
             raise InvalidArgument("smoothness must be finite and >= 0")
         if payload.kind not in self.algorithm.payload_kinds:

@@ -128,6 +128,8 @@ def test_domain_errors_and_nothing_half_applied() -> None:
         run.engine.push("w0", 0, Payload(dim=d, kind="laq", values=np.ones(d), scale=1.0, bits=2))
     with pytest.raises(InvalidArgument):
         run.engine.push("w0", 0, _dense(np.ones(d)), smoothness=float("nan"))
+    with pytest.raises(InvalidArgument, match="dimension"):
+        run.engine.push("w0", 0, _dense(np.ones(d + 1)))
     with pytest.raises(InvalidArgument):
         run.engine.skip("w0", 0, "deadline")  # the engine's verdict, never a worker's
     assert not run.engine.state.aggregator.total.any()  # every refusal left the state alone
