@@ -1,29 +1,153 @@
-"""The server's memory of every worker's latest contribution, and their running sum.
+"""The server's memory of the workers' contributions, and their running sum.
 
-Lazy algorithms need the server to keep, per worker, the last thing it received
-so a skipping worker still contributes its (stale) value (Sun et al., NeurIPS 2019, eq. 4). The
-aggregate ``total = sum_m stored_m`` is kept as a running sum so a round costs
-O(uploads * d), not O(M * d).
+Lazy algorithms need the aggregate ``total = sum_m stored_m`` to include, for a worker that
+skips, the last thing it contributed (Sun et al., NeurIPS 2019, eq. 4). ``total`` is kept as a
+running sum, so a round costs O(uploads * d), not O(M * d). What else is kept depends on how an
+upload is absorbed:
+
+- ``"accumulate"`` (LAQ, SLAQ, EF21, RIAG, CIAG): an upload is an increment of the worker's
+  stored value (LAQ's innovation, eq. 4; EF21's compressed difference), so ``total += v`` and
+  the per-worker values themselves are never needed: only ``total`` is kept, O(d) for any M.
+- ``"replace"`` (GD, SGD, top-k EF, LAG-WK, LASG, SASG, LAG-PS): an upload replaces the worker's
+  stored value, so ``total += v_new - v_old`` needs ``v_old``. Each worker's last upload is kept
+  as the :class:`~psrv.payload.Payload` it arrived as (sparse stays indices + values, dense
+  stays in the dtype it was sent in, QSGD stays codes + signs), decoded only to subtract it when
+  the worker uploads again (:meth:`Aggregator.contribution` decodes it on request).
+  Lossless narrowing only: sparse indices become uint32 when ``d <= 2**32``, codes the
+  smallest unsigned type of their bit width.
+
+Arithmetic: exactly that of keeping a dense float64 row per worker (``total += v - stored_m``
+for replace, ``total += v`` for accumulate), coordinate by coordinate, so runs are unchanged to
+the last bit. Dense kinds are decoded in blocks of ``BLOCK`` coordinates (no d-sized float64
+temporaries); sparse kinds touch only the union of the old and new supports: elsewhere the
+dense form adds ``0.0 - 0.0``, which leaves ``total`` unchanged (``total`` is never -0.0: it
+starts at +0.0 and round-to-nearest gives -0.0 only for -0.0 + -0.0).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+
+from psrv.payload import Payload, qsgd_code_width, to_dense, values_of
+
+#: Coordinates decoded at a time for dense kinds: a 512 KB float64 block.
+BLOCK = 1 << 16
+
+_SPARSE_KINDS = ("sparse", "sign_sparse")
+
+
+def support(p: Payload) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and float64 values of a sparse-kind payload: ``to_dense(p)`` on its support."""
+    if p.kind == "sparse":
+        return p.indices, values_of(p).astype(np.float64)
+    if p.kind == "sign_sparse":  # as psrv.payload.to_dense: float32 scale, signed
+        return p.indices, np.where(p.signs, -1.0, 1.0) * float(np.float32(p.scale))
+    raise ValueError(f"{p.kind} payloads are not sparse")
+
+
+def decode_block(p: Payload, start: int, stop: int) -> np.ndarray:
+    """``to_dense(p)[start:stop]`` without decoding the rest."""
+    if p.kind in _SPARSE_KINDS:
+        lo, hi = np.searchsorted(p.indices, (start, stop))
+        out = np.zeros(stop - start, dtype=np.float64)
+        idx, vals = support(dataclasses.replace(p, **_cut(p, lo, hi)))
+        out[idx.astype(np.int64) - start] = vals
+        return out
+    return to_dense(dataclasses.replace(p, dim=stop - start, **_cut(p, start, stop)))
+
+
+def _cut(p: Payload, start: int, stop: int) -> dict[str, np.ndarray]:
+    arrays = {"values": p.values, "indices": p.indices, "codes": p.codes, "signs": p.signs}
+    return {k: a[start:stop] for k, a in arrays.items() if a is not None}
+
+
+def compact(p: Payload) -> Payload:
+    """The form a stored payload is kept in: the same vector, integer arrays narrowed losslessly."""
+    changes: dict[str, np.ndarray] = {}
+    if p.indices is not None and p.dim <= 2**32 and p.indices.dtype != np.uint32:
+        changes["indices"] = p.indices.astype(np.uint32)
+    if p.codes is not None:
+        width = p.bits if p.kind == "laq" else qsgd_code_width(p.bits)
+        dtype = np.uint8 if width <= 8 else np.uint16 if width <= 16 else np.uint32
+        if p.codes.dtype != dtype:
+            changes["codes"] = p.codes.astype(dtype)
+    return dataclasses.replace(p, **changes) if changes else p
+
+
+def payload_nbytes(p: Payload | None) -> int:
+    """Bytes of the arrays a payload holds."""
+    if p is None:
+        return 0
+    return sum(a.nbytes for a in (p.values, p.indices, p.codes, p.signs) if a is not None)
 
 
 class Aggregator:
+    """``total`` (float64, d) and, for ``"replace"``, each worker's last upload as a payload.
+
+    The caller must not modify a payload's arrays after handing it to :meth:`add`."""
+
     def __init__(self, num_workers: int, dim: int, absorb: str) -> None:
         if absorb not in ("replace", "accumulate"):
             raise ValueError(f"absorb must be 'replace' or 'accumulate', got {absorb!r}")
         self.absorb = absorb
-        self.stored = np.zeros((num_workers, dim), dtype=np.float64)
+        self.num_workers = num_workers
+        self.dim = dim
         self.total = np.zeros(dim, dtype=np.float64)
+        #: replace: worker m's stored contribution (None: nothing yet, i.e. 0); accumulate: empty
+        self.payloads: list[Payload | None] = [None] * num_workers if absorb == "replace" else []
 
-    def add(self, worker: int, vector: np.ndarray) -> None:
+    def add(self, worker: int, payload: Payload) -> None:
         """Absorb one upload from ``worker``."""
-        if self.absorb == "replace":
-            self.total += vector - self.stored[worker]
-            self.stored[worker] = vector
+        if payload.dim != self.dim:
+            raise ValueError(f"payload of dimension {payload.dim}, expected {self.dim}")
+        if not 0 <= worker < self.num_workers:
+            raise IndexError(f"worker {worker} out of range [0, {self.num_workers})")
+        if self.absorb == "accumulate":
+            self._add(payload, None)
         else:
-            self.total += vector
-            self.stored[worker] += vector
+            self._add(payload, self.payloads[worker])
+            self.payloads[worker] = compact(payload)
+
+    def _add(self, new: Payload, old: Payload | None) -> None:
+        add_payload(self.total, new, old)
+
+    def contribution(self, worker: int) -> np.ndarray:
+        """Worker ``worker``'s stored contribution, decoded (float64; zeros before its first upload).
+        Only "replace" keeps one."""
+        if self.absorb != "replace":
+            raise ValueError("an accumulating aggregator keeps the running sum only, no per-worker contribution")
+        p = self.payloads[worker]
+        return np.zeros(self.dim, dtype=np.float64) if p is None else to_dense(p)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array held: ``total`` and the stored payloads."""
+        return self.total.nbytes + sum(payload_nbytes(p) for p in self.payloads)
+
+
+def add_payload(total: np.ndarray, new: Payload, old: Payload | None = None) -> None:
+    """``total += to_dense(new) - to_dense(old)`` in place (``total += to_dense(new)`` when ``old`` is
+    None), touching only the support of sparse payloads and decoding dense ones block by block. The
+    one absorb both the server and the workers' replicas run (psrv.replica), so their sums agree bit
+    for bit."""
+    if new.kind in _SPARSE_KINDS and (old is None or old.kind in _SPARSE_KINDS):
+        idx, vals = support(new)
+        if old is None:
+            total[idx] += vals
+            return
+        old_idx, old_vals = support(old)
+        union = np.union1d(idx, old_idx.astype(np.int64))
+        diff = np.zeros(union.size, dtype=np.float64)
+        diff[np.searchsorted(union, idx)] = vals
+        diff[np.searchsorted(union, old_idx)] -= old_vals  # new - old, 0.0 - old where only old
+        total[union] += diff
+        return
+    dim = total.size
+    for start in range(0, dim, BLOCK):
+        stop = min(dim, start + BLOCK)
+        v = decode_block(new, start, stop)
+        if old is not None:
+            v -= decode_block(old, start, stop)
+        total[start:stop] += v

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from psrv.aggregate import Aggregator
+from psrv.aggregate import Aggregator, compact, payload_nbytes
 from psrv.algorithms import Algorithm, SelectionView, make_algorithm
 from psrv.bitpack import index_width, packed_size
 from psrv.payload import Payload, payload_bits, to_dense
@@ -197,7 +197,7 @@ class EngineState:
     theta: np.ndarray | None = None
     aggregator: Aggregator | None = None
     history: StepHistory = field(default_factory=lambda: StepHistory(0))
-    theta_hat: np.ndarray | None = None  # (M, d) iterate of each worker's last upload, if the rule needs it
+    theta_hat: np.ndarray | None = None  # (M, d) float64 iterate of each worker's last upload (lag-ps' selection)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)  # server-side selection only
     records: list[dict[str, Any]] = field(default_factory=list)
     downlink: str = "dense"  # the form of the broadcasts now: "dense", "replica" or "compressed"
@@ -214,8 +214,12 @@ class _OpenRound:
     encoded: Any = None  # the transport's encoding of ``broadcast``, made once per round
     selected: frozenset[int] | None = None
     reports: dict[int, Report] = field(default_factory=dict)  # by slot
-    uploads: dict[int, np.ndarray] = field(default_factory=dict)  # by slot; absorbed in slot order at the close
-    payloads: dict[int, Payload] = field(default_factory=dict)  # the same, as received (for relaying)
+    uploads: dict[int, Payload] = field(default_factory=dict)  # by slot, as received; absorbed in slot order
+    absorbed: int = 0  # slots below this have reported and their uploads are absorbed
+    before: np.ndarray | None = None  # the aggregate before this round's first absorption
+    relayed: list[tuple[int, Payload]] | None = field(default_factory=list)  # absorbed (slot, payload); None: too big
+    relay_bytes: int = 0  # their size as received
+    relay_memory: int = 0  # and as held
     down: dict[int, int] = field(default_factory=dict)  # model bytes served per worker slot
     snapshot: Any = None  # the transport's encoding of this round's snapshot, made when first asked for
     snapshots: int = 0  # snapshots served this round
@@ -373,13 +377,19 @@ class RoundEngine:
         smoothness: float | None = None,
         nbytes: int = 0,
     ) -> None:
-        """Absorb one upload (a decoded, validated payload of this run's dimension)."""
-        self.dim_for(worker_id)
+        """Absorb one upload (a decoded, validated payload of this run's dimension). The engine keeps
+        ``payload`` as it is (its arrays must not change afterwards) until it is absorbed: in slot
+        order, as soon as every lower slot has reported (at the latest when the round closes)."""
+        dim = self.dim_for(worker_id)
+        if payload.dim != dim:  # absorbed later, maybe in another worker's call: refuse it now
+            raise InvalidArgument(f"payload of dimension {payload.dim}, the model has {dim}")
         if smoothness is not None and not (math.isfinite(smoothness) and smoothness >= 0):
             raise InvalidArgument("smoothness must be finite and >= 0")
         if payload.kind not in self.algorithm.payload_kinds:
             raise InvalidArgument(f"{self.config.algorithm} does not take {payload.kind} payloads")
-        vector = to_dense(payload)  # outside the lock: O(d)
+        payload = compact(payload)  # held as received, integer arrays narrowed (outside the lock)
+        # the secant estimate of L_m needs the gradient dense: decoded outside the lock, O(d)
+        vector = to_dense(payload) if self.algorithm.tracks_theta_hat else None
         s = self.state
         with self._cond:
             w = self.worker(worker_id)
@@ -391,10 +401,10 @@ class RoundEngine:
             if s.theta_hat is not None:
                 self._estimate_smoothness(w, vector)
                 s.theta_hat[w.slot] = s.theta
-            self._open.uploads[w.slot] = vector
-            self._open.payloads[w.slot] = payload
+            self._open.uploads[w.slot] = payload
             w.last_upload = round_
             self._accept(w, Report("upload", payload.kind, payload_bits(payload), nbytes, loss))
+            self._absorb_reported()
 
     def skip(self, worker_id: str, round_: int, reason: str, loss: float | None = None, nbytes: int = 0) -> None:
         """Record a skip notice: the worker's stored contribution stands in for it."""
@@ -404,6 +414,27 @@ class RoundEngine:
             w = self.worker(worker_id)
             self._check_round(w, round_)
             self._accept(w, Report(reason, nbytes=nbytes, loss=loss))
+            self._absorb_reported()
+
+    def _absorb_reported(self) -> None:
+        """Absorb the round's uploads in slot order (a fixed summation order: same seed, same bits),
+        each as soon as every lower slot has reported, so at most the uploads waiting behind a slot
+        that has not reported yet are held. Call with the lock held."""
+        o, agg = self._open, self.state.aggregator
+        while o.absorbed in o.reports:
+            upload = o.uploads.pop(o.absorbed, None)
+            if upload is not None:
+                if o.before is None:
+                    o.before = agg.total.copy()  # to find what changed (the downlink's exact update)
+                if o.relayed is not None and agg.absorb == "accumulate":
+                    # kept for relaying while that could be the cheapest update (below the aggregate's 8d)
+                    o.relay_bytes += o.reports[o.absorbed].nbytes
+                    o.relay_memory += payload_nbytes(upload)
+                    o.relayed.append((o.absorbed, upload))
+                    if max(o.relay_bytes, o.relay_memory) > 8 * agg.total.size:
+                        o.relayed = None
+                agg.add(o.absorbed, upload)
+            o.absorbed += 1
 
     # ------------------------------------------------------------------ rounds
     def _publish(self, round_: int, done: bool = False) -> None:
@@ -489,16 +520,16 @@ class RoundEngine:
             s.update_costs.append(0)
             return
         candidates: list[tuple[int, AggregateChange]] = []
-        if s.aggregator.absorb == "accumulate":
-            slots = sorted(self._open.payloads)
+        relayed = self._open.relayed
+        if s.aggregator.absorb == "accumulate" and relayed is not None:
             by_slot = {w.slot: w for w in ordered}
             relay = AggregateChange(
                 "relay",
                 dim=d,
-                payloads=tuple(self._open.payloads[m] for m in slots),
-                workers=tuple(by_slot[m].index for m in slots),
+                payloads=tuple(p for _, p in relayed),
+                workers=tuple(by_slot[m].index for m, _ in relayed),
             )
-            candidates.append((sum(self._open.reports[m].nbytes for m in slots), relay))
+            candidates.append((self._open.relay_bytes, relay))
         total = s.aggregator.total
         idx = changed_indices(before, total)
         values_cost = 8 * len(idx) + packed_size(len(idx), index_width(d))
@@ -511,13 +542,14 @@ class RoundEngine:
     def _estimate_smoothness(self, w: WorkerState, vector: np.ndarray) -> None:
         """Secant estimate of L_m from two uploads of full gradients at different iterates:
         ``||g_m(theta^k) - g_m(theta_hat)|| / ||theta^k - theta_hat||``, keeping the largest seen
-        (for server-side selection; workers also report an upper bound with their first upload)."""
+        (for server-side selection; workers also report an upper bound with their first upload).
+        ``g_m(theta_hat)`` is the worker's stored upload, decoded (dense float32 as sent: exact)."""
         s = self.state
         if s.aggregator.absorb != "replace" or w.last_upload < 0:
             return
         dtheta = float(np.linalg.norm(s.theta - s.theta_hat[w.slot]))
         if dtheta > 0:
-            dgrad = float(np.linalg.norm(vector - s.aggregator.stored[w.slot]))
+            dgrad = float(np.linalg.norm(vector - s.aggregator.contribution(w.slot)))
             w.smoothness = max(w.smoothness, dgrad / dtheta)
 
     def _select(self, round_: int) -> frozenset[int] | None:
@@ -596,11 +628,9 @@ class RoundEngine:
                 if w.misses >= self.config.max_misses and w.responsive:
                     w.responsive = False
                     log.warning("worker %s missed %d deadlines; no longer waiting for it", w.worker_id, w.misses)
-        before = s.aggregator.total.copy() if self._open.uploads else None
-        for slot in sorted(self._open.uploads):  # a fixed summation order: same seed, same bits
-            s.aggregator.add(slot, self._open.uploads[slot])
-        self._record_change(before, ordered)
-        self._open.uploads = {}
+        self._absorb_reported()  # every slot has reported now: the rest, in slot order
+        self._record_change(self._open.before, ordered)
+        self._open.before = self._open.relayed = None
         step_sq = take_step(s.theta, s.aggregator.total, self.algorithm.lr)  # what every replica does
         s.history.push(step_sq)
         got = [reports[w.slot] for w in ordered]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from psrv.aggregate import add_payload
 from psrv.payload import Payload, to_dense
 from psrv.triggers import StepHistory
 
@@ -46,9 +47,10 @@ class AggregateChange:
 
 
 def absorb_relay(total: np.ndarray, payloads: tuple[Payload, ...] | list[Payload]) -> None:
-    """``total += to_dense(p)`` for each payload in order: the accumulating rules' absorb."""
+    """``total += to_dense(p)`` for each payload in order, by the server's own absorb
+    (:func:`psrv.aggregate.add_payload`), so the sums agree bit for bit."""
     for p in payloads:
-        total += to_dense(p)
+        add_payload(total, p)
 
 
 def apply_change(total: np.ndarray, change: AggregateChange) -> None:

@@ -83,7 +83,7 @@ def simulate(name: str, options: dict[str, float], rounds: int, seed: int = 0, k
             evals[m] += grads.evals
             states[m] = dec.state
             if dec.payload is not None:
-                agg.add(m, to_dense(dec.payload))
+                agg.add(m, dec.payload)
                 uploads[k, m] = True
             if keep:
                 row.append({"grad": g, "theta": broadcast, "before": before, "dec": dec, "oracle": grads})
@@ -150,7 +150,7 @@ def test_lag_wk_compares_against_exactly_what_the_server_stores() -> None:
     assert M < sim.uploads.sum() < sim.uploads.size  # the default xi = 1/D skips, and uploads again
     assert sim.uploads[0].all()  # round 0: stored 0, empty history -> everyone uploads
     for m in range(M):
-        np.testing.assert_array_equal(sim.states[m].last, sim.agg.stored[m])
+        np.testing.assert_array_equal(sim.states[m].last, sim.agg.contribution(m))
     for row in sim.steps:
         for s in row:
             change = s["grad"] - s["before"].last
@@ -176,8 +176,9 @@ def test_sasg_with_all_coordinates_and_xi_zero_is_sgd() -> None:
     sgd = simulate("sgd", {"batch": 10}, 30)
     assert sasg.uploads.all() and sasg.evals == [59] * M
     np.testing.assert_allclose(sasg.theta, sgd.theta, rtol=1e-6, atol=1e-8)
+    largest = max(np.abs(sasg.agg.contribution(m)).max() for m in range(M))
     for s in sasg.states:
-        assert np.abs(s.memory).max() < 1e-6 * max(1.0, np.abs(sasg.agg.stored).max())  # float32 residue only
+        assert np.abs(s.memory).max() < 1e-6 * max(1.0, largest)  # float32 residue only
 
 
 def test_sasg_error_feedback_conserves_mass_and_skips_leave_it_alone() -> None:
@@ -210,8 +211,9 @@ def test_sasg_error_feedback_conserves_mass_and_skips_leave_it_alone() -> None:
     for m in range(M):
         # sum sent + e' == sum g over uploads (times alpha: sum Top_k(p) + e == sum alpha g)
         np.testing.assert_allclose(sent_sum[m] + sim.states[m].memory, grad_sum[m], rtol=1e-10, atol=1e-12)
-        assert np.count_nonzero(sim.agg.stored[m]) <= k  # the server stores only the sparse contribution
-        np.testing.assert_array_equal(sim.agg.stored[m], to_dense(_last_payload(sim, m)))
+        stored = sim.agg.payloads[m]  # the server stores only the sparse contribution, as sent
+        assert stored.kind == "sparse" and len(stored.indices) == k and stored.values.dtype == np.float32
+        np.testing.assert_array_equal(sim.agg.contribution(m), to_dense(_last_payload(sim, m)))
     assert sim.evals == [2 * 60 - 1] * M
 
 
@@ -338,7 +340,9 @@ def test_e2e_sasg_stores_sparse_contributions() -> None:
     assert ps.algorithm.payload_kinds == ("sparse",) and k == 7
     assert 0 < uploads.sum() < uploads.size
     for m in range(M):
-        assert 0 < np.count_nonzero(ps.engine.state.aggregator.stored[m]) <= k
+        stored = ps.engine.state.aggregator.payloads[m]
+        assert stored.kind == "sparse" and len(stored.indices) == k
+        assert 0 < np.count_nonzero(ps.engine.state.aggregator.contribution(m)) <= k
     bits = k * (32 + index_width(ps.theta.size))
     for rec in ps.records:
         for w in rec["workers"]:

@@ -13,7 +13,7 @@ import pytest
 from psrv import data
 from psrv.algorithms import RoundInfo, SelectionView, make_algorithm
 from psrv.metrics import MetricsSink
-from psrv.payload import to_dense
+from psrv.payload import Payload, to_dense
 from psrv.server import ParameterServer, ServerConfig
 from psrv.tasks import make_task
 from psrv.triggers import lag_ps_upload, lag_threshold
@@ -30,6 +30,7 @@ class Run:
     results: list  # WorkerResult per thread
     thetas: list[np.ndarray]  # theta^k, k = 0..rounds (float64, as the server holds it)
     shards: list[data.Dataset]  # by server-assigned worker index
+    pushed: dict[str, list[Payload]]  # every accepted upload, by worker id
 
     def statuses(self, index: int) -> list[str]:
         return [rec["workers"][index]["status"] for rec in self.ps.records]
@@ -50,11 +51,19 @@ def _train(algorithm: str, options: dict[str, float], num_workers: int, rounds: 
     thetas = [TASK.init_params(np.random.default_rng(cfg.seed)).astype(np.float64)]
     # theta^{k+1} after round k
     ps = ParameterServer(cfg, MetricsSink(on_round=lambda rec: thetas.append(ps.theta.copy())))
+    pushed: dict[str, list[Payload]] = {f"w{i}": [] for i in range(num_workers)}
+    push = ps.engine.push
+
+    def recording_push(worker_id: str, round_: int, payload: Payload, *args, **kw) -> None:
+        push(worker_id, round_, payload, *args, **kw)
+        pushed[worker_id].append(payload)  # accepted
+
+    ps.engine.push = recording_push
     shards = [data.shard(TRAIN, i, num_workers) for i in range(num_workers)]
     summary, results = run_in_threads(ps, shards)
     assert summary["rounds"] == rounds and summary["deadline_misses"] == 0
     assert all(r.rejected == 0 for r in results)
-    return Run(ps, results, thetas, shards)  # run_in_threads gives worker i the server index i
+    return Run(ps, results, thetas, shards, pushed)  # run_in_threads gives worker i the server index i
 
 
 def _grad(run: Run, index: int, k: int) -> np.ndarray:
@@ -65,14 +74,21 @@ def _grad(run: Run, index: int, k: int) -> np.ndarray:
     return TASK.local_loss_grad(theta, shard.X, shard.y, total, len(run.shards))[1]
 
 
+def _uploaded_sums(run: Run) -> list[np.ndarray]:
+    """Per worker (by index), the sum of everything it uploaded: its g_m, which the server does not keep."""
+    return [np.sum([to_dense(p) for p in run.pushed[f"w{m}"]], axis=0) for m in range(len(run.shards))]
+
+
 def _check_running_sum(run: Run) -> None:
-    """The server keeps sum_m grad f_m(theta_hat_m) (the running-sum form of IAG), not a d x M table."""
+    """The server keeps sum_m grad f_m(theta_hat_m) (the running-sum form of IAG) alone, not a d x M table."""
     agg = run.ps.engine.state.aggregator
-    np.testing.assert_allclose(agg.total, agg.stored.sum(axis=0), rtol=1e-12, atol=1e-14)
+    assert agg.payloads == [] and agg.nbytes == agg.total.nbytes
+    sums = _uploaded_sums(run)
+    np.testing.assert_allclose(agg.total, np.sum(sums, axis=0), rtol=1e-12, atol=1e-14)
     for m in range(len(run.shards)):
         last = max(k for k, s in enumerate(run.statuses(m)) if s == "upload")
         g = _grad(run, m, last)
-        np.testing.assert_allclose(agg.stored[m], g, rtol=0, atol=1e-6 * np.abs(g).max())
+        np.testing.assert_allclose(sums[m], g, rtol=0, atol=1e-6 * np.abs(g).max())
 
 
 def _check_grad_evals(run: Run) -> None:
@@ -193,7 +209,8 @@ def test_riag_with_a_compressor() -> None:
     run = _train("riag", {"s": 2, "ratio": 0.2}, M, rounds, compressor="topk")
     agg = run.ps.engine.state.aggregator
     assert all(rec["uploads"] == 2 for rec in run.ps.records)
-    np.testing.assert_allclose(agg.total, agg.stored.sum(axis=0), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(agg.total, np.sum(_uploaded_sums(run), axis=0), rtol=1e-12, atol=1e-14)
+    assert agg.payloads == []
     assert sum(rec["payload_bits"] for rec in run.ps.records) < 0.5 * 32 * TASK.dim * 2 * rounds
     _check_grad_evals(run)
 
@@ -210,7 +227,9 @@ def test_lag_ps_end_to_end() -> None:
     # the stored gradient is the one at the iterate of the last upload ("replace")
     for m in range(M):
         last = max(k for k, s in enumerate(run.statuses(m)) if s == "upload")
-        np.testing.assert_array_equal(run.ps.engine.state.aggregator.stored[m], _grad(run, m, last).astype(np.float32))
+        agg = run.ps.engine.state.aggregator
+        assert agg.payloads[m].kind == "dense" and agg.payloads[m].values.dtype == np.float32  # as sent
+        np.testing.assert_array_equal(agg.contribution(m), _grad(run, m, last).astype(np.float32))
 
 
 def _longest_gap(statuses: list[str]) -> int:

@@ -128,6 +128,8 @@ def test_domain_errors_and_nothing_half_applied() -> None:
         run.engine.push("w0", 0, Payload(dim=d, kind="laq", values=np.ones(d), scale=1.0, bits=2))
     with pytest.raises(InvalidArgument):
         run.engine.push("w0", 0, _dense(np.ones(d)), smoothness=float("nan"))
+    with pytest.raises(InvalidArgument, match="dimension"):
+        run.engine.push("w0", 0, _dense(np.ones(d + 1)))
     with pytest.raises(InvalidArgument):
         run.engine.skip("w0", 0, "deadline")  # the engine's verdict, never a worker's
     assert not run.engine.state.aggregator.total.any()  # every refusal left the state alone
@@ -210,3 +212,106 @@ def test_state_is_one_object_that_copies_whole() -> None:
     np.testing.assert_array_equal(saved.aggregator.total, state.aggregator.total)
     assert saved.theta_hat is not None and saved.records == state.records
     assert saved.rng.random() == state.rng.random()  # the selection rng's position is part of the state
+
+
+def _array_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of every numpy array reachable from ``obj`` (each counted once)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_array_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple | set | frozenset):
+        return sum(_array_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(_array_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def _train(algorithm: str, M: int, upload: Any, rounds: int = 2, order: Any = None, **cfg: Any) -> Run:
+    """Every worker uploads ``upload(k, m, d)`` in every round, in ``order(k)`` (default: slot order)."""
+    run = Run(M=M, rounds=rounds, algorithm=algorithm, **cfg)
+    d = run.engine.dim
+    for k in range(rounds):
+        for m in range(M):
+            run.model(f"w{m}", k)
+        for m in order(k) if order else range(M):
+            run.engine.push(f"w{m}", k, upload(k, m, d))
+    for m in range(M):
+        run.model(f"w{m}", rounds)
+    run.join()
+    assert run.error is None and all(r["uploads"] == M for r in run.records)
+    return run
+
+
+def test_uploads_are_absorbed_in_slot_order_whatever_the_arrival_order() -> None:
+    """Float addition does not commute in rounding: 1 + 1e16 - 1e16 is 0 in slot order, 1 in reverse."""
+    values = np.array([1.0, 1e16, -1e16, 3.0], dtype=np.float32)
+    expected = np.float64(0.0)
+    for v in values:
+        expected += np.float64(v)
+
+    def upload(k: int, m: int, d: int) -> Payload:
+        return _dense(np.full(d, values[m]))
+
+    thetas = []
+    for order in (None, lambda k: [3, 2, 1, 0], lambda k: [2, 0, 3, 1]):
+        run = _train("gd", 4, upload, rounds=1, order=order, options={"lr": 1.0})
+        thetas.append(run.engine.state.theta)
+        theta0 = RoundEngine(run.engine.config)
+        theta0.register("w0", 1, 4, 3)
+        assert run.engine.state.theta.tobytes() == (theta0.state.theta - expected).tobytes()
+    assert thetas[0].tobytes() == thetas[1].tobytes() == thetas[2].tobytes()
+
+
+def test_an_upload_waits_only_for_the_lower_slots() -> None:
+    """Uploads are held (as payloads) until every lower slot has reported, then absorbed at once."""
+    run = Run(M=3, rounds=1, algorithm="gd")
+    d = run.engine.dim
+    for m in range(3):
+        run.model(f"w{m}", 0)
+    run.engine.push("w2", 0, _dense(np.ones(d)))
+    run.engine.push("w1", 0, _dense(np.ones(d)))
+    with run.engine._cond:
+        assert sorted(run.engine._open.uploads) == [1, 2] and not run.engine.state.aggregator.total.any()
+        assert all(isinstance(p, Payload) for p in run.engine._open.uploads.values())
+    run.engine.skip("w0", 0, "lazy_rule")  # slot 0 reports: slots 1 and 2 are absorbed
+    run.model("w0", 1)
+    run.join()
+    assert not run.engine._open.uploads
+    np.testing.assert_array_equal(run.engine.state.aggregator.total, 2.0)
+
+
+def test_accumulating_state_is_o_of_d_whatever_m() -> None:
+    """LAQ keeps theta and the running sum: the state's arrays do not grow with M. SASG (replace)
+    keeps each worker's sparse upload: the state grows by M * k * (4 + 4) bytes, not M * d * 8."""
+    from psrv.compress.laq import quantize
+
+    def laq(k: int, m: int, d: int) -> Payload:
+        return quantize(np.random.default_rng([k, m]).normal(size=d), np.zeros(d), 4)
+
+    def top(k: int, m: int, d: int) -> Payload:
+        idx = np.array([m % d, (m + 5) % d])
+        return Payload("sparse", d, values=np.float32([k + 1, -m]), indices=idx)
+
+    sizes: dict[str, list[int]] = {"laq": [], "sasg": []}
+    for M in (2, 8):
+        for name, upload in (("laq", laq), ("sasg", top)):
+            run = _train(name, M, upload)
+            state = run.engine.state
+            d = run.engine.dim
+            # the last close's change is the next broadcast's content (the downlink's exact update):
+            # kept apart, and bounded by the whole aggregate's 8d whatever M (relays are dropped above it)
+            change = _array_bytes(state.change)
+            assert change <= 8 * d + 64 * M
+            sizes[name].append(_array_bytes(state) - change)
+            assert state.theta_hat is None
+            if name == "laq":
+                assert state.aggregator.payloads == [] and state.aggregator.nbytes == 8 * d
+            else:
+                assert state.aggregator.nbytes == 8 * d + M * 2 * (4 + 4)
+    assert sizes["laq"][0] == sizes["laq"][1]
+    assert sizes["sasg"][1] - sizes["sasg"][0] == (8 - 2) * 2 * (4 + 4)

@@ -7,9 +7,9 @@ The method, in the notation ``x`` (model), ``g_i`` (worker i's gradient estimate
 
 each worker m keeps an estimate ``g_m`` of its gradient (``g_m^(0) = 0``) and, every round,
 sends ``c = C(grad - g_m)``, the compressed *difference*, then sets ``g_m <- g_m + c``. The
-server adds ``c`` to its stored copy (``absorb = "accumulate"``), so its copy equals ``g_m``
-bit for bit (both sides add the same float64 ``to_dense(c)``) and the aggregate is
-``sum_m g_m``. The model step is the server's usual ``theta -= lr * aggregate``, as for every
+server adds ``c`` to its running aggregate (``absorb = "accumulate"``; it keeps no per-worker
+copy), which is therefore ``sum_m g_m``: the float64 ``to_dense(c)`` both sides add is the same
+bit for bit. The model step is the server's usual ``theta -= lr * aggregate``, as for every
 algorithm.
 
 Why it works: for a contractive C with constant delta (``E||C(x) - x||^2 <= (1 - delta)||x||^2``),

@@ -3,9 +3,9 @@
 Worker m at round k (Algorithm 2 of the paper): quantize the innovation against its last
 uploaded quantized gradient ``Q_m(theta_hat)`` (eqs. 5-6, :mod:`psrv.compress.laq`),
 then skip if (7a) and (7b) hold (:func:`psrv.triggers.laq_skip`), else upload
-``(R, q)``. The server adds every received innovation to the worker's stored
-``Q_m`` and to the running aggregate (eq. 4); skipped workers keep contributing
-their stored ``Q_m``.
+``(R, q)``. The server adds every received innovation to the running aggregate
+``sum_m Q_m`` (eq. 4), which is all it keeps (no per-worker ``Q_m``); a skipping worker keeps
+contributing its ``Q_m`` through that sum.
 
 Defaults follow the paper's experiments (§4): D = 10, xi_d = 0.8/D, t_bar = 100,
 alpha = 0.02, and b = 4, the authors' code default for logistic regression
@@ -46,7 +46,7 @@ from psrv.triggers import laq_skip
 
 @dataclass(frozen=True)
 class LaqState:
-    q_prev: np.ndarray  # Q_m(theta_hat_m^{k-1}), identical to the server's stored copy
+    q_prev: np.ndarray  # Q_m(theta_hat_m^{k-1}): the sum of the innovations the server added for m
     eps_hat_sq: float  # ||grad f_m(theta_hat) - Q_m(theta_hat)||^2 at the last upload
     clock: int  # rounds since the last upload (t_m)
 
