@@ -265,7 +265,7 @@ def upload_to_proto(
 
 
 def _put_payload(msg: Any, p: Payload, zstd: bool) -> None:
-    """Set the ``payload`` oneof of ``msg`` (a PushRequest or Contribution)."""
+    """Set the ``payload`` oneof of ``msg`` (a PushRequest or a Payload)."""
     inner = payload_to_proto(p)
     if zstd:
         raw = inner.SerializeToString()
@@ -315,7 +315,7 @@ def upload_from_proto(msg: pb.PushRequest, dim: int) -> Payload:
 
 
 def _get_payload(msg: Any, dim: int, what: str) -> Payload:
-    """The validated payload of ``msg``'s ``payload`` oneof (a PushRequest or Contribution)."""
+    """The validated payload of ``msg``'s ``payload`` oneof (a PushRequest or a Payload)."""
     kind = msg.WhichOneof("payload")
     if kind is None:
         raise CodecError(f"{what} carries no payload")
@@ -386,7 +386,7 @@ def change_to_proto(change: AggregateChange, msg: pb.StateUpdate, zstd: bool = F
     if change.kind == "relay":
         msg.relay.SetInParent()
         for worker, p in zip(change.workers, change.payloads, strict=True):
-            _put_payload(msg.relay.contributions.add(worker=worker), p, zstd)
+            _put_payload(msg.relay.contributions.add(worker=worker).payload, p, zstd)
     elif change.kind == "values":
         values = np.asarray(change.values, dtype=np.float64)
         msg.values.CopyFrom(payload_to_proto(Payload("sparse", change.dim, values=values, indices=change.indices)))
@@ -457,7 +457,7 @@ def change_from_proto(msg: pb.StateUpdate, dim: int) -> AggregateChange:
         return AggregateChange()
     if kind == "relay":
         contributions = msg.relay.contributions
-        payloads = tuple(_get_payload(c, dim, "relayed contribution") for c in contributions)
+        payloads = tuple(_get_payload(c.payload, dim, "relayed contribution") for c in contributions)
         return AggregateChange("relay", payloads=payloads, workers=tuple(c.worker for c in contributions))
     if kind == "values":
         if msg.values.value_dtype != pb.DTYPE_FLOAT64:

@@ -11,31 +11,19 @@ has such an option, and must fit at least one of them.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
+
+from psrv.keyvalue import parse_key_values
 
 SPLITS = ("iid", "noniid", "dirichlet", "contiguous")  # psrv.data.SPLITS; a test keeps them equal
 DEFAULT_ALGORITHMS = "gd,topk-ef,laq"
 
 
 # ---------------------------------------------------------------------------------- KEY=VALUE
-def parse_key_values(items: Iterable[str]) -> dict[str, float]:
-    """``["a=1", "b=2.5"]`` -> ``{"a": 1.0, "b": 2.5}``; anything else is a ``ValueError``."""
-    out: dict[str, float] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        try:
-            if not sep or not key.strip():
-                raise ValueError
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"expected KEY=NUMBER, got {item!r}") from None
-    return out
-
-
 def _key_values(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float]:
     try:
         return parse_key_values(values)

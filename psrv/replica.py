@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from psrv.aggregate import add_payload
+from psrv.keyvalue import parse_spec
 from psrv.payload import Payload, to_dense
 from psrv.triggers import StepHistory
 
@@ -106,19 +107,10 @@ class Replica:
 # ------------------------------------------------------------------------------ compressed downlink
 def parse_compressor_spec(spec: str) -> tuple[str, dict[str, float]]:
     """``"topk:ratio=0.01,k=0"`` -> ``("topk", {"ratio": 0.01, "k": 0.0})`` (``ValueError`` if malformed)."""
-    name, _, rest = spec.partition(":")
-    options: dict[str, float] = {}
-    for item in filter(None, (x.strip() for x in rest.split(","))):
-        key, sep, value = item.partition("=")
-        try:
-            if not sep or not key.strip():
-                raise ValueError
-            options[key.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"down-compressor option: expected KEY=NUMBER, got {item!r} in {spec!r}") from None
-    if not name.strip():
-        raise ValueError(f"down-compressor: no compressor name in {spec!r}")
-    return name.strip(), options
+    try:
+        return parse_spec(spec)
+    except ValueError as exc:
+        raise ValueError(f"down-compressor: {exc}") from None
 
 
 class DownCompressor:

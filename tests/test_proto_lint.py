@@ -3,18 +3,9 @@ finds nothing in protos/. buf comes with the dev extra (``buf-bin``); without it
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.tools import run_tool
 
 
 def test_buf_lint_is_clean() -> None:
-    buf = shutil.which("buf")
-    if buf is None:
-        pytest.skip("buf is not installed (pip install buf-bin)")
-    res = subprocess.run([buf, "lint"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = run_tool("buf", "lint", install_hint="pip install buf-bin")
     assert res.returncode == 0 and not res.stdout.strip(), f"buf lint:\n{res.stdout}{res.stderr}"

@@ -199,23 +199,29 @@ class GetModelRequest(_message.Message):
     replica_round: int
     def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., replica_round: _Optional[int] = ...) -> None: ...
 
-class Contribution(_message.Message):
-    __slots__ = ("worker", "dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
-    WORKER_FIELD_NUMBER: _ClassVar[int]
+class Payload(_message.Message):
+    __slots__ = ("dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
     DENSE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     LAQ_FIELD_NUMBER: _ClassVar[int]
     QSGD_FIELD_NUMBER: _ClassVar[int]
     SIGN_SPARSE_FIELD_NUMBER: _ClassVar[int]
     ZSTD_FIELD_NUMBER: _ClassVar[int]
-    worker: int
     dense: DenseTensor
     sparse: SparseTensor
     laq: LaqPayload
     qsgd: QsgdPayload
     sign_sparse: SignSparsePayload
     zstd: ZstdPayload
-    def __init__(self, worker: _Optional[int] = ..., dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ..., zstd: _Optional[_Union[ZstdPayload, _Mapping]] = ...) -> None: ...
+    def __init__(self, dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ..., zstd: _Optional[_Union[ZstdPayload, _Mapping]] = ...) -> None: ...
+
+class Contribution(_message.Message):
+    __slots__ = ("worker", "payload")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    worker: int
+    payload: Payload
+    def __init__(self, worker: _Optional[int] = ..., payload: _Optional[_Union[Payload, _Mapping]] = ...) -> None: ...
 
 class Contributions(_message.Message):
     __slots__ = ("contributions",)
@@ -232,22 +238,6 @@ class StateUpdate(_message.Message):
     values: SparseTensor
     aggregate: DenseTensor
     def __init__(self, relay: _Optional[_Union[Contributions, _Mapping]] = ..., values: _Optional[_Union[SparseTensor, _Mapping]] = ..., aggregate: _Optional[_Union[DenseTensor, _Mapping]] = ...) -> None: ...
-
-class ModelStep(_message.Message):
-    __slots__ = ("dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")
-    DENSE_FIELD_NUMBER: _ClassVar[int]
-    SPARSE_FIELD_NUMBER: _ClassVar[int]
-    LAQ_FIELD_NUMBER: _ClassVar[int]
-    QSGD_FIELD_NUMBER: _ClassVar[int]
-    SIGN_SPARSE_FIELD_NUMBER: _ClassVar[int]
-    ZSTD_FIELD_NUMBER: _ClassVar[int]
-    dense: DenseTensor
-    sparse: SparseTensor
-    laq: LaqPayload
-    qsgd: QsgdPayload
-    sign_sparse: SignSparsePayload
-    zstd: ZstdPayload
-    def __init__(self, dense: _Optional[_Union[DenseTensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., laq: _Optional[_Union[LaqPayload, _Mapping]] = ..., qsgd: _Optional[_Union[QsgdPayload, _Mapping]] = ..., sign_sparse: _Optional[_Union[SignSparsePayload, _Mapping]] = ..., zstd: _Optional[_Union[ZstdPayload, _Mapping]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ("theta", "aggregate", "recent_step_sq")
@@ -288,8 +278,8 @@ class GetModelResponse(_message.Message):
     update: StateUpdate
     snapshot: Snapshot
     digest: int
-    compressed: ModelStep
-    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., update: _Optional[_Union[StateUpdate, _Mapping]] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., digest: _Optional[int] = ..., compressed: _Optional[_Union[ModelStep, _Mapping]] = ...) -> None: ...
+    compressed: Payload
+    def __init__(self, round: _Optional[int] = ..., params: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., total_samples: _Optional[int] = ..., num_workers: _Optional[int] = ..., done: _Optional[bool] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., update: _Optional[_Union[StateUpdate, _Mapping]] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., digest: _Optional[int] = ..., compressed: _Optional[_Union[Payload, _Mapping]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("worker_id", "round", "local_loss", "smoothness", "dense", "sparse", "laq", "qsgd", "sign_sparse", "zstd")

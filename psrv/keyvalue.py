@@ -1,0 +1,31 @@
+"""The one KEY=VALUE parser: ``-o``/``-t`` options on every command, and ``NAME:KEY=VALUE,...``
+specs such as ``--down-compressor topk:ratio=0.05``. Pure (no click), so the core can use it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def parse_key_values(items: Iterable[str]) -> dict[str, float]:
+    """``["a=1", "b=2.5"]`` -> ``{"a": 1.0, "b": 2.5}``; anything else is a ``ValueError``."""
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"expected KEY=NUMBER, got {item!r}") from None
+    return out
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """``"topk:ratio=0.01,k=0"`` -> ``("topk", {"ratio": 0.01, "k": 0.0})`` (``ValueError`` if malformed)."""
+    name, _, rest = spec.partition(":")
+    if not name.strip():
+        raise ValueError(f"no name in {spec!r}")
+    try:
+        return name.strip(), parse_key_values(filter(None, (x.strip() for x in rest.split(","))))
+    except ValueError as exc:
+        raise ValueError(f"{exc} in {spec!r}") from None
