@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from psrv import codec, rpc
+from psrv import codec, memory, rpc
 from psrv.engine import EngineError, RoundEngine, RoundSink, ServerConfig
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
@@ -132,7 +132,9 @@ class ParameterServer:
 def create_server(
     ps: ParameterServer, address: str = "127.0.0.1:0", max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
 ) -> tuple[grpc.Server, int]:
-    """A started gRPC server for ``ps`` and the port it bound (port 0 picks a free one)."""
+    """A started gRPC server for ``ps`` and the port it bound (port 0 picks a free one).
+    Sets up malloc for big messages first (:func:`psrv.memory.tune_malloc`)."""
+    memory.tune_malloc()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2 * ps.config.num_workers + 8),
         options=rpc.channel_options(max_message_bytes),

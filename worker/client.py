@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from psrv import codec, data, rpc
+from psrv import codec, data, memory, rpc
 from psrv.algorithms import RoundInfo, make_algorithm
 from psrv.tasks import make_task
 from psrv.v1 import psrv_pb2 as pb
@@ -147,6 +147,7 @@ def _report(
 
 
 def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> WorkerResult:
+    memory.tune_malloc()  # malloc set up for big messages (psrv.memory)
     import torch
 
     torch.set_num_threads(cfg.torch_threads)
