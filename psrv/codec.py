@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zstandard
 
-from psrv import bitpack, varint
+from psrv import bitpack, stream, varint
 from psrv.payload import Payload, qsgd_code_width
 from psrv.payload import from_bfloat16 as payload_from_bfloat16
 from psrv.v1 import psrv_pb2 as pb
@@ -245,6 +245,13 @@ PAYLOAD_KINDS = {name.removeprefix("PAYLOAD_KIND_").lower(): value for name, val
 _KIND_NAMES = {v: k for k, v in PAYLOAD_KINDS.items()}
 
 
+def _push_request(worker_id: str, round_: int, local_loss: float, smoothness: float | None) -> pb.PushRequest:
+    msg = pb.PushRequest(worker_id=worker_id, round=round_, local_loss=local_loss)
+    if smoothness is not None:
+        msg.smoothness = smoothness
+    return msg
+
+
 def upload_to_proto(
     worker_id: str,
     round_: int,
@@ -255,9 +262,7 @@ def upload_to_proto(
 ) -> pb.PushRequest:
     """An upload; with ``zstd`` the payload is compressed when that makes it smaller.
     ``smoothness``: the worker's bound on L_m (sent with the first upload where the server selects with it)."""
-    msg = pb.PushRequest(worker_id=worker_id, round=round_, local_loss=local_loss)
-    if smoothness is not None:
-        msg.smoothness = smoothness
+    msg = _push_request(worker_id, round_, local_loss, smoothness)
     inner = payload_to_proto(p)
     if zstd:
         raw = inner.SerializeToString()
@@ -269,6 +274,33 @@ def upload_to_proto(
             return msg
     getattr(msg, p.kind).CopyFrom(inner)
     return msg
+
+
+_DENSE_TAG = stream.varint(pb.PushRequest.DESCRIPTOR.fields_by_name["dense"].number << 3 | 2)
+_DATA_TAG = stream.varint(pb.DenseTensor.DESCRIPTOR.fields_by_name["data"].number << 3 | 2)
+
+
+def upload_to_wire(
+    worker_id: str,
+    round_: int,
+    local_loss: float,
+    p: Payload,
+    zstd: bool = False,
+    smoothness: float | None = None,
+) -> stream.Serialized:
+    """``upload_to_proto(...).SerializeToString()``, byte for byte, without copying a dense payload's
+    values: the message is serialized without them and they follow as a view of the array
+    (``dense`` and ``DenseTensor.data`` are the last fields of their messages, where protobuf puts
+    them). Other payloads, and zstd, are serialized as usual."""
+    if p.kind != "dense" or zstd or not p.values.size:
+        msg = upload_to_proto(worker_id, round_, local_loss, p, zstd, smoothness)
+        return stream.Serialized(msg.SerializeToString())
+    code = _values_code(p.values, p.value_format)
+    values = np.ascontiguousarray(p.values, dtype=_NP_OF_DTYPE.get(code, np.dtype("<u2")))  # little-endian
+    raw = memoryview(values).cast("B")
+    tensor = pb.DenseTensor(dtype=code, shape=values.shape).SerializeToString() + _DATA_TAG + stream.varint(raw.nbytes)
+    head = _push_request(worker_id, round_, local_loss, smoothness).SerializeToString()
+    return stream.Serialized(head + _DENSE_TAG + stream.varint(len(tensor) + raw.nbytes) + tensor, raw)
 
 
 def _unzstd(msg: pb.ZstdPayload, dim: int) -> tuple[str, Any]:

@@ -142,8 +142,8 @@ def _report(
     if payload is None:
         stub.Skip(codec.skip_to_proto(cfg.worker_id, k, reason, loss), timeout=cfg.rpc_timeout)
     else:
-        upload = codec.upload_to_proto(cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smoothness)
-        stub.Push(upload, timeout=cfg.rpc_timeout)
+        upload = codec.upload_to_wire(cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smoothness)
+        stub.Push(upload, timeout=cfg.rpc_timeout)  # streamed when big
 
 
 def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> WorkerResult:

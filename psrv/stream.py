@@ -1,0 +1,160 @@
+"""Big messages as a stream of pieces (GetModelStream, PushStream; the rules are at the top of
+``protos/psrv/v1/psrv.proto``).
+
+A message is serialized once; :func:`pieces` cuts the bytes into the serialized piece messages
+(``offset``, ``total_size``, ``data``) that go on the stream, one copy of each slice and no more;
+:class:`Reassembler` puts received pieces back together into one buffer of the announced size,
+checking every piece, so a bad stream is refused whole before anything parses it.
+
+Why streams: one gRPC message of hundreds of megabytes meets the channel's message cap (and
+protobuf's 2 GiB limit), and gRPC holds all of it in its own buffers on both sides, once per
+concurrent call; a stream holds a piece. Measured on loopback (``scripts/bench_transport.py``
+and this module's tests), 1 MiB pieces also move a 40 MB message faster than one unary message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+__all__ = [
+    "CHUNK_BYTES",
+    "STREAM_ABOVE",
+    "Reassembler",
+    "Serialized",
+    "StreamError",
+    "limit_for",
+    "piece_bytes",
+    "pieces",
+    "varint",
+]
+
+#: bytes of message data per piece
+CHUNK_BYTES = 1 << 20
+#: psrv's clients stream a message (or expect a model) of more than this many bytes
+STREAM_ABOVE = 4 << 20
+#: protobuf parses no message of 2 GiB or more
+MAX_MESSAGE = (1 << 31) - 1
+
+# wire tags of the piece messages' fields (GetModelStreamResponse and PushStreamRequest share them)
+_OFFSET, _TOTAL, _DATA = 0x08, 0x10, 0x1A
+
+
+class StreamError(ValueError):
+    """A piece stream that does not make a whole message (a gRPC INVALID_ARGUMENT)."""
+
+
+def limit_for(dim: int) -> int:
+    """The largest message the server reassembles for a model of ``dim`` parameters: 16 bytes per
+    parameter (float64 values plus 64-bit indices) and 1 MiB, at most protobuf's limit."""
+    return min(MAX_MESSAGE, 16 * dim + (1 << 20))
+
+
+def varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def piece_bytes(offset: int, total_size: int, *data: bytes | memoryview) -> bytes:
+    """One serialized piece message whose ``data`` is the concatenation of ``data``: byte for byte
+    what protobuf's ``SerializeToString`` makes of it (fields in number order, a zero ``offset``
+    left out), built with a single copy of the data."""
+    size = sum(memoryview(d).nbytes for d in data)
+    head = bytearray()
+    if offset:
+        head += bytes((_OFFSET,)) + varint(offset)
+    head += bytes((_TOTAL,)) + varint(total_size) + bytes((_DATA,)) + varint(size)
+    return b"".join((head, *data))
+
+
+class Serialized:
+    """A serialized message held as consecutive buffers, so a big field's bytes (a numpy array's
+    memory) need not be copied into one ``bytes`` object: its length, and the message's bytes
+    (:meth:`tobytes`, one copy) or pieces (:func:`pieces`, a copy of each piece) when needed."""
+
+    def __init__(self, *parts: bytes | memoryview) -> None:
+        self._bytes = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else None
+        self.parts = [memoryview(p).cast("B") for p in parts if len(p)]
+        self.nbytes = sum(p.nbytes for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def tobytes(self) -> bytes:
+        return self._bytes if self._bytes is not None else b"".join(self.parts)
+
+    def slices(self, chunk: int) -> Iterator[list[memoryview]]:
+        """Consecutive runs of ``chunk`` bytes (the last may be shorter), as views of the parts."""
+        run: list[memoryview] = []
+        room = chunk
+        for part in self.parts:
+            while part.nbytes:
+                take = part[:room]
+                run.append(take)
+                part, room = part[take.nbytes :], room - take.nbytes
+                if not room:
+                    yield run
+                    run, room = [], chunk
+        if run:
+            yield run
+
+
+def pieces(message: bytes | Serialized, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The serialized pieces of the serialized ``message``, in order (one piece per ``chunk`` bytes)."""
+    whole = message if isinstance(message, Serialized) else Serialized(message)
+    if not whole.nbytes:
+        raise StreamError("cannot stream an empty message")
+    offset = 0
+    for run in whole.slices(chunk):
+        yield piece_bytes(offset, whole.nbytes, *run)
+        offset += sum(v.nbytes for v in run)
+
+
+class Reassembler:
+    """Collects the pieces of one message; :meth:`result` is the message's bytes.
+
+    Every problem raises :class:`StreamError` naming it: a ``total_size`` of 0 or above ``limit``,
+    pieces that disagree on it, a piece that is empty, is not the next one (missing, repeated or
+    reordered) or runs past the end, and (in :meth:`result`) a stream without pieces or one that
+    ended early. The buffer is allocated once, at the first piece."""
+
+    def __init__(self, limit: int = MAX_MESSAGE, what: str = "message") -> None:
+        self.limit, self.what = limit, what
+        self._buf: bytearray | None = None
+        self._next = 0
+        self.pieces = 0
+
+    def add(self, offset: int, total_size: int, data: bytes) -> None:
+        what = f"{self.what} stream, piece {self.pieces}"
+        if self._buf is None:
+            if not 0 < total_size <= self.limit:
+                raise StreamError(f"{what}: total_size {total_size} outside [1, {self.limit}]")
+            self._buf = bytearray(total_size)
+        elif total_size != len(self._buf):
+            raise StreamError(f"{what}: total_size {total_size} differs from the first piece's {len(self._buf)}")
+        if offset != self._next:
+            kind = "repeats or overlaps earlier data" if offset < self._next else "skips data (a piece is missing)"
+            raise StreamError(f"{what}: offset {offset}, expected {self._next}: the piece {kind}")
+        if not data:
+            raise StreamError(f"{what}: empty piece")
+        end = offset + len(data)
+        if end > len(self._buf):
+            raise StreamError(f"{what}: data runs to byte {end}, past total_size {len(self._buf)}")
+        self._buf[offset:end] = data
+        self._next = end
+        self.pieces += 1
+
+    def result(self) -> memoryview:
+        """The whole message (a view of the buffer; the buffer is released when the view is)."""
+        if self._buf is None:
+            raise StreamError(f"{self.what} stream: no pieces")
+        if self._next != len(self._buf):
+            raise StreamError(
+                f"{self.what} stream: ended after {self._next} of {len(self._buf)} bytes (pieces missing)"
+            )
+        buf, self._buf = self._buf, None
+        return memoryview(buf)
