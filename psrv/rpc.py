@@ -66,6 +66,20 @@ def _parser(msg_type: type) -> Callable[[bytes], Received]:
     return parse
 
 
+def _parse_piece(data: bytes) -> Received:
+    """A PushStream piece as :class:`psrv.stream.Piece` (its data not copied)."""
+    return Received(_piece_or_error(data), len(data))
+
+
+def _piece_or_error(data: bytes) -> stream.Piece | stream.StreamError:
+    """A malformed piece as its error, for the handler to raise: an exception in a deserializer
+    would end the call with gRPC's INTERNAL "Exception deserializing", not the reason."""
+    try:
+        return stream.parse_piece(data)
+    except stream.StreamError as exc:
+        return exc
+
+
 def generic_handler(handlers: dict[str, Callable[..., Any]]) -> grpc.GenericRpcHandler:
     """Server handlers receive :class:`Received` and return already-serialized bytes,
     so the handler itself knows (and records) the size of every request and reply. A
@@ -79,7 +93,11 @@ def generic_handler(handlers: dict[str, Callable[..., Any]]) -> grpc.GenericRpcH
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
-            name: factories[KINDS[name]](handlers[name], request_deserializer=_parser(req), response_serializer=bytes)
+            name: factories[KINDS[name]](
+                handlers[name],
+                request_deserializer=_parse_piece if KINDS[name] == "client_stream" else _parser(req),
+                response_serializer=bytes,
+            )
             for name, (req, _) in METHODS.items()
         },
     )
@@ -167,7 +185,9 @@ class CountingStub:
 
         def receive() -> memoryview:
             for piece in self._calls["GetModelStream"](data, **kwargs):
-                whole.add(piece.offset, piece.total_size, piece.data)
+                if isinstance(piece, stream.StreamError):
+                    raise piece
+                whole.add(*piece)
             return whole.result()
 
         return pb.GetModelResponse.FromString(self._booked("GetModelStream", [len(data)], receive))
@@ -188,8 +208,10 @@ class CountingStub:
         return pb.PushResponse(round=reply.round)
 
     def _deserializer(self, method: str, msg_type: type) -> Callable[[bytes], Any]:
+        parse = _piece_or_error if KINDS[method] == "server_stream" else msg_type.FromString
+
         def deserialize(data: bytes) -> Any:
             self.counter.add("down", method, len(data))
-            return msg_type.FromString(data)
+            return parse(data)
 
         return deserialize

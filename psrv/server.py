@@ -83,7 +83,9 @@ class Servicer:
             for piece in requests:
                 self.counter.add("up", "PushStream", piece.nbytes)
                 nbytes += piece.nbytes
-                whole.add(piece.msg.offset, piece.msg.total_size, piece.msg.data)
+                if isinstance(piece.msg, stream.StreamError):
+                    raise piece.msg
+                whole.add(*piece.msg)
             try:
                 return pb.PushRequest.FromString(whole.result())
             except DecodeError:

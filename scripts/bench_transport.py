@@ -314,6 +314,57 @@ def run_raw(paths: list[Path], dim: int, rounds: int, warmup: int, malloc: str, 
     }
 
 
+# ------------------------------------------------------------------------------- transfers
+def transfer_client(port: int, dim: int, rounds: int, kind: str, result_file: Path) -> None:
+    """One client of a psrv server, by hand: per round, after the round has opened, the model
+    (GetModel) and a dense float32 upload (Push), both ``kind`` = unary or stream; times each call."""
+    import grpc
+
+    from psrv import codec, memory, rpc
+    from psrv.payload import dense
+    from psrv.v1 import psrv_pb2 as pb
+
+    memory.tune_malloc()
+    g = np.random.default_rng(0).standard_normal(dim, dtype=np.float32)
+    above = 0 if kind == "stream" else 2**62
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=rpc.channel_options()) as channel:
+        stub = rpc.CountingStub(channel, stream_above=above)
+        req = pb.RegisterRequest(worker_id="w0", num_samples=1, n_features=n_features(dim), n_classes=N_CLASSES)
+        stub.Register(req, timeout=60, wait_for_ready=True)
+        down, up = [], []
+        for k in range(rounds + 1):
+            time.sleep(0.5 + dim * 4 / 1e9)  # the round is open and its model encoded
+            t0 = time.perf_counter()
+            model = stub.GetModel(pb.GetModelRequest(worker_id="w0", round=k), timeout=600)
+            down.append(time.perf_counter() - t0)
+            if model.done:
+                break
+            t0 = time.perf_counter()
+            stub.Push(codec.upload_to_wire("w0", k, 0.0, dense(g)), timeout=600)
+            up.append(time.perf_counter() - t0)
+    methods = sorted({m for _, m in stub.counter.bytes})
+    result_file.write_text(json.dumps({"down": down, "up": up, "methods": methods}))
+
+
+def run_transfer(dim: int, rounds: int, kind: str, folder: Path, timeout: float) -> dict:
+    server_cmd = [
+        sys.executable, "-m", "psrv", "start-server", "--host", "127.0.0.1", "--port", "0",
+        "--algorithm", "gd", "--lr", str(LR), "--workers", "1", "--rounds", str(rounds), "--round-timeout", "600",
+    ]  # fmt: skip
+    env = _env("tuned")
+    err = open(folder / f"transfer-server-{kind}.log", "w+")
+    procs = [subprocess.Popen(server_cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)]
+    result = folder / f"transfer-{kind}.json"
+    try:
+        port = _port_from_log(err, procs[0], timeout)
+        client = [sys.executable, str(Path(__file__).resolve()), "_transfer-client", str(port), str(dim)]
+        procs.append(subprocess.Popen([*client, str(rounds), kind, str(result)], env=env))
+        rss = [_wait(p, timeout) for p in procs]
+    finally:
+        _stop(procs)
+    return {**json.loads(result.read_text()), "server_rss": rss[0], "worker_rss": rss[1]}
+
+
 # ------------------------------------------------------------------------------- driver
 def _median(periods: list[float], warmup: int) -> float:
     return statistics.median(periods[warmup:] or periods)
@@ -329,13 +380,21 @@ def main(argv: list[str] | None = None) -> int:
         port, path, workers, result = argv[1:]
         raw_worker(int(port), Path(path), int(workers), Path(result))
         return 0
+    if argv and argv[0] == "_transfer-client":
+        port, dim, rounds, kind, result = argv[1:]
+        transfer_client(int(port), int(dim), int(rounds), kind, Path(result))
+        return 0
     p = argparse.ArgumentParser(prog="scripts/bench_transport.py", description=__doc__.split("\n")[0])
     p.add_argument("--dim", type=_dim, default=10**7, help="model dimension (multiple of 10), e.g. 1e7")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2, help="rounds left out of the medians")
     p.add_argument("--rows", type=int, default=2, help="training rows per worker")
-    p.add_argument("--modes", default="psrv,raw", help="comma-separated: psrv, raw")
+    p.add_argument(
+        "--modes",
+        default="psrv,raw",
+        help="comma-separated: psrv, raw (the GD round); unary, stream (one model and one upload a round)",
+    )
     p.add_argument(
         "--malloc",
         default="tuned,default",
@@ -350,15 +409,29 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="psrv-bench-") as tmp:
         folder = Path(tmp)
-        paths = write_data(folder, args.dim, args.workers, args.rows)
         mb = args.dim * 4 / 1e6
-        print(
-            f"d = {args.dim:.3g} ({mb:.0f} MB float32), M = {args.workers}, {args.rounds} rounds "
-            f"(medians of rounds {args.warmup}..{args.rounds - 1}), {args.rows} rows per worker; "
-            f"per round {args.workers} x {mb:.0f} MB down and up",
-            flush=True,
-        )
-        for malloc in mallocs:
+        transfers = [m for m in modes if m in ("unary", "stream")]
+        if transfers:
+            print(f"d = {args.dim:.3g} ({mb:.0f} MB float32), one client, {args.rounds} rounds", flush=True)
+        for kind in transfers:
+            r = run_transfer(args.dim, args.rounds, kind, folder, args.timeout)
+            results[kind] = r
+            print(
+                f"{kind:>6}: model {_median(r['down'], args.warmup) * 1e3:7.1f} ms, "
+                f"upload {_median(r['up'], args.warmup) * 1e3:7.1f} ms (medians; methods {', '.join(r['methods'])}); "
+                f"peak RSS server {r['server_rss'] / 2**20:.0f} MiB, client {r['worker_rss'] / 2**20:.0f} MiB",
+                flush=True,
+            )
+        modes = [m for m in modes if m in runners]
+        if modes:
+            paths = write_data(folder, args.dim, args.workers, args.rows)
+            print(
+                f"d = {args.dim:.3g} ({mb:.0f} MB float32), M = {args.workers}, {args.rounds} rounds "
+                f"(medians of rounds {args.warmup}..{args.rounds - 1}), {args.rows} rows per worker; "
+                f"per round {args.workers} x {mb:.0f} MB down and up",
+                flush=True,
+            )
+        for malloc in mallocs if modes else []:
             for mode in modes:
                 r = runners[mode](paths, args.dim, args.rounds, args.warmup, malloc, folder, args.timeout)
                 r["median"] = _median(r["periods"], args.warmup)

@@ -54,6 +54,47 @@ def test_pieces_cut_consecutive_runs_across_parts() -> None:
         list(stream.pieces(b""))
 
 
+def _pb_fields(piece_type: type, data: bytes) -> tuple[int, int, bytes]:
+    msg = piece_type.FromString(data)
+    return msg.offset, msg.total_size, msg.data
+
+
+@pytest.mark.parametrize("piece_type", PIECE_TYPES)
+def test_parse_piece_reads_what_protobuf_reads(piece_type: type) -> None:
+    plain = piece_type(offset=300, total_size=2**33, data=b"abc" * 50).SerializeToString()
+    unknown = stream.varint(9 << 3 | 0) + stream.varint(5)  # field 9, varint
+    unknown += stream.varint(10 << 3 | 1) + bytes(8) + stream.varint(11 << 3 | 5) + bytes(4)
+    unknown += stream.varint(12 << 3 | 2) + stream.varint(3) + b"xyz"
+    wrong_wire = stream.varint(3 << 3 | 0) + stream.varint(7)  # field 3 as a varint: an unknown field
+    later = piece_type(offset=7, data=b"last").SerializeToString()  # fields again: the last ones win
+    for message in (plain, unknown + plain, plain + unknown + wrong_wire, plain + later, b""):
+        piece = stream.parse_piece(message)
+        assert (piece.offset, piece.total_size, bytes(piece.data)) == _pb_fields(piece_type, message)
+    assert isinstance(stream.parse_piece(plain).data, memoryview)  # a view, not a copy
+    # every cut of a valid piece either reads as protobuf reads it or fails in both
+    for cut in range(len(plain) + 1):
+        try:
+            expected = _pb_fields(piece_type, plain[:cut])
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError
+            with pytest.raises(stream.StreamError, match="malformed piece"):
+                stream.parse_piece(plain[:cut])
+            continue
+        piece = stream.parse_piece(plain[:cut])
+        assert (piece.offset, piece.total_size, bytes(piece.data)) == expected
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"\x08", b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x1a\x05ab", b"\x0b", b"\x00\x01"],
+    ids=["truncated varint", "overlong varint", "data past the end", "group", "field 0"],
+)
+def test_parse_piece_rejects_malformed_bytes(message: bytes) -> None:
+    with pytest.raises(stream.StreamError, match="malformed piece"):
+        stream.parse_piece(message)
+    with pytest.raises(Exception):  # noqa: B017 - protobuf refuses them too
+        pb.PushStreamRequest.FromString(message)
+
+
 def test_serialized_bytes_are_not_copied_when_whole() -> None:
     data = b"x" * 100
     assert stream.Serialized(data).tobytes() is data
@@ -231,6 +272,7 @@ def test_bad_push_streams_are_rejected_whole(make_harness: Callable[..., Harness
         ),
         "ends early": ([stream.piece_bytes(0, n, evil[:-1])], f"ended after {n - 1} of {n} bytes"),
         "not a PushRequest": ([stream.piece_bytes(0, 3, b"\xff\xff\xff")], "do not make a PushRequest"),
+        "malformed piece": ([stream.piece_bytes(0, n, evil[:20]), b"\x1a\x05ab"], "malformed piece"),
         "a bad payload": (
             list(stream.pieces(codec.upload_to_wire("w0", 0, 1.0, dense(g[:-1])), chunk=9)),
             "14 elements, expected 15",
@@ -249,7 +291,7 @@ def test_bad_push_streams_are_rejected_whole(make_harness: Callable[..., Harness
 @pytest.mark.slow  # about 2-5 s and 1 GB: a 48 MB model and upload through gRPC
 def test_big_model_and_upload_round_trip_exactly(make_harness: Callable[..., Harness]) -> None:
     n_features, n_classes = 1_199_999, 10
-    dim = (n_features + 1) * n_classes  # 12e6 parameters: 48 MB as float32, 12x the stream threshold
+    dim = (n_features + 1) * n_classes  # 12e6 parameters: 48 MB as float32, above the 32 MiB stream threshold
     lr = 0.5  # a power of two: -lr * g is exact in float32
     h = make_harness(algorithm="gd", options={"lr": lr}, num_workers=1, rounds=1, round_timeout=120.0)
     h.register("w0", n_features=n_features, n_classes=n_classes)
