@@ -11,7 +11,7 @@ pieces that carried it, each one message on the channel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,16 @@ def _parser(msg_type: type) -> Callable[[bytes], Received]:
     return parse
 
 
+def _request_parser(method: str, msg_type: type, raw: Collection[str]) -> Callable[[bytes], Received]:
+    if KINDS[method] == "client_stream":
+        return _parse_piece
+    return _unparsed if method in raw else _parser(msg_type)
+
+
+def _unparsed(data: bytes) -> Received:
+    return Received(data, len(data))
+
+
 def _parse_piece(data: bytes) -> Received:
     """A PushStream piece as :class:`psrv.stream.Piece` (its data not copied)."""
     return Received(_piece_or_error(data), len(data))
@@ -80,11 +90,12 @@ def _piece_or_error(data: bytes) -> stream.Piece | stream.StreamError:
         return exc
 
 
-def generic_handler(handlers: dict[str, Callable[..., Any]]) -> grpc.GenericRpcHandler:
+def generic_handler(handlers: dict[str, Callable[..., Any]], raw: Collection[str] = ()) -> grpc.GenericRpcHandler:
     """Server handlers receive :class:`Received` and return already-serialized bytes,
     so the handler itself knows (and records) the size of every request and reply. A
     ``server_stream`` handler returns an iterator of serialized messages; a ``client_stream``
-    handler receives an iterator of :class:`Received`."""
+    handler receives an iterator of :class:`Received` pieces (:class:`psrv.stream.Piece`). The
+    handlers of the unary methods in ``raw`` receive their request's bytes, unparsed."""
     factories = {
         "unary": grpc.unary_unary_rpc_method_handler,
         "server_stream": grpc.unary_stream_rpc_method_handler,
@@ -95,7 +106,7 @@ def generic_handler(handlers: dict[str, Callable[..., Any]]) -> grpc.GenericRpcH
         {
             name: factories[KINDS[name]](
                 handlers[name],
-                request_deserializer=_parse_piece if KINDS[name] == "client_stream" else _parser(req),
+                request_deserializer=_request_parser(name, req, raw),
                 response_serializer=bytes,
             )
             for name, (req, _) in METHODS.items()

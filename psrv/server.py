@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from psrv import codec, memory, rpc, stream
 from psrv.engine import EngineError, RoundEngine, RoundSink, ServerConfig
@@ -31,6 +30,9 @@ class Servicer:
     bytes, encoded once per round, go out as pieces; the pieces of an upload are put back together
     and checked (:class:`psrv.stream.Reassembler`, at most :func:`psrv.stream.limit_for` the model's
     dimension) before anything decodes them, so a bad stream is refused whole."""
+
+    #: handlers that receive their request serialized (``Received.msg`` is the bytes)
+    RAW = frozenset({"Push"})
 
     def __init__(self, engine: RoundEngine, counter: ByteCounter, chunk: int = stream.CHUNK_BYTES) -> None:
         self.engine, self.counter, self.chunk = engine, counter, chunk
@@ -77,7 +79,7 @@ class Servicer:
     def _push_stream(self, requests: Iterator[rpc.Received], context: grpc.ServicerContext) -> bytes:
         nbytes = 0
 
-        def reassemble(_msg: Any, _nbytes: int, _context: Any) -> pb.PushRequest:
+        def reassemble(_msg: Any, _nbytes: int, _context: Any) -> codec.WireUpload:
             nonlocal nbytes
             whole = stream.Reassembler(stream.limit_for(self.engine.dim), "PushStream")
             for piece in requests:
@@ -87,12 +89,12 @@ class Servicer:
                     raise piece.msg
                 whole.add(*piece.msg)
             try:
-                return pb.PushRequest.FromString(whole.result())
-            except DecodeError:
+                return codec.WireUpload(whole.result())
+            except codec.CodecError:
                 raise codec.CodecError("PushStream: the pieces do not make a PushRequest") from None
 
-        request = self._call(reassemble, None, 0, context)
-        reply = self._call(self.Push, request, nbytes, context)
+        upload = self._call(reassemble, None, 0, context)
+        reply = self._call(self._push, upload, nbytes, context)
         return self._reply("PushStream", pb.PushStreamResponse(round=reply.round))
 
     def Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterResponse:
@@ -106,8 +108,12 @@ class Servicer:
         wait = 60.0 if remaining is None else max(0.0, remaining - 0.05)
         return self.engine.wait_model(req.worker_id, req.round, wait)
 
-    def Push(self, req: pb.PushRequest, nbytes: int, context: Any) -> pb.PushResponse:
-        payload = codec.upload_from_proto(req, self.engine.dim_for(req.worker_id))  # NOT_FOUND before decoding
+    def Push(self, req: bytes, nbytes: int, context: Any) -> pb.PushResponse:
+        return self._push(codec.WireUpload(req), nbytes, context)  # its request in RAW: dense values not copied
+
+    def _push(self, upload: codec.WireUpload, nbytes: int, context: Any) -> pb.PushResponse:
+        req = upload.request
+        payload = upload.payload(self.engine.dim_for(req.worker_id))  # NOT_FOUND before decoding
         smoothness = codec.upload_smoothness(req)
         self.engine.push(req.worker_id, req.round, payload, req.local_loss, smoothness, nbytes)
         return pb.PushResponse(round=req.round)
@@ -187,7 +193,7 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=2 * ps.config.num_workers + 8),
         options=rpc.channel_options(max_message_bytes),
     )
-    server.add_generic_rpc_handlers((rpc.generic_handler(ps.handlers()),))
+    server.add_generic_rpc_handlers((rpc.generic_handler(ps.handlers(), raw=Servicer.RAW),))
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")

@@ -21,6 +21,7 @@ from typing import NamedTuple
 __all__ = [
     "CHUNK_BYTES",
     "STREAM_ABOVE",
+    "Field",
     "Piece",
     "Reassembler",
     "Serialized",
@@ -29,7 +30,9 @@ __all__ = [
     "parse_piece",
     "piece_bytes",
     "pieces",
+    "read_varint",
     "varint",
+    "wire_fields",
 ]
 
 #: bytes of message data per piece
@@ -85,19 +88,57 @@ def piece_bytes(offset: int, total_size: int, *data: bytes | memoryview) -> byte
     return b"".join((head, *data))
 
 
-def _read_varint(data: memoryview, i: int) -> tuple[int, int]:
+def read_varint(data: memoryview, i: int) -> tuple[int, int]:
+    """The varint at ``data[i]`` and the position after it."""
     value = shift = 0
     while True:
         if i >= len(data) or shift > 63:
-            raise StreamError("malformed piece: truncated or overlong varint")
+            raise StreamError("truncated or overlong varint")
         b = data[i]
         i += 1
         value |= (b & 0x7F) << shift
         if not b & 0x80:
             if value >> 64:
-                raise StreamError("malformed piece: varint over 64 bits")
+                raise StreamError("varint over 64 bits")
             return value, i
         shift += 7
+
+
+class Field(NamedTuple):
+    """A field of a serialized protobuf message: number, wire type, and positions: where the field
+    (its tag) starts, where its value starts (a length-delimited value: after the length) and ends."""
+
+    number: int
+    wire: int
+    start: int
+    value: int
+    end: int
+
+
+def wire_fields(view: memoryview, start: int = 0, end: int | None = None) -> Iterator[Field]:
+    """The fields of the message serialized in ``view[start:end]``, in order, read as protobuf does
+    (varint, 64-bit, length-delimited and 32-bit values); raises :class:`StreamError` on malformed
+    bytes (a truncated or overlong varint, a value past the end, field number 0, groups)."""
+    end = len(view) if end is None else end
+    i = start
+    while i < end:
+        key, value = read_varint(view, i)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise StreamError("field number 0")
+        if wire == 0:
+            _, stop = read_varint(view, value)
+        elif wire == 2:
+            size, value = read_varint(view, value)
+            stop = value + size
+        elif wire in (1, 5):
+            stop = value + (8 if wire == 1 else 4)
+        else:
+            raise StreamError(f"wire type {wire}")
+        if stop > end:
+            raise StreamError("a field runs past the message")
+        yield Field(number, wire, i, value, stop)
+        i = stop
 
 
 def parse_piece(message: bytes) -> Piece:
@@ -108,31 +149,15 @@ def parse_piece(message: bytes) -> Piece:
     view = memoryview(message).cast("B")
     offset = total = 0
     data = view[:0]
-    i = 0
-    while i < len(view):
-        key, i = _read_varint(view, i)
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise StreamError("malformed piece: field number 0")
-        if wire == 0:
-            value, i = _read_varint(view, i)
-            if field == 1:
-                offset = value
-            elif field == 2:
-                total = value
-        elif wire == 2:
-            size, i = _read_varint(view, i)
-            if i + size > len(view):
-                raise StreamError("malformed piece: a field runs past the message")
-            if field == 3:
-                data = view[i : i + size]
-            i += size
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-            if i > len(view):
-                raise StreamError("malformed piece: a field runs past the message")
-        else:
-            raise StreamError(f"malformed piece: wire type {wire}")
+    try:
+        for f in wire_fields(view):
+            if f.wire == 0 and f.number in (1, 2):
+                value = read_varint(view, f.value)[0]
+                offset, total = (value, total) if f.number == 1 else (offset, value)
+            elif f.wire == 2 and f.number == 3:
+                data = view[f.value : f.end]
+    except StreamError as exc:
+        raise StreamError(f"malformed piece: {exc}") from None
     return Piece(offset, total, data)
 
 

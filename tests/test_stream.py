@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from psrv import codec, rpc, stream
-from psrv.payload import Payload, dense, sparse, to_bfloat16
+from psrv.payload import dense
 from psrv.server import ServerConfig
 from psrv.v1 import psrv_pb2 as pb
 from tests.test_server import DIM, RPC_TIMEOUT, Harness, expect_status
@@ -98,28 +98,6 @@ def test_parse_piece_rejects_malformed_bytes(message: bytes) -> None:
 def test_serialized_bytes_are_not_copied_when_whole() -> None:
     data = b"x" * 100
     assert stream.Serialized(data).tobytes() is data
-
-
-def _payloads() -> list[Payload]:
-    rng = np.random.default_rng(0)
-    g = rng.normal(size=1000)
-    return [
-        dense(g.astype(np.float32)),
-        dense(g),
-        dense(g.astype(">f4")),  # big-endian values go little-endian
-        dense(g.astype(np.float16)),
-        Payload("dense", 1000, values=to_bfloat16(g.astype(np.float32)), value_format="bfloat16"),
-        sparse(1000, np.array([3, 500, 999]), np.ones(3, np.float32)),
-    ]
-
-
-@pytest.mark.parametrize("p", _payloads(), ids=lambda p: f"{p.kind}-{p.value_dtype}")
-@pytest.mark.parametrize("smoothness", [None, 2.5])
-@pytest.mark.parametrize("zstd", [False, True])
-def test_upload_to_wire_is_upload_to_proto_serialized(p: Payload, smoothness: float | None, zstd: bool) -> None:
-    expected = codec.upload_to_proto("w7", 300, 0.25, p, zstd=zstd, smoothness=smoothness).SerializeToString()
-    wire = codec.upload_to_wire("w7", 300, 0.25, p, zstd=zstd, smoothness=smoothness)
-    assert wire.tobytes() == expected and wire.nbytes == len(expected)
 
 
 # ============================================================================ reassembly
@@ -286,6 +264,17 @@ def test_bad_push_streams_are_rejected_whole(make_harness: Callable[..., Harness
     assert h.model("w0", 1).done
     np.testing.assert_array_equal(h.ps.theta, -lr * g.astype(np.float64))  # the good upload alone
     assert h.ps.records[0]["uploads"] == 1
+
+
+def test_unary_push_that_is_no_push_request_is_invalid_argument(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness(algorithm="gd", num_workers=1, rounds=1)
+    h.register("w0")
+    h.start()
+    h.params("w0", 0)
+    call = h.channel.unary_unary(f"/{rpc.SERVICE}/Push", request_serializer=lambda b: b, response_deserializer=bytes)
+    with expect_status(Code.INVALID_ARGUMENT, "not a valid PushRequest"):
+        call(b"\x0a\x05w0", timeout=RPC_TIMEOUT)  # worker_id cut short
+    assert h.push("w0", 0, dense(np.ones(DIM, np.float32))).round == 0
 
 
 @pytest.mark.slow  # about 2-5 s and 1 GB: a 48 MB model and upload through gRPC
