@@ -16,7 +16,11 @@ float32 model to every worker and every worker sends back a dense float32 gradie
   bytes back; the server sums the gradients in float64 and takes the step. No serialization, no
   framing beyond the header, no copies beyond what the kernel needs.
 
-Rounds after the first ``--warmup`` are timed; the table gives the medians and psrv / raw. Each
+Rounds after the first ``--warmup`` are timed (``--repeat`` runs of each configuration, interleaved,
+pooled); the table gives the medians and psrv / raw, of the
+whole round and of its exchange: from the moment the model is ready to go to the moment the last
+gradient has arrived (psrv: the engine's ``round_time``; raw: sending, computing and receiving), so
+the rest is the server's work between rounds (aggregating, the step, encoding the next model). Each
 configuration runs once with glibc's malloc as psrv sets it up (:mod:`psrv.memory`) and once with
 glibc's defaults (``PSRV_MALLOC=default``); ``--malloc`` picks (``env``: the thresholds through glibc's
 environment variables instead). The peak RSS of the server and of the
@@ -177,9 +181,10 @@ def run_psrv(paths: list[Path], dim: int, rounds: int, warmup: int, malloc: str,
         rss = [_wait(p, timeout) for p in procs]
     finally:
         _stop(procs)
-    elapsed = [json.loads(line)["elapsed"] for line in metrics.read_text().splitlines()]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     return {
-        "periods": list(np.diff([0.0, *elapsed])),
+        "periods": list(np.diff([0.0, *(r["elapsed"] for r in records)])),
+        "exchanges": [r["round_time"] for r in records],
         "cpu": monitor.per_round(),
         "server_rss": rss[0],
         "worker_rss": max(rss[1:]),
@@ -217,7 +222,7 @@ def raw_server(dim: int, workers: int, rounds: int, port_file: Path, result_file
     port_file.write_text(str(listener.getsockname()[1]))
     conns = [listener.accept()[0] for _ in range(workers)]
     grads = [np.empty(dim, np.float32) for _ in range(workers)]
-    periods = []
+    periods, exchanges = [], []
     with ThreadPoolExecutor(workers) as pool:
         for k in range(rounds + 1):
             t0 = time.perf_counter()
@@ -229,7 +234,9 @@ def raw_server(dim: int, workers: int, rounds: int, port_file: Path, result_file
                 if k < rounds:
                     _recv_into(conns[i], memoryview(grads[i]).cast("B"))
 
+            t1 = time.perf_counter()
             list(pool.map(serve, range(workers)))
+            exchanges.append(time.perf_counter() - t1)
             if k == rounds:
                 break
             total = np.zeros(dim)
@@ -239,7 +246,7 @@ def raw_server(dim: int, workers: int, rounds: int, port_file: Path, result_file
             periods.append(time.perf_counter() - t0)
             with progress.open("a") as f:
                 f.write(f"{k}\n")
-    result_file.write_text(json.dumps({"periods": periods}))
+    result_file.write_text(json.dumps({"periods": periods, "exchanges": exchanges[:rounds]}))
 
 
 def raw_worker(port: int, data_path: Path, workers: int, result_file: Path) -> None:
@@ -306,7 +313,7 @@ def run_raw(paths: list[Path], dim: int, rounds: int, warmup: int, malloc: str, 
         _stop(procs)
     compute = [c for out in outs for c in json.loads(out.read_text())["compute"]]
     return {
-        "periods": json.loads(result.read_text())["periods"],
+        **json.loads(result.read_text()),
         "cpu": monitor.per_round(),
         "server_rss": rss[0],
         "worker_rss": max(rss[1:]),
@@ -400,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         default="tuned,default",
         help="comma-separated: tuned (psrv's set-up), default (glibc's), env (MALLOC_*_THRESHOLD_ variables)",
     )
+    p.add_argument("--repeat", type=int, default=1, help="runs of each configuration, interleaved; rounds pooled")
     p.add_argument("--timeout", type=float, default=600.0, help="per run, seconds")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -431,24 +439,42 @@ def main(argv: list[str] | None = None) -> int:
                 f"per round {args.workers} x {mb:.0f} MB down and up",
                 flush=True,
             )
-        for malloc in mallocs if modes else []:
-            for mode in modes:
-                r = runners[mode](paths, args.dim, args.rounds, args.warmup, malloc, folder, args.timeout)
-                r["median"] = _median(r["periods"], args.warmup)
-                results[f"{mode}/{malloc}"] = r
-                extra = f", worker compute {r['compute'] * 1e3:.0f} ms" if "compute" in r else ""
-                print(
-                    f"{mode:>5} malloc={malloc:<8} median round {r['median'] * 1e3:8.1f} ms, "
-                    f"CPU {r['cpu'] * 1e3:6.0f} ms/round "
-                    f"(rounds: {', '.join(f'{t * 1e3:.0f}' for t in r['periods'])}); peak RSS server "
-                    f"{r['server_rss'] / 2**20:.0f} MiB, worker {r['worker_rss'] / 2**20:.0f} MiB{extra}",
-                    flush=True,
-                )
+        runs: dict[str, list[dict]] = {}
+        for repeat in range(args.repeat if modes else 0):
+            for malloc in mallocs:
+                for mode in modes:
+                    r = runners[mode](paths, args.dim, args.rounds, args.warmup, malloc, folder, args.timeout)
+                    runs.setdefault(f"{mode}/{malloc}", []).append(r)
+                    extra = f", worker compute {r['compute'] * 1e3:.0f} ms" if "compute" in r else ""
+                    print(
+                        f"{mode:>5} malloc={malloc:<8} run {repeat + 1}: round "
+                        f"{_median(r['periods'], args.warmup) * 1e3:7.1f} ms (exchange "
+                        f"{_median(r['exchanges'], args.warmup) * 1e3:6.1f} ms), CPU {r['cpu'] * 1e3:6.0f} ms/round "
+                        f"(rounds: {', '.join(f'{t * 1e3:.0f}' for t in r['periods'])}); peak RSS server "
+                        f"{r['server_rss'] / 2**20:.0f} MiB, worker {r['worker_rss'] / 2**20:.0f} MiB{extra}",
+                        flush=True,
+                    )
+    for key, rs in runs.items():
+        results[key] = {
+            "median": statistics.median(t for r in rs for t in r["periods"][args.warmup :]),
+            "exchange": statistics.median(t for r in rs for t in r["exchanges"][args.warmup :]),
+            "cpu": statistics.median(r["cpu"] for r in rs),
+            "server_rss": max(r["server_rss"] for r in rs),
+            "worker_rss": max(r["worker_rss"] for r in rs),
+            "runs": rs,
+        }
+        r = results[key]
+        print(
+            f"{key:>14}: median round {r['median'] * 1e3:7.1f} ms, exchange {r['exchange'] * 1e3:6.1f} ms, "
+            f"CPU {r['cpu'] * 1e3:6.0f} ms/round ({len(rs)} runs); peak RSS server {r['server_rss'] / 2**20:.0f} MiB, "
+            f"worker {r['worker_rss'] / 2**20:.0f} MiB"
+        )
     for malloc in mallocs:
         psrv, raw = results.get(f"psrv/{malloc}"), results.get(f"raw/{malloc}")
         if psrv and raw:
             print(
                 f"malloc={malloc}: psrv / raw TCP = {psrv['median'] / raw['median']:.2f} (round time), "
+                f"{psrv['exchange'] / raw['exchange']:.2f} (exchange), "
                 f"{psrv['cpu'] / raw['cpu']:.2f} (CPU time of all processes)"
             )
     if args.json:
