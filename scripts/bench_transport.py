@@ -139,6 +139,8 @@ class CpuMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(0.002) and len(self.samples) < len(self.marks):
+            if not self.pids:
+                continue
             try:
                 done = self.progress.read_bytes().count(b"\n")
             except OSError:
@@ -159,6 +161,7 @@ class CpuMonitor:
 # ------------------------------------------------------------------------------- psrv
 def run_psrv(paths: list[Path], dim: int, rounds: int, warmup: int, malloc: str, folder: Path, timeout: float) -> dict:
     metrics = folder / f"psrv-{malloc}.jsonl"
+    metrics.unlink(missing_ok=True)
     monitor = CpuMonitor(metrics, warmup, rounds)
     server_cmd = [
         sys.executable, "-m", "psrv", "start-server", "--host", "127.0.0.1", "--port", "0",
