@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import threadpoolctl
 
 from psrv import codec, memory, rpc, stream
 from psrv.engine import EngineError, RoundEngine, RoundSink, ServerConfig
@@ -189,6 +190,8 @@ def create_server(
     """A started gRPC server for ``ps`` and the port it bound (port 0 picks a free one).
     Sets up malloc for big messages first (:func:`psrv.memory.tune_malloc`)."""
     memory.tune_malloc()
+    # the engine's vector reductions gain nothing from BLAS threads, whose spinning takes CPU from workers
+    threadpoolctl.threadpool_limits(1, user_api="blas")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2 * ps.config.num_workers + 8),
         options=rpc.channel_options(max_message_bytes),

@@ -217,9 +217,12 @@ def _recv_into(conn: socket.socket, view: memoryview) -> None:
 
 
 def raw_server(dim: int, workers: int, rounds: int, port_file: Path, result_file: Path, progress: Path) -> None:
+    import threadpoolctl
+
     from psrv import memory
 
     memory.tune_malloc()
+    threadpoolctl.threadpool_limits(1, user_api="blas")  # as psrv's server
     theta = np.zeros(dim)
     listener = socket.create_server(("127.0.0.1", 0))
     port_file.write_text(str(listener.getsockname()[1]))
@@ -257,9 +260,11 @@ def raw_worker(port: int, data_path: Path, workers: int, result_file: Path) -> N
     from psrv.tasks import make_task
 
     memory.tune_malloc()
+    import threadpoolctl
     import torch
 
     torch.set_num_threads(1)  # as psrv's worker
+    threadpoolctl.threadpool_limits(1, user_api="blas")
     ds = data.load(str(data_path))
     task = make_task("logreg", ds.n_features, ds.n_classes)
     task.local_loss_grad(np.zeros(task.dim), ds.X[:2], ds.y[:2], len(ds), workers)  # warm-up, as psrv's worker

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import threadpoolctl
 
 from psrv import codec, data, memory, rpc
 from psrv.algorithms import RoundInfo, make_algorithm
@@ -151,6 +152,8 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
     import torch
 
     torch.set_num_threads(cfg.torch_threads)
+    # numpy's BLAS too: its idle threads spin after every call (a third of a worker's CPU at d = 1e7)
+    threadpoolctl.threadpool_limits(cfg.torch_threads, user_api="blas")
     ds = dataset if dataset is not None else load_worker_data(cfg)
     with grpc.insecure_channel(cfg.server, options=rpc.channel_options()) as channel:
         stub = rpc.CountingStub(channel)
