@@ -348,7 +348,7 @@ def transfer_client(port: int, dim: int, rounds: int, kind: str, result_file: Pa
         stub.Register(req, timeout=60, wait_for_ready=True)
         down, up = [], []
         for k in range(rounds + 1):
-            time.sleep(0.5 + dim * 4 / 1e9)  # the round is open and its model encoded
+            time.sleep(0.5 + dim * 3e-8)  # the round is open and its model encoded (3 s at d = 1e8)
             t0 = time.perf_counter()
             model = stub.GetModel(pb.GetModelRequest(worker_id="w0", round=k), timeout=600)
             down.append(time.perf_counter() - t0)
