@@ -19,17 +19,14 @@ Each timing is warmed up once and is the median of ``--repeat`` runs
 (default 1e7), with PASS/FAIL: exact top-1% compress only (20 ms) and LAQ quantize +
 :func:`psrv.bitpack.pack` at b = 3 (30 ms).
 
-Run it with glibc's malloc told to keep big blocks instead of returning them to the
-kernel; otherwise every 10-80 MB temporary comes back as fresh mmap pages whose page
-faults dominate the timings (PRODUCT.md, "Performance facts")::
-
-    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648 python -m psrv.bench
+It sets glibc's malloc up as psrv's server and worker do (:func:`psrv.memory.tune_malloc`):
+otherwise every 10-80 MB temporary comes back as fresh mmap pages whose page faults dominate
+the timings. ``PSRV_MALLOC=default`` measures with glibc's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -38,7 +35,7 @@ from typing import TextIO
 
 import numpy as np
 
-from psrv import bitpack, codec
+from psrv import bitpack, codec, memory
 from psrv.compress import COMPRESSORS, make_compressor
 from psrv.compress.laq import quantize
 from psrv.payload import Payload, payload_bits, to_dense
@@ -48,7 +45,6 @@ LAQ_BITS = 3
 LAQ_ROW = "laq-innovation"  # the innovation quantizer as the LAQ algorithm uses it
 TOPK_TARGET_MS = 20.0
 LAQ_TARGET_MS = 30.0
-MALLOC_HINT = "MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648"
 
 HEADER = ("compressor", "d", "enc ms", "dec ms", "bytes", "formula B", "ratio")
 
@@ -177,8 +173,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser.add_argument("--target-dim", type=_dim, default=10**7, help="d of the two kernel targets")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.compressors.split(",") if n.strip()] or [*sorted(COMPRESSORS), LAQ_ROW]
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        print(f"note: for stable timings run with {MALLOC_HINT}", file=out)
+    if not memory.tune_malloc():
+        print(
+            "note: malloc left at its defaults (PSRV_MALLOC=default or not glibc): timings include page faults",
+            file=out,
+        )
     print(
         f"vector: seeded float32, {args.dist} entries; laq: b={LAQ_BITS} against a random float64 previous Q; "
         f"medians of {args.repeat} runs after 1 warm-up",

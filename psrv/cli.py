@@ -108,6 +108,9 @@ def run(
     **kw: Any,
 ) -> None:
     """Train on this machine: one server and M worker processes over loopback gRPC."""
+    from psrv import memory
+
+    memory.tune_malloc()  # before any thread starts (see psrv.memory)
     from psrv import plots, report
     from psrv.data import DataError
     from psrv.runner import run_local, write_manifest
@@ -183,6 +186,9 @@ def start_server(
     **kw: Any,
 ) -> None:
     """Run the parameter server for one algorithm until the configured rounds are done."""
+    from psrv import memory
+
+    memory.tune_malloc()  # before any thread starts (see psrv.memory)
     from psrv import report
     from psrv.metrics import MetricsSink
     from psrv.runner import config_manifest
@@ -238,6 +244,9 @@ def start_worker(
     **kw: Any,
 ) -> None:
     """Run one worker: register with the server and train until it says done."""
+    from psrv import memory
+
+    memory.tune_malloc()  # before any thread starts (see psrv.memory)
     from psrv.data import DataError
     from worker.client import WorkerConfig, run_worker
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zstandard
 
-from psrv import bitpack, varint
+from psrv import bitpack, stream, varint
 from psrv.payload import Payload, qsgd_code_width
 from psrv.payload import from_bfloat16 as payload_from_bfloat16
 from psrv.replica import AggregateChange
@@ -98,11 +98,13 @@ def tensor_from_proto(msg: pb.DenseTensor, expected_size: int | None = None, wha
     return (payload_from_bfloat16(raw) if fmt else raw).reshape(tuple(msg.shape))
 
 
-def _tensor_values(msg: pb.DenseTensor, expected_size: int | None, what: str) -> tuple[np.ndarray, str]:
+def _tensor_values(
+    msg: pb.DenseTensor, expected_size: int | None, what: str, data: bytes | memoryview | None = None
+) -> tuple[np.ndarray, str]:
     size = math.prod(msg.shape)
     if expected_size is not None and size != expected_size:
         raise CodecError(f"{what}: {size} elements, expected {expected_size}")
-    return _values(msg.data, msg.dtype, size, what)
+    return _values(msg.data if data is None else data, msg.dtype, size, what)
 
 
 # --- payloads ----------------------------------------------------------------------
@@ -153,10 +155,11 @@ def payload_to_proto(p: Payload) -> Any:
     raise CodecError(f"unknown payload kind {p.kind!r}")
 
 
-def dense_from_proto(msg: pb.DenseTensor, dim: int) -> Payload:
+def dense_from_proto(msg: pb.DenseTensor, dim: int, data: bytes | memoryview | None = None) -> Payload:
+    """``data``: the tensor's values when they are not in ``msg`` (:class:`WireUpload`)."""
     if len(msg.shape) != 1:
         raise CodecError(f"dense payload: shape {list(msg.shape)} is not a vector")
-    values, fmt = _tensor_values(msg, dim, "dense payload")
+    values, fmt = _tensor_values(msg, dim, "dense payload", data)
     return Payload("dense", dim, values=values, value_format=fmt)
 
 
@@ -247,6 +250,13 @@ PAYLOAD_KINDS = {name.removeprefix("PAYLOAD_KIND_").lower(): value for name, val
 _KIND_NAMES = {v: k for k, v in PAYLOAD_KINDS.items()}
 
 
+def _push_request(worker_id: str, round_: int, local_loss: float, smoothness: float | None) -> pb.PushRequest:
+    msg = pb.PushRequest(worker_id=worker_id, round=round_, local_loss=local_loss)
+    if smoothness is not None:
+        msg.smoothness = smoothness
+    return msg
+
+
 def upload_to_proto(
     worker_id: str,
     round_: int,
@@ -257,9 +267,7 @@ def upload_to_proto(
 ) -> pb.PushRequest:
     """An upload; with ``zstd`` the payload is compressed when that makes it smaller.
     ``smoothness``: the worker's bound on L_m (sent with the first upload where the server selects with it)."""
-    msg = pb.PushRequest(worker_id=worker_id, round=round_, local_loss=local_loss)
-    if smoothness is not None:
-        msg.smoothness = smoothness
+    msg = _push_request(worker_id, round_, local_loss, smoothness)
     _put_payload(msg, p, zstd)
     return msg
 
@@ -276,6 +284,33 @@ def _put_payload(msg: Any, p: Payload, zstd: bool) -> None:
             msg.zstd.CopyFrom(packed)
             return
     getattr(msg, p.kind).CopyFrom(inner)
+
+
+_DENSE_TAG = stream.varint(pb.PushRequest.DESCRIPTOR.fields_by_name["dense"].number << 3 | 2)
+_DATA_TAG = stream.varint(pb.DenseTensor.DESCRIPTOR.fields_by_name["data"].number << 3 | 2)
+
+
+def upload_to_wire(
+    worker_id: str,
+    round_: int,
+    local_loss: float,
+    p: Payload,
+    zstd: bool = False,
+    smoothness: float | None = None,
+) -> stream.Serialized:
+    """``upload_to_proto(...).SerializeToString()``, byte for byte, without copying a dense payload's
+    values: the message is serialized without them and they follow as a view of the array
+    (``dense`` and ``DenseTensor.data`` are the last fields of their messages, where protobuf puts
+    them). Other payloads, and zstd, are serialized as usual."""
+    if p.kind != "dense" or zstd or not p.values.size:
+        msg = upload_to_proto(worker_id, round_, local_loss, p, zstd, smoothness)
+        return stream.Serialized(msg.SerializeToString())
+    code = _values_code(p.values, p.value_format)
+    values = np.ascontiguousarray(p.values, dtype=_NP_OF_DTYPE.get(code, np.dtype("<u2")))  # little-endian
+    raw = memoryview(values).cast("B")
+    tensor = pb.DenseTensor(dtype=code, shape=values.shape).SerializeToString() + _DATA_TAG + stream.varint(raw.nbytes)
+    head = _push_request(worker_id, round_, local_loss, smoothness).SerializeToString()
+    return stream.Serialized(head + _DENSE_TAG + stream.varint(len(tensor) + raw.nbytes) + tensor, raw)
 
 
 def _unzstd(msg: pb.ZstdPayload, dim: int) -> tuple[str, Any]:
@@ -323,6 +358,66 @@ def _get_payload(msg: Any, dim: int, what: str) -> Payload:
         kind, inner = _unzstd(msg.zstd, dim)
         return _DECODERS[kind](inner, dim)
     return _DECODERS[kind](getattr(msg, kind), dim)
+
+
+_PAYLOAD_FIELDS = frozenset(f.number for f in pb.PushRequest.DESCRIPTOR.oneofs_by_name["payload"].fields)
+_DENSE_FIELD = pb.PushRequest.DESCRIPTOR.fields_by_name["dense"].number
+_DATA_FIELD = pb.DenseTensor.DESCRIPTOR.fields_by_name["data"].number
+
+
+def _parse(msg_type: type, data: bytes | memoryview) -> Any:
+    try:
+        return msg_type.FromString(data)
+    except Exception:  # noqa: BLE001 - protobuf raises DecodeError
+        raise CodecError(f"not a valid {msg_type.DESCRIPTOR.name} message") from None
+
+
+class WireUpload:
+    """A serialized PushRequest, read as ``pb.PushRequest.FromString`` reads it, except that the
+    values of a dense payload stay where they are: :meth:`payload` views them in ``data`` (the
+    received message, or the whole of a reassembled stream) instead of copying them twice (into
+    protobuf's memory, then out of it). ``request`` holds every other field; on that fast path its
+    payload is unset. Messages that are not one dense field with one ``data`` field (any other
+    payload, repeated or merged fields, bytes protobuf would refuse) are parsed by protobuf whole.
+    Raises :class:`CodecError` for bytes that are not a PushRequest."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        spans = self._dense_spans(view)
+        self._tensor: pb.DenseTensor | None = None
+        self._values: memoryview | None = None
+        if spans is None:
+            self.request = _parse(pb.PushRequest, view)
+            return
+        dense, values = spans
+        self.request = _parse(pb.PushRequest, bytes(view[: dense.start]) + bytes(view[dense.end :]))
+        tensor = bytes(view[dense.value : values.start]) + bytes(view[values.end : dense.end])  # all but the values
+        self._tensor = _parse(pb.DenseTensor, tensor)
+        self._values = view[values.value : values.end]
+
+    @staticmethod
+    def _dense_spans(view: memoryview) -> tuple[stream.Field, stream.Field] | None:
+        """(the dense field, its data field), when that is the payload."""
+        try:
+            payload = [f for f in stream.wire_fields(view) if f.number in _PAYLOAD_FIELDS]
+            if len(payload) != 1 or payload[0].number != _DENSE_FIELD or payload[0].wire != 2:
+                return None
+            (dense,) = payload
+            data = [f for f in stream.wire_fields(view, dense.value, dense.end) if f.number == _DATA_FIELD]
+        except stream.StreamError:
+            return None  # protobuf says what is wrong
+        if len(data) != 1 or data[0].wire != 2:
+            return None
+        return dense, data[0]
+
+    def payload(self, dim: int) -> Payload:
+        """The upload's payload, validated against the model dimension ``dim`` (as
+        :func:`upload_from_proto`)."""
+        if self._tensor is None:
+            return upload_from_proto(self.request, dim)
+        if not math.isfinite(self.request.local_loss):
+            raise CodecError("upload: local_loss is NaN or Inf")
+        return dense_from_proto(self._tensor, dim, self._values)
 
 
 def upload_smoothness(msg: pb.PushRequest) -> float | None:

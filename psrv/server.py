@@ -8,14 +8,15 @@ bytes of every message it receives and sends. The model broadcast is serialized 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
 import numpy as np
+import threadpoolctl
 
-from psrv import codec, rpc
+from psrv import codec, memory, rpc, stream
 from psrv.engine import EngineError, RoundEngine, RoundSink, ServerConfig
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
@@ -24,28 +25,78 @@ __all__ = ["ParameterServer", "ServerConfig", "Servicer", "create_server"]
 
 
 class Servicer:
-    """gRPC handlers for one engine: decode, call the engine, encode; errors become statuses."""
+    """gRPC handlers for one engine: decode, call the engine, encode; errors become statuses.
 
-    def __init__(self, engine: RoundEngine, counter: ByteCounter) -> None:
-        self.engine, self.counter = engine, counter
+    The streamed forms (GetModelStream, PushStream) share GetModel's and Push's code: the model's
+    bytes, encoded once per round, go out as pieces; the pieces of an upload are put back together
+    and checked (:class:`psrv.stream.Reassembler`, at most :func:`psrv.stream.limit_for` the model's
+    dimension) before anything decodes them, so a bad stream is refused whole."""
 
-    def handlers(self) -> dict[str, Callable[[rpc.Received, grpc.ServicerContext], bytes]]:
-        return {name: self._wrap(name, getattr(self, name)) for name in rpc.METHODS}
+    #: handlers that receive their request serialized (``Received.msg`` is the bytes)
+    RAW = frozenset({"Push"})
+
+    def __init__(self, engine: RoundEngine, counter: ByteCounter, chunk: int = stream.CHUNK_BYTES) -> None:
+        self.engine, self.counter, self.chunk = engine, counter, chunk
+
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        out: dict[str, Callable[..., Any]] = {
+            name: self._wrap(name, getattr(self, name)) for name, kind in rpc.KINDS.items() if kind == "unary"
+        }
+        out["GetModelStream"] = self._get_model_stream
+        out["PushStream"] = self._push_stream
+        return out
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[[rpc.Received, grpc.ServicerContext], bytes]:
         def handle(req: rpc.Received, context: grpc.ServicerContext) -> bytes:
             self.counter.add("up", name, req.nbytes)
-            try:
-                reply = fn(req.msg, req.nbytes, context)
-            except EngineError as exc:
-                context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
-            except codec.CodecError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            data = reply if isinstance(reply, bytes) else reply.SerializeToString()
-            self.counter.add("down", name, len(data))
-            return data
+            return self._reply(name, self._call(fn, req.msg, req.nbytes, context))
 
         return handle
+
+    @staticmethod
+    def _call(fn: Callable[..., Any], msg: Any, nbytes: int, context: Any) -> Any:
+        try:
+            return fn(msg, nbytes, context)
+        except EngineError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
+        except (codec.CodecError, stream.StreamError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _reply(self, name: str, reply: Any) -> bytes:
+        data = reply if isinstance(reply, bytes) else reply.SerializeToString()
+        self.counter.add("down", name, len(data))
+        return data
+
+    def _get_model_stream(self, req: rpc.Received, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self.counter.add("up", "GetModelStream", req.nbytes)
+        data = self._call(self.GetModel, req.msg, req.nbytes, context)
+        return self._counted_pieces(data)
+
+    def _counted_pieces(self, data: bytes) -> Iterator[bytes]:
+        for piece in stream.pieces(data, self.chunk):
+            self.counter.add("down", "GetModelStream", len(piece))
+            yield piece
+
+    def _push_stream(self, requests: Iterator[rpc.Received], context: grpc.ServicerContext) -> bytes:
+        nbytes = 0
+
+        def reassemble(_msg: Any, _nbytes: int, _context: Any) -> codec.WireUpload:
+            nonlocal nbytes
+            whole = stream.Reassembler(stream.limit_for(self.engine.dim), "PushStream")
+            for piece in requests:
+                self.counter.add("up", "PushStream", piece.nbytes)
+                nbytes += piece.nbytes
+                if isinstance(piece.msg, stream.StreamError):
+                    raise piece.msg
+                whole.add(*piece.msg)
+            try:
+                return codec.WireUpload(whole.result())
+            except codec.CodecError:
+                raise codec.CodecError("PushStream: the pieces do not make a PushRequest") from None
+
+        upload = self._call(reassemble, None, 0, context)
+        reply = self._call(self._push, upload, nbytes, context)
+        return self._reply("PushStream", pb.PushStreamResponse(round=reply.round))
 
     def Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterResponse:
         index = self.engine.register(req.worker_id, req.num_samples, req.n_features, req.n_classes)
@@ -59,8 +110,12 @@ class Servicer:
         replica_round = req.replica_round if req.HasField("replica_round") else None
         return self.engine.wait_model(req.worker_id, req.round, wait, replica_round)
 
-    def Push(self, req: pb.PushRequest, nbytes: int, context: Any) -> pb.PushResponse:
-        payload = codec.upload_from_proto(req, self.engine.dim_for(req.worker_id))  # NOT_FOUND before decoding
+    def Push(self, req: bytes, nbytes: int, context: Any) -> pb.PushResponse:
+        return self._push(codec.WireUpload(req), nbytes, context)  # its request in RAW: dense values not copied
+
+    def _push(self, upload: codec.WireUpload, nbytes: int, context: Any) -> pb.PushResponse:
+        req = upload.request
+        payload = upload.payload(self.engine.dim_for(req.worker_id))  # NOT_FOUND before decoding
         smoothness = codec.upload_smoothness(req)
         self.engine.push(req.worker_id, req.round, payload, req.local_loss, smoothness, nbytes)
         return pb.PushResponse(round=req.round)
@@ -109,7 +164,7 @@ class ParameterServer:
     def error(self) -> str | None:
         return self.engine.state.error
 
-    def handlers(self) -> dict[str, Callable[[rpc.Received, grpc.ServicerContext], bytes]]:
+    def handlers(self) -> dict[str, Callable[..., Any]]:
         return self.servicer.handlers()
 
     def run(self) -> dict[str, Any]:
@@ -133,12 +188,16 @@ class ParameterServer:
 def create_server(
     ps: ParameterServer, address: str = "127.0.0.1:0", max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
 ) -> tuple[grpc.Server, int]:
-    """A started gRPC server for ``ps`` and the port it bound (port 0 picks a free one)."""
+    """A started gRPC server for ``ps`` and the port it bound (port 0 picks a free one).
+    Sets up malloc for big messages first (:func:`psrv.memory.tune_malloc`)."""
+    memory.tune_malloc()
+    # the engine's vector reductions gain nothing from BLAS threads, whose spinning takes CPU from workers
+    threadpoolctl.threadpool_limits(1, user_api="blas")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2 * ps.config.num_workers + 8),
         options=rpc.channel_options(max_message_bytes),
     )
-    server.add_generic_rpc_handlers((rpc.generic_handler(ps.handlers()),))
+    server.add_generic_rpc_handlers((rpc.generic_handler(ps.handlers(), raw=Servicer.RAW),))
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")

@@ -18,8 +18,9 @@ from typing import Any
 
 import grpc
 import numpy as np
+import threadpoolctl
 
-from psrv import codec, data, rpc
+from psrv import codec, data, memory, rpc
 from psrv.algorithms import RoundInfo, make_algorithm
 from psrv.replica import DownCompressor, Replica
 from psrv.tasks import make_task
@@ -208,14 +209,17 @@ def _report(
     if payload is None:
         stub.Skip(codec.skip_to_proto(cfg.worker_id, k, reason, loss), timeout=cfg.rpc_timeout)
     else:
-        upload = codec.upload_to_proto(cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smoothness)
-        stub.Push(upload, timeout=cfg.rpc_timeout)
+        upload = codec.upload_to_wire(cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smoothness)
+        stub.Push(upload, timeout=cfg.rpc_timeout)  # streamed when big
 
 
 def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> WorkerResult:
+    memory.tune_malloc()  # malloc set up for big messages (psrv.memory)
     import torch
 
     torch.set_num_threads(cfg.torch_threads)
+    # numpy's BLAS too: its idle threads spin after every call (a third of a worker's CPU at d = 1e7)
+    threadpoolctl.threadpool_limits(cfg.torch_threads, user_api="blas")
     ds = dataset if dataset is not None else load_worker_data(cfg)
     with grpc.insecure_channel(cfg.server, options=rpc.channel_options()) as channel:
         stub = rpc.CountingStub(channel)

@@ -328,3 +328,39 @@ class SkipResponse(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class GetModelStreamRequest(_message.Message):
+    __slots__ = ("worker_id", "round", "replica_round")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ROUND_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    round: int
+    replica_round: int
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., replica_round: _Optional[int] = ...) -> None: ...
+
+class GetModelStreamResponse(_message.Message):
+    __slots__ = ("offset", "total_size", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    total_size: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushStreamRequest(_message.Message):
+    __slots__ = ("offset", "total_size", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    total_size: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushStreamResponse(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
