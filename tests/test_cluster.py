@@ -426,7 +426,8 @@ def test_interrupt_removes_everything(tmp_path: Path, owned_pids: set[int], sig:
     """Ctrl-C during training, SIGTERM while the processes start: every process and namespace goes."""
     code = (
         "import sys; from psrv.cluster.cli import cluster; "
-        f"cluster(['run', '--workers', '2', '--rounds', '500', '--rate', '10mbit', '--out', {str(tmp_path)!r}])"
+        f"cluster(['run', '--algorithm', 'gd', '--workers', '2', '--rounds', '500', '--rate', '10mbit', "
+        f"'--out', {str(tmp_path)!r}])"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     owned_pids.add(proc.pid)
@@ -436,6 +437,7 @@ def test_interrupt_removes_everything(tmp_path: Path, owned_pids: set[int], sig:
         while time.monotonic() < deadline and not (ready.exists() and ready.stat().st_size > 0):
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
             time.sleep(0.1)
+        assert ready.exists(), f"{ready} never appeared"
         assert _ours({proc.pid}), "the run made no namespaces"
         time.sleep(0.5)
         procs_inside = [p for ns in _ours({proc.pid}) for p in netns.netns_pids(ns)]
