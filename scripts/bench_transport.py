@@ -381,6 +381,10 @@ def run_transfer(dim: int, rounds: int, kind: str, folder: Path, timeout: float)
 
 
 # ------------------------------------------------------------------------------- driver
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "n/a"  # CPU time comes in clock ticks: 0 for tiny rounds
+
+
 def _median(periods: list[float], warmup: int) -> float:
     return statistics.median(periods[warmup:] or periods)
 
@@ -481,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         psrv, raw = results.get(f"psrv/{malloc}"), results.get(f"raw/{malloc}")
         if psrv and raw:
             print(
-                f"malloc={malloc}: psrv / raw TCP = {psrv['median'] / raw['median']:.2f} (round time), "
-                f"{psrv['exchange'] / raw['exchange']:.2f} (exchange), "
-                f"{psrv['cpu'] / raw['cpu']:.2f} (CPU time of all processes)"
+                f"malloc={malloc}: psrv / raw TCP = {_ratio(psrv['median'], raw['median'])} (round time), "
+                f"{_ratio(psrv['exchange'], raw['exchange'])} (exchange), "
+                f"{_ratio(psrv['cpu'], raw['cpu'])} (CPU time of all processes)"
             )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
