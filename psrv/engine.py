@@ -254,6 +254,8 @@ class RoundEngine:
             history=StepHistory(self.algorithm.history_depth), rng=np.random.default_rng([config.seed, 7])
         )
         self._down = DownCompressor(config.down_compressor) if config.down_compressor else None
+        # exact updates can go out: only then is each round's change worked out (a copy of the aggregate)
+        self._updates_possible = self._down is None and config.downlink != "dense"
         self._sink = sink
         self._encode = encode or (lambda b: b)
         self._cond = threading.Condition()
@@ -423,7 +425,7 @@ class RoundEngine:
         o, agg = self._open, self.state.aggregator
         while o.absorbed in o.reports:
             upload = o.uploads.pop(o.absorbed, None)
-            if upload is not None:
+            if upload is not None and self._updates_possible:
                 if o.before is None:
                     o.before = agg.total.copy()  # to find what changed (the downlink's exact update)
                 if o.relayed is not None and agg.absorb == "accumulate":
@@ -433,6 +435,7 @@ class RoundEngine:
                     o.relayed.append((o.absorbed, upload))
                     if max(o.relay_bytes, o.relay_memory) > 8 * agg.total.size:
                         o.relayed = None
+            if upload is not None:
                 agg.add(o.absorbed, upload)
             o.absorbed += 1
 
