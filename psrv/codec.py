@@ -464,9 +464,9 @@ def broadcast_to_proto(b: Broadcast) -> pb.GetModelResponse:
         msg.recent_step_sq.extend(b.recent_step_sq)
         msg.digest = b.digest
     elif b.form == "snapshot":
-        msg.snapshot.theta.CopyFrom(tensor_to_proto(b.theta))
+        _put_state(msg.snapshot, "theta", b.theta)
         if b.total is not None:
-            msg.snapshot.aggregate.CopyFrom(tensor_to_proto(b.total))
+            _put_state(msg.snapshot, "aggregate", b.total)
         msg.snapshot.recent_step_sq.extend(b.recent_step_sq)
         msg.digest = b.digest
     else:
@@ -530,14 +530,45 @@ def model_from_proto(msg: pb.GetModelResponse, dim: int) -> ModelMessage:
         return ModelMessage("dense", params=params, recent_step_sq=tuple(msg.recent_step_sq), **common)
     if forms[0] == "snapshot":
         snap = msg.snapshot
-        theta = _float64_vector(snap.theta, dim, "snapshot theta")
-        has_total = snap.HasField("aggregate")
-        total = _float64_vector(snap.aggregate, dim, "snapshot aggregate") if has_total else np.zeros(0)
+        theta = _get_state(snap, "theta", dim)
+        if theta is None:
+            raise CodecError("snapshot: no theta")
+        total = _get_state(snap, "aggregate", dim)
+        total = np.zeros(0) if total is None else total
         return ModelMessage("snapshot", theta=theta, total=total, recent_step_sq=tuple(snap.recent_step_sq), **common)
     if forms[0] == "compressed":
         step = _get_payload(msg.compressed, dim, "model step")
         return ModelMessage("compressed", step=step, recent_step_sq=tuple(msg.recent_step_sq), **common)
     return ModelMessage("update", change=change_from_proto(msg.update, dim), **common)
+
+
+def _put_state(snap: pb.Snapshot, name: str, arr: np.ndarray) -> None:
+    """A float64 state vector of a snapshot as ``name`` (dense) or ``name_sparse`` (its nonzero
+    coordinates), whichever encodes smaller: a model that starts at zero, or an aggregate before
+    any upload, costs a few bytes instead of 8 per parameter."""
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    nz = np.flatnonzero(arr.view(np.uint64))  # bit patterns: a -0.0 is kept (the digest would see it)
+    if 8 * len(nz) + len(encode_indices(nz, arr.size)[1]) < 8 * arr.size:
+        sparse = Payload("sparse", arr.size, values=arr[nz], indices=nz)
+        getattr(snap, f"{name}_sparse").CopyFrom(payload_to_proto(sparse))
+    else:
+        getattr(snap, name).CopyFrom(tensor_to_proto(arr))
+
+
+def _get_state(snap: pb.Snapshot, name: str, dim: int) -> np.ndarray | None:
+    """The float64 state vector ``name`` of a snapshot (a writable array), or None if absent."""
+    form = snap.WhichOneof(f"{name}_form")
+    if form is None:
+        return None
+    if form == name:
+        return _float64_vector(getattr(snap, name), dim, f"snapshot {name}")
+    msg = getattr(snap, form)
+    if msg.value_dtype != pb.DTYPE_FLOAT64:
+        raise CodecError(f"snapshot {name}: must be float64")
+    p = sparse_from_proto(msg, dim)
+    out = np.zeros(dim, dtype=np.float64)
+    out[p.indices] = p.values
+    return out
 
 
 def _float64_vector(msg: pb.DenseTensor, dim: int, what: str) -> np.ndarray:

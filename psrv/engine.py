@@ -505,9 +505,9 @@ class RoundEngine:
         most workers skip."""
         s, mode = self.state, self.config.downlink
         if mode != "auto":
-            return "replica" if mode == "replica" and round_ > 0 else "dense"
-        if not s.update_costs:
-            return "dense"
+            return "replica" if mode == "replica" else "dense"
+        if not s.update_costs:  # round 0: nobody holds a replica, so replicas start from a snapshot
+            return "replica" if self._updates_possible else "dense"
         dense = s.theta.size * np.dtype(self.config.broadcast_dtype).itemsize
         mean = sum(s.update_costs) / len(s.update_costs)
         if s.downlink == "replica":

@@ -47,6 +47,7 @@ class Run:
         cfg.setdefault("round_timeout", 10.0)
         cfg.setdefault("done_grace", 0.5)
         cfg.setdefault("start_timeout", 0.0)  # round 0 need not wait for every worker to poll first
+        cfg.setdefault("downlink", "dense")  # the tests read theta from plain broadcasts (replicas: test_replica)
         self.records: list[dict[str, Any]] = []
         self.thetas: list[np.ndarray] = []
         self.engine = RoundEngine(ServerConfig(num_workers=M, rounds=rounds, **cfg), sink=self, encode=lambda b: b)

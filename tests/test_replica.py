@@ -82,6 +82,28 @@ def test_replica_step_is_the_servers_step() -> None:
     assert replica.history.recent() == (step_sq,)
 
 
+def test_snapshots_carry_each_state_vector_in_its_smaller_exact_form() -> None:
+    """A state vector that is mostly zero (a model that starts at zero, the aggregate before any
+    upload) travels sparse, a dense one dense; both decode to the same float64 bits (a -0.0
+    included: the digest reads bit patterns)."""
+    rng = np.random.default_rng(3)
+    d = 1000
+    sparse_theta = np.zeros(d)
+    sparse_theta[[4, 500]] = [1.5, -0.0]
+    dense_total = rng.standard_normal(d)
+    b = Broadcast(form="snapshot", round=3, total_samples=10, num_workers=2, done=False, selected=None,
+                  theta=sparse_theta, total=dense_total, recent_step_sq=(0.5,), digest=7)  # fmt: skip
+    msg = codec.broadcast_to_proto(b)
+    assert msg.snapshot.WhichOneof("theta_form") == "theta_sparse"
+    assert msg.snapshot.WhichOneof("aggregate_form") == "aggregate"
+    m = codec.model_from_proto(codec.pb.GetModelResponse.FromString(msg.SerializeToString()), d)
+    assert m.theta.tobytes() == sparse_theta.tobytes() and m.total.tobytes() == dense_total.tobytes()
+    assert state_digest(m.theta, m.total) == state_digest(sparse_theta, dense_total)
+    zeros = codec.broadcast_to_proto(Broadcast(form="snapshot", round=0, total_samples=10, num_workers=2, done=False,
+                                               selected=None, theta=np.zeros(d), total=np.zeros(d)))  # fmt: skip
+    assert zeros.ByteSize() < 40  # not 16 bytes per parameter
+
+
 def test_bad_broadcasts_are_refused() -> None:
     msg = codec.pb.GetModelResponse(round=1)
     with pytest.raises(codec.CodecError, match="exactly one"):
@@ -109,7 +131,8 @@ def test_stale_or_missing_replicas_get_a_snapshot() -> None:
     thread.start()
     forms = []
     for k in range(4):
-        b = engine.wait_model("w0", k, 10.0, replica_round=k - 1 if k != 2 else 0)  # round 2: two behind
+        replica = None if k == 0 else k - 1 if k != 2 else 0  # round 0: none yet; round 2: two behind
+        b = engine.wait_model("w0", k, 10.0, replica_round=replica)
         assert isinstance(b, Broadcast)
         forms.append(b.form)
         if b.form in ("update", "snapshot"):
@@ -117,8 +140,8 @@ def test_stale_or_missing_replicas_get_a_snapshot() -> None:
         engine.skip("w0", k, "lazy_rule")
     engine.wait_model("w0", 4, 10.0, replica_round=3)
     thread.join(timeout=10)
-    assert forms == ["dense", "update", "snapshot", "update"]
-    assert [r["snapshots"] for r in engine.state.records] == [0, 0, 1, 0]
+    assert forms == ["snapshot", "update", "snapshot", "update"]
+    assert [r["snapshots"] for r in engine.state.records] == [1, 0, 1, 0]
 
 
 # ------------------------------------------------------------------------------ the whole stack
@@ -130,16 +153,16 @@ TAKES_BATCH = {n for n in NAMES if "batch" in option_defaults(n)}
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_replicas_stay_bit_identical_for_every_algorithm(name: str) -> None:
-    """200 rounds with every broadcast an update: the digest agreed every round (no mismatch),
-    each worker needed exactly one snapshot (when the updates began), and every worker's final
-    model is the server's, bit for bit."""
+    """200 rounds, a snapshot in round 0 and an update in every other: the digest agreed every
+    round (no mismatch), each worker needed exactly one snapshot (to start), and every worker's
+    final model is the server's, bit for bit."""
     options = OPTIONS if name in TAKES_BATCH else {"lr": 0.05}
     ps = ParameterServer(
         ServerConfig(algorithm=name, options=options, num_workers=M, rounds=200, round_timeout=60, downlink="replica")
     )
     summary, results = run_in_threads(ps, _shards())
     assert summary["deadline_misses"] == 0
-    assert collections.Counter(r["downlink"] for r in ps.records) == {"dense": 1, "update": 199}
+    assert collections.Counter(r["downlink"] for r in ps.records) == {"update": 200}
     for r in results:
         assert (r.digest_mismatches, r.snapshots) == (0, 1)
         assert r.final_params.tobytes() == ps.theta.tobytes()
@@ -163,7 +186,7 @@ def test_auto_downlink_keeps_gd_dense_and_makes_laq_cheap() -> None:
         forms = collections.Counter(r["downlink"] for r in ps.records)
         down[name] = summary["bytes_down"]
         if name == "gd":
-            assert forms == {"dense": 80}
+            assert forms == {"update": 1, "dense": 79}  # round 0's snapshot, then dense
         else:
             assert forms["update"] >= 75
     assert down["laq"] < 0.1 * down["gd"]

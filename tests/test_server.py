@@ -119,6 +119,7 @@ def make_harness() -> Iterator[Callable[..., Harness]]:
         config.setdefault("round_timeout", 30.0)
         config.setdefault("register_timeout", 10.0)
         config.setdefault("start_timeout", 0.0)  # rounds are driven by hand: start round 0 at once
+        config.setdefault("downlink", "dense")  # these tests read theta from plain broadcasts (replicas: test_replica)
         h = Harness(ServerConfig(**config), max_message_bytes)
         made.append(h)
         return h

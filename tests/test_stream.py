@@ -159,6 +159,7 @@ def make_harness() -> Iterator[Callable[..., Harness]]:
         config.setdefault("round_timeout", 30.0)
         config.setdefault("register_timeout", 10.0)
         config.setdefault("start_timeout", 0.0)
+        config.setdefault("downlink", "dense")  # as tests/test_server.py's harness
         made.append(Harness(ServerConfig(**config)))
         return made[-1]
 

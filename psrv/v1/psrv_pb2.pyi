@@ -240,14 +240,18 @@ class StateUpdate(_message.Message):
     def __init__(self, relay: _Optional[_Union[Contributions, _Mapping]] = ..., values: _Optional[_Union[SparseTensor, _Mapping]] = ..., aggregate: _Optional[_Union[DenseTensor, _Mapping]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("theta", "aggregate", "recent_step_sq")
+    __slots__ = ("theta", "theta_sparse", "aggregate", "aggregate_sparse", "recent_step_sq")
     THETA_FIELD_NUMBER: _ClassVar[int]
+    THETA_SPARSE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_SPARSE_FIELD_NUMBER: _ClassVar[int]
     RECENT_STEP_SQ_FIELD_NUMBER: _ClassVar[int]
     theta: DenseTensor
+    theta_sparse: SparseTensor
     aggregate: DenseTensor
+    aggregate_sparse: SparseTensor
     recent_step_sq: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, theta: _Optional[_Union[DenseTensor, _Mapping]] = ..., aggregate: _Optional[_Union[DenseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, theta: _Optional[_Union[DenseTensor, _Mapping]] = ..., theta_sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., aggregate: _Optional[_Union[DenseTensor, _Mapping]] = ..., aggregate_sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Selection(_message.Message):
     __slots__ = ("workers",)
