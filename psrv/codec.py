@@ -439,7 +439,15 @@ def skip_to_proto(worker_id: str, round_: int, reason: str, local_loss: float | 
     return msg
 
 
-def skip_reason_from_proto(msg: pb.SkipRequest) -> str:
+def rounds_skip(reason: str, local_loss: float | None) -> pb.RoundsRequest:
+    """A skip notice on a Rounds stream: as :func:`skip_to_proto`, with worker and round implied."""
+    msg = pb.RoundsRequest(skip=pb.RoundsSkip(reason=SKIP_REASONS[reason]))
+    if local_loss is not None:
+        msg.skip.local_loss = local_loss
+    return msg
+
+
+def skip_reason_from_proto(msg: pb.SkipRequest | pb.RoundsSkip) -> str:
     """The reason a worker gave (``lazy_rule`` or ``not_selected``)."""
     if msg.reason not in _SKIP_NAMES:
         raise CodecError(f"skip notice: invalid reason {msg.reason}")
@@ -613,6 +621,7 @@ def run_config_to_proto(config: ServerConfig, dim: int) -> pb.RunConfig:
         zstd=c.zstd,
         model_dtype=_dtype_code(np.empty(0, dtype=c.broadcast_dtype)),
         down_compressor=c.down_compressor,
+        round_transport=pb.ROUND_TRANSPORT_STREAM if c.transport == "stream" else pb.ROUND_TRANSPORT_UNARY,
     )
 
 

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -45,6 +45,7 @@ log = logging.getLogger("psrv.engine")
 
 #: How the model reaches the workers: a plain dense broadcast, exact updates of replicas, or chosen per round.
 DOWNLINKS = ("auto", "dense", "replica")
+TRANSPORTS = ("stream", "unary")
 #: Rounds of update costs the ``auto`` downlink averages over.
 COST_WINDOW = 8
 
@@ -115,8 +116,11 @@ class ServerConfig:
     zstd: bool = False  # workers zstd-compress a payload when that makes it smaller
     downlink: str = "auto"  # "dense" | "replica" | "auto" (see RoundEngine._choose_downlink)
     down_compressor: str = ""  # "NAME[:KEY=VALUE,...]": EF21-P's compressed downlink (psrv.replica.DownCompressor)
+    transport: str = "stream"  # how workers are told to run rounds: "stream" (one Rounds stream each) | "unary"
 
     def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.downlink not in DOWNLINKS:
             raise ValueError(f"downlink must be one of {', '.join(DOWNLINKS)}, got {self.downlink!r}")
         if self.num_workers < 1 or self.rounds < 0 or self.round_timeout <= 0 or self.max_misses < 1:
@@ -204,6 +208,16 @@ class EngineState:
     shared_model: np.ndarray | None = None  # w: the model workers compute at, with a compressed downlink
     change: AggregateChange = field(default_factory=AggregateChange)  # of the last close
     update_costs: deque[int] = field(default_factory=lambda: deque(maxlen=COST_WINDOW))  # bytes, last rounds
+
+
+class Served(NamedTuple):
+    """What :meth:`RoundEngine.serve` handed a worker: the (encoded) broadcast, its round, its form
+    (dense, update, compressed or snapshot) and whether it is the final one."""
+
+    data: Any
+    round: int
+    form: str
+    done: bool
 
 
 @dataclass
@@ -331,6 +345,11 @@ class RoundEngine:
         """Long poll: the (encoded) broadcast of the first round >= ``round_``. While the downlink
         sends updates, a worker whose replica is not of the previous round (``replica_round``; None:
         it holds none) gets a snapshot instead."""
+        return self.serve(worker_id, round_, timeout, replica_round).data
+
+    def serve(self, worker_id: str, round_: int, timeout: float, replica_round: int | None = None) -> Served:
+        """:meth:`wait_model`, saying what was served: a transport that keeps one stream per worker
+        learns the worker's replica round from it (``form`` dense: none; else ``round``)."""
         s = self.state
         with self._cond:
             w = self.worker(worker_id)
@@ -345,15 +364,16 @@ class RoundEngine:
                 raise NotReady(f"round {round_} not started yet")
             data = self._open.encoded
             b = self._open.broadcast
-            if b is not None and b.form in ("update", "compressed") and replica_round != b.round - 1:
-                data = self._snapshot()
+            form = b.form
+            if form in ("update", "compressed") and replica_round != b.round - 1:
+                data, form = self._snapshot(), "snapshot"
                 self._open.snapshots += 1
             if s.phase == "done":
                 self._done_served.add(w.worker_id)
                 self._cond.notify_all()
             else:
                 self._open.down[w.slot] = self._open.down.get(w.slot, 0) + _size(data)
-            return data
+            return Served(data, b.round, form, b.done)
 
     def _check_round(self, w: WorkerState, round_: int) -> None:
         s = self.state

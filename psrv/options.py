@@ -89,6 +89,7 @@ class JobConfig:
     zstd: bool = False
     downlink: str = "auto"
     down_compressor: str = ""
+    transport: str = "stream"
 
     def algorithm_options(self) -> dict[str, float]:
         return {"lr": self.lr, **self.options}
@@ -113,6 +114,7 @@ class JobConfig:
             zstd=self.zstd,
             downlink=self.downlink,
             down_compressor=self.down_compressor,
+            transport=self.transport,
             **extra,
         )
 
@@ -144,6 +146,8 @@ class JobConfig:
             args += ["--downlink", self.downlink]
         if self.down_compressor:
             args += ["--down-compressor", self.down_compressor]
+        if self.transport != "stream":
+            args += ["--transport", self.transport]
         for k, v in self.options.items():
             args += ["-o", f"{k}={v!r}"]
         for k, v in self.task_options.items():
@@ -196,6 +200,7 @@ def jobs(
     zstd: bool,
     downlink: str = "auto",
     down_compressor: str = "",
+    transport: str = "stream",
 ) -> list[JobConfig]:
     """One :class:`JobConfig` per algorithm from the parsed job options (``ValueError`` on a bad
     option). The task defaults to the one a built-in data set is made for, else logreg."""
@@ -223,6 +228,7 @@ def jobs(
             zstd=zstd,
             downlink=downlink,
             down_compressor=down_compressor,
+            transport=transport,
         )
         job.server_config()  # every bad option fails before anything runs (a bad --down-compressor too)
         make_algorithm(name, job.algorithm_options(), compressor)  # every bad option fails before anything runs
@@ -298,6 +304,13 @@ JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
         default="",
         metavar="NAME[:KEY=VALUE,...]",
         help="Compress the model broadcast with EF21-P, e.g. topk:ratio=0.05 or qsgd:levels=16 (default: none).",
+    ),
+    "transport": click.option(
+        "--transport",
+        type=click.Choice(["stream", "unary"]),
+        default="stream",
+        show_default=True,
+        help="How workers run rounds: one persistent Rounds stream each, or GetModel + Push/Skip unary calls.",
     ),
 }
 

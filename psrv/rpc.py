@@ -11,18 +11,20 @@ pieces that carried it, each one message on the channel.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
 from psrv import stream
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
 
-__all__ = ["ByteCounter", "CountingStub", "Received", "channel_options", "generic_handler"]
+__all__ = ["ByteCounter", "CountingStub", "Part", "Received", "RoundStream", "channel_options", "generic_handler"]
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServerService"]
 
@@ -34,10 +36,12 @@ METHODS: dict[str, tuple[type, type]] = {
     m.name: (GetMessageClass(m.input_type), GetMessageClass(m.output_type)) for m in _SERVICE.methods
 }
 
-#: method name -> "unary", "server_stream" (GetModelStream) or "client_stream" (PushStream)
+_KIND_OF = {(False, False): "unary", (False, True): "server_stream", (True, False): "client_stream"}
+
+#: method name -> "unary", "server_stream" (GetModelStream), "client_stream" (PushStream) or
+#: "bidi" (Rounds)
 KINDS: dict[str, str] = {
-    m.name: "client_stream" if m.client_streaming else "server_stream" if m.server_streaming else "unary"
-    for m in _SERVICE.methods
+    m.name: _KIND_OF.get((m.client_streaming, m.server_streaming), "bidi") for m in _SERVICE.methods
 }
 
 #: Default cap on one gRPC message; bigger models and uploads travel as streams of pieces.
@@ -66,7 +70,50 @@ def _parser(msg_type: type) -> Callable[[bytes], Received]:
     return parse
 
 
+class Part(NamedTuple):
+    """One message of a Rounds stream, by the name of its oneof field (``push``, ``model_piece``,
+    ...) and its value: a parsed message, a :class:`psrv.stream.Piece` (pieces), the serialized
+    bytes (``push``, so dense values are not copied by protobuf), or for a message that does not
+    parse, kind ``error`` and the :class:`psrv.stream.StreamError` saying why (raised by the
+    handler, not in the deserializer, which could only end the call with INTERNAL)."""
+
+    kind: str
+    body: Any
+
+
+def _rounds_part(data: bytes, msg_type: type, oneof: str, raw: int, piece: int) -> Part:
+    """A Rounds message as a :class:`Part`: the common case (one field, the oneof's) read with
+    :func:`psrv.stream.wire_fields` so field ``raw`` stays bytes and field ``piece`` is read
+    without copying its data; anything else parsed by protobuf."""
+    view = memoryview(data).cast("B")
+    try:
+        fields = list(stream.wire_fields(view))
+        if len(fields) == 1 and fields[0].wire == 2 and fields[0].number in (raw, piece):
+            f = fields[0]
+            name = msg_type.DESCRIPTOR.fields_by_number[f.number].name
+            body = view[f.value : f.end]
+            return Part(name, stream.parse_piece(body) if f.number == piece else body)
+        msg = msg_type.FromString(data)
+    except (stream.StreamError, DecodeError) as exc:
+        return Part("error", stream.StreamError(f"Rounds: not a {msg_type.DESCRIPTOR.name} ({exc})"))
+    kind = msg.WhichOneof(oneof)
+    if kind is None:
+        return Part("error", stream.StreamError(f"Rounds: a {msg_type.DESCRIPTOR.name} with nothing set"))
+    body = getattr(msg, kind)
+    if kind == msg_type.DESCRIPTOR.fields_by_number[raw].name:
+        body = memoryview(body.SerializeToString())
+    elif kind == msg_type.DESCRIPTOR.fields_by_number[piece].name:
+        body = stream.Piece(body.offset, body.total_size, memoryview(body.data))
+    return Part(kind, body)
+
+
+def _parse_rounds_request(data: bytes) -> Received:
+    return Received(_rounds_part(data, pb.RoundsRequest, "request", raw=3, piece=4), len(data))
+
+
 def _request_parser(method: str, msg_type: type, raw: Collection[str]) -> Callable[[bytes], Received]:
+    if KINDS[method] == "bidi":
+        return _parse_rounds_request
     if KINDS[method] == "client_stream":
         return _parse_piece
     return _unparsed if method in raw else _parser(msg_type)
@@ -100,6 +147,7 @@ def generic_handler(handlers: dict[str, Callable[..., Any]], raw: Collection[str
         "unary": grpc.unary_unary_rpc_method_handler,
         "server_stream": grpc.unary_stream_rpc_method_handler,
         "client_stream": grpc.stream_unary_rpc_method_handler,
+        "bidi": grpc.stream_stream_rpc_method_handler,
     }
     return grpc.method_handlers_generic_handler(
         SERVICE,
@@ -145,6 +193,7 @@ class CountingStub:
         self.model_dim = 0  # from the last Register reply; decides GetModel's form and the stream limit
         factories = {"unary": channel.unary_unary, "server_stream": channel.unary_stream}
         factories["client_stream"] = channel.stream_unary
+        factories["bidi"] = channel.stream_stream
         self._calls = {
             name: factories[KINDS[name]](
                 f"/{SERVICE}/{name}", request_serializer=_identity, response_deserializer=self._deserializer(name, resp)
@@ -221,11 +270,90 @@ class CountingStub:
         reply = self._booked("PushStream", sent, lambda: self._calls["PushStream"](requests(), **kwargs))
         return pb.PushResponse(round=reply.round)
 
+    def Rounds(self, open_: pb.RoundsOpen) -> RoundStream:
+        """Open this worker's Rounds stream (see :class:`RoundStream`)."""
+        return RoundStream(self, open_)
+
     def _deserializer(self, method: str, msg_type: type) -> Callable[[bytes], Any]:
-        parse = _piece_or_error if KINDS[method] == "server_stream" else msg_type.FromString
+        parse = {"server_stream": _piece_or_error, "bidi": _parse_rounds_response}.get(
+            KINDS[method], msg_type.FromString
+        )
 
         def deserialize(data: bytes) -> Any:
             self.counter.add("down", method, len(data))
             return parse(data)
 
         return deserialize
+
+
+def _parse_rounds_response(data: bytes) -> Part:
+    return _rounds_part(data, pb.RoundsResponse, "response", raw=1, piece=2)
+
+
+#: field numbers of RoundsRequest's oneof, and of RoundsResponse's
+_PUSH, _PUSH_PIECE = 3, 4
+RESPONSE_MODEL, RESPONSE_MODEL_PIECE, RESPONSE_REJECTED = 1, 2, 3
+
+
+class RoundStream:
+    """The worker's end of its Rounds stream (see the top of ``psrv.proto``): :meth:`receive` the
+    next broadcast, then report it with :meth:`skip` or :meth:`push`, or ask for it again as a
+    snapshot with :meth:`resync`. Every message is counted as it is handed to gRPC ("up") or
+    parsed ("down"), under the method name ``Rounds``. Big uploads and broadcasts (over the stub's
+    ``stream_above``) travel as pieces on the same stream."""
+
+    def __init__(self, stub: CountingStub, open_: pb.RoundsOpen) -> None:
+        self.stub = stub
+        self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._send(pb.RoundsRequest(open=open_).SerializeToString())
+        self._replies = stub._calls["Rounds"](self._requests())
+        limit = stream.limit_for(stub.model_dim) if stub.model_dim else stream.MAX_MESSAGE
+        self._limit = limit
+
+    def _requests(self) -> Iterator[bytes]:
+        while (item := self._out.get()) is not None:
+            yield item
+
+    def _send(self, data: bytes) -> None:
+        self.stub.counter.add("up", "Rounds", len(data))
+        self._out.put(data)
+
+    def skip(self, request: pb.RoundsRequest) -> None:
+        """Send a report that is no upload (a ``skip``; see :func:`psrv.codec.rounds_skip`)."""
+        self._send(request.SerializeToString())
+
+    def resync(self) -> None:
+        self._send(pb.RoundsRequest(resync=pb.RoundsResync()).SerializeToString())
+
+    def push(self, upload: stream.Serialized) -> None:
+        """Send an upload (a serialized PushRequest), in pieces if it is big."""
+        if upload.nbytes > self.stub.stream_above:
+            for piece in stream.pieces(upload, self.stub.chunk, within=_PUSH_PIECE):
+                self._send(piece)
+        else:
+            self._send(stream.field_bytes(_PUSH, *upload.parts))
+
+    def receive(self) -> tuple[pb.GetModelResponse, pb.RoundsRejected | None]:
+        """The next broadcast, and the server's ``rejected`` of the last report if it sent one.
+        Raises ``grpc.RpcError`` when the stream ends with an error status, and
+        :class:`psrv.stream.StreamError` for messages that do not make a broadcast."""
+        rejected = None
+        whole: stream.Reassembler | None = None
+        for kind, body in self._replies:
+            if kind == "error":
+                raise body
+            if kind == "rejected":
+                rejected = body
+            elif kind == "model":
+                return pb.GetModelResponse.FromString(body), rejected
+            elif kind == "model_piece":
+                whole = whole or stream.Reassembler(self._limit, "Rounds")
+                whole.add(*body)
+                if whole.complete:
+                    return pb.GetModelResponse.FromString(whole.result()), rejected
+        raise stream.StreamError("Rounds: the server ended the stream before the final broadcast")
+
+    def close(self) -> None:
+        """End the stream from this side (the server sees the end of its requests)."""
+        self._out.put(None)
+        self._replies.cancel()

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
 import threadpoolctl
 
 from psrv import codec, memory, rpc, stream
-from psrv.engine import EngineError, RoundEngine, RoundSink, ServerConfig
+from psrv.engine import EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
 
@@ -35,8 +35,14 @@ class Servicer:
     #: handlers that receive their request serialized (``Received.msg`` is the bytes)
     RAW = frozenset({"Push"})
 
-    def __init__(self, engine: RoundEngine, counter: ByteCounter, chunk: int = stream.CHUNK_BYTES) -> None:
-        self.engine, self.counter, self.chunk = engine, counter, chunk
+    def __init__(
+        self,
+        engine: RoundEngine,
+        counter: ByteCounter,
+        chunk: int = stream.CHUNK_BYTES,
+        stream_above: int = stream.STREAM_ABOVE,
+    ) -> None:
+        self.engine, self.counter, self.chunk, self.stream_above = engine, counter, chunk, stream_above
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         out: dict[str, Callable[..., Any]] = {
@@ -44,6 +50,7 @@ class Servicer:
         }
         out["GetModelStream"] = self._get_model_stream
         out["PushStream"] = self._push_stream
+        out["Rounds"] = self._rounds
         return out
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[[rpc.Received, grpc.ServicerContext], bytes]:
@@ -98,6 +105,120 @@ class Servicer:
         reply = self._call(self._push, upload, nbytes, context)
         return self._reply("PushStream", pb.PushStreamResponse(round=reply.round))
 
+    # ------------------------------------------------------------------ Rounds: one stream per worker
+    def _rounds(self, requests: Iterator[rpc.Received], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """A worker's whole run on one stream (see the top of ``psrv.proto``): the broadcast of each
+        round, then that round's report, until the final broadcast. Errors end the stream with the
+        status the unary calls would give; a report too late for its round gets ``rejected``."""
+        first = self._next_part(requests)
+        if first is None:
+            return
+        kind, opened = first.kind, first.body
+        if kind != "open":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Rounds: the first message must be `open`, not `{kind}`")
+        worker_id, k = opened.worker_id, opened.round
+        replica = opened.replica_round if opened.HasField("replica_round") else None
+        self._call(lambda *_: self.engine.worker(worker_id), None, 0, context)  # NOT_FOUND before waiting
+        while True:
+            served = self._serve(worker_id, k, replica, context)
+            if served is None:
+                return  # the worker went away while waiting
+            yield from self._model_messages(served.data)
+            if served.done:
+                return
+            k, replica = served.round, (None if served.form == "dense" else served.round)
+            report = self._next_part(requests)
+            if report is None:
+                return
+            kind, body = report.kind, report.body
+            if kind == "resync":
+                replica = None  # the same round again, as a snapshot
+                continue
+            rejected = self._call(self._round_report, (worker_id, k, kind, body, requests), report.nbytes, context)
+            if rejected is not None:
+                yield self._counted_reply(rpc.RESPONSE_REJECTED, pb.RoundsRejected(round=k, reason=rejected))
+            k += 1
+
+    def _next_part(self, requests: Iterator[rpc.Received]) -> Any:
+        """The next message of a Rounds stream as a :class:`psrv.rpc.Part` with its size in
+        ``nbytes`` (an attribute of the returned tuple's Received), or None at its end."""
+        received = next(requests, None)
+        if received is None:
+            return None
+        self.counter.add("up", "Rounds", received.nbytes)
+        return _SizedPart(*received.msg, nbytes=received.nbytes)
+
+    def _serve(self, worker_id: str, k: int, replica: int | None, context: Any) -> Any:
+        """The engine's broadcast of round >= k, waiting as long as the worker is connected."""
+        while context.is_active():
+            try:
+                return self.engine.serve(worker_id, k, 5.0, replica)
+            except NotReady:
+                continue
+            except EngineError as exc:
+                context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
+        return None
+
+    def _model_messages(self, data: bytes) -> Iterator[bytes]:
+        """A broadcast as RoundsResponse messages: one ``model``, or ``model_piece``s when big."""
+        if len(data) > self.stream_above:
+            parts = stream.pieces(data, self.chunk, within=rpc.RESPONSE_MODEL_PIECE)
+        else:
+            parts = iter((stream.field_bytes(rpc.RESPONSE_MODEL, data),))
+        for part in parts:
+            self.counter.add("down", "Rounds", len(part))
+            yield part
+
+    def _counted_reply(self, field: int, msg: Any) -> bytes:
+        data = stream.field_bytes(field, msg.SerializeToString())
+        self.counter.add("down", "Rounds", len(data))
+        return data
+
+    def _round_report(self, args: tuple[Any, ...], nbytes: int, context: Any) -> str | None:
+        """Count one report of a Rounds stream for round ``k``; the reason it was too late, or None."""
+        worker_id, k, kind, body, requests = args
+        if kind == "skip":
+            report = lambda: self.engine.skip(  # noqa: E731
+                worker_id, k, codec.skip_reason_from_proto(body),
+                body.local_loss if body.HasField("local_loss") else None, nbytes,
+            )  # fmt: skip
+        elif kind in ("push", "push_piece"):
+            if kind == "push_piece":
+                body, nbytes = self._rest_of_upload(body, nbytes, requests)
+            upload = codec.WireUpload(body)
+            req = upload.request
+            if (req.worker_id and req.worker_id != worker_id) or (req.round and req.round != k):
+                raise codec.CodecError(
+                    f"Rounds: an upload for worker {req.worker_id!r} round {req.round} on the stream of "
+                    f"worker {worker_id!r} in round {k}"
+                )
+            payload = upload.payload(self.engine.dim_for(worker_id))
+            smoothness = codec.upload_smoothness(req)
+            report = lambda: self.engine.push(worker_id, k, payload, req.local_loss, smoothness, nbytes)  # noqa: E731
+        elif kind == "error":
+            raise body
+        else:
+            raise codec.CodecError(f"Rounds: expected this round's report (skip, push or resync), got `{kind}`")
+        try:
+            report()
+        except FailedPrecondition as exc:
+            return str(exc)
+        return None
+
+    def _rest_of_upload(self, first: stream.Piece, nbytes: int, requests: Iterator[rpc.Received]) -> tuple[Any, int]:
+        """A big upload's pieces, from its first, put back together (checked as PushStream's)."""
+        whole = stream.Reassembler(stream.limit_for(self.engine.dim), "Rounds upload")
+        whole.add(*first)
+        while not whole.complete:
+            part = self._next_part(requests)
+            if part is None:
+                raise stream.StreamError("Rounds upload: the stream ended inside an upload")
+            if part.kind != "push_piece":
+                raise stream.StreamError(f"Rounds upload: `{part.kind}` inside an upload's pieces")
+            whole.add(*part.body)
+            nbytes += part.nbytes
+        return whole.result(), nbytes
+
     def Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterResponse:
         index = self.engine.register(req.worker_id, req.num_samples, req.n_features, req.n_classes)
         return pb.RegisterResponse(
@@ -125,6 +246,14 @@ class Servicer:
         loss = req.local_loss if req.HasField("local_loss") else None
         self.engine.skip(req.worker_id, req.round, reason, loss, nbytes)
         return pb.SkipResponse(round=req.round)
+
+
+class _SizedPart(NamedTuple):
+    """A :class:`psrv.rpc.Part` with the size of its message."""
+
+    kind: str
+    body: Any
+    nbytes: int
 
 
 def _encode_broadcast(broadcast: Any) -> bytes:

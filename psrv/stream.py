@@ -26,6 +26,7 @@ __all__ = [
     "Reassembler",
     "Serialized",
     "StreamError",
+    "field_bytes",
     "limit_for",
     "parse_piece",
     "piece_bytes",
@@ -76,15 +77,25 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
-def piece_bytes(offset: int, total_size: int, *data: bytes | memoryview) -> bytes:
+def field_bytes(number: int, *data: bytes | memoryview) -> bytes:
+    """A length-delimited field ``number`` whose value is the concatenation of ``data`` (e.g. a
+    serialized message put into a oneof of an outer message), with a single copy of the data."""
+    size = sum(memoryview(d).nbytes for d in data)
+    return b"".join((varint(number << 3 | 2), varint(size), *data))
+
+
+def piece_bytes(offset: int, total_size: int, *data: bytes | memoryview, within: int = 0) -> bytes:
     """One serialized piece message whose ``data`` is the concatenation of ``data``: byte for byte
     what protobuf's ``SerializeToString`` makes of it (fields in number order, a zero ``offset``
-    left out), built with a single copy of the data."""
+    left out), built with a single copy of the data. ``within``: the piece as field ``within`` of
+    an outer message instead (the Rounds stream's ``push_piece`` and ``model_piece``)."""
     size = sum(memoryview(d).nbytes for d in data)
     head = bytearray()
     if offset:
         head += bytes((_OFFSET,)) + varint(offset)
     head += bytes((_TOTAL,)) + varint(total_size) + bytes((_DATA,)) + varint(size)
+    if within:
+        head = bytearray(varint(within << 3 | 2) + varint(len(head) + size)) + head
     return b"".join((head, *data))
 
 
@@ -193,14 +204,15 @@ class Serialized:
             yield run
 
 
-def pieces(message: bytes | Serialized, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The serialized pieces of the serialized ``message``, in order (one piece per ``chunk`` bytes)."""
+def pieces(message: bytes | Serialized, chunk: int = CHUNK_BYTES, within: int = 0) -> Iterator[bytes]:
+    """The serialized pieces of the serialized ``message``, in order (one piece per ``chunk`` bytes);
+    each as field ``within`` of an outer message if that is set (see :func:`piece_bytes`)."""
     whole = message if isinstance(message, Serialized) else Serialized(message)
     if not whole.nbytes:
         raise StreamError("cannot stream an empty message")
     offset = 0
     for run in whole.slices(chunk):
-        yield piece_bytes(offset, whole.nbytes, *run)
+        yield piece_bytes(offset, whole.nbytes, *run, within=within)
         offset += sum(v.nbytes for v in run)
 
 
@@ -237,6 +249,11 @@ class Reassembler:
         self._buf[offset:end] = data
         self._next = end
         self.pieces += 1
+
+    @property
+    def complete(self) -> bool:
+        """Every byte of the announced message has arrived."""
+        return self._buf is not None and self._next == len(self._buf)
 
     def result(self) -> memoryview:
         """The whole message (a view of the buffer; the buffer is released when the view is)."""

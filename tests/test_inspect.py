@@ -84,6 +84,7 @@ def _run(tmp: Path, name: str) -> Run:
             rounds=ROUNDS,
             round_timeout=20.0,
             done_grace=5.0,
+            transport="unary",  # GetModel / Push / Skip calls (the Rounds stream: see test_inspect_rounds.py)
         )
     )
     server, port = create_server(ps)

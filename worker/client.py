@@ -196,21 +196,75 @@ def local_smoothness(task: Any, ds: data.Dataset, total_samples: float, num_work
     return None if bound is None else float(bound(ds.X)) * len(ds) / total_samples
 
 
-def _report(
-    stub: rpc.CountingStub,
-    cfg: WorkerConfig,
-    k: int,
-    payload: Any,
-    reason: str,
-    loss: float | None,
-    zstd: bool,
-    smoothness: float | None = None,
-) -> None:
-    if payload is None:
-        stub.Skip(codec.skip_to_proto(cfg.worker_id, k, reason, loss), timeout=cfg.rpc_timeout)
-    else:
-        upload = codec.upload_to_wire(cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smoothness)
-        stub.Push(upload, timeout=cfg.rpc_timeout)  # streamed when big
+class UnaryRounds:
+    """Rounds over unary calls: a GetModel long poll, then a Push or a Skip (``--transport unary``).
+    A report too late for its round (FAILED_PRECONDITION) is remembered and handed out with the
+    next model, as the Rounds stream's ``rejected`` is."""
+
+    def __init__(self, stub: rpc.CountingStub, cfg: WorkerConfig) -> None:
+        self.stub, self.cfg = stub, cfg
+        self._rejected: str | None = None
+
+    def model(self, request: pb.GetModelRequest) -> tuple[pb.GetModelResponse, str | None]:
+        rejected, self._rejected = self._rejected, None
+        while True:
+            try:
+                return self.stub.GetModel(request, timeout=self.cfg.rpc_timeout), rejected
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                # the long poll expired; the round has not started yet
+
+    def report(self, k: int, payload: Any, reason: str, loss: float | None, zstd: bool, smooth: float | None) -> None:
+        cfg = self.cfg
+        try:
+            if payload is None:
+                self.stub.Skip(codec.skip_to_proto(cfg.worker_id, k, reason, loss), timeout=cfg.rpc_timeout)
+            else:
+                upload = codec.upload_to_wire(cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smooth)
+                self.stub.Push(upload, timeout=cfg.rpc_timeout)  # streamed when big
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            self._rejected = exc.details()
+
+    def close(self) -> None:
+        pass
+
+
+class StreamRounds:
+    """Rounds on one persistent stream (:class:`psrv.rpc.RoundStream`, the default): the server
+    sends each round's broadcast, the worker answers with its report; asking for a round again
+    without having reported it is a ``resync`` (a snapshot comes)."""
+
+    def __init__(self, stub: rpc.CountingStub, cfg: WorkerConfig) -> None:
+        self.stub, self.cfg = stub, cfg
+        self.stream: rpc.RoundStream | None = None
+        self._reported = True
+
+    def model(self, request: pb.GetModelRequest) -> tuple[pb.GetModelResponse, str | None]:
+        if self.stream is None:
+            opened = pb.RoundsOpen(worker_id=request.worker_id, round=request.round)
+            if request.HasField("replica_round"):
+                opened.replica_round = request.replica_round
+            self.stream = self.stub.Rounds(opened)
+        elif not self._reported:
+            self.stream.resync()
+        self._reported = False
+        response, rejected = self.stream.receive()
+        return response, None if rejected is None else rejected.reason
+
+    def report(self, k: int, payload: Any, reason: str, loss: float | None, zstd: bool, smooth: float | None) -> None:
+        assert self.stream is not None
+        self._reported = True
+        if payload is None:
+            self.stream.skip(codec.rounds_skip(reason, loss))
+        else:
+            self.stream.push(codec.upload_to_wire(self.cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smooth))
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
 
 
 def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> WorkerResult:
@@ -246,28 +300,36 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
             DownCompressor(conf.down_compressor) if conf.down_compressor else None,
         )
         log.info("worker %s registered as %d: %s", cfg.worker_id, reply.worker_index, conf.algorithm)
+        rounds = (
+            StreamRounds(stub, cfg) if conf.round_transport == pb.ROUND_TRANSPORT_STREAM else UnaryRounds(stub, cfg)
+        )
         k = 0
-        while True:
-            try:
-                response = stub.GetModel(down.request(k), timeout=cfg.rpc_timeout)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    continue  # long poll expired; the round has not started yet
-                raise
-            mb = codec.model_from_proto(response, task.dim)
-            k = mb.round
-            view = down.receive(mb)
-            if view is None:
-                continue  # ask for this round again, without a replica: a snapshot comes
-            theta, recent_step_sq, exact = view
-            if mb.done:
-                result.final_params = np.array(exact, dtype=np.float64)
-                break
-            selected = mb.selected
-            try:
+        pending: tuple[Any, bool] | None = None  # the last report's (new state, uploaded): committed once accepted
+        try:
+            while True:
+                response, rejected = rounds.model(down.request(k))
+                if pending is not None:  # the last report's fate arrives with the next model
+                    if rejected is None:
+                        state, uploaded = pending
+                        result.uploads += uploaded
+                        result.skips += not uploaded
+                    else:
+                        result.rejected += 1  # the round closed before our report arrived: nothing was absorbed
+                        log.warning("round %d report rejected: %s", k - 1, rejected)
+                    pending = None
+                mb = codec.model_from_proto(response, task.dim)
+                k = mb.round
+                view = down.receive(mb)
+                if view is None:
+                    continue  # ask for this round again, without a replica: a snapshot comes
+                theta, recent_step_sq, exact = view
+                if mb.done:
+                    result.final_params = np.array(exact, dtype=np.float64)
+                    break
+                selected = mb.selected
                 if selected is not None and reply.worker_index not in selected:
-                    _report(stub, cfg, k, None, "not_selected", None, conf.zstd)  # computes nothing
-                    result.skips += 1
+                    rounds.report(k, None, "not_selected", None, conf.zstd, None)  # computes nothing
+                    pending = (state, False)
                 else:
                     grads = _Gradients(task, ds, mb, batch, rng)
                     loss, grad = grads.loss_grad(theta)
@@ -277,20 +339,15 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                     # only server-side selection uses L_m, and the bound costs an eigendecomposition
                     first = wants_smoothness and result.uploads == 0 and decision.payload is not None
                     smooth = local_smoothness(task, ds, mb.total_samples, mb.num_workers) if first else None
-                    _report(stub, cfg, k, decision.payload, "lazy_rule", loss, conf.zstd, smooth)
-                    result.uploads += decision.payload is not None
-                    result.skips += decision.payload is None
-                    state = decision.state
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
-                result.rejected += 1  # the round closed before our report arrived: nothing was absorbed
-                log.warning("round %d report rejected: %s", k, exc.details())
-            result.rounds += 1
-            k += 1
-            if cfg.crash_after is not None and result.rounds >= cfg.crash_after:
-                log.error("fault injection: worker %s exits after %d rounds", cfg.worker_id, result.rounds)
-                os._exit(17)
+                    rounds.report(k, decision.payload, "lazy_rule", loss, conf.zstd, smooth)
+                    pending = (decision.state, decision.payload is not None)
+                result.rounds += 1
+                k += 1
+                if cfg.crash_after is not None and result.rounds >= cfg.crash_after:
+                    log.error("fault injection: worker %s exits after %d rounds", cfg.worker_id, result.rounds)
+                    os._exit(17)
+        finally:
+            rounds.close()
         result.snapshots, result.digest_mismatches = down.snapshots, down.mismatches
         result.bytes_up = stub.counter.total("up")
         result.bytes_down = stub.counter.total("down")

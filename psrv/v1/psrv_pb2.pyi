@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RoundTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_TRANSPORT_UNSPECIFIED: _ClassVar[RoundTransport]
+    ROUND_TRANSPORT_UNARY: _ClassVar[RoundTransport]
+    ROUND_TRANSPORT_STREAM: _ClassVar[RoundTransport]
+
 class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[Dtype]
@@ -35,6 +41,9 @@ class SkipReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SKIP_REASON_UNSPECIFIED: _ClassVar[SkipReason]
     SKIP_REASON_LAZY_RULE: _ClassVar[SkipReason]
     SKIP_REASON_NOT_SELECTED: _ClassVar[SkipReason]
+ROUND_TRANSPORT_UNSPECIFIED: RoundTransport
+ROUND_TRANSPORT_UNARY: RoundTransport
+ROUND_TRANSPORT_STREAM: RoundTransport
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT64: Dtype
@@ -142,7 +151,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., n_features: _Optional[int] = ..., n_classes: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd", "model_dtype", "down_compressor")
+    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd", "model_dtype", "down_compressor", "round_transport")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +177,7 @@ class RunConfig(_message.Message):
     ZSTD_FIELD_NUMBER: _ClassVar[int]
     MODEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     DOWN_COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     compressor: str
     options: _containers.ScalarMap[str, float]
@@ -179,7 +189,8 @@ class RunConfig(_message.Message):
     zstd: bool
     model_dtype: Dtype
     down_compressor: str
-    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ..., model_dtype: _Optional[_Union[Dtype, str]] = ..., down_compressor: _Optional[str] = ...) -> None: ...
+    round_transport: RoundTransport
+    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ..., model_dtype: _Optional[_Union[Dtype, str]] = ..., down_compressor: _Optional[str] = ..., round_transport: _Optional[_Union[RoundTransport, str]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_index", "config")
@@ -368,3 +379,57 @@ class PushStreamResponse(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     round: int
     def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class RoundsOpen(_message.Message):
+    __slots__ = ("worker_id", "round", "replica_round")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ROUND_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    round: int
+    replica_round: int
+    def __init__(self, worker_id: _Optional[str] = ..., round: _Optional[int] = ..., replica_round: _Optional[int] = ...) -> None: ...
+
+class RoundsSkip(_message.Message):
+    __slots__ = ("reason", "local_loss")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    reason: SkipReason
+    local_loss: float
+    def __init__(self, reason: _Optional[_Union[SkipReason, str]] = ..., local_loss: _Optional[float] = ...) -> None: ...
+
+class RoundsResync(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RoundsRequest(_message.Message):
+    __slots__ = ("open", "skip", "push", "push_piece", "resync")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_PIECE_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
+    open: RoundsOpen
+    skip: RoundsSkip
+    push: PushRequest
+    push_piece: PushStreamRequest
+    resync: RoundsResync
+    def __init__(self, open: _Optional[_Union[RoundsOpen, _Mapping]] = ..., skip: _Optional[_Union[RoundsSkip, _Mapping]] = ..., push: _Optional[_Union[PushRequest, _Mapping]] = ..., push_piece: _Optional[_Union[PushStreamRequest, _Mapping]] = ..., resync: _Optional[_Union[RoundsResync, _Mapping]] = ...) -> None: ...
+
+class RoundsRejected(_message.Message):
+    __slots__ = ("round", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RoundsResponse(_message.Message):
+    __slots__ = ("model", "model_piece", "rejected")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PIECE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    model: GetModelResponse
+    model_piece: GetModelStreamResponse
+    rejected: RoundsRejected
+    def __init__(self, model: _Optional[_Union[GetModelResponse, _Mapping]] = ..., model_piece: _Optional[_Union[GetModelStreamResponse, _Mapping]] = ..., rejected: _Optional[_Union[RoundsRejected, _Mapping]] = ...) -> None: ...
