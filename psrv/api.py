@@ -76,9 +76,12 @@ def run(
     for ``metrics.jsonl``, ``model.npy`` and the worker logs (default: a temporary one, removed).
     Every bad argument raises ``ValueError`` before any worker starts.
     """
+    from psrv.algorithms import ALGORITHMS
     from psrv.options import default_task
     from psrv.tasks import default_data
 
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(sorted(ALGORITHMS))}")
     if data is None:
         data = default_data(task)
     if task is None:
