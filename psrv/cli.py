@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from psrv.options import data_options, job_and_data_options, job_options, jobs_from_cli, pop_data
+from psrv.options import check_job_data, data_options, job_and_data_options, job_options, jobs_from_cli, pop_data
 
 
 class LazyGroup(click.Group):
@@ -112,16 +112,11 @@ def run(
 
     memory.tune_malloc()  # before any thread starts (see psrv.memory)
     from psrv import plots, report
-    from psrv.data import DataError
     from psrv.runner import run_local, write_manifest
-    from worker.client import load_training_data
 
     dc = pop_data(kw)
     jobs = jobs_from_cli(kw, dc.data)
-    try:
-        load_training_data(dc.data, dc.test_fraction, dc.seed, dc.regression)  # a bad --data fails here, once
-    except DataError as exc:
-        raise click.UsageError(str(exc)) from None
+    check_job_data(jobs[0], dc)  # a bad --data, or a task that fails on it, fails here, once
     try:
         configs = [job.server_config() for job in jobs]
     except ValueError as exc:

@@ -39,6 +39,7 @@ __all__ = [
     "load",
     "load_builtin",
     "load_file",
+    "load_split",
     "shard",
     "shard_indices",
     "train_test_split",
@@ -146,11 +147,25 @@ def _linreg_hetero() -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
+SYNTHETIC_SAMPLES, SYNTHETIC_FEATURES, SYNTHETIC_CLASSES, SYNTHETIC_SEED = 2000, 256, 10, 20260101
+
+
+def _synthetic() -> tuple[np.ndarray, np.ndarray]:
+    """A Gaussian mixture for sizing experiments (the ``wide`` task): 2,000 samples, 256 features,
+    10 balanced classes; class c's mean is a fixed N(0, I/16) draw, each sample its class mean plus
+    N(0, I) noise, all from ``np.random.default_rng(20260101)`` (the same set on every host)."""
+    rng = np.random.default_rng(SYNTHETIC_SEED)
+    means = rng.standard_normal((SYNTHETIC_CLASSES, SYNTHETIC_FEATURES)) / 4.0
+    y = np.arange(SYNTHETIC_SAMPLES) % SYNTHETIC_CLASSES
+    return means[y] + rng.standard_normal((SYNTHETIC_SAMPLES, SYNTHETIC_FEATURES)), y
+
+
 BUILTINS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
     "mnist": _mnist,
     "digits": _digits,
     "breast_cancer": _breast_cancer,
     "linreg-hetero": _linreg_hetero,
+    "synthetic": _synthetic,
 }
 REGRESSION_BUILTINS = frozenset({"linreg-hetero"})
 _TASK_HINTS = {"linreg-hetero": "linreg"}
@@ -163,7 +178,7 @@ def builtin_task_hint(name: str) -> str | None:
 
 def load_builtin(name: str) -> Dataset:
     """One of ``BUILTINS``: mnist (/255), digits (/16), breast_cancer (standardised),
-    linreg-hetero (regression, see ``_linreg_hetero``)."""
+    linreg-hetero (regression, see ``_linreg_hetero``), synthetic (see ``_synthetic``)."""
     if name not in BUILTINS:
         raise DataError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTINS)}")
     X, y = BUILTINS[name]()
@@ -332,6 +347,35 @@ def _validated(X: np.ndarray, y: np.ndarray, name: str, source: str | None = Non
 
 
 # ----------------------------------------------------------------------------- splitting
+
+
+def load_split(spec: str, test_fraction: float, seed: int, regression: bool = False) -> tuple[Dataset, Dataset]:
+    """The (train, test) split every process of a run derives identically from ``spec`` and the seed.
+
+    ``spec`` is a data set for :func:`load` (split by :func:`train_test_split`), or the name of a
+    task that brings its own data (``charlm``, ``path/file.py:factory``: its rows are sample indices,
+    see :mod:`psrv.tasks.torch_task`); such a task's own test set is used as it is, and
+    ``test_fraction`` applies only when it has none.
+    """
+    own = None
+    if spec not in BUILTINS and not Path(spec).is_file():
+        from psrv.tasks import TASKS, is_plugin_spec, own_data  # lazily: the tasks import this module
+
+        if spec in TASKS or is_plugin_spec(spec):
+            try:
+                own = own_data(spec)
+            except DataError:
+                raise
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
+            if own is None:
+                raise DataError(f"--data {spec}: the task brings no data of its own; give a data set")
+    if own is None:
+        return train_test_split(load(spec, regression=regression), test_fraction, seed)
+    train, test = own
+    if test is None:
+        return train_test_split(train, test_fraction, seed)
+    return train, test
 
 
 def train_test_split(ds: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:

@@ -183,6 +183,38 @@ def server_argv(job: JobConfig, extra: Sequence[str] = (), verbose: bool = False
     return psrv_argv("start-server", *job.argv(), *extra, verbose=verbose)
 
 
+def default_task(data: str | None) -> str:
+    """The task ``--task`` defaults to: the task whose own data ``--data`` names (``charlm``, a
+    factory spec), the task a built-in data set is made for, else logreg."""
+    if data:
+        from psrv.tasks import TASKS, is_plugin_spec
+
+        if is_plugin_spec(data) or getattr(TASKS.get(data), "own_data", None) is not None:
+            return data
+        from psrv.data import builtin_task_hint
+
+        return builtin_task_hint(data) or "logreg"
+    return "logreg"
+
+
+def validate_job_data(job: JobConfig, dc: DataConfig) -> None:
+    """Load the run's data once and build its task on it, so a bad ``--data``, a task that does not
+    fit the data, or a factory whose model fails on it is a ``ValueError`` before any worker starts."""
+    from psrv.data import load_split
+    from psrv.tasks import make_task
+
+    train, _ = load_split(dc.data, dc.test_fraction, dc.seed, dc.regression)
+    make_task(job.task, train.n_features, train.n_classes, **job.all_task_options())
+
+
+def check_job_data(job: JobConfig, dc: DataConfig) -> None:
+    """:func:`validate_job_data` for a command: a problem is a usage error (one line, exit 2)."""
+    try:
+        validate_job_data(job, dc)
+    except ValueError as exc:  # DataError too
+        raise click.UsageError(str(exc)) from None
+
+
 def jobs(
     algorithms: Sequence[str],
     data: str | None = None,
@@ -205,11 +237,11 @@ def jobs(
     """One :class:`JobConfig` per algorithm from the parsed job options (``ValueError`` on a bad
     option). The task defaults to the one a built-in data set is made for, else logreg."""
     from psrv.algorithms import distribute_options, make_algorithm
+    from psrv.tasks import check_task
 
     if task is None:
-        from psrv.data import builtin_task_hint
-
-        task = (builtin_task_hint(data) if data else None) or "logreg"
+        task = default_task(data)
+    check_task(task, {**({} if l2 is None else {"l2": l2}), **task_options})  # a bad factory fails here
     per_algorithm = distribute_options(algorithms, compressor, options)
     out = []
     for name in algorithms:
@@ -264,7 +296,9 @@ JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "task": click.option(
         "--task",
         default=None,
-        help="Model/objective: logreg, linreg, mlp (default: the task a built-in data set is made for, else logreg).",
+        metavar="NAME|FILE.py:FACTORY|MODULE:FACTORY",
+        help="Model/objective: logreg, linreg, mlp, cnn, wide, charlm, or your own torch model: a factory "
+        "returning psrv.TorchSpec (default: the task --data is made for, else logreg).",
     ),
     "l2": click.option(
         "--l2",
@@ -317,9 +351,10 @@ JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
 DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
     "data": click.option(
         "--data",
-        default="mnist",
-        show_default=True,
-        help="Built-in data set (mnist, digits, breast_cancer, linreg-hetero) or a .csv/.npz file.",
+        default=None,
+        help="Built-in data set (mnist, digits, breast_cancer, linreg-hetero, synthetic), a .csv/.npz file, "
+        "or a task that brings its own data (charlm, FILE.py:FACTORY) [default: the task's own data, or the "
+        "data set it is made for, else mnist].",
     ),
     "split": click.option(
         "--split",
@@ -354,9 +389,20 @@ job_and_data_options = _apply([JOB_OPTIONS, DATA_OPTIONS])
 
 
 def pop_data(kw: dict[str, Any]) -> DataConfig:
-    """Take the data options out of a command's keyword arguments (``--seed`` stays for the job)."""
+    """Take the data options out of a command's keyword arguments (``--seed`` stays for the job).
+    Without ``--data``: the data of the command's ``--task`` (:func:`psrv.tasks.default_data`)."""
+    data = kw.pop("data")
+    if data is None:
+        data = "mnist"
+        if kw.get("task") is not None:
+            from psrv.tasks import default_data
+
+            try:
+                data = default_data(kw["task"])
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
     return DataConfig(
-        data=kw.pop("data"),
+        data=data,
         split=kw.pop("split"),
         test_fraction=kw.pop("test_fraction"),
         seed=kw["seed"],

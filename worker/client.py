@@ -51,8 +51,9 @@ class WorkerConfig:
 def load_training_data(
     spec: str, test_fraction: float, seed: int, regression: bool = False
 ) -> tuple[data.Dataset, data.Dataset]:
-    """The (train, test) split every process of a run derives identically from the seed."""
-    return data.train_test_split(data.load(spec, regression=regression), test_fraction, seed)
+    """The (train, test) split every process of a run derives identically from the seed
+    (:func:`psrv.data.load_split`: a data set, or the rows of a task that brings its own data)."""
+    return data.load_split(spec, test_fraction, seed, regression)
 
 
 def load_worker_data(cfg: WorkerConfig) -> data.Dataset:

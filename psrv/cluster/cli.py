@@ -18,7 +18,7 @@ import click
 from psrv.cluster.config import SHAPE_AT, ClusterConfig, with_job
 from psrv.cluster.netns import ClusterError, Interrupted, remove_namespaces, require_root, stale_namespaces
 from psrv.cluster.shaping import QDISCS, LinkRates, parse_link
-from psrv.options import job_and_data_options, jobs_from_cli, pop_data
+from psrv.options import check_job_data, job_and_data_options, jobs_from_cli, pop_data
 
 
 def _link(ctx: click.Context, param: click.Parameter, value: str) -> LinkRates:
@@ -123,6 +123,7 @@ def run(out: str, **kw: Any) -> None:
     jobs = jobs_from_cli(kw, dc.data)
     try:
         require_root()
+        check_job_data(jobs[0], dc)
         base = ClusterConfig(job=jobs[0], data=dc, **kw)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -8,7 +8,7 @@ name where the message names an option).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,25 @@ def set_int_fields(task: Any, fields: Iterable[tuple[str, int]]) -> None:
         if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
             raise ValueError(f"{task.name}: {field} must be an integer >= {low}, got {value!r}")
         object.__setattr__(task, field, int(value))
+
+
+def as_int(task: str, field: str, value: object, low: int) -> int:
+    """An integer option that may arrive as a float or string (task options travel as doubles)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{task}: {field} must be an integer >= {low}, got {value!r}")
+    if isinstance(value, Integral):
+        out = int(value)
+    else:
+        try:
+            f = float(value) if isinstance(value, Real | str) else float("nan")
+        except ValueError:
+            f = float("nan")
+        if not np.isfinite(f) or f != round(f):
+            raise ValueError(f"{task}: {field} must be an integer >= {low}, got {value!r}")
+        out = int(f)
+    if out < low:
+        raise ValueError(f"{task}: {field} must be an integer >= {low}, got {value!r}")
+    return out
 
 
 def set_l2(task: Any) -> None:

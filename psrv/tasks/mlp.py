@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import ClassVar
 
 import numpy as np
 import torch
 
+from psrv.tasks.base import as_int as _as_int
 from psrv.tasks.base import check_shapes, check_split, set_int_fields, set_l2
 
 _CHUNK = 4096  # rows per forward/backward pass in loss/accuracy on large data (bounds memory)
@@ -69,25 +69,6 @@ def _float32_buffers(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         cache.clear()  # one network size per process in practice; do not hoard memory
         cache[dim] = (torch.empty(dim, dtype=torch.float32), torch.empty(dim, dtype=torch.float32))
     return cache[dim]
-
-
-def _as_int(task: str, field: str, value: object, low: int) -> int:
-    """An integer option that may arrive as a float or string (task options travel as doubles)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{task}: {field} must be an integer >= {low}, got {value!r}")
-    if isinstance(value, Integral):
-        out = int(value)
-    else:
-        try:
-            f = float(value) if isinstance(value, Real | str) else float("nan")
-        except ValueError:
-            f = float("nan")
-        if not np.isfinite(f) or f != round(f):
-            raise ValueError(f"{task}: {field} must be an integer >= {low}, got {value!r}")
-        out = int(f)
-    if out < low:
-        raise ValueError(f"{task}: {field} must be an integer >= {low}, got {value!r}")
-    return out
 
 
 @dataclass(frozen=True)
