@@ -208,6 +208,7 @@ class EngineState:
     shared_model: np.ndarray | None = None  # w: the model workers compute at, with a compressed downlink
     change: AggregateChange = field(default_factory=AggregateChange)  # of the last close
     update_costs: deque[int] = field(default_factory=lambda: deque(maxlen=COST_WINDOW))  # bytes, last rounds
+    rejoins: int = 0  # registrations of known workers while training (restarted workers)
 
 
 class Served(NamedTuple):
@@ -305,6 +306,8 @@ class RoundEngine:
             )
         s = self.state
         with self._cond:
+            if worker_id in s.workers and s.phase == "training":
+                return self._rejoin(s.workers[worker_id], num_samples, (n_features, n_classes))
             if worker_id in s.workers:
                 raise AlreadyExists(f"worker {worker_id!r} is already registered")
             if s.phase != "registering":
@@ -326,6 +329,33 @@ class RoundEngine:
                 s.phase = "training"
             self._cond.notify_all()
             return index
+
+    def _rejoin(self, w: WorkerState, num_samples: int, shape: tuple[int, int]) -> int:
+        """A registered worker registers again while training (it restarted): it keeps its index
+        and slot, and its first model is a snapshot (it holds no replica). Its stored
+        contribution stands until it reports again, as if it had skipped. Lock held.
+
+        Refused (FAILED_PRECONDITION) for accumulating algorithms: there the worker's own state
+        (its last quantized gradient, its EF21 estimate, ...) is part of the server's running sum,
+        which keeps no per-worker rows (O(d) memory), so a worker that lost its state cannot go
+        on without corrupting the sum. Refused (INVALID_ARGUMENT) with other data than before.
+        Who may register as whom is not checked here (no credentials yet)."""
+        s = self.state
+        if shape != s.task_shape or num_samples != w.num_samples:
+            raise InvalidArgument(
+                f"worker {w.worker_id!r} rejoins with {num_samples} samples of {shape[0]} features / {shape[1]} "
+                f"classes; it registered with {w.num_samples} of {s.task_shape[0]} / {s.task_shape[1]}"
+            )
+        if s.aggregator.absorb == "accumulate":
+            raise FailedPrecondition(
+                f"worker {w.worker_id!r} cannot rejoin a {self.config.algorithm} run: its lost state is part of "
+                "the server's running sum (accumulating rule), so it would corrupt the model"
+            )
+        w.responsive, w.misses = True, 0
+        s.rejoins += 1
+        log.warning("worker %s rejoined as %d (round %d); it gets a snapshot", w.worker_id, w.index, s.round)
+        self._cond.notify_all()
+        return w.index
 
     def _init_model(self, shape: tuple[int, int]) -> None:
         cfg, s = self.config, self.state
@@ -504,13 +534,15 @@ class RoundEngine:
         if self._open.snapshot is None:
             s, b = self.state, self._open.broadcast
             compressed = b.form == "compressed"  # the replica is w alone
+            # the aggregate as the round opened: uploads absorbed since then belong to the next update
+            total = s.aggregator.total if self._open.before is None else self._open.before
             snap = replace(
                 b,
                 form="snapshot",
                 change=None,
                 step=None,
                 theta=s.shared_model if compressed else s.theta,
-                total=None if compressed else s.aggregator.total,
+                total=None if compressed else total,
                 recent_step_sq=s.history.recent(),
             )
             self._open.snapshot = self._encode(snap)
@@ -695,6 +727,7 @@ class RoundEngine:
             "uploads": sum(r["uploads"] for r in recs),
             "skips": sum(r["skips"] for r in recs),
             "deadline_misses": sum(r["deadline_misses"] for r in recs),
+            "rejoins": self.state.rejoins,
             "payload_bits": sum(r["payload_bits"] for r in recs),
             "upload_bytes": sum(r["bytes_up"] for r in recs),
             "last_round_loss": last_loss,

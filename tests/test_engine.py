@@ -114,7 +114,7 @@ def test_rounds_apply_the_lazily_aggregated_step() -> None:
 def test_domain_errors_and_nothing_half_applied() -> None:
     run = Run(M=2, rounds=1)
     d = run.engine.dim
-    with pytest.raises(AlreadyExists):
+    with pytest.raises(InvalidArgument, match="rejoins with 5 samples"):  # a restart, but with other data
         run.engine.register("w0", 5, 4, 3)
     with pytest.raises(NotFound):
         run.engine.wait_model("nobody", 0, 1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,10 +16,10 @@ from psrv.algorithms import ALGORITHMS, option_defaults
 from psrv.engine import Broadcast, RoundEngine
 from psrv.payload import Payload, to_dense
 from psrv.replica import AggregateChange, Replica, apply_change, changed_indices, state_digest, take_step
-from psrv.server import ParameterServer, ServerConfig
+from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.triggers import StepHistory
 from tests.helpers.threaded import run_in_threads
-from worker.client import load_training_data
+from worker.client import WorkerConfig, load_training_data, run_worker
 
 TRAIN, _ = load_training_data("digits", 0.2, 0)
 M = 3
@@ -190,3 +191,49 @@ def test_auto_downlink_keeps_gd_dense_and_makes_laq_cheap() -> None:
         else:
             assert forms["update"] >= 75
     assert down["laq"] < 0.1 * down["gd"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["stream", "unary"])
+@pytest.mark.parametrize("name", ["gd", "lag-wk"])
+def test_a_restarted_worker_rejoins_through_a_snapshot(name: str, transport: str) -> None:
+    """Worker w1 drops out after 8 rounds (as a crash would); the run goes on without it; a new w1
+    registers with the same id and data, rejoins under its index, gets a snapshot and ends on the
+    server's final model, bit for bit, like the workers that never left."""
+    shards = _shards()
+    ps = ParameterServer(
+        ServerConfig(
+            algorithm=name, options={"lr": 0.05}, num_workers=M, rounds=30, round_timeout=1.0, max_misses=1,
+            downlink="replica", transport=transport,
+        )
+    )  # fmt: skip
+    server, port = create_server(ps)
+    results: dict[str, Any] = {}
+
+    def work(key: str, i: int, **extra: Any) -> None:
+        cfg = WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"w{i}", rpc_timeout=20, **extra)
+        results[key] = run_worker(cfg, shards[i])
+
+    threads = {f"w{i}": threading.Thread(target=work, args=(f"w{i}", i), daemon=True) for i in (0, 2)}
+    threads["gone"] = threading.Thread(target=work, args=("gone", 1), kwargs={"leave_after": 8}, daemon=True)
+    runner = threading.Thread(target=lambda: results.setdefault("summary", ps.run()), daemon=True)
+    try:
+        for t in threads.values():
+            t.start()
+        assert ps.wait_registered(M, timeout=30)
+        runner.start()
+        threads["gone"].join(timeout=60)
+        assert results["gone"].rounds == 8 and results["gone"].final_params is None
+        assert 7 <= ps.round < 30, "the run must go on without w1, and not be over yet"
+        threads["back"] = threading.Thread(target=work, args=("back", 1), daemon=True)
+        threads["back"].start()
+        for t in (*threads.values(), runner):
+            t.join(timeout=120)
+    finally:
+        server.stop(grace=None)
+    summary, back = results["summary"], results["back"]
+    assert summary["rounds"] == 30 and summary["rejoins"] == 1
+    assert back.index == results["gone"].index and back.rounds <= 30 - 7
+    assert (back.snapshots, back.digest_mismatches) == (1, 0)
+    for key in ("w0", "w2", "back"):
+        assert results[key].final_params.tobytes() == ps.theta.tobytes(), key

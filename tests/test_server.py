@@ -202,7 +202,20 @@ def test_register_after_run_started(make_harness: Callable[..., Harness]) -> Non
     h.model("w0", 0)  # round 0 is open: the run has started
     with expect_status(Code.FAILED_PRECONDITION, "registration is closed"):
         h.stub.Register(_req("late"), timeout=RPC_TIMEOUT)
-    with expect_status(Code.ALREADY_EXISTS):
+    # a registered worker that registers again while training has restarted: it rejoins, with its index
+    with expect_status(Code.INVALID_ARGUMENT, "rejoins with 11 samples", "registered with 10"):
+        h.stub.Register(_req("w0", num_samples=11), timeout=RPC_TIMEOUT)
+    assert h.stub.Register(_req("w1"), timeout=RPC_TIMEOUT).worker_index == 1
+    assert h.ps.summary()["rejoins"] == 1
+
+
+def test_accumulating_runs_refuse_a_rejoin(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness(num_workers=2, algorithm="laq")
+    h.register("w0")
+    h.register("w1")
+    h.start()
+    h.model("w0", 0)
+    with expect_status(Code.FAILED_PRECONDITION, "cannot rejoin a laq run", "running sum"):
         h.stub.Register(_req("w0"), timeout=RPC_TIMEOUT)
 
 

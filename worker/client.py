@@ -43,6 +43,7 @@ class WorkerConfig:
     connect_timeout: float = 60.0
     rpc_timeout: float = 30.0
     crash_after: int | None = None  # fault injection: exit abruptly after this many rounds
+    leave_after: int | None = None  # fault injection: drop the connection after this many rounds, as a crash would
     corrupt_replica_at: int | None = None  # fault injection: flip a bit of the replica's theta in this round
     torch_threads: int = 1  # many workers share few cores: one thread each avoids oversubscription
     regression: bool = False  # a user file's label column is a real-valued target
@@ -344,6 +345,9 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                     pending = (decision.state, decision.payload is not None)
                 result.rounds += 1
                 k += 1
+                if cfg.leave_after is not None and result.rounds >= cfg.leave_after:
+                    log.error("fault injection: worker %s leaves after %d rounds", cfg.worker_id, result.rounds)
+                    break
                 if cfg.crash_after is not None and result.rounds >= cfg.crash_after:
                     log.error("fault injection: worker %s exits after %d rounds", cfg.worker_id, result.rounds)
                     os._exit(17)
