@@ -489,7 +489,8 @@ def test_a_worker_that_cannot_start_fails_the_run_fast(tmp_path: Path, owned_pid
     args = ["run", "--workers", "2", "--rounds", "5", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]
     started = time.monotonic()
     r = CliRunner().invoke(cluster, args)
-    assert r.exit_code == 1 and "before registering" in r.output, r.output
+    # the data is now checked before any namespace or process starts (the task is probed on it)
+    assert r.exit_code == 2 and "missing.csv: no such file" in r.output, r.output
     assert time.monotonic() - started < 60  # not the server's 300 s registration timeout
     assert not _ours(owned_pids)
 
