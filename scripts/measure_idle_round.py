@@ -6,13 +6,17 @@ Two measurements, both bounded (a few rounds, a few seconds of CPU each):
     For each ``--code LABEL=PATH`` (a psrv checkout; default: this one), a ``psrv start-server
     --algorithm laq`` with ``--workers`` ``psrv start-worker`` processes of that checkout runs for
     ``--rounds`` rounds inside a fresh network namespace while ``psrv inspect capture`` (of this
-    checkout) records its loopback. The capture is decoded with :mod:`psrv.inspect.pcap` (the
+    checkout) records its loopback. ``--code LABEL=PATH@TRANSPORT`` passes ``--transport
+    TRANSPORT`` (``unary`` or ``stream``) to the server; without it the checkout's default runs.
+    The capture is decoded with :mod:`psrv.inspect.pcap` (the
     gRPC records: method, round, message length) plus a pass over the same reassembled byte
     streams that splits HTTP/2 into frames. Per worker connection, an idle window is the time
     from the packet that completes the worker's ``GetModel`` request of round k to the one of
-    round k+1, for every k with ``uploads == 0`` in rounds k-1 and k (metrics.jsonl): it holds the
-    broadcast of round k (nobody uploaded in k-1: the round header / empty update) and the
-    worker's skip notice, their replies, trailers, flow control, pings and the TCP ACKs. Every
+    round k+1 (unary), or from the packet that completes the ``model`` of round k on the
+    worker's Rounds stream to the one of round k+1 (stream), for every k with ``uploads == 0`` in
+    rounds k-1 and k (metrics.jsonl): it holds the broadcast of round k (nobody uploaded in k-1:
+    the round header / empty update) and the worker's skip notice, (unary) their replies and
+    trailers, flow control, pings and the TCP ACKs. Every
     packet in the window is counted: TCP payload = gRPC messages + framing (5-byte gRPC prefixes,
     HTTP/2 frame headers, HPACK blocks, WINDOW_UPDATE, PING, ...), and the IP+TCP headers of each
     packet as captured. Loopback has a 64 KiB MTU and offloads segmentation, so the script also
@@ -29,6 +33,7 @@ Two measurements, both bounded (a few rounds, a few seconds of CPU each):
     how long it waits for the round. ``gd`` is run once for the same figures.
 
     sudo python scripts/measure_idle_round.py --code before=/work/wt/idle-before --code after=.
+    sudo python scripts/measure_idle_round.py --code unary=.@unary --code stream=.@stream --skip-wall
     python scripts/measure_idle_round.py --skip-bytes              # wall time only, no root
 """
 
@@ -94,7 +99,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
 # ---------------------------------------------------------------- bytes of an idle round
 
 
-def capture_run(code: Path, out: Path, rounds: int, workers: int, timeout: float) -> None:
+def capture_run(code: Path, out: Path, rounds: int, workers: int, timeout: float, transport: str | None = None) -> None:
     """One LAQ run of ``code`` in a fresh network namespace, its loopback captured to out/run.pcap."""
     ns = f"psrv-idle-{os.getpid()}-{out.name}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -128,6 +133,7 @@ def capture_run(code: Path, out: Path, rounds: int, workers: int, timeout: float
                     str(out / "metrics.jsonl"),
                     "--summary-json",
                     str(out / "summary.json"),
+                    *(["--transport", transport] if transport else []),
                 ),
             ],
             cwd=code,
@@ -233,12 +239,15 @@ def analyse_capture(out: Path) -> dict[str, Any]:
     msgs = [r for r in records if r["type"] == "message"]
 
     # per connection: the worker, and the time its GetModel request of round k was complete
+    # (unary), or the time the broadcast of round k on its Rounds stream was (stream)
     worker_of: dict[str, str] = {}
     bounds: dict[str, dict[int, float]] = defaultdict(dict)
     for r in msgs:
         if r.get("worker"):
             worker_of.setdefault(r["conn"], r["worker"])
-        if r["method"] == "GetModel" and r["dir"] == "up" and r["round"] is not None:
+        unary = r["method"] == "GetModel" and r["dir"] == "up"
+        stream = r["method"] == "Rounds" and r["message"] in ("RoundsResponse.model", "RoundsResponse.model_piece")
+        if (unary or stream) and r["round"] is not None:
             bounds[r["conn"]].setdefault(r["round"], r["time"])
 
     def windows(conn: str) -> list[tuple[float, float]]:
@@ -567,7 +576,12 @@ def wall(args: argparse.Namespace, tmp: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--code", action="append", default=[], help="LABEL=PATH of a psrv checkout (repeatable).")
+    ap.add_argument(
+        "--code",
+        action="append",
+        default=[],
+        help="LABEL=PATH[@TRANSPORT] of a psrv checkout (repeatable); TRANSPORT: passed as start-server --transport.",
+    )
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--wall-rounds", type=int, default=200)
@@ -583,10 +597,11 @@ def main() -> None:
         if os.geteuid() != 0:
             raise SystemExit("the byte measurement needs root (a network namespace and a capture); --skip-bytes")
         results = {}
-        for label, path in codes.items():
+        for label, spec in codes.items():
+            path, _, transport = spec.partition("@")
             out = tmp / f"bytes-{label}"
             out.mkdir(parents=True, exist_ok=True)
-            capture_run(Path(path).resolve(), out, args.rounds, args.workers, timeout=180)
+            capture_run(Path(path).resolve(), out, args.rounds, args.workers, timeout=180, transport=transport or None)
             results[label] = analyse_capture(out)
         print(bytes_table(results))
         (tmp / "bytes.json").write_text(json.dumps(results, indent=1))

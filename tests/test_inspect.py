@@ -1,4 +1,5 @@
-"""``psrv inspect``: the tap on a real short run (server + 2 worker threads, gd/top-k and LAQ),
+"""``psrv inspect``: the tap on a real short run (server + 2 worker threads, gd/top-k and LAQ, unary
+calls; the Rounds stream: test_inspect_rounds.py),
 byte accounting, the pcap decoder on the tap's capture, on a kernel capture of the same run
 (AF_PACKET, where the test runs as root; tcpdump is not installed here) and on hand-made
 captures with reordered, retransmitted and overlapping segments, the HTTP/2 parser on
@@ -73,7 +74,38 @@ class Run:
     capture: dict[str, int] | None
 
 
-def _run(tmp: Path, name: str) -> Run:
+def _ghost_reports(port: int, transport: str) -> None:
+    """Reports of an unknown worker after the run, answered NOT_FOUND (trailers-only replies).
+    unary: a Skip and a big Push (many DATA frames, flow control on the stream and the connection);
+    stream: a Rounds stream whose `open` names the unknown worker."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        if transport == "stream":
+            call = channel.stream_stream(
+                f"/{rpc.SERVICE}/Rounds",
+                request_serializer=pb.RoundsRequest.SerializeToString,
+                response_deserializer=pb.RoundsResponse.FromString,
+            )
+            opened = pb.RoundsRequest(open=pb.RoundsOpen(worker_id="ghost", round=ROUNDS + 5))
+            with pytest.raises(grpc.RpcError) as err:
+                list(call(iter([opened]), timeout=10))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            return
+        stub = rpc.CountingStub(channel)
+        big = pb.PushRequest(
+            worker_id="ghost", round=ROUNDS + 5, dense=pb.DenseTensor(dtype=pb.DTYPE_FLOAT32, data=BIG)
+        )
+        for call, msg in [
+            (stub.Skip, codec.skip_to_proto("ghost", ROUNDS + 5, "lazy_rule", 0.0)),
+            (stub.Push, big),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                call(msg, timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _run(tmp: Path, name: str, transport: str = "unary") -> Run:
+    """A short run through the tap; ``transport``: GetModel / Push / Skip calls (``unary``) or one
+    Rounds stream per worker (``stream``, see test_inspect_rounds.py)."""
     algorithm, compressor, options = RUNS[name]
     ps = ParameterServer(
         ServerConfig(
@@ -84,7 +116,7 @@ def _run(tmp: Path, name: str) -> Run:
             rounds=ROUNDS,
             round_timeout=20.0,
             done_grace=5.0,
-            transport="unary",  # GetModel / Push / Skip calls (the Rounds stream: see test_inspect_rounds.py)
+            transport=transport,
         )
     )
     server, port = create_server(ps)
@@ -108,20 +140,7 @@ def _run(tmp: Path, name: str) -> Run:
         for t in threads:
             t.join(timeout=60)
         assert not any(t.is_alive() for t in threads)
-        # two rejected reports after the run (trailers-only error replies), one of them big
-        # (many DATA frames, flow control on the stream and the connection)
-        with grpc.insecure_channel(f"127.0.0.1:{tap.port}") as channel:
-            stub = rpc.CountingStub(channel)
-            big = pb.PushRequest(
-                worker_id="ghost", round=ROUNDS + 5, dense=pb.DenseTensor(dtype=pb.DTYPE_FLOAT32, data=BIG)
-            )
-            for call, msg in [
-                (stub.Skip, codec.skip_to_proto("ghost", ROUNDS + 5, "lazy_rule", 0.0)),
-                (stub.Push, big),
-            ]:
-                with pytest.raises(grpc.RpcError) as err:
-                    call(msg, timeout=10)
-                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        _ghost_reports(tap.port, transport)
         # let every client connection end before the server stops: otherwise the server's
         # GOAWAY races the closing client and the kernel may drop it after the tap relayed it
         idle = tap.wait_idle(10)

@@ -11,6 +11,15 @@ message length:
 * ``zstd``: ``ZstdPayload.data`` (a compressed payload, whatever it holds);
 * ``header``: everything else (tags, lengths, ids, rounds, scalars, shapes, the run config).
 
+A message of the Rounds stream (``RoundsRequest`` / ``RoundsResponse``) wraps the unary message in
+its oneof; the split goes one level deeper there, so a ``push`` is split as a ``PushRequest`` and a
+``model`` as a ``GetModelResponse`` (the oneof's tag and length are ``header``). Its record's
+``message`` names the oneof member (``RoundsRequest.skip``, ``RoundsResponse.model``, ...).
+Worker and round are implied by the stream: a record takes the worker of the stream's ``open``,
+and the round of the ``open``, of each broadcast (``model``, or the first ``model_piece`` of a big
+one) and of a ``rejected``; a report (``skip``, ``push``, ``push_piece``, ``resync``) gets the round
+of the last broadcast before it on that stream (up and down messages taken in time order).
+
 :class:`ConnectionDecoder` turns one connection's bytes (both directions) into JSON-ready
 records: one ``message`` record per gRPC message, one ``frames`` record per stream direction
 that carried no message (e.g. a trailers-only error reply), and at the end one ``connection``
@@ -46,16 +55,28 @@ _LEAF: dict[str, dict[int, str]] = {
 }
 
 
-def _descend(desc: Descriptor) -> dict[int, dict[int, str]]:
-    """Top-level fields of ``desc`` whose submessage is split further."""
-    return {
-        f.number: _LEAF[f.message_type.name]
-        for f in desc.fields
-        if f.message_type is not None and f.message_type.name in _LEAF
-    }
+#: messages whose oneof wraps another message (the Rounds stream's): split one level deeper
+_WRAPPERS = ("RoundsRequest", "RoundsResponse")
+#: the Rounds method's name, and its messages' oneofs
+ROUNDS = "Rounds"
+_ONEOF = {"RoundsRequest": "request", "RoundsResponse": "response"}
 
 
-_DESCEND: dict[str, dict[int, dict[int, str]]] = {}
+def _descend(desc: Descriptor) -> dict[int, Any]:
+    """Top-level fields of ``desc`` whose submessage is split further (through a wrapper's oneof
+    into the wrapped message's fields)."""
+    out: dict[int, Any] = {}
+    for f in desc.fields:
+        if f.message_type is None:
+            continue
+        if f.message_type.name in _LEAF:
+            out[f.number] = _LEAF[f.message_type.name]
+        elif desc.name in _WRAPPERS and (inner := _descend(f.message_type)):
+            out[f.number] = inner
+    return out
+
+
+_DESCEND: dict[str, dict[int, Any]] = {}
 
 
 def _varint(data: bytes, i: int, end: int) -> tuple[int, int]:
@@ -130,13 +151,62 @@ def _enum_name(enum: Any, value: int) -> str:
     return enum.Name(value).removeprefix(prefix).lower()
 
 
-def describe(method: str, direction: str, data: bytes) -> dict[str, Any]:
-    """What a psrv message says: its type, worker, round and payload kind."""
-    if method not in METHODS:
-        return {"message": None, "worker": None, "round": None, "kind": ""}
-    msg_type = METHODS[method][0 if direction == "up" else 1]
-    msg = msg_type.FromString(data)
-    info: dict[str, Any] = {"message": msg_type.DESCRIPTOR.name, "worker": None, "round": None, "kind": ""}
+def _leading_varint(data: bytes, number: int) -> int | None:
+    """The varint field ``number`` of a message whose serialized bytes start with ``data`` (a first
+    piece): protobuf writes fields in number order, so a higher field first means it is absent (0).
+    None when ``data`` ends before that is known."""
+    i, end = 0, len(data)
+    try:
+        while i < end:
+            key, i = _varint(data, i, end)
+            if key >> 3 > number:
+                return 0
+            wire = key & 7
+            if key >> 3 == number and wire == 0:
+                return _varint(data, i, end)[0]
+            if wire == 0:
+                _, i = _varint(data, i, end)
+            elif wire == 1 or wire == 5:
+                i += 8 if wire == 1 else 4
+            elif wire == 2:
+                n, i = _varint(data, i, end)
+                i += n
+            else:
+                return None
+    except ValueError:
+        return None
+    return 0 if i == end and end else None
+
+
+def _describe_rounds(msg: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """A Rounds message: the oneof member it carries, and what that says."""
+    name = msg.DESCRIPTOR.name
+    member = msg.WhichOneof(_ONEOF[name])
+    if member is None:
+        raise ValueError(f"a {name} with nothing set")
+    info["message"] = f"{name}.{member}"
+    body = getattr(msg, member)
+    if member == "open":
+        info["worker"], info["round"] = body.worker_id or None, body.round
+    elif member == "push":
+        inner = _describe_unary(body, dict(info))
+        info.update(worker=inner["worker"], round=body.round or None, kind=inner["kind"])
+    elif member == "skip":
+        info["kind"] = _enum_name(pb.SkipReason, body.reason)
+    elif member == "model":
+        info.update(round=body.round, kind="final" if body.done else "")
+    elif member == "rejected":
+        info.update(round=body.round, kind="rejected")
+    elif member == "resync":
+        info["kind"] = "resync"
+    elif member in ("push_piece", "model_piece"):
+        info["kind"] = "piece"
+        if member == "model_piece" and body.offset == 0:
+            info["round"] = _leading_varint(body.data, 1)  # GetModelResponse.round
+    return info
+
+
+def _describe_unary(msg: Any, info: dict[str, Any]) -> dict[str, Any]:
     if hasattr(msg, "worker_id"):
         info["worker"] = msg.worker_id or None
     if hasattr(msg, "round"):
@@ -149,6 +219,19 @@ def describe(method: str, direction: str, data: bytes) -> dict[str, Any]:
     elif isinstance(msg, pb.GetModelResponse):
         info["kind"] = "final" if msg.done else ""
     return info
+
+
+def describe(method: str, direction: str, data: bytes) -> dict[str, Any]:
+    """What a psrv message says: its type, worker, round and payload kind. A Rounds message says
+    only what it carries itself (a report's round is the stream's: see :class:`ConnectionDecoder`)."""
+    if method not in METHODS:
+        return {"message": None, "worker": None, "round": None, "kind": ""}
+    msg_type = METHODS[method][0 if direction == "up" else 1]
+    msg = msg_type.FromString(data)
+    info: dict[str, Any] = {"message": msg_type.DESCRIPTOR.name, "worker": None, "round": None, "kind": ""}
+    if msg_type.DESCRIPTOR.name in _WRAPPERS:
+        return _describe_rounds(msg, info)
+    return _describe_unary(msg, info)
 
 
 def _split_message(method: str, direction: str, data: bytes, compressed: bool) -> tuple[dict[str, Any], str | None]:
@@ -230,68 +313,118 @@ class ConnectionDecoder:
 
     def _records(self, parts: list[StreamPart]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for part in parts:
-            out.extend(self._part_records(part))
+        i = 0
+        while i < len(parts):
+            part = parts[i]
+            if method_name(part.path) != ROUNDS:
+                out.extend(self._part_records(part))
+                i += 1
+                continue
+            # a Rounds stream's parts come together (request first): take its messages in time order
+            mine = [part]
+            while i + 1 < len(parts) and parts[i + 1].stream_id == part.stream_id and len(mine) < 2:
+                i += 1
+                mine.append(parts[i])
+            out.extend(self._rounds_records(mine))
+            i += 1
+        return out
+
+    def _message_record(
+        self, part: StreamPart, msg: Any, method: str, ctx: dict[str, Any], rounds: bool
+    ) -> dict[str, Any]:
+        d = part.direction
+        info, error = _split_message(method, d, msg.data, msg.compressed)
+        if info["worker"] and (d == "up" or rounds):
+            ctx["worker"] = self.worker = info["worker"]
+            self.workers.add(info["worker"])
+        if info["round"] is not None and (d == "up" or rounds) and info["kind"] != "rejected":
+            ctx["round"] = info["round"]  # unary: a request's round; Rounds: open, and each broadcast
+        worker = info["worker"] or ctx["worker"] or self.worker
+        rnd = info["round"] if info["round"] is not None else ctx["round"]
+        nbytes = {**msg.h2, "grpc_prefix": GRPC_PREFIX_BYTES, **info["split"]}
+        return {
+            "type": "message",
+            "time": msg.time,
+            **self._base(part, method),
+            "message": info["message"],
+            "worker": worker,
+            "round": rnd,
+            "kind": info["kind"],
+            "compressed": msg.compressed,
+            "bytes": nbytes,
+            "proto_bytes": len(msg.data),
+            "wire_bytes": sum(nbytes.values()),
+            **self._tail(part),
+            "error": error,
+        }
+
+    def _base(self, part: StreamPart, method: str) -> dict[str, Any]:
+        return {"conn": self.conn, "dir": part.direction, "stream": part.stream_id, "method": method}
+
+    @staticmethod
+    def _tail(part: StreamPart) -> dict[str, Any]:
+        status, detail = _status(part) if part.direction == "down" else (None, None)
+        return {"status": status, "detail": detail, "reset": part.reset, "incomplete": part.incomplete}
+
+    def _frames_record(self, part: StreamPart, method: str, ctx: dict[str, Any]) -> dict[str, Any]:
+        nbytes = {**part.h2, "grpc_prefix": 0, **dict.fromkeys(PROTO_KEYS, 0)}
+        return {
+            "type": "frames",
+            "time": part.end_time,
+            **self._base(part, method),
+            "message": None,
+            "worker": ctx["worker"] or self.worker,
+            "round": ctx["round"],
+            "kind": "",
+            "compressed": False,
+            "bytes": nbytes,
+            "proto_bytes": 0,
+            "wire_bytes": sum(nbytes.values()),
+            **self._tail(part),
+            "error": None,
+        }
+
+    def _book(self, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for r in out:
+            self._streams[r["dir"]] += r["wire_bytes"]
+            self._messages[r["dir"]] += r["type"] == "message"
         return out
 
     def _part_records(self, part: StreamPart) -> list[dict[str, Any]]:
         method = method_name(part.path)
-        d, sid = part.direction, part.stream_id
-        status, detail = _status(part) if d == "down" else (None, None)
-        ctx = self._ctx.setdefault(sid, {"worker": None, "round": None})
-        base = {"conn": self.conn, "dir": d, "stream": sid, "method": method}
-        tail = {"status": status, "detail": detail, "reset": part.reset, "incomplete": part.incomplete}
-        out: list[dict[str, Any]] = []
-        for msg in part.messages:
-            info, error = _split_message(method, d, msg.data, msg.compressed)
-            if d == "up":
-                if info["worker"]:
-                    ctx["worker"] = self.worker = info["worker"]
-                    self.workers.add(info["worker"])
-                if info["round"] is not None:
-                    ctx["round"] = info["round"]
-            worker = info["worker"] or ctx["worker"] or self.worker
-            rnd = info["round"] if info["round"] is not None else ctx["round"]
-            nbytes = {**msg.h2, "grpc_prefix": GRPC_PREFIX_BYTES, **info["split"]}
-            out.append(
-                {
-                    "type": "message",
-                    "time": msg.time,
-                    **base,
-                    "message": info["message"],
-                    "worker": worker,
-                    "round": rnd,
-                    "kind": info["kind"],
-                    "compressed": msg.compressed,
-                    "bytes": nbytes,
-                    "proto_bytes": len(msg.data),
-                    "wire_bytes": sum(nbytes.values()),
-                    **tail,
-                    "error": error,
-                }
-            )
+        ctx = self._ctx.setdefault(part.stream_id, {"worker": None, "round": None})
+        out = [self._message_record(part, msg, method, ctx, rounds=False) for msg in part.messages]
         if not part.messages:
-            nbytes = {**part.h2, "grpc_prefix": 0, **dict.fromkeys(PROTO_KEYS, 0)}
-            out.append(
-                {
-                    "type": "frames",
-                    "time": part.end_time,
-                    **base,
-                    "message": None,
-                    "worker": ctx["worker"] or self.worker,
-                    "round": ctx["round"],
-                    "kind": "",
-                    "compressed": False,
-                    "bytes": nbytes,
-                    "proto_bytes": 0,
-                    "wire_bytes": sum(nbytes.values()),
-                    **tail,
-                    "error": None,
-                }
+            out.append(self._frames_record(part, method, ctx))
+        if part.direction == "down":
+            self._ctx.pop(part.stream_id, None)
+        return self._book(out)
+
+    def _rounds_records(self, parts: list[StreamPart]) -> list[dict[str, Any]]:
+        """A Rounds stream: both directions' messages merged by time (on a tie the broadcast comes
+        before the report, except that nothing comes before the stream's first request), so a
+        report gets the round of the broadcast before it; then a ``frames`` record for a direction
+        that carried no message."""
+        ctx = {"worker": None, "round": None}
+        by_dir = {p.direction: p for p in parts}
+        up = by_dir.get("up")
+        down = by_dir.get("down")
+        ups = up.messages if up else []
+        downs = down.messages if down else []
+        out: list[dict[str, Any]] = []
+        i = j = 0
+        while i < len(ups) or j < len(downs):
+            take_up = j >= len(downs) or (
+                i < len(ups) and (ups[i].time < downs[j].time or (i == 0 and ups[i].time == downs[j].time))
             )
-        for r in out:
-            self._streams[d] += r["wire_bytes"]
-            self._messages[d] += r["type"] == "message"
-        if d == "down":
-            self._ctx.pop(sid, None)
-        return out
+            if take_up:
+                out.append(self._message_record(up, ups[i], ROUNDS, ctx, rounds=True))
+                i += 1
+            else:
+                out.append(self._message_record(down, downs[j], ROUNDS, ctx, rounds=True))
+                j += 1
+        for part in parts:
+            if not part.messages:
+                out.append(self._frames_record(part, ROUNDS, ctx))
+        self._ctx.pop(parts[0].stream_id, None)
+        return self._book(out)
