@@ -309,6 +309,7 @@ class RoundStream:
         self._replies = stub._calls["Rounds"](self._requests())
         limit = stream.limit_for(stub.model_dim) if stub.model_dim else stream.MAX_MESSAGE
         self._limit = limit
+        self.finished = False  # the final broadcast has arrived
 
     def _requests(self) -> Iterator[bytes]:
         while (item := self._out.get()) is not None:
@@ -345,15 +346,29 @@ class RoundStream:
             if kind == "rejected":
                 rejected = body
             elif kind == "model":
-                return pb.GetModelResponse.FromString(body), rejected
+                return self._model(body), rejected
             elif kind == "model_piece":
                 whole = whole or stream.Reassembler(self._limit, "Rounds")
                 whole.add(*body)
                 if whole.complete:
-                    return pb.GetModelResponse.FromString(whole.result()), rejected
+                    return self._model(whole.result()), rejected
         raise stream.StreamError("Rounds: the server ended the stream before the final broadcast")
 
+    def _model(self, data: Any) -> pb.GetModelResponse:
+        model = pb.GetModelResponse.FromString(data)
+        self.finished = model.done
+        return model
+
     def close(self) -> None:
-        """End the stream from this side (the server sees the end of its requests)."""
+        """End the stream from this side. After the final broadcast the worker ends its half and
+        reads the server's OK (the server has nothing more to send), so the stream ends cleanly on
+        the wire; otherwise (an error, a worker that leaves) the call is cancelled."""
         self._out.put(None)
-        self._replies.cancel()
+        if not self.finished:
+            self._replies.cancel()
+            return
+        try:
+            for _ in self._replies:
+                pass
+        except grpc.RpcError:
+            pass

@@ -77,12 +77,12 @@ def test_stream_tap_decodes_every_message(run: Run) -> None:
     assert ghost["round"] == ROUNDS + 5 and ghost["status"] == STATUS_NOT_FOUND and "unknown worker" in ghost["detail"]
     (opened,) = [r for r in msgs if r["worker"] == "ghost"]
     assert opened["message"] == "RoundsRequest.open" and opened["round"] == ROUNDS + 5
-    # the workers' streams end after the final broadcast: OK, unless the worker's cancel (RST_STREAM)
-    # overtook the server's trailers
+    # the workers' streams end after the final broadcast with OK: the worker ends its half and reads
+    # the server's trailers (RoundStream.close); gRPC may still reset the stream once both are done
     for r in msgs:
         if r["method"] == "Rounds" and r["dir"] == "down":
-            assert r["status"] in (0, None) and r["message"] in ("RoundsResponse.model", "RoundsResponse.model_piece")
-            assert r["status"] == 0 or r["reset"]
+            assert r["message"] in ("RoundsResponse.model", "RoundsResponse.model_piece")
+            assert r["status"] == 0
 
 
 def test_stream_tap_decoded_reports_match_the_run(run: Run) -> None:
