@@ -459,7 +459,7 @@ def skip_reason_from_proto(msg: pb.SkipRequest | pb.RoundsSkip) -> str:
 def broadcast_to_proto(b: Broadcast) -> pb.GetModelResponse:
     """The round's model broadcast (:class:`psrv.engine.Broadcast`) as a message: the plain model
     (``params``), the exact change for replicas (``update``), or the whole state (``snapshot``)."""
-    msg = pb.GetModelResponse(round=b.round, total_samples=b.total_samples, num_workers=b.num_workers, done=b.done)
+    msg = _broadcast_header(b)
     if b.form == "dense":
         msg.params.CopyFrom(tensor_to_proto(b.params))
         msg.recent_step_sq.extend(b.recent_step_sq)
@@ -479,10 +479,40 @@ def broadcast_to_proto(b: Broadcast) -> pb.GetModelResponse:
         msg.digest = b.digest
     else:
         raise CodecError(f"unknown broadcast form {b.form!r}")
+    return msg
+
+
+def _broadcast_header(b: Broadcast) -> pb.GetModelResponse:
+    """A broadcast's fields that do not depend on its form."""
+    msg = pb.GetModelResponse(round=b.round, total_samples=b.total_samples, num_workers=b.num_workers, done=b.done)
     if b.selected is not None:
         msg.selection.SetInParent()  # present even when nobody is selected
         msg.selection.workers.extend(b.selected)
     return msg
+
+
+_PARAMS_TAG = stream.varint(pb.GetModelResponse.DESCRIPTOR.fields_by_name["params"].number << 3 | 2)
+
+
+def broadcast_to_wire(b: Broadcast) -> bytes:
+    """``broadcast_to_proto(b).SerializeToString()``, byte for byte, with one copy of a dense
+    model's values (protobuf would copy them four times: into ``bytes``, into the DenseTensor, into
+    the response, out of it). Fields go in number order as protobuf writes them: ``round`` (1),
+    ``params`` (2), then the rest. Every other form is serialized by protobuf."""
+    if b.form != "dense" or not b.params.size:
+        return broadcast_to_proto(b).SerializeToString()
+    code = _values_code(b.params, "")
+    values = np.ascontiguousarray(b.params, dtype=_NP_OF_DTYPE.get(code, np.dtype("<u2")))
+    raw = memoryview(values).cast("B")
+    tensor = pb.DenseTensor(dtype=code, shape=values.shape).SerializeToString() + _DATA_TAG + stream.varint(raw.nbytes)
+    msg = _broadcast_header(b)
+    msg.recent_step_sq.extend(b.recent_step_sq)
+    head = pb.GetModelResponse(round=b.round).SerializeToString()
+    rest = msg.SerializeToString()
+    if not rest.startswith(head):
+        raise CodecError("broadcast_to_wire: protobuf did not write `round` first")
+    tail = rest[len(head) :]
+    return b"".join((head, _PARAMS_TAG, stream.varint(len(tensor) + raw.nbytes), tensor, raw, tail))
 
 
 def change_to_proto(change: AggregateChange, msg: pb.StateUpdate, zstd: bool = False) -> None:

@@ -257,7 +257,7 @@ class _SizedPart(NamedTuple):
 
 
 def _encode_broadcast(broadcast: Any) -> bytes:
-    return codec.broadcast_to_proto(broadcast).SerializeToString()
+    return codec.broadcast_to_wire(broadcast)
 
 
 class ParameterServer:

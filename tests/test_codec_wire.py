@@ -6,6 +6,8 @@ fields, bytes protobuf would refuse) goes through protobuf whole."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -119,3 +121,17 @@ def test_validation_is_upload_from_protos() -> None:
         codec.WireUpload(codec.upload_to_wire("w", 0, 0.0, dense(np.ones(D - 1))).tobytes()).payload(D)
     with pytest.raises(codec.CodecError, match="no payload"):
         codec.WireUpload(pb.PushRequest(worker_id="w").SerializeToString()).payload(D)
+
+
+@pytest.mark.parametrize("round_", [0, 1, 300])
+@pytest.mark.parametrize("selected", [None, (), (0, 2)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_broadcast_to_wire_is_broadcast_to_proto_serialized(round_: int, selected: Any, dtype: Any) -> None:
+    from psrv.engine import Broadcast
+
+    rng = np.random.default_rng(round_)
+    for done in (False, True):
+        for params in (rng.standard_normal(1000).astype(dtype), np.zeros(0, dtype)):
+            b = Broadcast(form="dense", round=round_, total_samples=10, num_workers=3, done=done, selected=selected,
+                          params=params, recent_step_sq=(0.5, 0.25)[: round_ % 3])  # fmt: skip
+            assert codec.broadcast_to_wire(b) == codec.broadcast_to_proto(b).SerializeToString()
