@@ -372,6 +372,29 @@ def _parse(msg_type: type, data: bytes | memoryview) -> Any:
         raise CodecError(f"not a valid {msg_type.DESCRIPTOR.name} message") from None
 
 
+def _split_dense(
+    view: memoryview, msg_type: type, oneof: frozenset[int], dense_field: int
+) -> tuple[Any, pb.DenseTensor, memoryview] | None:
+    """A serialized ``msg_type`` whose one field of the ``oneof`` is a DenseTensor in field
+    ``dense_field`` with one ``data`` field: (the message without that field, the tensor without its
+    data, a view of the data in ``view``). None for anything else (protobuf then parses it whole
+    and says what is wrong)."""
+    try:
+        present = [f for f in stream.wire_fields(view) if f.number in oneof]
+        if len(present) != 1 or present[0].number != dense_field or present[0].wire != 2:
+            return None
+        (dense,) = present
+        data = [f for f in stream.wire_fields(view, dense.value, dense.end) if f.number == _DATA_FIELD]
+    except stream.StreamError:
+        return None
+    if len(data) != 1 or data[0].wire != 2:
+        return None
+    values = data[0]
+    msg = _parse(msg_type, bytes(view[: dense.start]) + bytes(view[dense.end :]))
+    tensor = _parse(pb.DenseTensor, bytes(view[dense.value : values.start]) + bytes(view[values.end : dense.end]))
+    return msg, tensor, view[values.value : values.end]
+
+
 class WireUpload:
     """A serialized PushRequest, read as ``pb.PushRequest.FromString`` reads it, except that the
     values of a dense payload stay where they are: :meth:`payload` views them in ``data`` (the
@@ -382,33 +405,13 @@ class WireUpload:
     Raises :class:`CodecError` for bytes that are not a PushRequest."""
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        spans = self._dense_spans(view)
+        split = _split_dense(memoryview(data).cast("B"), pb.PushRequest, _PAYLOAD_FIELDS, _DENSE_FIELD)
         self._tensor: pb.DenseTensor | None = None
         self._values: memoryview | None = None
-        if spans is None:
-            self.request = _parse(pb.PushRequest, view)
+        if split is None:
+            self.request = _parse(pb.PushRequest, data)
             return
-        dense, values = spans
-        self.request = _parse(pb.PushRequest, bytes(view[: dense.start]) + bytes(view[dense.end :]))
-        tensor = bytes(view[dense.value : values.start]) + bytes(view[values.end : dense.end])  # all but the values
-        self._tensor = _parse(pb.DenseTensor, tensor)
-        self._values = view[values.value : values.end]
-
-    @staticmethod
-    def _dense_spans(view: memoryview) -> tuple[stream.Field, stream.Field] | None:
-        """(the dense field, its data field), when that is the payload."""
-        try:
-            payload = [f for f in stream.wire_fields(view) if f.number in _PAYLOAD_FIELDS]
-            if len(payload) != 1 or payload[0].number != _DENSE_FIELD or payload[0].wire != 2:
-                return None
-            (dense,) = payload
-            data = [f for f in stream.wire_fields(view, dense.value, dense.end) if f.number == _DATA_FIELD]
-        except stream.StreamError:
-            return None  # protobuf says what is wrong
-        if len(data) != 1 or data[0].wire != 2:
-            return None
-        return dense, data[0]
+        self.request, self._tensor, self._values = split
 
     def payload(self, dim: int) -> Payload:
         """The upload's payload, validated against the model dimension ``dim`` (as
@@ -548,14 +551,26 @@ class ModelMessage:
     digest: int = 0
 
 
-def model_from_proto(msg: pb.GetModelResponse, dim: int) -> ModelMessage:
-    """Decode and validate a broadcast of a ``dim``-parameter model."""
-    forms = [f for f in ("params", "update", "compressed", "snapshot") if msg.HasField(f)]
-    if len(forms) != 1:
-        raise CodecError(
-            f"model broadcast: expected exactly one of params/update/compressed/snapshot, got {forms or 'none'}"
-        )
-    common = dict(
+_FORMS = ("params", "update", "compressed", "snapshot")
+_FORM_FIELDS = frozenset(pb.GetModelResponse.DESCRIPTOR.fields_by_name[f].number for f in _FORMS)
+_PARAMS_FIELD = pb.GetModelResponse.DESCRIPTOR.fields_by_name["params"].number
+
+
+def model_from_wire(data: bytes | bytearray | memoryview, dim: int) -> ModelMessage:
+    """:func:`model_from_proto` of a serialized GetModelResponse, except that a dense model's
+    values are viewed where they arrived (writable when ``data`` is, e.g. a reassembled stream)
+    instead of being copied into protobuf's memory and out again."""
+    split = _split_dense(memoryview(data).cast("B"), pb.GetModelResponse, _FORM_FIELDS, _PARAMS_FIELD)
+    if split is None:
+        return model_from_proto(_parse(pb.GetModelResponse, data), dim)
+    msg, tensor, values = split
+    raw, fmt = _tensor_values(tensor, dim, "model", data=values)
+    params = (payload_from_bfloat16(raw) if fmt else raw).reshape(tuple(tensor.shape))
+    return ModelMessage("dense", params=params, recent_step_sq=tuple(msg.recent_step_sq), **_model_common(msg))
+
+
+def _model_common(msg: pb.GetModelResponse) -> dict[str, Any]:
+    return dict(
         round=msg.round,
         total_samples=msg.total_samples,
         num_workers=msg.num_workers,
@@ -563,6 +578,16 @@ def model_from_proto(msg: pb.GetModelResponse, dim: int) -> ModelMessage:
         selected=selected_workers(msg),
         digest=msg.digest,
     )
+
+
+def model_from_proto(msg: pb.GetModelResponse, dim: int) -> ModelMessage:
+    """Decode and validate a broadcast of a ``dim``-parameter model."""
+    forms = [f for f in _FORMS if msg.HasField(f)]
+    if len(forms) != 1:
+        raise CodecError(
+            f"model broadcast: expected exactly one of params/update/compressed/snapshot, got {forms or 'none'}"
+        )
+    common = _model_common(msg)
     if forms[0] == "params":
         params = tensor_from_proto(msg.params, dim, "model")
         return ModelMessage("dense", params=params, recent_step_sq=tuple(msg.recent_step_sq), **common)

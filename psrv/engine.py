@@ -551,10 +551,10 @@ class RoundEngine:
     def _choose_downlink(self, round_: int) -> str:
         """``dense`` or ``replica`` for this round. ``auto``: replicas from round 0 (a snapshot for
         everyone) while the recent updates (mean of the last ``COST_WINDOW`` rounds' cheapest exact
-        form, in bytes) cost less than a dense broadcast, judged on a full window unless they cost
-        twice as much; from dense, switch back once the window's updates plus a snapshot (16 bytes
+        form, in bytes) cost less than a dense broadcast, judged on a full window unless two rounds
+        cost twice as much; from dense, switch back once the window's updates plus a snapshot (16 bytes
         per parameter) cost less than the window's dense broadcasts. So gd, whose aggregate changes
-        densely every round, goes dense after round 0, and a lazy rule whose first rounds upload
+        densely every round, goes dense after round 1, and a lazy rule whose first rounds upload
         much stays on updates instead of paying a snapshot to come back."""
         s, mode = self.state, self.config.downlink
         if mode != "auto":
@@ -564,9 +564,11 @@ class RoundEngine:
         dense = s.theta.size * np.dtype(self.config.broadcast_dtype).itemsize
         mean = sum(s.update_costs) / len(s.update_costs)
         if s.downlink == "replica":
-            # leaving costs a snapshot to come back: leave on a full window's evidence, or at once
-            # when updates cost twice a dense broadcast (gd: every coordinate changes, 8 bytes each)
-            leave = mean > dense and (len(s.update_costs) == COST_WINDOW or mean >= 2 * dense)
+            # leaving costs a snapshot to come back: leave on a full window's evidence, or after two
+            # rounds that cost twice a dense broadcast on average (gd: every coordinate changes, 8
+            # bytes each; not LAQ, whose round 0 has every worker upload and whose next rounds skip)
+            n = len(s.update_costs)
+            leave = mean > dense and (n == COST_WINDOW or (n >= 2 and mean >= 2 * dense))
             return "dense" if leave else "replica"
         window = COST_WINDOW
         return "replica" if mean * window + 16 * s.theta.size < dense * window else "dense"

@@ -309,7 +309,6 @@ class RoundStream:
         self._replies = stub._calls["Rounds"](self._requests())
         limit = stream.limit_for(stub.model_dim) if stub.model_dim else stream.MAX_MESSAGE
         self._limit = limit
-        self.finished = False  # the final broadcast has arrived
 
     def _requests(self) -> Iterator[bytes]:
         while (item := self._out.get()) is not None:
@@ -334,9 +333,10 @@ class RoundStream:
         else:
             self._send(stream.field_bytes(_PUSH, *upload.parts))
 
-    def receive(self) -> tuple[pb.GetModelResponse, pb.RoundsRejected | None]:
-        """The next broadcast, and the server's ``rejected`` of the last report if it sent one.
-        Raises ``grpc.RpcError`` when the stream ends with an error status, and
+    def receive(self) -> tuple[memoryview, pb.RoundsRejected | None]:
+        """The next broadcast (a serialized GetModelResponse: decode it with
+        :func:`psrv.codec.model_from_wire`), and the server's ``rejected`` of the last report if it
+        sent one. Raises ``grpc.RpcError`` when the stream ends with an error status, and
         :class:`psrv.stream.StreamError` for messages that do not make a broadcast."""
         rejected = None
         whole: stream.Reassembler | None = None
@@ -346,25 +346,20 @@ class RoundStream:
             if kind == "rejected":
                 rejected = body
             elif kind == "model":
-                return self._model(body), rejected
+                return body, rejected
             elif kind == "model_piece":
                 whole = whole or stream.Reassembler(self._limit, "Rounds")
                 whole.add(*body)
                 if whole.complete:
-                    return self._model(whole.result()), rejected
+                    return whole.result(), rejected
         raise stream.StreamError("Rounds: the server ended the stream before the final broadcast")
 
-    def _model(self, data: Any) -> pb.GetModelResponse:
-        model = pb.GetModelResponse.FromString(data)
-        self.finished = model.done
-        return model
-
-    def close(self) -> None:
-        """End the stream from this side. After the final broadcast the worker ends its half and
-        reads the server's OK (the server has nothing more to send), so the stream ends cleanly on
-        the wire; otherwise (an error, a worker that leaves) the call is cancelled."""
+    def close(self, finished: bool = False) -> None:
+        """End the stream from this side. ``finished`` (the final broadcast has arrived): end this
+        half and read the server's OK (it has nothing more to send), so the stream ends cleanly on
+        the wire; otherwise (an error, a worker that leaves) cancel the call."""
         self._out.put(None)
-        if not self.finished:
+        if not finished:
             self._replies.cancel()
             return
         try:

@@ -40,8 +40,26 @@ def make_harness() -> Iterator[Callable[..., Harness]]:
         h.close()
 
 
-def _open(h: Harness, worker: str, round_: int = 0) -> rpc.RoundStream:
-    return h.stub.Rounds(pb.RoundsOpen(worker_id=worker, round=round_))
+class _Stream:
+    """A RoundStream whose broadcasts come back parsed."""
+
+    def __init__(self, stream_: rpc.RoundStream) -> None:
+        self.s = stream_
+        self.push, self.skip, self.resync = stream_.push, stream_.skip, stream_.resync
+        self.done = False
+
+    def receive(self) -> tuple[pb.GetModelResponse, pb.RoundsRejected | None]:
+        data, rejected = self.s.receive()
+        model = pb.GetModelResponse.FromString(data)
+        self.done = model.done
+        return model, rejected
+
+    def close(self) -> None:
+        self.s.close(finished=self.done)
+
+
+def _open(h: Harness, worker: str, round_: int = 0) -> _Stream:
+    return _Stream(h.stub.Rounds(pb.RoundsOpen(worker_id=worker, round=round_)))
 
 
 def _raw_rounds(h: Harness, messages: list[bytes]) -> list[bytes]:

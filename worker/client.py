@@ -209,11 +209,11 @@ class UnaryRounds:
         self.stub, self.cfg = stub, cfg
         self._rejected: str | None = None
 
-    def model(self, request: pb.GetModelRequest) -> tuple[pb.GetModelResponse, str | None]:
+    def model(self, request: pb.GetModelRequest, dim: int) -> tuple[codec.ModelMessage, str | None]:
         rejected, self._rejected = self._rejected, None
         while True:
             try:
-                return self.stub.GetModel(request, timeout=self.cfg.rpc_timeout), rejected
+                return codec.model_from_proto(self.stub.GetModel(request, timeout=self.cfg.rpc_timeout), dim), rejected
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
@@ -245,8 +245,9 @@ class StreamRounds:
         self.stub, self.cfg = stub, cfg
         self.stream: rpc.RoundStream | None = None
         self._reported = True
+        self._finished = False
 
-    def model(self, request: pb.GetModelRequest) -> tuple[pb.GetModelResponse, str | None]:
+    def model(self, request: pb.GetModelRequest, dim: int) -> tuple[codec.ModelMessage, str | None]:
         if self.stream is None:
             opened = pb.RoundsOpen(worker_id=request.worker_id, round=request.round)
             if request.HasField("replica_round"):
@@ -255,8 +256,10 @@ class StreamRounds:
         elif not self._reported:
             self.stream.resync()
         self._reported = False
-        response, rejected = self.stream.receive()
-        return response, None if rejected is None else rejected.reason
+        data, rejected = self.stream.receive()
+        model = codec.model_from_wire(data, dim)  # a big dense model's values stay where they arrived
+        self._finished = model.done
+        return model, None if rejected is None else rejected.reason
 
     def report(self, k: int, payload: Any, reason: str, loss: float | None, zstd: bool, smooth: float | None) -> None:
         assert self.stream is not None
@@ -268,7 +271,7 @@ class StreamRounds:
 
     def close(self) -> None:
         if self.stream is not None:
-            self.stream.close()
+            self.stream.close(finished=self._finished)
 
 
 def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> WorkerResult:
@@ -311,7 +314,7 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         pending: tuple[Any, bool] | None = None  # the last report's (new state, uploaded): committed once accepted
         try:
             while True:
-                response, rejected = rounds.model(down.request(k))
+                mb, rejected = rounds.model(down.request(k), task.dim)
                 if pending is not None:  # the last report's fate arrives with the next model
                     if rejected is None:
                         state, uploaded = pending
@@ -321,7 +324,6 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                         result.rejected += 1  # the round closed before our report arrived: nothing was absorbed
                         log.warning("round %d report rejected: %s", k - 1, rejected)
                     pending = None
-                mb = codec.model_from_proto(response, task.dim)
                 k = mb.round
                 view = down.receive(mb)
                 if view is None:
