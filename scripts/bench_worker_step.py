@@ -20,8 +20,10 @@ one by one in the same repeats: ``batch`` (drawing and indexing the rows), ``the
 model's parameters: cast, host-to-device copy), ``fwd+bwd`` (the model's forward and backward
 passes, as psrv runs them), ``grad out`` (the gradient to a float64 host array: device-to-host
 copy and cast), ``algorithm`` and ``encode``; ``plain fwd+bwd`` is the plain step without its
-optimizer step. torch and BLAS use ``--threads`` threads (a worker uses one), and malloc is set up
-as in a worker process (:func:`psrv.memory.tune_malloc`).
+optimizer step. ``psrv-only`` sums the stages other than fwd+bwd (the time psrv adds around the
+model's own compute, less sensitive to noise than the difference of two whole steps) and ``of
+plain`` gives it as a share of the plain step. torch and BLAS use ``--threads`` threads (a worker
+uses one), and malloc is set up as in a worker process (:func:`psrv.memory.tune_malloc`).
 """
 
 from __future__ import annotations
@@ -186,13 +188,17 @@ def report(b: Bench, desc: str, batch: int) -> list[str]:
         f"plain step (zero_grad, forward, backward, SGD step): **{plain:.3f} ms** "
         f"(of which forward + backward {b.median_ms('plain fwd+bwd'):.3f} ms)",
         "",
-        "| psrv step | median ms | extra ms | overhead | " + " | ".join(STAGES) + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(STAGES),
+        "| psrv step | median ms | extra ms | overhead | " + " | ".join(STAGES) + " | psrv-only | of plain |",
+        "|---|---:|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|",
     ]
     for name in b.algos:
         step = b.median_ms(f"psrv/{name}")
         stages = " | ".join(f"{b.median_ms(f'{name}:{s}'):.3f}" for s in STAGES)
-        lines.append(f"| {name} | {step:.3f} | {step - plain:+.3f} | {100 * (step - plain) / plain:+.1f}% | {stages} |")
+        own = sum(b.median_ms(f"{name}:{s}") for s in STAGES if s != "fwd+bwd")
+        lines.append(
+            f"| {name} | {step:.3f} | {step - plain:+.3f} | {100 * (step - plain) / plain:+.1f}% | {stages} "
+            f"| {own:.3f} | {100 * own / plain:.1f}% |"
+        )
     return lines
 
 
@@ -212,8 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     memory.tune_malloc()  # as a worker process does (psrv.memory)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    threadpoolctl.threadpool_limits(args.threads, user_api="blas")
+    try:
+        with threadpoolctl.threadpool_limits(args.threads, user_api="blas"):
+            return _run(args, argv, device)
+    finally:
+        torch.set_num_threads(threads)  # as it was (the smoke test calls main in pytest's process)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None, device: str) -> int:
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     out = [
         f"bench_worker_step: {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs visible, "
