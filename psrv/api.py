@@ -61,6 +61,7 @@ def run(
     zstd: bool = False,
     downlink: str = "auto",
     down_compressor: str = "",
+    device: str = "cpu",
     eval_every: int = 0,
     target_accuracy: float | None = None,
     target_loss: float | None = None,
@@ -72,7 +73,8 @@ def run(
     model, ``"path/to/file.py:factory"`` / ``"package.module:factory"`` (a factory returning
     :class:`psrv.TorchSpec`); default: the task ``data`` is made for, else logreg. ``data``: as
     ``--data`` (default: the task's own data, else the data set it is made for, else mnist).
-    ``options``: algorithm/compressor options (``-o``), ``task_options``: ``-t``. ``out``: a folder
+    ``options``: algorithm/compressor options (``-o``), ``task_options``: ``-t``. ``device``: cpu,
+    cuda or auto, where the workers' torch model computes and this process evaluates. ``out``: a folder
     for ``metrics.jsonl``, ``model.npy`` and the worker logs (default: a temporary one, removed).
     Every bad argument raises ``ValueError`` before any worker starts.
     """
@@ -104,17 +106,21 @@ def run(
         down_compressor=down_compressor,
     )
     dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=seed, regression=regression)
-    validate_job_data(job, dc)
+    validate_job_data(job, dc, device)
     targets = {k: v for k, v in (("accuracy", target_accuracy), ("train_loss", target_loss)) if v is not None}
     if out is not None:
-        return _run(job, dc, Path(out), eval_every, targets)
+        return _run(job, dc, Path(out), eval_every, targets, device)
     with tempfile.TemporaryDirectory(prefix="psrv-") as tmp:
-        return _run(job, dc, Path(tmp), eval_every, targets)
+        return _run(job, dc, Path(tmp), eval_every, targets, device)
 
 
-def _run(job: JobConfig, dc: DataConfig, out: Path, eval_every: int, targets: dict[str, float]) -> RunResult:
+def _run(
+    job: JobConfig, dc: DataConfig, out: Path, eval_every: int, targets: dict[str, float], device: str
+) -> RunResult:
     from psrv.runner import run_local
 
     records: list[dict[str, Any]] = []
-    summary = run_local(job.server_config(), dc, out, on_round=records.append, eval_every=eval_every, targets=targets)
+    summary = run_local(
+        job.server_config(), dc, out, on_round=records.append, eval_every=eval_every, targets=targets, device=device
+    )
     return RunResult(summary, records, np.load(out / "model.npy"))

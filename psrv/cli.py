@@ -18,7 +18,15 @@ from typing import Any
 
 import click
 
-from psrv.options import check_job_data, data_options, job_and_data_options, job_options, jobs_from_cli, pop_data
+from psrv.options import (
+    check_job_data,
+    data_options,
+    job_and_data_options,
+    job_options,
+    jobs_from_cli,
+    pop_data,
+    pop_device,
+)
 
 
 class LazyGroup(click.Group):
@@ -115,13 +123,14 @@ def run(
     from psrv.runner import run_local, write_manifest
 
     dc = pop_data(kw)
+    device = pop_device(kw)
     jobs = jobs_from_cli(kw, dc.data)
-    check_job_data(jobs[0], dc)  # a bad --data, or a task that fails on it, fails here, once
+    check_job_data(jobs[0], dc, device)  # a bad --data, or a task that fails on it, fails here, once
     try:
         configs = [job.server_config() for job in jobs]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    manifest = write_manifest(out, configs, dc)
+    manifest = write_manifest(out, configs, dc, device)
     summaries = []
     for job, config in zip(jobs, configs, strict=True):
         with click.progressbar(
@@ -137,7 +146,13 @@ def run(
             every = max(1, config.rounds // 100) if eval_every is None else eval_every
             targets = {k: v for k, v in (("accuracy", target_accuracy), ("train_loss", target_loss)) if v is not None}
             summary = run_local(
-                config, dc, Path(out) / job.algorithm, on_round=on_round, eval_every=every, targets=targets
+                config,
+                dc,
+                Path(out) / job.algorithm,
+                on_round=on_round,
+                eval_every=every,
+                targets=targets,
+                device=device,
             )
         summaries.append(summary)
     click.echo(report.table(summaries))
@@ -246,6 +261,7 @@ def start_worker(
     from worker.client import WorkerConfig, run_worker
 
     dc = pop_data(kw)
+    device = pop_device(kw)
     index = num = None
     if shard is not None:
         try:
@@ -266,6 +282,7 @@ def start_worker(
         connect_timeout=connect_timeout,
         crash_after=crash_after,
         regression=dc.regression,
+        device=device,
     )
     try:
         result = run_worker(cfg)

@@ -1,7 +1,9 @@
 """Job options, declared once: what defines a job (algorithm, task, rounds, ...) and the data a
 worker trains on. ``psrv run``, ``psrv start-server``, ``psrv start-worker``, ``psrv cluster run``
 and the container entrypoint all take these same options with the same defaults, and the command
-lines of server and worker processes are built here and nowhere else.
+lines of server and worker processes are built here and nowhere else. ``--device`` (where a
+worker's torch model computes) is a worker option: each process's own, passed on the worker's
+command line, never part of the job the server sends.
 
 Algorithm options (``-o KEY=VALUE``) may name one algorithm of a comparison: ``-o topk-ef.ratio=0.05``
 applies to ``topk-ef`` only; an unprefixed ``-o ratio=0.05`` applies to every listed algorithm that
@@ -20,6 +22,7 @@ import click
 from psrv.keyvalue import parse_key_values
 
 SPLITS = ("iid", "noniid", "dirichlet", "contiguous")  # psrv.data.SPLITS; a test keeps them equal
+DEVICES = ("cpu", "cuda", "auto")  # psrv.tasks.torch_task.DEVICES; a test keeps them equal
 DEFAULT_ALGORITHMS = "gd,topk-ef,laq"
 
 
@@ -160,8 +163,19 @@ def psrv_argv(subcommand: str, *args: str, verbose: bool = False) -> list[str]:
     return [sys.executable, "-m", "psrv", *(["-v"] if verbose else []), subcommand, *args]
 
 
+def device_argv(device: str) -> list[str]:
+    """``start-worker`` flags for the device its model computes on (none for the default, cpu)."""
+    return [] if device == "cpu" else ["--device", device]
+
+
 def worker_argv(
-    address: str, index: int, num_workers: int, dc: DataConfig, extra: Sequence[str] = (), verbose: bool = False
+    address: str,
+    index: int,
+    num_workers: int,
+    dc: DataConfig,
+    extra: Sequence[str] = (),
+    verbose: bool = False,
+    device: str = "cpu",
 ) -> list[str]:
     """The ``start-worker`` command of worker ``index`` of ``num_workers`` (shard ``index``)."""
     return psrv_argv(
@@ -173,6 +187,7 @@ def worker_argv(
         "--shard",
         f"{index}/{num_workers}",
         *dc.argv(),
+        *device_argv(device),
         *extra,
         verbose=verbose,
     )
@@ -197,20 +212,33 @@ def default_task(data: str | None) -> str:
     return "logreg"
 
 
-def validate_job_data(job: JobConfig, dc: DataConfig) -> None:
-    """Load the run's data once and build its task on it, so a bad ``--data``, a task that does not
-    fit the data, or a factory whose model fails on it is a ``ValueError`` before any worker starts."""
+def validate_job_data(job: JobConfig, dc: DataConfig, device: str = "cpu") -> None:
+    """Load the run's data once and build its task on it on ``device``, so a bad ``--data``, a task
+    that does not fit the data, a factory whose model fails on it, or ``--device cuda`` without
+    CUDA is a ``ValueError`` before any worker starts."""
     from psrv.data import load_split
     from psrv.tasks import make_task
 
+    check_device(device)
     train, _ = load_split(dc.data, dc.test_fraction, dc.seed, dc.regression)
-    make_task(job.task, train.n_features, train.n_classes, **job.all_task_options())
+    make_task(job.task, train.n_features, train.n_classes, device=device, **job.all_task_options())
 
 
-def check_job_data(job: JobConfig, dc: DataConfig) -> None:
+def check_device(device: str) -> None:
+    """``ValueError`` (one line) unless ``device`` is one this process can compute on (imports torch
+    only for a device other than cpu)."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    if device != "cpu":
+        from psrv.tasks.torch_task import resolve_device
+
+        resolve_device(device)
+
+
+def check_job_data(job: JobConfig, dc: DataConfig, device: str = "cpu") -> None:
     """:func:`validate_job_data` for a command: a problem is a usage error (one line, exit 2)."""
     try:
-        validate_job_data(job, dc)
+        validate_job_data(job, dc, device)
     except ValueError as exc:  # DataError too
         raise click.UsageError(str(exc)) from None
 
@@ -371,6 +399,20 @@ DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+#: What a worker process (and ``psrv run``'s evaluation) runs on: its own, not the job's (never sent
+#: to the server); reaches ``start-worker`` through :func:`worker_argv`.
+WORKER_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "device": click.option(
+        "--device",
+        type=click.Choice(DEVICES),
+        default="cpu",
+        show_default=True,
+        help="Where the workers' torch model computes (cnn, wide, charlm, your own): cpu, cuda, or auto (cuda "
+        "if available, else cpu); psrv run evaluates there too. logreg, linreg and mlp always run on the CPU.",
+    ),
+}
+
+
 def _apply(groups: Sequence[Mapping[str, Callable[[Any], Any]]]) -> Callable[[Any], Any]:
     def decorate(fn: Any) -> Any:
         merged: dict[str, Callable[[Any], Any]] = {}
@@ -384,8 +426,8 @@ def _apply(groups: Sequence[Mapping[str, Callable[[Any], Any]]]) -> Callable[[An
 
 
 job_options = _apply([JOB_OPTIONS])
-data_options = _apply([DATA_OPTIONS])
-job_and_data_options = _apply([JOB_OPTIONS, DATA_OPTIONS])
+data_options = _apply([DATA_OPTIONS, WORKER_OPTIONS])  # start-worker
+job_and_data_options = _apply([JOB_OPTIONS, DATA_OPTIONS, WORKER_OPTIONS])  # run, cluster run
 
 
 def pop_data(kw: dict[str, Any]) -> DataConfig:
@@ -408,6 +450,17 @@ def pop_data(kw: dict[str, Any]) -> DataConfig:
         seed=kw["seed"],
         regression=kw.pop("regression"),
     )
+
+
+def pop_device(kw: dict[str, Any]) -> str:
+    """Take ``--device`` out of a command's keyword arguments; without CUDA, ``--device cuda`` is a
+    usage error (one line, exit 2)."""
+    device = kw.pop("device")
+    try:
+        check_device(device)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return device
 
 
 def jobs_from_cli(kw: dict[str, Any], data: str | None = None) -> list[JobConfig]:

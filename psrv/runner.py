@@ -40,7 +40,7 @@ def config_manifest(config: ServerConfig, dc: DataConfig | None) -> dict[str, An
     }
 
 
-def write_manifest(out_dir: str | Path, configs: list[ServerConfig], dc: DataConfig) -> Path:
+def write_manifest(out_dir: str | Path, configs: list[ServerConfig], dc: DataConfig, device: str = "cpu") -> Path:
     """``<out>/manifest.json``: the runs this invocation makes (folder per algorithm) and their
     whole configuration. Plots and tables of the folder are made from it, so a reused ``--out``
     never mixes in an earlier run's algorithms."""
@@ -50,6 +50,7 @@ def write_manifest(out_dir: str | Path, configs: list[ServerConfig], dc: DataCon
         "psrv_version": __version__,
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "data": asdict(dc),
+        "device": device,
         "runs": [{"algorithm": c.algorithm, "dir": c.algorithm, **config_manifest(c, dc)} for c in configs],
     }
     path = out / "manifest.json"
@@ -63,11 +64,11 @@ class Evaluator:
     """The full training objective f and the accuracies of a model, on the run's own split
     (loaded once). Used every few rounds by embedded runs and for the final summary."""
 
-    def __init__(self, task_name: str, task_options: dict[str, float], dc: DataConfig) -> None:
+    def __init__(self, task_name: str, task_options: dict[str, float], dc: DataConfig, device: str = "cpu") -> None:
         from worker.client import load_training_data  # the one definition of the split
 
         self.train, self.test = load_training_data(dc.data, dc.test_fraction, dc.seed, dc.regression)
-        self.task = make_task(task_name, self.train.n_features, self.train.n_classes, **task_options)
+        self.task = make_task(task_name, self.train.n_features, self.train.n_classes, device=device, **task_options)
 
     def __call__(self, theta: np.ndarray) -> dict[str, float]:
         held_out = self.test if len(self.test) else self.train
@@ -99,16 +100,18 @@ def run_local(
     worker_extra: dict[int, tuple[str, ...]] | None = None,
     eval_every: int = 0,
     targets: dict[str, float] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run one job end to end; returns the summary (also the model is in ``out_dir``).
 
     ``eval_every`` > 0 records ``train_loss`` (the full objective f) and ``accuracy`` every that
     many rounds; ``targets`` ({"accuracy": a} and/or {"train_loss": l}) then add the rounds,
     uploads, bits and bytes it took to first reach each (Deng et al., arXiv:2112.04088, Table II;
-    Sun et al., NeurIPS 2019, Table 2)."""
+    Sun et al., NeurIPS 2019, Table 2). ``device`` (cpu, cuda, auto): where the workers' torch model
+    computes (``start-worker --device``) and where this process evaluates."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(config.task, dict(config.task_options), dc)
+    evaluator = Evaluator(config.task, dict(config.task_options), dc, device)
     sink = MetricsSink(
         out / "metrics.jsonl",
         evaluator=evaluator if eval_every > 0 else None,
@@ -123,7 +126,8 @@ def run_local(
         for i in range(config.num_workers):
             log_file = open(out / f"worker{i}.log", "w")
             logs.append(log_file)
-            cmd = worker_argv(f"127.0.0.1:{port}", i, config.num_workers, dc, (worker_extra or {}).get(i, ()))
+            extra = (worker_extra or {}).get(i, ())
+            cmd = worker_argv(f"127.0.0.1:{port}", i, config.num_workers, dc, extra, device=device)
             procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT))
         watcher = threading.Thread(target=_fail_if_all_die, args=(ps, procs), daemon=True)
         watcher.start()

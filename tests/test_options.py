@@ -13,14 +13,14 @@ from click.testing import CliRunner
 from psrv import data
 from psrv.algorithms import distribute_options, make_algorithm, option_defaults
 from psrv.cli import main
-from psrv.options import DATA_OPTIONS, JOB_OPTIONS, SPLITS, DataConfig, JobConfig, parse_key_values
+from psrv.options import DATA_OPTIONS, JOB_OPTIONS, SPLITS, WORKER_OPTIONS, DataConfig, JobConfig, parse_key_values
 
 #: subcommand path -> the option groups it must take
 COMMANDS = {
-    ("run",): (JOB_OPTIONS, DATA_OPTIONS),
+    ("run",): (JOB_OPTIONS, DATA_OPTIONS, WORKER_OPTIONS),
     ("start-server",): (JOB_OPTIONS,),
-    ("start-worker",): (DATA_OPTIONS,),
-    ("cluster", "run"): (JOB_OPTIONS, DATA_OPTIONS),
+    ("start-worker",): (DATA_OPTIONS, WORKER_OPTIONS),
+    ("cluster", "run"): (JOB_OPTIONS, DATA_OPTIONS, WORKER_OPTIONS),
 }
 
 

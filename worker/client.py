@@ -47,6 +47,7 @@ class WorkerConfig:
     corrupt_replica_at: int | None = None  # fault injection: flip a bit of the replica's theta in this round
     torch_threads: int = 1  # many workers share few cores: one thread each avoids oversubscription
     regression: bool = False  # a user file's label column is a real-valued target
+    device: str = "cpu"  # where a torch task's model computes: cpu, cuda or auto (psrv.tasks.torch_task)
 
 
 def load_training_data(
@@ -290,7 +291,7 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         reply = _register(stub, request, cfg.connect_timeout)
         conf = reply.config
         algo = make_algorithm(conf.algorithm, dict(conf.options), conf.compressor)
-        task = make_task(conf.task, ds.n_features, ds.n_classes, **dict(conf.task_options))
+        task = make_task(conf.task, ds.n_features, ds.n_classes, device=cfg.device, **dict(conf.task_options))
         # warm up (torch's lazy initialisation) while the others register, not inside round 0's deadline
         task.local_loss_grad(np.zeros(task.dim), ds.X[:2], ds.y[:2], len(ds), max(1, conf.num_workers))
         rng = worker_rng(conf.seed, cfg.shard, cfg.worker_id)

@@ -18,7 +18,7 @@ import click
 from psrv.cluster.config import SHAPE_AT, ClusterConfig, with_job
 from psrv.cluster.netns import ClusterError, Interrupted, remove_namespaces, require_root, stale_namespaces
 from psrv.cluster.shaping import QDISCS, LinkRates, parse_link
-from psrv.options import check_job_data, job_and_data_options, jobs_from_cli, pop_data
+from psrv.options import check_job_data, job_and_data_options, jobs_from_cli, pop_data, pop_device
 
 
 def _link(ctx: click.Context, param: click.Parameter, value: str) -> LinkRates:
@@ -120,11 +120,12 @@ def run(out: str, **kw: Any) -> None:
     from psrv.report import format_report
 
     dc = pop_data(kw)
+    device = pop_device(kw)
     jobs = jobs_from_cli(kw, dc.data)
     try:
         require_root()
-        check_job_data(jobs[0], dc)
-        base = ClusterConfig(job=jobs[0], data=dc, **kw)
+        check_job_data(jobs[0], dc, device)
+        base = ClusterConfig(job=jobs[0], data=dc, device=device, **kw)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     except ClusterError as exc:

@@ -34,6 +34,7 @@ class ClusterConfig:
     timeout: float = 600.0  # the whole run, seconds
     crash_after: Mapping[int, int] = field(default_factory=dict)  # worker index -> rounds (fault injection)
     server_args: tuple[str, ...] = ()  # more start-server options, verbatim
+    device: str = "cpu"  # the workers' --device
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS or self.rounds < 0:

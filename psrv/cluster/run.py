@@ -34,6 +34,7 @@ from psrv.cluster.capture import load_capture
 from psrv.cluster.config import SERVER, ClusterConfig
 from psrv.cluster.netns import ClusterError, Topology, interrupt_guard, require_root, set_offload
 from psrv.cluster.shaping import format_rate
+from psrv.options import device_argv
 
 _ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds the psrv package
 
@@ -65,6 +66,7 @@ def worker_argv(cfg: ClusterConfig, index: int, server_address: str) -> list[str
         "--worker-id", f"w{index}",
         "--shard", f"{index}/{cfg.workers}",
         *cfg.data.argv(),
+        *device_argv(cfg.device),
         "--connect-timeout", repr(min(120.0, cfg.timeout)),
     ]  # fmt: skip
     if index in cfg.crash_after:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from psrv.compress import Compressor
-from psrv.payload import Payload, to_dense
+from psrv.payload import Payload, to_dense, values_of
 
 
 def init_memory(dim: int) -> np.ndarray:
@@ -23,7 +23,14 @@ def init_memory(dim: int) -> np.ndarray:
 def ef_step(
     compressor: Compressor, memory: np.ndarray, x: np.ndarray, rng: np.random.Generator
 ) -> tuple[Payload, np.ndarray]:
-    """Return the payload to send and the new memory; the inputs are not modified."""
+    """Return the payload to send and the new memory; the inputs are not modified.
+
+    A sparse payload (top-k, threshold) is absorbed in place: only its coordinates change, so
+    ``p[idx] -= values`` gives ``p - Q(p)`` bit for bit without building the dense Q(p) (at
+    d = 1e7 that saves two passes over 80 MB and a fresh array)."""
     compensated = memory + x
     sent = compressor.compress(compensated, rng)
+    if sent.kind == "sparse" and not np.shares_memory(sent.values, compensated):
+        compensated[sent.indices] -= values_of(sent)  # unique indices: each coordinate once
+        return sent, compensated
     return sent, compensated - to_dense(sent)

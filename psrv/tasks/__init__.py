@@ -32,7 +32,7 @@ from psrv.tasks.logreg import LogReg
 from psrv.tasks.mlp import MLP
 from psrv.tasks.plugin import PluginTask, is_plugin_spec
 from psrv.tasks.torch_nets import CNN, CharLM, Wide
-from psrv.tasks.torch_task import TorchSpec
+from psrv.tasks.torch_task import TorchSpec, TorchTask
 
 __all__ = [
     "CNN",
@@ -97,13 +97,18 @@ def _check_options(name: str, valid: set[str], options: dict[str, Any]) -> None:
         )
 
 
-def make_task(name: str, n_features: int, n_classes: int, **options: Any) -> Task:
-    """Instantiate task ``name``; ValueError for an unknown task, option or option value."""
+def make_task(name: str, n_features: int, n_classes: int, device: str = "cpu", **options: Any) -> Task:
+    """Instantiate task ``name``; ValueError for an unknown task, option or option value. ``device``
+    (cpu, cuda, auto: :func:`psrv.tasks.torch_task.resolve_device`) is where a torch task's model
+    computes; the numpy tasks (logreg, linreg, mlp) always compute on the CPU and ignore it."""
     _known(name)
     _check_options(name, set(task_option_defaults(name)), options)
     if name not in TASKS:
-        return PluginTask(name, n_features, n_classes, **options)
-    return TASKS[name](n_features=n_features, n_classes=n_classes, **options)  # type: ignore[call-arg]
+        return PluginTask(name, n_features, n_classes, device=device, **options)
+    cls = TASKS[name]
+    if issubclass(cls, TorchTask):
+        options = {**options, "device": device}
+    return cls(n_features=n_features, n_classes=n_classes, **options)  # type: ignore[call-arg]
 
 
 def task_option_defaults(name: str) -> dict[str, Any]:
@@ -114,7 +119,7 @@ def task_option_defaults(name: str) -> dict[str, Any]:
     return {
         f.name: f.default
         for f in fields(TASKS[name])  # type: ignore[arg-type]
-        if f.init and f.name not in ("n_features", "n_classes")
+        if f.init and f.name not in ("n_features", "n_classes", "device")
     }
 
 

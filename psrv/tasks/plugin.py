@@ -113,6 +113,7 @@ class PluginTask(TorchTask):
     n_classes: int
     l2: float = 0.0
     precision: int = 32
+    device: str = field(default="cpu", compare=False)  # not a task option: make_task(device=...)
     _adapter: TorchAdapter = field(init=False, repr=False, compare=False)
     name: ClassVar[str] = "torch"
 

@@ -67,6 +67,7 @@ class CNN(TorchTask):
     n_classes: int
     l2: float = 0.0
     precision: int = 32
+    device: str = field(default="cpu", compare=False)  # not a task option: make_task(device=...)
     _adapter: TorchAdapter = field(init=False, repr=False, compare=False)
     name: ClassVar[str] = "cnn"
 
@@ -90,6 +91,7 @@ class Wide(TorchTask):
     depth: int = 2
     l2: float = 0.0
     precision: int = 32
+    device: str = field(default="cpu", compare=False)  # not a task option: make_task(device=...)
     _adapter: TorchAdapter = field(init=False, repr=False, compare=False)
     name: ClassVar[str] = "wide"
     default_data: ClassVar[str | None] = "synthetic"
@@ -212,6 +214,7 @@ class CharLM(TorchTask):
     heads: int = 4
     l2: float = 0.0
     precision: int = 32
+    device: str = field(default="cpu", compare=False)  # not a task option: make_task(device=...)
     _adapter: TorchAdapter = field(init=False, repr=False, compare=False)
     name: ClassVar[str] = "charlm"
     default_data: ClassVar[str | None] = "charlm"

@@ -131,6 +131,34 @@ def check_spec(spec: Any, where: str) -> None:
         raise ValueError(f"task {where}: TorchSpec.train is empty")
 
 
+# ---------------------------------------------------------------------------------- devices
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (cuda if available, else cpu) as a torch
+    device; ``ValueError`` with one line when CUDA is asked for and there is none."""
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available ({why}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 # ---------------------------------------------------------------------------------- data
 def _labels(ds: Any) -> np.ndarray | None:
     """Integer class labels of a torch dataset's items, or None when it has none."""
@@ -193,8 +221,19 @@ class TorchAdapter:
     Not thread-safe: the model is this adapter's own copy; use one adapter per thread (every
     ``make_task`` builds a new one)."""
 
-    def __init__(self, spec: TorchSpec, n_features: int, n_classes: int, l2: float, precision: int, where: str):
+    def __init__(
+        self,
+        spec: TorchSpec,
+        n_features: int,
+        n_classes: int,
+        l2: float,
+        precision: int,
+        where: str,
+        device: str | torch.device = "cpu",
+    ):
         self.where, self.l2, self.n_classes = where, l2, n_classes
+        self.device = resolve_device(device)
+        self.source = spec.model  # the factory's module, untouched: init_params draws on a copy of it
         self.loss_fn, self.metric = spec.loss, spec.metric
         self.train, self.test = spec.train, spec.test
         self.own_data = spec.train is not None
@@ -209,14 +248,18 @@ class TorchAdapter:
         self.model = copy.deepcopy(spec.model)  # ours alone: threads in one process each get one
         self.dtype = torch.float32 if precision == 32 else torch.float64
         self._check_parameters()
-        self.model.to(self.dtype)
+        self.model.to(device=self.device, dtype=self.dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"task {where}: the model has no trainable parameters")
         self.shapes = [tuple(p.shape) for p in self.params]
         self.dim = sum(p.numel() for p in self.params)
-        self.flat = torch.empty(self.dim, dtype=self.dtype)
-        self.gflat = torch.zeros(self.dim, dtype=self.dtype)
+        self.flat = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        self.gflat = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        # the host side of the two copies per gradient: θ in, the gradient out (pinned on a GPU)
+        pinned = self.device.type == "cuda"
+        self.host_theta = torch.empty(self.dim, dtype=self.dtype, pin_memory=pinned) if pinned else self.flat
+        self.host_grad = torch.empty(self.dim, dtype=self.dtype, pin_memory=pinned) if pinned else self.gflat
         self._views: list[tuple[torch.Tensor, torch.Tensor]] = []
         o = 0
         with torch.no_grad():
@@ -228,7 +271,7 @@ class TorchAdapter:
                 p.grad = gview
                 self._views.append((view, gview))
                 o += n
-        self.theta0 = self.flat.to(torch.float64)  # the factory's values: init_params starts here
+        self.theta0 = self.flat.to("cpu", torch.float64, copy=True)  # the factory's values
         self._last: tuple[np.ndarray, np.ndarray, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._probe()
 
@@ -279,41 +322,58 @@ class TorchAdapter:
 
     # ------------------------------------------------------------------ task API
     def init_params(self, rng: np.random.Generator) -> np.ndarray:
+        """PyTorch's initialisers, drawn on the CPU from a fresh copy of the factory's module (so
+        θ⁰ is the same whatever ``device`` a process uses and whatever θ it last loaded)."""
         seed = int(rng.integers(2**63 - 1))
+        model = copy.deepcopy(self.source).to(device="cpu", dtype=self.dtype)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            self.flat.copy_(self.theta0)
             torch.manual_seed(seed)
-            for m in self.model.modules():
+            for m in model.modules():
                 reset = getattr(m, "reset_parameters", None)
                 if callable(reset):
                     reset()
-        self._check_views()
-        return self.flat.numpy().astype(np.float64)
+            params = [p for p in model.parameters() if p.requires_grad]
+            return torch.cat([p.reshape(-1) for p in params]).to(torch.float64).numpy()
 
     def local_loss_grad(
         self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, total_samples: float, num_workers: int
     ) -> tuple[float, np.ndarray]:
         check_split(X, total_samples, num_workers)
         self._load(theta)
-        self.gflat.zero_()
-        loss = 0.0
-        if len(X):
-            inputs, targets = self._batch(X, y)
-            self.model.train()
-            for lo in range(0, len(X), CHUNK):
-                hi = min(lo + CHUNK, len(X))
-                value = self._loss(self.model(inputs[lo:hi]), targets[lo:hi])
-                weight = (hi - lo) / total_samples
-                (value * weight).backward()
-                loss += float(value.detach()) * weight
-            self._check_views()
-        grad = self.gflat.numpy().astype(np.float64)
+        loss = self._backward(X, y, total_samples)
+        grad = self._grad_out()
         if self.l2:
             theta64 = np.asarray(theta, dtype=np.float64)
             reg = self.l2 / num_workers
             grad += reg * theta64
             loss += 0.5 * reg * float(theta64 @ theta64)
         return loss, grad
+
+    def _backward(self, X: np.ndarray, y: np.ndarray, total_samples: float) -> float:
+        """Σ over chunks of (chunk mean loss)·(chunk size / N), its gradient accumulated into
+        ``gflat`` (zeroed first); the loss's value is read once, at the end."""
+        self.gflat.zero_()
+        if not len(X):
+            return 0.0
+        inputs, targets = self._batch(X, y)
+        self.model.train()
+        loss = None
+        for lo in range(0, len(X), CHUNK):
+            hi = min(lo + CHUNK, len(X))
+            value = self._loss(self.model(inputs[lo:hi]), targets[lo:hi])
+            weight = (hi - lo) / total_samples
+            (value * weight).backward()
+            part = value.detach().to(torch.float64) * weight
+            loss = part if loss is None else loss + part
+        self._check_views()
+        return float(loss)
+
+    def _grad_out(self) -> np.ndarray:
+        """The gradient as the Task API's float64 array: on a GPU one device-to-host copy into the
+        pinned float32 (or float64) ``host_grad``, then, on the host, one cast into a new array."""
+        if self.host_grad is not self.gflat:
+            self.host_grad.copy_(self.gflat)
+        return self.host_grad.numpy().astype(np.float64)
 
     def loss(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
         if not len(X):
@@ -345,10 +405,14 @@ class TorchAdapter:
 
     # ------------------------------------------------------------------ internals
     def _load(self, theta: np.ndarray) -> None:
+        """θ into the parameters: cast on the host (into the pinned ``host_theta`` on a GPU), then
+        one host-to-device copy."""
         theta = np.asarray(theta)
         if theta.shape != (self.dim,):
             raise ValueError(f"theta must have shape ({self.dim},), got {theta.shape}")
-        np.copyto(self.flat.numpy(), theta, casting="same_kind")
+        np.copyto(self.host_theta.numpy(), theta, casting="same_kind")
+        if self.host_theta is not self.flat:
+            self.flat.copy_(self.host_theta, non_blocking=True)  # ordered before the forward pass
 
     def _check_views(self) -> None:
         """Keep every parameter and gradient a view of the flat buffers (a model may rebind .grad,
@@ -393,6 +457,8 @@ class TorchAdapter:
                 targets = torch.from_numpy(np.asarray(y, dtype=np.int64))
             else:
                 targets = torch.from_numpy(np.asarray(y, dtype=np.float64)).to(self.dtype)
+        if self.device.type != "cpu":
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
         self._last = (X, y, (inputs, targets))
         return inputs, targets
 
@@ -434,9 +500,10 @@ def _hits(out: torch.Tensor, tgt: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------- task base
 class TorchTask:
     """Base of the torch tasks: a frozen dataclass with fields ``n_features``, ``n_classes``,
-    ``l2`` and ``precision`` that builds its :class:`TorchSpec` in ``spec()``; the Task API is
-    the adapter's. ``default_data``: the data ``--data`` defaults to with this task (a built-in
-    data set, or the task's own name when it brings its own data)."""
+    ``l2``, ``precision`` and ``device`` (not a task option: it is each process's own, given to
+    ``make_task``) that builds its :class:`TorchSpec` in ``spec()``; the Task API is the adapter's.
+    ``default_data``: the data ``--data`` defaults to with this task (a built-in data set, or the
+    task's own name when it brings its own data)."""
 
     name: ClassVar[str]
     default_data: ClassVar[str | None] = None
@@ -444,6 +511,7 @@ class TorchTask:
     n_classes: int
     l2: float
     precision: int
+    device: str  # cpu, cuda[:N] or auto (resolve_device); the model computes there
     _adapter: TorchAdapter
 
     def spec(self) -> TorchSpec:
@@ -462,7 +530,9 @@ class TorchTask:
             raise ValueError(f"{self.name}: precision must be 32 or 64, got {self.precision!r}")
         object.__setattr__(self, "precision", precision)
         self._set_options()
-        adapter = TorchAdapter(self.spec(), self.n_features, self.n_classes, self.l2, precision, self._label())
+        adapter = TorchAdapter(
+            self.spec(), self.n_features, self.n_classes, self.l2, precision, self._label(), self.device
+        )
         object.__setattr__(self, "_adapter", adapter)
 
     def _set_options(self) -> None:
