@@ -6,6 +6,8 @@ to the server through real gRPC, a mid-run snapshot, convergence), and the optio
 from __future__ import annotations
 
 import collections
+import copy
+import json
 import math
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from psrv import codec, data
-from psrv.engine import Broadcast
+from psrv.engine import Broadcast, RoundEngine
 from psrv.options import jobs
 from psrv.replica import Replica, state_digest, take_step
 from psrv.server import ParameterServer, ServerConfig
@@ -367,7 +369,18 @@ def test_psrv_run_with_a_server_adam(tmp_path: Path) -> None:
            "--summary-json", str(summary)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    import json
-
     s = json.loads(summary.read_text())
     assert s["server_opt"] == "adam" and s["rounds"] == 60 and s["accuracy"] > 0.9, s
+
+
+def test_the_optimizer_state_is_part_of_the_engine_state() -> None:
+    """The state a checkpoint saves: EngineState deep-copies with the optimizer's state, apart
+    from the live one."""
+
+    engine = RoundEngine(ServerConfig(algorithm="gd", num_workers=1, rounds=1, server_opt="adam"))
+    engine.register("w0", 10, 4, 3)
+    s = engine.state
+    _, s.opt_state = take_step(s.theta, np.ones_like(s.theta), engine.opt, s.opt_state)
+    saved = copy.deepcopy(s)
+    assert saved.opt_state.count == 1 and saved.opt_state.m.tobytes() == s.opt_state.m.tobytes()
+    assert saved.opt_state.m is not s.opt_state.m
