@@ -62,6 +62,7 @@ def run(
     downlink: str = "auto",
     down_compressor: str = "",
     device: str = "cpu",
+    server_opt: str = "sgd",
     eval_every: int = 0,
     target_accuracy: float | None = None,
     target_loss: float | None = None,
@@ -73,8 +74,9 @@ def run(
     model, ``"path/to/file.py:factory"`` / ``"package.module:factory"`` (a factory returning
     :class:`psrv.TorchSpec`); default: the task ``data`` is made for, else logreg. ``data``: as
     ``--data`` (default: the task's own data, else the data set it is made for, else mnist).
-    ``options``: algorithm/compressor options (``-o``), ``task_options``: ``-t``. ``device``: cpu,
-    cuda or auto, where the workers' torch model computes and this process evaluates. ``out``: a folder
+    ``options``: algorithm/compressor options (``-o``), ``task_options``: ``-t``; ``server_opt``:
+    ``--server-opt`` (e.g. ``"adam:beta2=0.99"``; the step size is ``lr``). ``device``: cpu, cuda
+    or auto, where the workers' torch model computes and this process evaluates. ``out``: a folder
     for ``metrics.jsonl``, ``model.npy`` and the worker logs (default: a temporary one, removed).
     Every bad argument raises ``ValueError`` before any worker starts.
     """
@@ -104,6 +106,7 @@ def run(
         zstd=zstd,
         downlink=downlink,
         down_compressor=down_compressor,
+        server_opt=server_opt,
     )
     dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=seed, regression=regression)
     validate_job_data(job, dc, device)

@@ -19,6 +19,7 @@ from psrv import bitpack, stream, varint
 from psrv.payload import Payload, qsgd_code_width
 from psrv.payload import from_bfloat16 as payload_from_bfloat16
 from psrv.replica import AggregateChange
+from psrv.server_opt import OptState, is_plain
 from psrv.v1 import psrv_pb2 as pb
 
 if TYPE_CHECKING:
@@ -479,6 +480,8 @@ def broadcast_to_proto(b: Broadcast) -> pb.GetModelResponse:
         if b.total is not None:
             _put_state(msg.snapshot, "aggregate", b.total)
         msg.snapshot.recent_step_sq.extend(b.recent_step_sq)
+        if b.opt_state is not None and not b.opt_state.empty:
+            opt_state_to_proto(b.opt_state, msg.snapshot.server_opt)
         msg.digest = b.digest
     else:
         raise CodecError(f"unknown broadcast form {b.form!r}")
@@ -533,8 +536,8 @@ def change_to_proto(change: AggregateChange, msg: pb.StateUpdate, zstd: bool = F
 @dataclass(frozen=True)
 class ModelMessage:
     """A decoded GetModelResponse. ``form``: "dense" (``params``), "update" (``change``),
-    "compressed" (``step``: EF21-P's model step) or "snapshot" (``theta``, ``total``; ``total`` is
-    empty with a compressed downlink)."""
+    "compressed" (``step``: EF21-P's model step) or "snapshot" (``theta``, ``total``, ``opt_state``;
+    ``total`` is empty with a compressed downlink)."""
 
     form: str
     round: int
@@ -548,6 +551,7 @@ class ModelMessage:
     step: Payload | None = None
     theta: np.ndarray | None = None
     total: np.ndarray | None = None
+    opt_state: OptState = OptState()
     digest: int = 0
 
 
@@ -598,14 +602,41 @@ def model_from_proto(msg: pb.GetModelResponse, dim: int) -> ModelMessage:
             raise CodecError("snapshot: no theta")
         total = _get_state(snap, "aggregate", dim)
         total = np.zeros(0) if total is None else total
-        return ModelMessage("snapshot", theta=theta, total=total, recent_step_sq=tuple(snap.recent_step_sq), **common)
+        opt_state = opt_state_from_proto(snap.server_opt, dim) if snap.HasField("server_opt") else OptState()
+        return ModelMessage(
+            "snapshot",
+            theta=theta,
+            total=total,
+            opt_state=opt_state,
+            recent_step_sq=tuple(snap.recent_step_sq),
+            **common,
+        )
     if forms[0] == "compressed":
         step = _get_payload(msg.compressed, dim, "model step")
         return ModelMessage("compressed", step=step, recent_step_sq=tuple(msg.recent_step_sq), **common)
     return ModelMessage("update", change=change_from_proto(msg.update, dim), **common)
 
 
-def _put_state(snap: pb.Snapshot, name: str, arr: np.ndarray) -> None:
+def opt_state_to_proto(state: OptState, msg: pb.ServerOptState) -> None:
+    """A server optimizer's state (:class:`psrv.server_opt.OptState`) into ``msg``, exactly."""
+    msg.count, msg.beta1_power, msg.beta2_power = state.count, state.beta1_power, state.beta2_power
+    if state.m is not None:
+        _put_state(msg, "first_moment", state.m)
+    if state.v is not None:
+        _put_state(msg, "second_moment", state.v)
+
+
+def opt_state_from_proto(msg: pb.ServerOptState, dim: int) -> OptState:
+    """The state of ``opt_state_to_proto``; whether it fits the run's optimizer is the replica's
+    check (:meth:`psrv.server_opt.ServerOpt.check_state`)."""
+    powers = (msg.beta1_power, msg.beta2_power)
+    if not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in powers):
+        raise CodecError(f"server optimizer state: beta powers must be in [0, 1], got {powers}")
+    m, v = _get_state(msg, "first_moment", dim), _get_state(msg, "second_moment", dim)
+    return OptState(msg.count, m, v, *powers)
+
+
+def _put_state(snap: Any, name: str, arr: np.ndarray) -> None:
     """A float64 state vector of a snapshot as ``name`` (dense) or ``name_sparse`` (its nonzero
     coordinates), whichever encodes smaller: a model that starts at zero, or an aggregate before
     any upload, costs a few bytes instead of 8 per parameter."""
@@ -618,7 +649,7 @@ def _put_state(snap: pb.Snapshot, name: str, arr: np.ndarray) -> None:
         getattr(snap, name).CopyFrom(tensor_to_proto(arr))
 
 
-def _get_state(snap: pb.Snapshot, name: str, dim: int) -> np.ndarray | None:
+def _get_state(snap: Any, name: str, dim: int) -> np.ndarray | None:
     """The float64 state vector ``name`` of a snapshot (a writable array), or None if absent."""
     form = snap.WhichOneof(f"{name}_form")
     if form is None:
@@ -677,6 +708,7 @@ def run_config_to_proto(config: ServerConfig, dim: int) -> pb.RunConfig:
         model_dtype=_dtype_code(np.empty(0, dtype=c.broadcast_dtype)),
         down_compressor=c.down_compressor,
         round_transport=pb.ROUND_TRANSPORT_STREAM if c.transport == "stream" else pb.ROUND_TRANSPORT_UNARY,
+        server_opt="" if is_plain(c.server_opt) else c.server_opt,  # "": the same bytes as before server optimizers
     )
 
 

@@ -6,10 +6,11 @@ Round k: publish theta^k; collect one upload or skip notice per registered worke
 responsive workers have reported or the round deadline passes; a worker that misses the deadline
 is recorded as a ``deadline`` skip and contributes its stored (stale) value, exactly like a lazy
 skip; update ``theta^{k+1} = theta^k - alpha * sum_m stored_m`` (the lazily aggregated gradient
-step of LAG, Chen et al., NeurIPS 2018, and of LAQ, Sun et al., NeurIPS 2019, eq. 4); hand the round's
-record to the metrics sink. A worker that misses ``max_misses`` deadlines in a row stops being
-waited for until it reports again, so a dead worker costs the run at most ``max_misses``
-deadlines, then nothing (while no worker at all is responsive, every round waits its deadline).
+step of LAG, Chen et al., NeurIPS 2018, and of LAQ, Sun et al., NeurIPS 2019, eq. 4), or the
+server optimizer's step along that sum (``--server-opt``, :mod:`psrv.server_opt`; Reddi et al.,
+ICLR 2021); hand the round's record to the metrics sink. A worker that misses ``max_misses``
+deadlines in a row stops being waited for until it reports again, so a dead worker costs the run
+at most ``max_misses`` deadlines, then nothing (while no worker at all is responsive, every round waits its deadline).
 
 Errors are domain errors (:class:`EngineError` subclasses, each naming the status a transport
 should report); the engine never half-applies a rejected report.
@@ -38,6 +39,7 @@ from psrv.algorithms import Algorithm, SelectionView, make_algorithm
 from psrv.bitpack import index_width, packed_size
 from psrv.payload import Payload, payload_bits, to_dense
 from psrv.replica import AggregateChange, DownCompressor, changed_indices, state_digest, take_step
+from psrv.server_opt import OptState, make_server_opt
 from psrv.tasks import make_task
 from psrv.triggers import StepHistory
 
@@ -117,6 +119,7 @@ class ServerConfig:
     downlink: str = "auto"  # "dense" | "replica" | "auto" (see RoundEngine._choose_downlink)
     down_compressor: str = ""  # "NAME[:KEY=VALUE,...]": EF21-P's compressed downlink (psrv.replica.DownCompressor)
     transport: str = "stream"  # how workers are told to run rounds: "stream" (one Rounds stream each) | "unary"
+    server_opt: str = "sgd"  # "NAME[:KEY=VALUE,...]": the server optimizer (psrv.server_opt), step size options["lr"]
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -127,7 +130,8 @@ class ServerConfig:
             raise ValueError("need num_workers >= 1, rounds >= 0, round_timeout > 0, max_misses >= 1")
         if self.broadcast_dtype not in ("float32", "float64"):
             raise ValueError(f"broadcast_dtype must be float32 or float64, got {self.broadcast_dtype!r}")
-        make_algorithm(self.algorithm, self.options, self.compressor)  # fail early on bad options
+        algorithm = make_algorithm(self.algorithm, self.options, self.compressor)  # fail early on bad options
+        make_server_opt(self.server_opt, algorithm.lr)  # ValueError on a bad name, option or value
         if self.down_compressor:
             DownCompressor(self.down_compressor)  # ValueError on a bad name or option
 
@@ -170,8 +174,9 @@ class Broadcast:
     """What a worker receives at the start of a round (and once more when training ends), in one of
     three forms: ``dense`` (``params``: theta^k in the broadcast dtype, and the step history),
     ``update`` (``change``: how the aggregate changed at the last close, for workers whose replica
-    is of the previous round) or ``snapshot`` (``theta``, ``total`` and the history: the whole
-    replicated state). ``digest`` (update, snapshot) is :func:`psrv.replica.state_digest`."""
+    is of the previous round) or ``snapshot`` (``theta``, ``total``, the server optimizer's state
+    ``opt_state`` and the history: the whole replicated state). ``digest`` (update, snapshot) is
+    :func:`psrv.replica.state_digest`."""
 
     round: int
     total_samples: int
@@ -187,6 +192,7 @@ class Broadcast:
     total: np.ndarray | None = None
     digest: int = 0
     zstd: bool = False  # relayed payloads are zstd-compressed where that is smaller
+    opt_state: OptState | None = None  # form "snapshot": the server optimizer's state (None: a compressed downlink)
 
 
 @dataclass
@@ -200,6 +206,9 @@ class EngineState:
     workers: dict[str, WorkerState] = field(default_factory=dict)
     theta: np.ndarray | None = None
     aggregator: Aggregator | None = None
+    opt_state: OptState = field(
+        default_factory=OptState
+    )  # the server optimizer's (psrv.server_opt), after the last close
     history: StepHistory = field(default_factory=lambda: StepHistory(0))
     theta_hat: np.ndarray | None = None  # (M, d) float64 iterate of each worker's last upload (lag-ps' selection)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)  # server-side selection only
@@ -265,6 +274,7 @@ class RoundEngine:
     ) -> None:
         self.config = config
         self.algorithm: Algorithm = make_algorithm(config.algorithm, config.options, config.compressor)
+        self.opt = make_server_opt(config.server_opt, self.algorithm.lr)
         self.state = EngineState(
             history=StepHistory(self.algorithm.history_depth), rng=np.random.default_rng([config.seed, 7])
         )
@@ -366,6 +376,7 @@ class RoundEngine:
         s.task_shape = shape
         s.theta = task.init_params(np.random.default_rng(cfg.seed)).astype(np.float64)
         s.aggregator = Aggregator(cfg.num_workers, s.theta.size, self.algorithm.absorb)
+        s.opt_state = self.opt.init(s.theta.size)
         if self._down is not None:
             s.shared_model = s.theta.copy()  # w^{-1} = theta^0: every worker starts from it (a snapshot)
         if self.algorithm.tracks_theta_hat:
@@ -518,8 +529,8 @@ class RoundEngine:
             )
         elif s.downlink == "replica" and not (done and self._down is not None):
             broadcast = Broadcast(
-                form="update", change=s.change, digest=state_digest(s.theta, s.aggregator.total), zstd=self.config.zstd,
-                **common,
+                form="update", change=s.change, digest=state_digest(s.theta, s.aggregator.total, s.opt_state),
+                zstd=self.config.zstd, **common,
             )  # fmt: skip
         else:
             broadcast = Broadcast(
@@ -543,6 +554,7 @@ class RoundEngine:
                 step=None,
                 theta=s.shared_model if compressed else s.theta,
                 total=None if compressed else total,
+                opt_state=None if compressed else s.opt_state,  # changes only at a close, as theta does
                 recent_step_sq=s.history.recent(),
             )
             self._open.snapshot = self._encode(snap)
@@ -692,7 +704,7 @@ class RoundEngine:
         self._absorb_reported()  # every slot has reported now: the rest, in slot order
         self._record_change(self._open.before, ordered)
         self._open.before = self._open.relayed = None
-        step_sq = take_step(s.theta, s.aggregator.total, self.algorithm.lr)  # what every replica does
+        step_sq, s.opt_state = take_step(s.theta, s.aggregator.total, self.opt, s.opt_state)  # what every replica does
         s.history.push(step_sq)
         got = [reports[w.slot] for w in ordered]
         losses = [r.loss for r in got if r.loss is not None]
@@ -726,6 +738,7 @@ class RoundEngine:
             "algorithm": cfg.algorithm,
             "compressor": self.algorithm.compressor_name,
             "options": dict(cfg.options),
+            "server_opt": cfg.server_opt,
             "zstd": cfg.zstd,
             "workers": cfg.num_workers,
             "dim": self.dim,

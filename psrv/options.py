@@ -93,6 +93,7 @@ class JobConfig:
     downlink: str = "auto"
     down_compressor: str = ""
     transport: str = "stream"
+    server_opt: str = "sgd"
 
     def algorithm_options(self) -> dict[str, float]:
         return {"lr": self.lr, **self.options}
@@ -118,6 +119,7 @@ class JobConfig:
             downlink=self.downlink,
             down_compressor=self.down_compressor,
             transport=self.transport,
+            server_opt=self.server_opt,
             **extra,
         )
 
@@ -151,6 +153,8 @@ class JobConfig:
             args += ["--down-compressor", self.down_compressor]
         if self.transport != "stream":
             args += ["--transport", self.transport]
+        if self.server_opt != "sgd":
+            args += ["--server-opt", self.server_opt]
         for k, v in self.options.items():
             args += ["-o", f"{k}={v!r}"]
         for k, v in self.task_options.items():
@@ -261,6 +265,7 @@ def jobs(
     downlink: str = "auto",
     down_compressor: str = "",
     transport: str = "stream",
+    server_opt: str = "sgd",
 ) -> list[JobConfig]:
     """One :class:`JobConfig` per algorithm from the parsed job options (``ValueError`` on a bad
     option). The task defaults to the one a built-in data set is made for, else logreg."""
@@ -289,8 +294,9 @@ def jobs(
             downlink=downlink,
             down_compressor=down_compressor,
             transport=transport,
+            server_opt=server_opt,
         )
-        job.server_config()  # every bad option fails before anything runs (a bad --down-compressor too)
+        job.server_config()  # every bad option fails before anything runs (a bad --down-compressor, --server-opt too)
         make_algorithm(name, job.algorithm_options(), compressor)  # every bad option fails before anything runs
         out.append(job)
     return out
@@ -366,6 +372,15 @@ JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
         default="",
         metavar="NAME[:KEY=VALUE,...]",
         help="Compress the model broadcast with EF21-P, e.g. topk:ratio=0.05 or qsgd:levels=16 (default: none).",
+    ),
+    "server_opt": click.option(
+        "--server-opt",
+        default="sgd",
+        show_default=True,
+        metavar="NAME[:KEY=VALUE,...]",
+        help="Server optimizer applied to the aggregate, with --lr as its step size: sgd, momentum[:momentum=0.9], "
+        "adam[:beta1=0.9,beta2=0.999,eps=1e-8,bias_correction=1], adamw[:...,weight_decay=0.01] "
+        "(Reddi et al., ICLR 2021), e.g. adam:beta2=0.99.",
     ),
     "transport": click.option(
         "--transport",

@@ -2,8 +2,10 @@
 
 For the lazy and accumulating algorithms the model is a deterministic function of what the server
 accepted: ``theta^{k+1} = theta^k - alpha * nabla^k`` with the aggregate ``nabla^k`` (the sum the
-server steps along; Chen et al., NeurIPS 2018; Sun et al., NeurIPS 2019, eq. 4). A worker that
-holds ``(theta, nabla, step history)`` of round k-1 needs only how ``nabla`` changed at the close of
+server steps along; Chen et al., NeurIPS 2018; Sun et al., NeurIPS 2019, eq. 4), or, with a server
+optimizer (:mod:`psrv.server_opt`; Reddi et al., ICLR 2021), ``theta^{k+1} = theta^k + step`` with
+``(step, s^{k+1}) = update(nabla^k, s^k, theta^k)``. A worker that holds ``(theta, nabla, optimizer
+state s, step history)`` of round k-1 needs only how ``nabla`` changed at the close of
 round k-1 to compute round k itself: nothing when nobody uploaded, the round's accepted payloads
 (accumulating rules add them), or the new values of the coordinates that changed. Both sides run
 the functions of this module -- the same float64 operations in the same order -- so the replica
@@ -21,6 +23,7 @@ import numpy as np
 from psrv.aggregate import add_payload
 from psrv.keyvalue import parse_spec
 from psrv.payload import Payload, to_dense
+from psrv.server_opt import OptState, ServerOpt
 from psrv.triggers import StepHistory
 
 #: the forms of :class:`AggregateChange`
@@ -64,19 +67,24 @@ def apply_change(total: np.ndarray, change: AggregateChange) -> None:
         total[:] = change.values
 
 
-def take_step(theta: np.ndarray, total: np.ndarray, lr: float) -> float:
-    """``theta += -lr * total`` in place; returns ``||step||^2`` for the lazy rules' history."""
-    step = -lr * total
+def take_step(theta: np.ndarray, total: np.ndarray, opt: ServerOpt, state: OptState) -> tuple[float, OptState]:
+    """The server optimizer's step along the aggregate, ``theta += step`` in place (plain SGD:
+    ``step = -lr * total``); returns ``||step||^2`` for the lazy rules' history (the step actually
+    taken, whatever the optimizer) and the optimizer's new state."""
+    step, state = opt.update(total, state, theta)
     theta += step
-    return float(step @ step)
+    return float(step @ step), state
 
 
-def state_digest(theta: np.ndarray, total: np.ndarray) -> int:
-    """Sum, modulo 2**64, of the float64 words of ``theta`` and ``total`` read as uint64: any
-    single differing coordinate changes it, and it costs one pass over memory."""
-    a = np.ascontiguousarray(theta, dtype="<f8").view("<u8")
-    b = np.ascontiguousarray(total, dtype="<f8").view("<u8")
-    return (int(a.sum(dtype=np.uint64)) + int(b.sum(dtype=np.uint64))) % (1 << 64)
+def state_digest(theta: np.ndarray, total: np.ndarray, opt_state: OptState | None = None) -> int:
+    """Sum, modulo 2**64, of the float64 words of ``theta``, ``total`` and the server optimizer's
+    state (its moments and ``(count, beta1^t, beta2^t)``; nothing for plain SGD) read as uint64:
+    any single differing coordinate changes it, and it costs one pass over memory."""
+    extra = () if opt_state is None else opt_state.digest_arrays()
+    total_sum = 0
+    for arr in (theta, total, *extra):
+        total_sum += int(np.ascontiguousarray(arr, dtype="<f8").view("<u8").sum(dtype=np.uint64))
+    return total_sum % (1 << 64)
 
 
 def changed_indices(before: np.ndarray, after: np.ndarray) -> np.ndarray:
@@ -87,21 +95,23 @@ def changed_indices(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 @dataclass
 class Replica:
     """A worker's copy of the server's state at ``round``: theta^round, the aggregate after the
-    close of round - 1, and the step history."""
+    close of round - 1, the step history and the server optimizer's state."""
 
     round: int
     theta: np.ndarray
     total: np.ndarray
     history: StepHistory = field(default_factory=lambda: StepHistory(0))
+    opt_state: OptState = field(default_factory=OptState)
 
-    def advance(self, change: AggregateChange, lr: float) -> None:
+    def advance(self, change: AggregateChange, opt: ServerOpt) -> None:
         """From round k to k + 1: the server's close of round k, replayed."""
         apply_change(self.total, change)
-        self.history.push(take_step(self.theta, self.total, lr))
+        step_sq, self.opt_state = take_step(self.theta, self.total, opt, self.opt_state)
+        self.history.push(step_sq)
         self.round += 1
 
     def digest(self) -> int:
-        return state_digest(self.theta, self.total)
+        return state_digest(self.theta, self.total, self.opt_state)
 
 
 # ------------------------------------------------------------------------------ compressed downlink

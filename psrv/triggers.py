@@ -14,7 +14,9 @@ from dataclasses import dataclass
 class StepHistory:
     """The last D squared parameter changes ``||theta^{k+1-d} - theta^{k-d}||^2``,
     most recent first (d = 1..D). Kept by the server and broadcast with the model,
-    so every worker compares against the same numbers (Sun et al., NeurIPS 2019, eq. 7a)."""
+    so every worker compares against the same numbers (Sun et al., NeurIPS 2019, eq. 7a).
+    Always the step actually taken: with a server optimizer (``--server-opt``) that is no longer
+    ``alpha * nabla``, and the rules' threshold changes scale (:mod:`psrv.server_opt`)."""
 
     def __init__(self, depth: int) -> None:
         self._steps: deque[float] = deque(maxlen=max(depth, 0))

@@ -17,6 +17,7 @@ from psrv.engine import Broadcast, RoundEngine
 from psrv.payload import Payload, to_dense
 from psrv.replica import AggregateChange, Replica, apply_change, changed_indices, state_digest, take_step
 from psrv.server import ParameterServer, ServerConfig, create_server
+from psrv.server_opt import SGD
 from psrv.triggers import StepHistory
 from tests.helpers.threaded import run_in_threads
 from worker.client import WorkerConfig, load_training_data, run_worker
@@ -76,9 +77,9 @@ def test_replica_step_is_the_servers_step() -> None:
     theta, total = rng.standard_normal(50), rng.standard_normal(50)
     replica = Replica(4, theta.copy(), total.copy(), StepHistory(3))
     change = AggregateChange("values", dim=50, indices=np.array([7]), values=np.array([0.5]))
-    replica.advance(change, 0.1)
+    replica.advance(change, SGD(0.1))
     total[7] = 0.5
-    step_sq = take_step(theta, total, 0.1)
+    step_sq, _ = take_step(theta, total, SGD(0.1), replica.opt_state)
     assert replica.round == 5 and replica.theta.tobytes() == theta.tobytes()
     assert replica.history.recent() == (step_sq,)
 

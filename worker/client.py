@@ -23,6 +23,7 @@ import threadpoolctl
 from psrv import codec, data, memory, rpc
 from psrv.algorithms import RoundInfo, make_algorithm
 from psrv.replica import DownCompressor, Replica
+from psrv.server_opt import ServerOpt, make_server_opt
 from psrv.tasks import make_task
 from psrv.triggers import StepHistory
 from psrv.v1 import psrv_pb2 as pb
@@ -134,13 +135,13 @@ class Downlink:
     def __init__(
         self,
         worker_id: str,
-        lr: float,
+        opt: ServerOpt,
         depth: int,
         dtype: np.dtype,
         corrupt_at: int | None = None,
         down: DownCompressor | None = None,
     ):
-        self.worker_id, self.lr, self.depth, self.dtype, self.down = worker_id, lr, depth, dtype, down
+        self.worker_id, self.opt, self.depth, self.dtype, self.down = worker_id, opt, depth, dtype, down
         self.replica: Replica | None = None
         self.corrupt_at = corrupt_at
         self.snapshots = self.mismatches = 0
@@ -163,7 +164,9 @@ class Downlink:
             history = StepHistory(self.depth)
             for step_sq in reversed(m.recent_step_sq):
                 history.push(step_sq)
-            self.replica = Replica(m.round, m.theta, m.total, history)
+            if self.down is None:
+                self.opt.check_state(m.opt_state, m.theta.size)  # ValueError: not this run's optimizer's
+            self.replica = Replica(m.round, m.theta, m.total, history, m.opt_state)
             self.snapshots += 1
         else:
             if self.replica is None or self.replica.round != m.round - 1:
@@ -174,7 +177,7 @@ class Downlink:
                 self.down.apply(self.replica.theta, m.step)
                 self.replica.round += 1
             else:
-                self.replica.advance(m.change, self.lr)
+                self.replica.advance(m.change, self.opt)
         if self.replica.digest() != m.digest:
             self.mismatches += 1
             log.warning("worker %s: replica disagrees with the server in round %d; asking for a snapshot",
@@ -301,7 +304,7 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         result = WorkerResult(cfg.worker_id, reply.worker_index)
         down = Downlink(
             cfg.worker_id,
-            algo.lr,
+            make_server_opt(conf.server_opt, algo.lr),
             algo.history_depth,
             codec.model_dtype(conf),
             cfg.corrupt_replica_at,

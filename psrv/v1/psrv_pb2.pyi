@@ -151,7 +151,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., n_features: _Optional[int] = ..., n_classes: _Optional[int] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd", "model_dtype", "down_compressor", "round_transport")
+    __slots__ = ("algorithm", "compressor", "options", "task", "task_options", "dim", "num_workers", "seed", "zstd", "model_dtype", "down_compressor", "round_transport", "server_opt")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class RunConfig(_message.Message):
     MODEL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     DOWN_COMPRESSOR_FIELD_NUMBER: _ClassVar[int]
     ROUND_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_OPT_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     compressor: str
     options: _containers.ScalarMap[str, float]
@@ -190,7 +191,8 @@ class RunConfig(_message.Message):
     model_dtype: Dtype
     down_compressor: str
     round_transport: RoundTransport
-    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ..., model_dtype: _Optional[_Union[Dtype, str]] = ..., down_compressor: _Optional[str] = ..., round_transport: _Optional[_Union[RoundTransport, str]] = ...) -> None: ...
+    server_opt: str
+    def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ..., model_dtype: _Optional[_Union[Dtype, str]] = ..., down_compressor: _Optional[str] = ..., round_transport: _Optional[_Union[RoundTransport, str]] = ..., server_opt: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_index", "config")
@@ -251,18 +253,38 @@ class StateUpdate(_message.Message):
     def __init__(self, relay: _Optional[_Union[Contributions, _Mapping]] = ..., values: _Optional[_Union[SparseTensor, _Mapping]] = ..., aggregate: _Optional[_Union[DenseTensor, _Mapping]] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("theta", "theta_sparse", "aggregate", "aggregate_sparse", "recent_step_sq")
+    __slots__ = ("theta", "theta_sparse", "aggregate", "aggregate_sparse", "recent_step_sq", "server_opt")
     THETA_FIELD_NUMBER: _ClassVar[int]
     THETA_SPARSE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_SPARSE_FIELD_NUMBER: _ClassVar[int]
     RECENT_STEP_SQ_FIELD_NUMBER: _ClassVar[int]
+    SERVER_OPT_FIELD_NUMBER: _ClassVar[int]
     theta: DenseTensor
     theta_sparse: SparseTensor
     aggregate: DenseTensor
     aggregate_sparse: SparseTensor
     recent_step_sq: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, theta: _Optional[_Union[DenseTensor, _Mapping]] = ..., theta_sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., aggregate: _Optional[_Union[DenseTensor, _Mapping]] = ..., aggregate_sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ...) -> None: ...
+    server_opt: ServerOptState
+    def __init__(self, theta: _Optional[_Union[DenseTensor, _Mapping]] = ..., theta_sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., aggregate: _Optional[_Union[DenseTensor, _Mapping]] = ..., aggregate_sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., recent_step_sq: _Optional[_Iterable[float]] = ..., server_opt: _Optional[_Union[ServerOptState, _Mapping]] = ...) -> None: ...
+
+class ServerOptState(_message.Message):
+    __slots__ = ("count", "beta1_power", "beta2_power", "first_moment", "first_moment_sparse", "second_moment", "second_moment_sparse")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    BETA1_POWER_FIELD_NUMBER: _ClassVar[int]
+    BETA2_POWER_FIELD_NUMBER: _ClassVar[int]
+    FIRST_MOMENT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_MOMENT_SPARSE_FIELD_NUMBER: _ClassVar[int]
+    SECOND_MOMENT_FIELD_NUMBER: _ClassVar[int]
+    SECOND_MOMENT_SPARSE_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    beta1_power: float
+    beta2_power: float
+    first_moment: DenseTensor
+    first_moment_sparse: SparseTensor
+    second_moment: DenseTensor
+    second_moment_sparse: SparseTensor
+    def __init__(self, count: _Optional[int] = ..., beta1_power: _Optional[float] = ..., beta2_power: _Optional[float] = ..., first_moment: _Optional[_Union[DenseTensor, _Mapping]] = ..., first_moment_sparse: _Optional[_Union[SparseTensor, _Mapping]] = ..., second_moment: _Optional[_Union[DenseTensor, _Mapping]] = ..., second_moment_sparse: _Optional[_Union[SparseTensor, _Mapping]] = ...) -> None: ...
 
 class Selection(_message.Message):
     __slots__ = ("workers",)
