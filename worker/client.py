@@ -319,6 +319,13 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         try:
             while True:
                 mb, rejected = rounds.model(down.request(k), task.dim)
+                # fault injection, once the last report has been answered (the next model came)
+                if cfg.leave_after is not None and result.rounds >= cfg.leave_after:
+                    log.error("fault injection: worker %s leaves after %d rounds", cfg.worker_id, result.rounds)
+                    break
+                if cfg.crash_after is not None and result.rounds >= cfg.crash_after:
+                    log.error("fault injection: worker %s exits after %d rounds", cfg.worker_id, result.rounds)
+                    os._exit(17)
                 if pending is not None:  # the last report's fate arrives with the next model
                     if rejected is None:
                         state, uploaded = pending
@@ -353,12 +360,6 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                     pending = (decision.state, decision.payload is not None)
                 result.rounds += 1
                 k += 1
-                if cfg.leave_after is not None and result.rounds >= cfg.leave_after:
-                    log.error("fault injection: worker %s leaves after %d rounds", cfg.worker_id, result.rounds)
-                    break
-                if cfg.crash_after is not None and result.rounds >= cfg.crash_after:
-                    log.error("fault injection: worker %s exits after %d rounds", cfg.worker_id, result.rounds)
-                    os._exit(17)
         finally:
             rounds.close()
         result.snapshots, result.digest_mismatches = down.snapshots, down.mismatches
