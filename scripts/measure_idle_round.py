@@ -370,7 +370,13 @@ def py_spy() -> str | None:
 
 
 def local_run(
-    algorithm: str, workers: int, rounds: int, out: Path, warm: int, spy: tuple[str, ...] = ()
+    algorithm: str,
+    workers: int,
+    rounds: int,
+    out: Path,
+    warm: int,
+    spy: tuple[str, ...] = (),
+    transport: str = "stream",
 ) -> dict[str, Any]:
     """Server + ``workers`` worker processes on loopback (what ``psrv run`` starts, the server in
     its own process here). CPU of every process and of the machine between the end of round
@@ -394,6 +400,8 @@ def local_run(
             str(port),
             "--metrics",
             str(metrics),
+            "--transport",
+            transport,
         )
     }
     for i in range(workers):
@@ -552,12 +560,13 @@ def wall(args: argparse.Namespace, tmp: Path) -> str:
     w, r, warm = args.wall_workers, args.wall_rounds, 20
     cores = os.cpu_count() or 1
     lines = [f"{w} workers, {r} rounds, steady state = rounds {warm + 1}..{r - warm}; {cores} cores"]
-    for algo in ("laq", "gd"):
-        res = local_run(algo, w, r, tmp / f"wall-{algo}", warm)
+    for algo, transport in [(a, t) for t in args.wall_transports.split(",") for a in ("laq", "gd")]:
+        res = local_run(algo, w, r, tmp / f"wall-{algo}-{transport}", warm, transport=transport)
         cw = sum(v for k, v in res["cpu_ms"].items() if k != "server")
         ours = cw + res["cpu_ms"]["server"]
         lines.append(
-            f"{algo}: {res['wall_ms']:.1f} ms per round (median round_time {res['round_median_ms']:.1f}), "
+            f"{algo} ({transport}): {res['wall_ms']:.1f} ms per round "
+            f"(median round_time {res['round_median_ms']:.1f}), "
             f"skips {100 * res['skip_share']:.1f}%; CPU per round: workers {cw:.1f} ms "
             f"({cw / w:.2f} per worker-round), server {res['cpu_ms']['server']:.1f} ms, ours {ours:.1f} ms "
             f"= {ours / cores:.1f} ms per core; the whole machine was busy {res['machine_ms']:.1f} ms CPU per round "
@@ -586,6 +595,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--wall-rounds", type=int, default=200)
     ap.add_argument("--wall-workers", type=int, default=10)
+    ap.add_argument("--wall-transports", default="stream,unary", help="Transports of the wall-time runs.")
     ap.add_argument("--skip-bytes", action="store_true")
     ap.add_argument("--skip-wall", action="store_true")
     ap.add_argument("--keep", default=None, help="Keep captures, logs and profiles in this directory.")
