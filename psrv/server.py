@@ -15,13 +15,18 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 import threadpoolctl
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from psrv import codec, memory, rpc, stream
 from psrv.engine import EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
 
-__all__ = ["ParameterServer", "ServerConfig", "Servicer", "create_server"]
+__all__ = ["HEALTH_SERVICES", "ParameterServer", "ServerConfig", "Servicer", "create_server"]
+
+#: the names the health service answers for: the whole server ("") and psrv's service
+HEALTH_SERVICES = ("", rpc.SERVICE)
 
 
 class Servicer:
@@ -271,6 +276,8 @@ class ParameterServer:
         self.engine = RoundEngine(config, sink=sink, encode=_encode_broadcast)
         self.servicer = Servicer(self.engine, self.counter)
         self.algorithm = self.engine.algorithm
+        #: the gRPC health service :func:`create_server` attached, if any (see :meth:`_health_done`)
+        self.health: health.HealthServicer | None = None
 
     # views of the engine's state
     @property
@@ -297,9 +304,18 @@ class ParameterServer:
         return self.servicer.handlers()
 
     def run(self) -> dict[str, Any]:
-        """Wait for registration, train, serve the final model; the summary with byte totals."""
-        self.engine.run()
+        """Wait for registration, train, serve the final model; the summary with byte totals.
+        The health service says NOT_SERVING once the run has ended (done or failed)."""
+        try:
+            self.engine.run()
+        finally:
+            self._health_done()
         return self.summary()
+
+    def _health_done(self) -> None:
+        if self.health is not None:
+            for name in HEALTH_SERVICES:
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def summary(self) -> dict[str, Any]:
         out = self.engine.summary()
@@ -312,13 +328,19 @@ class ParameterServer:
 
     def fail(self, reason: str) -> None:
         self.engine.fail(reason)
+        self._health_done()
 
 
 def create_server(
     ps: ParameterServer, address: str = "127.0.0.1:0", max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
 ) -> tuple[grpc.Server, int]:
     """A started gRPC server for ``ps`` and the port it bound (port 0 picks a free one).
-    Sets up malloc for big messages first (:func:`psrv.memory.tune_malloc`)."""
+    Sets up malloc for big messages first (:func:`psrv.memory.tune_malloc`).
+
+    Besides psrv's service it offers the standard health service (``grpc.health.v1.Health``:
+    SERVING while the run registers and trains, NOT_SERVING once it is done or failed) and server
+    reflection (``grpc.reflection.v1alpha``, what grpcio-reflection serves), so ``grpcurl`` and ``grpc_health_probe``
+    work without the proto."""
     memory.tune_malloc()
     # the engine's vector reductions gain nothing from BLAS threads, whose spinning takes CPU from workers
     threadpoolctl.threadpool_limits(1, user_api="blas")
@@ -327,6 +349,14 @@ def create_server(
         options=rpc.channel_options(max_message_bytes),
     )
     server.add_generic_rpc_handlers((rpc.generic_handler(ps.handlers(), raw=Servicer.RAW),))
+    health_servicer = health.HealthServicer()
+    ended = ps.phase in ("done", "failed")
+    for name in HEALTH_SERVICES:
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if ended else health_pb2.HealthCheckResponse.SERVING
+        health_servicer.set(name, status)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    ps.health = health_servicer
+    reflection.enable_server_reflection((rpc.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
