@@ -54,6 +54,35 @@ class LazyGroup(click.Group):
                 formatter.write_dl(sorted(rows))
 
 
+class OutputPathError(click.ClickException):
+    """An output path that cannot be written or would overwrite a file: ``Error: ...``, exit 2."""
+
+    exit_code = 2
+
+
+def check_outputs(
+    dirs: dict[str, str | None] | None = None,
+    files: dict[str, str | None] | None = None,
+    metrics: str | None = None,
+    overwrite_metrics: bool = False,
+) -> None:
+    """Every output path can be written, before anything trains: ``{option: path}`` (None skipped);
+    the ``--metrics`` file must also be new or empty unless ``overwrite_metrics``."""
+    from psrv import files as f
+
+    try:
+        for what, path in (dirs or {}).items():
+            if path is not None:
+                f.check_writable_dir(path, what)
+        for what, path in (files or {}).items():
+            if path is not None:
+                f.check_writable_file(path, what)
+        if metrics is not None:
+            f.check_new_log(metrics, "--metrics", overwrite_metrics)
+    except f.OutputError as exc:
+        raise OutputPathError(str(exc)) from None
+
+
 LAZY_HELP = {
     "cluster": "Shaped multi-host runs on one machine: one network namespace per host (needs root).",
     "inspect": "Look at psrv's traffic on the wire: HTTP/2 frames, gRPC messages, bytes per field.",
@@ -130,6 +159,7 @@ def run(
         configs = [job.server_config() for job in jobs]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    check_outputs(dirs={"--out": out}, files={"--summary-json": summary_json})  # after the checks that make nothing
     manifest = write_manifest(out, configs, dc, device)
     summaries = []
     for job, config in zip(jobs, configs, strict=True):
@@ -183,14 +213,27 @@ def plot(run_dir: str, out_path: str | None) -> None:
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True)
 @click.option("--register-timeout", type=float, default=300.0, show_default=True)
-@click.option("--metrics", type=click.Path(dir_okay=False), default=None, help="Per-round metrics JSONL.")
-@click.option("--summary-json", type=click.Path(dir_okay=False), default=None)
-@click.option("--model-out", type=click.Path(dir_okay=False), default=None, help="Save the final model (.npy).")
+@click.option(
+    "--metrics",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Per-round metrics JSONL (whole lines only). An existing non-empty file is refused.",
+)
+@click.option(
+    "--overwrite-metrics", is_flag=True, default=False, help="Replace an existing --metrics file instead of refusing."
+)
+@click.option(
+    "--summary-json", type=click.Path(dir_okay=False), default=None, help="Write the summary here (atomically)."
+)
+@click.option(
+    "--model-out", type=click.Path(dir_okay=False), default=None, help="Save the final model (.npy, atomically)."
+)
 def start_server(
     host: str,
     port: int,
     register_timeout: float,
     metrics: str | None,
+    overwrite_metrics: bool,
     summary_json: str | None,
     model_out: str | None,
     **kw: Any,
@@ -199,7 +242,7 @@ def start_server(
     from psrv import memory
 
     memory.tune_malloc()  # before any thread starts (see psrv.memory)
-    from psrv import report
+    from psrv import files, report
     from psrv.metrics import MetricsSink
     from psrv.runner import config_manifest
     from psrv.server import ParameterServer, create_server
@@ -211,7 +254,13 @@ def start_server(
         config = job.server_config(register_timeout=register_timeout)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    sink = MetricsSink(metrics)
+    model_path = None if model_out is None else str(files.npy_path(model_out))
+    check_outputs(files={"--summary-json": summary_json, "--model-out": model_path}, metrics=metrics,
+                  overwrite_metrics=overwrite_metrics)  # fmt: skip
+    try:
+        sink = MetricsSink(metrics, overwrite=overwrite_metrics)
+    except files.OutputError as exc:
+        raise OutputPathError(str(exc)) from None
     ps = ParameterServer(config, sink)
     server, bound = create_server(ps, f"{host}:{port}")
     click.echo(f"psrv server listening on {host}:{bound}; waiting for {config.num_workers} workers", err=True)
@@ -225,9 +274,7 @@ def start_server(
         sink.close()
     summary["config"] = config_manifest(config, None)
     if model_out:
-        import numpy as np
-
-        np.save(model_out, ps.theta)
+        files.atomic_save_npy(model_out, ps.theta)
     if summary_json:
         report.write_json(summary_json, summary)
     click.echo(json.dumps(summary))

@@ -11,9 +11,11 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
+
+from psrv.files import LineLog
 
 
 class ByteCounter:
@@ -39,7 +41,9 @@ class MetricsSink:
 
     ``evaluator(theta)`` (embedded runs only: a real server holds no data) adds fields to every
     ``eval_every``-th round's record and to the last; then the record is appended to
-    ``jsonl_path`` (one JSON object per line, flushed per round) and passed to ``on_round``."""
+    ``jsonl_path`` (one JSON object per line, each whole or absent: :class:`psrv.files.LineLog`)
+    and passed to ``on_round``. An existing non-empty ``jsonl_path`` is refused
+    (:class:`psrv.files.OutputError`) unless ``overwrite``."""
 
     def __init__(
         self,
@@ -47,8 +51,9 @@ class MetricsSink:
         evaluator: Callable[[np.ndarray], dict[str, float]] | None = None,
         eval_every: int = 1,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        overwrite: bool = False,
     ) -> None:
-        self._file: IO[str] | None = open(jsonl_path, "w") if jsonl_path else None
+        self._file: LineLog | None = LineLog(jsonl_path, overwrite) if jsonl_path else None
         self._evaluator, self._eval_every = evaluator, max(1, eval_every)
         self._on_round = on_round
 
@@ -57,8 +62,7 @@ class MetricsSink:
         if self._evaluator is not None and (k % self._eval_every == self._eval_every - 1 or final):
             record.update(self._evaluator(theta))
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            self._file.write(json.dumps(record))
         if self._on_round is not None:
             self._on_round(record)
 

@@ -3,12 +3,12 @@ al., NeurIPS 2019) and the JSON summary written next to the per-round metrics.""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from psrv.cluster.shaping import format_rate
+from psrv.files import atomic_write_json
 
 COLUMNS = (
     ("algorithm", "algorithm", "{}"),
@@ -59,9 +59,8 @@ def table(summaries: Sequence[dict[str, Any]]) -> str:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """``obj`` as JSON at ``path``, written atomically (:func:`psrv.files.atomic_write_json`)."""
+    atomic_write_json(path, obj)
 
 
 def cost_to_reach(records: Sequence[dict[str, Any]], key: str, target: float) -> dict[str, Any] | None:

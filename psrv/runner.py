@@ -5,7 +5,6 @@ command a user runs on a real host, and are always stopped, also on error or Ctr
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from psrv import __version__, report
+from psrv.files import atomic_save_npy, atomic_write_json
 from psrv.metrics import MetricsSink
 from psrv.options import DataConfig, worker_argv
 from psrv.server import ParameterServer, ServerConfig, create_server
@@ -53,11 +53,7 @@ def write_manifest(out_dir: str | Path, configs: list[ServerConfig], dc: DataCon
         "device": device,
         "runs": [{"algorithm": c.algorithm, "dir": c.algorithm, **config_manifest(c, dc)} for c in configs],
     }
-    path = out / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)  # never a half-written manifest
-    return path
+    return atomic_write_json(out / "manifest.json", manifest)  # never a half-written manifest
 
 
 class Evaluator:
@@ -117,6 +113,7 @@ def run_local(
         evaluator=evaluator if eval_every > 0 else None,
         eval_every=eval_every,
         on_round=on_round,
+        overwrite=True,  # the run folder is this command's: a reused --out is replaced (see README)
     )
     ps = ParameterServer(config, sink)
     server, port = create_server(ps, "127.0.0.1:0")
@@ -132,7 +129,7 @@ def run_local(
         watcher = threading.Thread(target=_fail_if_all_die, args=(ps, procs), daemon=True)
         watcher.start()
         summary = ps.run()
-        np.save(out / "model.npy", ps.theta)
+        atomic_save_npy(out / "model.npy", ps.theta)
         summary.update(evaluator.final(ps.theta))
         for key, target in (targets or {}).items():
             summary[f"to_{key}"] = report.cost_to_reach(ps.records, key, target)

@@ -308,6 +308,9 @@ class ParameterServer:
         The health service says NOT_SERVING once the run has ended (done or failed)."""
         try:
             self.engine.run()
+        except OSError as exc:  # the sink could not write (a full disk): fail the run for the workers too
+            self.engine.fail(f"could not write the run's output: {exc}")
+            raise RuntimeError(self.engine.state.error) from exc
         finally:
             self._health_done()
         return self.summary()

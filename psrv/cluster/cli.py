@@ -7,7 +7,6 @@ psrv cluster clean          # remove namespaces left by a run that was killed wi
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import click
 from psrv.cluster.config import SHAPE_AT, ClusterConfig, with_job
 from psrv.cluster.netns import ClusterError, Interrupted, remove_namespaces, require_root, stale_namespaces
 from psrv.cluster.shaping import QDISCS, LinkRates, parse_link
+from psrv.files import atomic_write_json
 from psrv.options import check_job_data, job_and_data_options, jobs_from_cli, pop_data, pop_device
 
 
@@ -148,7 +148,7 @@ def run(out: str, **kw: Any) -> None:
         click.echo(f"summary: {folder / 'summary.json'}; per-round metrics: {folder / 'metrics.jsonl'}")
         results.append(result)
     if len(results) > 1:
-        (Path(out) / "summary.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(Path(out) / "summary.json", results)
 
 
 @cluster.command("clean")

@@ -22,15 +22,14 @@ host (``ip link add type ifb`` usually loads it; else ``modprobe ifb`` on the Do
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from psrv.cluster import counters, shaping
+from psrv.files import atomic_write_json
 
 ROLES = {"server": "start-server", "worker": "start-worker"}
 
@@ -91,21 +90,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         signal.signal(sig, lambda s, _f: child.send_signal(s))
     code = child.wait()
     after = _read(shaped)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(
-        json.dumps(
-            {
-                "role": argv[0],
-                "iface": shaped.iface,
-                "rate_up": rates.up,
-                "rate_down": rates.down,
-                "exit_code": code,
-                "delta": counters.delta(after, before),
-            },
-            indent=2,
-            sort_keys=True,
-        )
-        + "\n"
+    atomic_write_json(
+        out,
+        {
+            "role": argv[0],
+            "iface": shaped.iface,
+            "rate_up": rates.up,
+            "rate_down": rates.down,
+            "exit_code": code,
+            "delta": counters.delta(after, before),
+        },
     )
     return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from psrv.files import atomic_write_json, atomic_write_text
+
 METRICS = "metrics.jsonl"
 SERVER_SUMMARY = "server-summary.json"
 MODEL = "model.npy"
@@ -80,11 +82,9 @@ def entrypoint_counters(out: Path, host: str) -> dict[str, dict[str, int]]:
 
 def write_wire_uploads(out: Path, bursts: Sequence[Sequence[Mapping[str, Any]]]) -> None:
     """Every upload seen on the wire, ``bursts[i]`` being worker i's."""
-    with open(out / WIRE_UPLOADS, "w") as f:
-        for i, worker_bursts in enumerate(bursts):
-            for b in worker_bursts:
-                f.write(json.dumps({"worker": i, **b}) + "\n")
+    lines = [json.dumps({"worker": i, **b}) + "\n" for i, worker_bursts in enumerate(bursts) for b in worker_bursts]
+    atomic_write_text(out / WIRE_UPLOADS, "".join(lines))
 
 
 def write_summary(out: Path, result: Mapping[str, Any]) -> None:
-    (out / SUMMARY).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(out / SUMMARY, result)
