@@ -446,7 +446,14 @@ class RoundEngine:
     ) -> None:
         """Absorb one upload (a decoded, validated payload of this run's dimension). The engine keeps
         ``payload`` as it is (its arrays must not change afterwards) until it is absorbed: in slot
-        order, as soon as every lower slot has reported (at the latest when the round closes)."""
+        order, as soon as every lower slot has reported (at the latest when the round closes).
+
+        Hostile uploads (README, "Hostile uploads"): a value beyond ``finfo(broadcast_dtype).max /
+        num_workers`` is refused here (INVALID_ARGUMENT); an upload that would take the aggregate
+        past the dtype's max is rejected when absorbed (its report becomes ``rejected``; this call
+        fails with INVALID_ARGUMENT when it is the one that absorbs it). ``clip_norm`` > 0 scales the
+        upload to that L2 norm at most (meant for gradient uploads; for accumulating rules it clips
+        the innovation, which changes the algorithm)."""
         dim = self.dim_for(worker_id)
         if payload.dim != dim:  # absorbed later, maybe in another worker's call: refuse it now
             raise InvalidArgument(f"payload of dimension {payload.dim}, the model has {dim}")

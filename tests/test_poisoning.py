@@ -209,3 +209,22 @@ def test_clip_scales_every_kind_to_the_bound() -> None:
         np.testing.assert_allclose(to_dense(clipped), to_dense(p) * 0.5, rtol=1e-5, atol=1e-7)
         assert clip(p, 1e9) is p
     assert payload_peak(dense(np.array([1.0, -7.0]))) == 7.0
+
+
+def test_clip_norm_is_a_job_option() -> None:
+    from click.testing import CliRunner
+
+    from psrv.cli import main
+    from psrv.options import JobConfig, jobs
+
+    (job,) = jobs(
+        ["gd"], None, compressor="", lr=0.1, options={}, task="logreg", l2=None, task_options={}, rounds=2,
+        workers=2, round_timeout=5.0, seed=0, zstd=False, clip_norm=2.5,
+    )  # fmt: skip
+    assert job.server_config().clip_norm == 2.5
+    argv = job.argv()
+    assert argv[argv.index("--clip-norm") + 1] == "2.5"
+    assert "--clip-norm" not in JobConfig().argv()  # default runs unchanged
+    with pytest.raises(ValueError, match="clip_norm"):
+        ServerConfig(clip_norm=float("nan"))
+    assert "--clip-norm" in CliRunner().invoke(main, ["start-server", "--help"]).output
