@@ -27,6 +27,7 @@ starts at +0.0 and round-to-nearest gives -0.0 only for -0.0 + -0.0).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -145,20 +146,39 @@ class Aggregator:
         self.total = np.zeros(dim, dtype=np.float64)
         #: replace: worker m's stored contribution (None: nothing yet, i.e. 0); accumulate: empty
         self.payloads: list[Payload | None] = [None] * num_workers if absorb == "replace" else []
+        #: an upper bound of ``max |total|`` (inf: unknown; call :meth:`retighten` after writing ``total``)
+        self.bound = 0.0
+        self.peaks: list[float] = [0.0] * len(self.payloads)  # payload_peak of each stored payload
 
-    def add(self, worker: int, payload: Payload, limit: float | None = None) -> None:
+    def retighten(self) -> None:
+        """Recompute :attr:`bound` from ``total`` (O(d))."""
+        self.bound = peak_abs(self.total)
+
+    def add(self, worker: int, payload: Payload, limit: float | None = None, peak: float | None = None) -> None:
         """Absorb one upload from ``worker``. With ``limit``: raise :class:`Overflow` and change
         nothing when a coordinate of the new ``total`` would be non-finite or exceed ``limit`` in
-        magnitude (the arithmetic of an accepted upload is unchanged)."""
+        magnitude (the arithmetic of an accepted upload is unchanged). ``peak``: the upload's
+        :func:`payload_peak` when known. Checked only when the running bound ``max|total| +
+        max|new| + max|old|`` does not already rule an overflow out: no extra pass over d for
+        uploads of ordinary size."""
         if payload.dim != self.dim:
             raise ValueError(f"payload of dimension {payload.dim}, expected {self.dim}")
         if not 0 <= worker < self.num_workers:
             raise IndexError(f"worker {worker} out of range [0, {self.num_workers})")
-        if self.absorb == "accumulate":
-            add_payload(self.total, payload, None, limit)
-        else:
-            add_payload(self.total, payload, self.payloads[worker], limit)
+        old = self.payloads[worker] if self.absorb == "replace" else None
+        new_peak = old_peak = bound = 0.0
+        if limit is not None:
+            new_peak = payload_peak(payload) if peak is None else peak
+            old_peak = self.peaks[worker] if old is not None else 0.0
+            bound = self.bound + new_peak + old_peak
+            if not bound <= limit and self.bound > 0:
+                self.retighten()
+                bound = self.bound + new_peak + old_peak
+        add_payload(self.total, payload, old, None if limit is None or bound <= limit else limit)  # checks if needed
+        self.bound = math.inf if limit is None else min(bound, limit)
+        if self.absorb == "replace":
             self.payloads[worker] = compact(payload)
+            self.peaks[worker] = new_peak
 
     def contribution(self, worker: int) -> np.ndarray:
         """Worker ``worker``'s stored contribution, decoded (float64; zeros before its first upload).
@@ -184,7 +204,9 @@ def add_payload(total: np.ndarray, new: Payload, old: Payload | None = None, lim
     """``total += to_dense(new) - to_dense(old)`` in place (``total += to_dense(new)`` when ``old`` is
     None), touching only the support of sparse payloads and decoding dense ones block by block. The
     one absorb both the server and the workers' replicas run (psrv.replica), so their sums agree bit
-    for bit."""
+    for bit. ``limit``: raise :class:`Overflow`, changing nothing, when a coordinate of the result
+    would be non-finite or beyond ``limit`` in magnitude (sparse kinds check the touched coordinates
+    before writing, dense ones every block in a first pass: O(d) time, no extra memory)."""
     if new.kind in _SPARSE_KINDS and (old is None or old.kind in _SPARSE_KINDS):
         idx, vals = support(new)
         if old is None:
@@ -206,14 +228,12 @@ def add_payload(total: np.ndarray, new: Payload, old: Payload | None = None, lim
         return
     dim = total.size
     if limit is not None:
-        bound = peak_abs(total) + payload_peak(new) + (0.0 if old is None else payload_peak(old))
-        if not bound <= limit:
-            for start in range(0, dim, BLOCK):  # a dry pass: nothing is written unless every block fits
-                stop = min(dim, start + BLOCK)
-                v = decode_block(new, start, stop)
-                if old is not None:
-                    v -= decode_block(old, start, stop)
-                _check(total[start:stop] + v, limit)
+        for start in range(0, dim, BLOCK):  # a dry pass: nothing is written unless every block fits
+            stop = min(dim, start + BLOCK)
+            v = decode_block(new, start, stop)
+            if old is not None:
+                v -= decode_block(old, start, stop)
+            _check(total[start:stop] + v, limit)
     for start in range(0, dim, BLOCK):
         stop = min(dim, start + BLOCK)
         v = decode_block(new, start, stop)

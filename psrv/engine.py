@@ -242,6 +242,7 @@ class _OpenRound:
     selected: frozenset[int] | None = None
     reports: dict[int, Report] = field(default_factory=dict)  # by slot
     uploads: dict[int, Payload] = field(default_factory=dict)  # by slot, as received; absorbed in slot order
+    peaks: dict[int, float] = field(default_factory=dict)  # by slot: max |value| of the held uploads
     rejected: dict[int, str] = field(default_factory=dict)  # slot -> why its upload was not absorbed
     absorbed: int = 0  # slots below this have reported and their uploads are absorbed
     before: np.ndarray | None = None  # the aggregate before this round's first absorption
@@ -461,10 +462,11 @@ class RoundEngine:
             raise InvalidArgument("smoothness must be finite and >= 0")
         if payload.kind not in self.algorithm.payload_kinds:
             raise InvalidArgument(f"{self.config.algorithm} does not take {payload.kind} payloads")
-        self._check_range(payload)  # outside the lock: O(d)
+        peak = self._check_range(payload)  # outside the lock: O(d)
         bits = payload_bits(payload)  # as sent
         if self.config.clip_norm > 0:
             payload = clip(payload, self.config.clip_norm)
+            peak = payload_peak(payload)
         payload = compact(payload)  # held as received, integer arrays narrowed (outside the lock)
         # the secant estimate of L_m needs the gradient dense: decoded outside the lock, O(d)
         vector = to_dense(payload) if self.algorithm.tracks_theta_hat else None
@@ -479,6 +481,7 @@ class RoundEngine:
             if s.theta_hat is not None:
                 self._estimate_smoothness(w, vector)
             self._open.uploads[w.slot] = payload
+            self._open.peaks[w.slot] = peak
             self._accept(w, Report("upload", payload.kind, bits, nbytes, loss))
             self._absorb_reported()
             if w.slot in self._open.rejected:  # absorbed (and refused) in this call: the worker is told
@@ -491,7 +494,7 @@ class RoundEngine:
         top = float(np.finfo(dtype).max)
         return top / m, f"{dtype.name} max {top:.4g} / {m} workers"
 
-    def _check_range(self, payload: Payload) -> None:
+    def _check_range(self, payload: Payload) -> float:
         """INVALID_ARGUMENT for an upload with a value the model's dtype could not hold (finite
         values of 1e300 in FLOAT64, or float32 values near its max that sum past it)."""
         limit, why = self._value_limit()
@@ -500,6 +503,7 @@ class RoundEngine:
             raise InvalidArgument(
                 f"upload value of magnitude {peak:.4g} exceeds the limit {limit:.4g} ({why}): the model cannot hold it"
             )
+        return peak
 
     def skip(self, worker_id: str, round_: int, reason: str, loss: float | None = None, nbytes: int = 0) -> None:
         """Record a skip notice: the worker's stored contribution stands in for it."""
@@ -524,7 +528,7 @@ class RoundEngine:
                 o.before = agg.total.copy()  # to find what changed (the downlink's exact update)
             if upload is not None:
                 try:
-                    agg.add(o.absorbed, upload, limit=limit)  # refused whole, before any change
+                    agg.add(o.absorbed, upload, limit, o.peaks.pop(o.absorbed, None))  # refused whole, or absorbed
                 except Overflow as exc:
                     self._reject(o.absorbed, str(exc))
                     upload = None

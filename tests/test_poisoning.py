@@ -117,6 +117,7 @@ def _laq_run(make: Callable[..., Harness]) -> tuple[Harness, np.ndarray]:
     h.params("w0", 0)
     agg = h.ps.engine.state.aggregator
     agg.total[:] = 0.9 * F32_MAX
+    agg.retighten()
     return h, agg.total.copy()
 
 
@@ -228,3 +229,20 @@ def test_clip_norm_is_a_job_option() -> None:
     with pytest.raises(ValueError, match="clip_norm"):
         ServerConfig(clip_norm=float("nan"))
     assert "--clip-norm" in CliRunner().invoke(main, ["start-server", "--help"]).output
+
+
+def test_a_huge_upload_on_a_rounds_stream_ends_it_with_invalid_argument(
+    make_harness: Callable[..., Harness],
+) -> None:
+    from psrv import codec, stream
+    from tests.test_rounds_stream import _raw_rounds
+
+    h = make_harness(algorithm="gd", num_workers=2, rounds=1)
+    h.register("w0")
+    h.register("w1")
+    h.start()
+    opened = pb.RoundsRequest(open=pb.RoundsOpen(worker_id="w0")).SerializeToString()
+    huge = stream.field_bytes(3, codec.upload_to_wire("", 0, 1.0, dense(np.full(DIM, 3e38, np.float32))).tobytes())
+    with expect_status(Code.INVALID_ARGUMENT, "exceeds the limit", "float32 max"):
+        _raw_rounds(h, [opened, huge])
+    assert h.ps.round == 0 and not h.ps.engine._open.reports and not h.ps.theta.any()
