@@ -27,6 +27,7 @@ starts at +0.0 and round-to-nearest gives -0.0 only for -0.0 + -0.0).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -83,6 +84,54 @@ def payload_nbytes(p: Payload | None) -> int:
     return sum(a.nbytes for a in (p.values, p.indices, p.codes, p.signs) if a is not None)
 
 
+class Overflow(ValueError):
+    """Absorbing an upload would take the aggregate past ``limit`` (or make it non-finite)."""
+
+
+def payload_peak(p: Payload) -> float:
+    """``max |to_dense(p)|`` (a bound for QSGD, LAQ to a rounding), without a
+    d-sized temporary: dense values are scanned block by block."""
+    if p.values is not None:
+        return peak_abs(values_of(p))
+    # decoded with the float32 scale (inf past its max): laq |2 tau R c - R| <= R (to rounding), qsgd <= norm
+    return abs(float(np.float32(p.scale)))
+
+
+def peak_abs(x: np.ndarray) -> float:
+    """``max |x|`` (NaN if any is NaN), block by block: no d-sized temporary."""
+    peak = 0.0
+    for start in range(0, x.size, BLOCK):
+        m = float(np.abs(x[start : start + BLOCK]).max(initial=0.0))
+        if m != m:
+            return m
+        peak = max(peak, m)
+    return peak
+
+
+def clip(p: Payload, max_norm: float) -> Payload:
+    """``p`` scaled so that ``||to_dense(p)|| <= max_norm`` (``p`` itself when it already is):
+    float values are scaled in their dtype (bfloat16 becomes float32), the other kinds' scale (LAQ's
+    radius, QSGD's norm, sign-sparse's magnitude), all linear in the vector."""
+    peak = payload_peak(p)
+    if peak == 0.0:
+        return p
+    sq = 0.0  # sum of (v / peak)^2: no overflow for any finite values
+    if p.kind in _SPARSE_KINDS:
+        sq = float(np.sum(np.square(support(p)[1] / peak)))
+    else:
+        for start in range(0, p.dim, BLOCK):
+            v = decode_block(p, start, min(p.dim, start + BLOCK)) / peak
+            sq += float(v @ v)
+    norm = peak * float(np.sqrt(sq))
+    if norm <= max_norm:
+        return p
+    factor = max_norm / norm
+    if p.values is not None:
+        v = values_of(p)
+        return dataclasses.replace(p, values=(v * factor).astype(v.dtype), value_format="")
+    return dataclasses.replace(p, scale=float(p.scale) * factor)
+
+
 class Aggregator:
     """``total`` (float64, d) and, for ``"replace"``, each worker's last upload as a payload.
 
@@ -97,21 +146,39 @@ class Aggregator:
         self.total = np.zeros(dim, dtype=np.float64)
         #: replace: worker m's stored contribution (None: nothing yet, i.e. 0); accumulate: empty
         self.payloads: list[Payload | None] = [None] * num_workers if absorb == "replace" else []
+        #: an upper bound of ``max |total|`` (inf: unknown; call :meth:`retighten` after writing ``total``)
+        self.bound = 0.0
+        self.peaks: list[float] = [0.0] * len(self.payloads)  # payload_peak of each stored payload
 
-    def add(self, worker: int, payload: Payload) -> None:
-        """Absorb one upload from ``worker``."""
+    def retighten(self) -> None:
+        """Recompute :attr:`bound` from ``total`` (O(d))."""
+        self.bound = peak_abs(self.total)
+
+    def add(self, worker: int, payload: Payload, limit: float | None = None, peak: float | None = None) -> None:
+        """Absorb one upload from ``worker``. With ``limit``: raise :class:`Overflow` and change
+        nothing when a coordinate of the new ``total`` would be non-finite or exceed ``limit`` in
+        magnitude (the arithmetic of an accepted upload is unchanged). ``peak``: the upload's
+        :func:`payload_peak` when known. Checked only when the running bound ``max|total| +
+        max|new| + max|old|`` does not already rule an overflow out: no extra pass over d for
+        uploads of ordinary size."""
         if payload.dim != self.dim:
             raise ValueError(f"payload of dimension {payload.dim}, expected {self.dim}")
         if not 0 <= worker < self.num_workers:
             raise IndexError(f"worker {worker} out of range [0, {self.num_workers})")
-        if self.absorb == "accumulate":
-            self._add(payload, None)
-        else:
-            self._add(payload, self.payloads[worker])
+        old = self.payloads[worker] if self.absorb == "replace" else None
+        new_peak = old_peak = bound = 0.0
+        if limit is not None:
+            new_peak = payload_peak(payload) if peak is None else peak
+            old_peak = self.peaks[worker] if old is not None else 0.0
+            bound = self.bound + new_peak + old_peak
+            if not bound <= limit and self.bound > 0:
+                self.retighten()
+                bound = self.bound + new_peak + old_peak
+        add_payload(self.total, payload, old, None if limit is None or bound <= limit else limit)  # checks if needed
+        self.bound = math.inf if limit is None else min(bound, limit)
+        if self.absorb == "replace":
             self.payloads[worker] = compact(payload)
-
-    def _add(self, new: Payload, old: Payload | None) -> None:
-        add_payload(self.total, new, old)
+            self.peaks[worker] = new_peak
 
     def contribution(self, worker: int) -> np.ndarray:
         """Worker ``worker``'s stored contribution, decoded (float64; zeros before its first upload).
@@ -127,14 +194,27 @@ class Aggregator:
         return self.total.nbytes + sum(payload_nbytes(p) for p in self.payloads)
 
 
-def add_payload(total: np.ndarray, new: Payload, old: Payload | None = None) -> None:
+def _check(candidate: np.ndarray, limit: float | None) -> None:
+    if limit is not None and candidate.size and not (np.abs(candidate) <= limit).all():  # NaN fails too
+        bad = float(np.nanmax(np.abs(candidate))) if not np.isnan(candidate).all() else float("nan")
+        raise Overflow(f"the aggregate would reach {bad:.3g}, beyond {limit:.3g}")
+
+
+def add_payload(total: np.ndarray, new: Payload, old: Payload | None = None, limit: float | None = None) -> None:
     """``total += to_dense(new) - to_dense(old)`` in place (``total += to_dense(new)`` when ``old`` is
     None), touching only the support of sparse payloads and decoding dense ones block by block. The
     one absorb both the server and the workers' replicas run (psrv.replica), so their sums agree bit
-    for bit."""
+    for bit. ``limit``: raise :class:`Overflow`, changing nothing, when a coordinate of the result
+    would be non-finite or beyond ``limit`` in magnitude (sparse kinds check the touched coordinates
+    before writing, dense ones every block in a first pass: O(d) time, no extra memory)."""
     if new.kind in _SPARSE_KINDS and (old is None or old.kind in _SPARSE_KINDS):
         idx, vals = support(new)
         if old is None:
+            if limit is not None:
+                candidate = total[idx] + vals
+                _check(candidate, limit)
+                total[idx] = candidate  # the same bits as total[idx] += vals (unique indices)
+                return
             total[idx] += vals
             return
         old_idx, old_vals = support(old)
@@ -142,9 +222,18 @@ def add_payload(total: np.ndarray, new: Payload, old: Payload | None = None) -> 
         diff = np.zeros(union.size, dtype=np.float64)
         diff[np.searchsorted(union, idx)] = vals
         diff[np.searchsorted(union, old_idx)] -= old_vals  # new - old, 0.0 - old where only old
-        total[union] += diff
+        candidate = total[union] + diff  # the same bits as total[union] += diff
+        _check(candidate, limit)
+        total[union] = candidate
         return
     dim = total.size
+    if limit is not None:
+        for start in range(0, dim, BLOCK):  # a dry pass: nothing is written unless every block fits
+            stop = min(dim, start + BLOCK)
+            v = decode_block(new, start, stop)
+            if old is not None:
+                v -= decode_block(old, start, stop)
+            _check(total[start:stop] + v, limit)
     for start in range(0, dim, BLOCK):
         stop = min(dim, start + BLOCK)
         v = decode_block(new, start, stop)

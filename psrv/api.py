@@ -63,6 +63,7 @@ def run(
     down_compressor: str = "",
     device: str = "cpu",
     server_opt: str = "sgd",
+    clip_norm: float = 0.0,
     eval_every: int = 0,
     target_accuracy: float | None = None,
     target_loss: float | None = None,
@@ -107,6 +108,7 @@ def run(
         downlink=downlink,
         down_compressor=down_compressor,
         server_opt=server_opt,
+        clip_norm=clip_norm,
     )
     dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=seed, regression=regression)
     validate_job_data(job, dc, device)

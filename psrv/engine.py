@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from psrv.aggregate import Aggregator, compact, payload_nbytes
+from psrv.aggregate import Aggregator, Overflow, clip, compact, payload_nbytes, payload_peak, peak_abs
 from psrv.algorithms import Algorithm, SelectionView, make_algorithm
 from psrv.bitpack import index_width, packed_size
 from psrv.payload import Payload, payload_bits, to_dense
@@ -120,6 +120,7 @@ class ServerConfig:
     down_compressor: str = ""  # "NAME[:KEY=VALUE,...]": EF21-P's compressed downlink (psrv.replica.DownCompressor)
     transport: str = "stream"  # how workers are told to run rounds: "stream" (one Rounds stream each) | "unary"
     server_opt: str = "sgd"  # "NAME[:KEY=VALUE,...]": the server optimizer (psrv.server_opt), step size options["lr"]
+    clip_norm: float = 0.0  # > 0: each upload's decoded vector is scaled down to this L2 norm at most (see push)
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -128,6 +129,8 @@ class ServerConfig:
             raise ValueError(f"downlink must be one of {', '.join(DOWNLINKS)}, got {self.downlink!r}")
         if self.num_workers < 1 or self.rounds < 0 or self.round_timeout <= 0 or self.max_misses < 1:
             raise ValueError("need num_workers >= 1, rounds >= 0, round_timeout > 0, max_misses >= 1")
+        if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
+            raise ValueError(f"clip_norm must be finite and >= 0 (0: off), got {self.clip_norm!r}")
         if self.broadcast_dtype not in ("float32", "float64"):
             raise ValueError(f"broadcast_dtype must be float32 or float64, got {self.broadcast_dtype!r}")
         algorithm = make_algorithm(self.algorithm, self.options, self.compressor)  # fail early on bad options
@@ -161,7 +164,7 @@ class WorkerState:
 
 @dataclass
 class Report:
-    status: str  # "upload" | "lazy_rule" | "not_selected" | "deadline"
+    status: str  # "upload" | "lazy_rule" | "not_selected" | "deadline" | "rejected" (its upload was not absorbed)
     kind: str = ""
     bits: int = 0
     nbytes: int = 0
@@ -239,6 +242,8 @@ class _OpenRound:
     selected: frozenset[int] | None = None
     reports: dict[int, Report] = field(default_factory=dict)  # by slot
     uploads: dict[int, Payload] = field(default_factory=dict)  # by slot, as received; absorbed in slot order
+    peaks: dict[int, float] = field(default_factory=dict)  # by slot: max |value| of the held uploads
+    rejected: dict[int, str] = field(default_factory=dict)  # slot -> why its upload was not absorbed
     absorbed: int = 0  # slots below this have reported and their uploads are absorbed
     before: np.ndarray | None = None  # the aggregate before this round's first absorption
     relayed: list[tuple[int, Payload]] | None = field(default_factory=list)  # absorbed (slot, payload); None: too big
@@ -442,7 +447,14 @@ class RoundEngine:
     ) -> None:
         """Absorb one upload (a decoded, validated payload of this run's dimension). The engine keeps
         ``payload`` as it is (its arrays must not change afterwards) until it is absorbed: in slot
-        order, as soon as every lower slot has reported (at the latest when the round closes)."""
+        order, as soon as every lower slot has reported (at the latest when the round closes).
+
+        Hostile uploads (README, "Hostile uploads"): a value beyond ``finfo(broadcast_dtype).max /
+        num_workers`` is refused here (INVALID_ARGUMENT); an upload that would take the aggregate
+        past the dtype's max is rejected when absorbed (its report becomes ``rejected``; this call
+        fails with INVALID_ARGUMENT when it is the one that absorbs it). ``clip_norm`` > 0 scales the
+        upload to that L2 norm at most (meant for gradient uploads; for accumulating rules it clips
+        the innovation, which changes the algorithm)."""
         dim = self.dim_for(worker_id)
         if payload.dim != dim:  # absorbed later, maybe in another worker's call: refuse it now
             raise InvalidArgument(f"payload of dimension {payload.dim}, the model has {dim}")
@@ -450,6 +462,11 @@ class RoundEngine:
             raise InvalidArgument("smoothness must be finite and >= 0")
         if payload.kind not in self.algorithm.payload_kinds:
             raise InvalidArgument(f"{self.config.algorithm} does not take {payload.kind} payloads")
+        peak = self._check_range(payload)  # outside the lock: O(d)
+        bits = payload_bits(payload)  # as sent
+        if self.config.clip_norm > 0:
+            payload = clip(payload, self.config.clip_norm)
+            peak = payload_peak(payload)
         payload = compact(payload)  # held as received, integer arrays narrowed (outside the lock)
         # the secant estimate of L_m needs the gradient dense: decoded outside the lock, O(d)
         vector = to_dense(payload) if self.algorithm.tracks_theta_hat else None
@@ -463,11 +480,30 @@ class RoundEngine:
                 w.smoothness = max(w.smoothness, smoothness)
             if s.theta_hat is not None:
                 self._estimate_smoothness(w, vector)
-                s.theta_hat[w.slot] = s.theta
             self._open.uploads[w.slot] = payload
-            w.last_upload = round_
-            self._accept(w, Report("upload", payload.kind, payload_bits(payload), nbytes, loss))
+            self._open.peaks[w.slot] = peak
+            self._accept(w, Report("upload", payload.kind, bits, nbytes, loss))
             self._absorb_reported()
+            if w.slot in self._open.rejected:  # absorbed (and refused) in this call: the worker is told
+                raise InvalidArgument(self._open.rejected[w.slot])
+
+    def _value_limit(self) -> tuple[float, str]:
+        """The largest magnitude an upload's value may have, and why: the model's dtype must hold the
+        sum of every worker's value (``finfo(broadcast_dtype).max / num_workers``)."""
+        dtype, m = np.dtype(self.config.broadcast_dtype), self.config.num_workers
+        top = float(np.finfo(dtype).max)
+        return top / m, f"{dtype.name} max {top:.4g} / {m} workers"
+
+    def _check_range(self, payload: Payload) -> float:
+        """INVALID_ARGUMENT for an upload with a value the model's dtype could not hold (finite
+        values of 1e300 in FLOAT64, or float32 values near its max that sum past it)."""
+        limit, why = self._value_limit()
+        peak = payload_peak(payload)
+        if not peak <= limit:
+            raise InvalidArgument(
+                f"upload value of magnitude {peak:.4g} exceeds the limit {limit:.4g} ({why}): the model cannot hold it"
+            )
+        return peak
 
     def skip(self, worker_id: str, round_: int, reason: str, loss: float | None = None, nbytes: int = 0) -> None:
         """Record a skip notice: the worker's stored contribution stands in for it."""
@@ -483,12 +519,25 @@ class RoundEngine:
         """Absorb the round's uploads in slot order (a fixed summation order: same seed, same bits),
         each as soon as every lower slot has reported, so at most the uploads waiting behind a slot
         that has not reported yet are held. Call with the lock held."""
-        o, agg = self._open, self.state.aggregator
+        o, s = self._open, self.state
+        agg = s.aggregator
+        limit = float(np.finfo(np.dtype(self.config.broadcast_dtype)).max)
         while o.absorbed in o.reports:
             upload = o.uploads.pop(o.absorbed, None)
+            if upload is not None and self._updates_possible and o.before is None:
+                o.before = agg.total.copy()  # to find what changed (the downlink's exact update)
+            if upload is not None:
+                try:
+                    agg.add(o.absorbed, upload, limit, o.peaks.pop(o.absorbed, None))  # refused whole, or absorbed
+                except Overflow as exc:
+                    self._reject(o.absorbed, str(exc))
+                    upload = None
+                else:
+                    w = next(w for w in s.workers.values() if w.slot == o.absorbed)
+                    w.last_upload = s.round
+                    if s.theta_hat is not None:
+                        s.theta_hat[w.slot] = s.theta  # theta is the round's until the close
             if upload is not None and self._updates_possible:
-                if o.before is None:
-                    o.before = agg.total.copy()  # to find what changed (the downlink's exact update)
                 if o.relayed is not None and agg.absorb == "accumulate":
                     # kept for relaying while that could be the cheapest update (below the aggregate's 8d)
                     o.relay_bytes += o.reports[o.absorbed].nbytes
@@ -496,9 +545,16 @@ class RoundEngine:
                     o.relayed.append((o.absorbed, upload))
                     if max(o.relay_bytes, o.relay_memory) > 8 * agg.total.size:
                         o.relayed = None
-            if upload is not None:
-                agg.add(o.absorbed, upload)
             o.absorbed += 1
+
+    def _reject(self, slot: int, why: str) -> None:
+        """An upload that would make the aggregate overflow the model's dtype: not absorbed; its
+        report becomes ``rejected`` and the worker's stored contribution stands, as for a skip."""
+        w = next(w for w in self.state.workers.values() if w.slot == slot)
+        msg = f"upload of worker {w.worker_id!r} in round {self.state.round} rejected: {why} (the model's dtype max)"
+        log.warning("%s", msg)
+        self._open.reports[slot].status = "rejected"
+        self._open.rejected[slot] = msg
 
     # ------------------------------------------------------------------ rounds
     def _publish(self, round_: int, done: bool = False) -> None:
@@ -705,6 +761,7 @@ class RoundEngine:
         self._record_change(self._open.before, ordered)
         self._open.before = self._open.relayed = None
         step_sq, s.opt_state = take_step(s.theta, s.aggregator.total, self.opt, s.opt_state)  # what every replica does
+        self._check_model(k)
         s.history.push(step_sq)
         got = [reports[w.slot] for w in ordered]
         losses = [r.loss for r in got if r.loss is not None]
@@ -713,6 +770,7 @@ class RoundEngine:
             "uploads": sum(r.status == "upload" for r in got),
             "skips": sum(r.status in SKIP_REASONS for r in got),
             "deadline_misses": sum(r.status == "deadline" for r in got),
+            "rejected": sum(r.status == "rejected" for r in got),
             "payload_bits": sum(r.bits for r in got),
             "bytes_up": sum(r.nbytes for r in got),
             "bytes_down": sum(self._open.down.values()),
@@ -729,6 +787,22 @@ class RoundEngine:
                 for w, r in zip(ordered, got, strict=True)
             ],
         }
+
+    def _check_model(self, k: int) -> None:
+        """The last line of defence: a model the broadcast dtype cannot hold is never published.
+        Every upload was range-checked and the aggregate is kept within the dtype's max, so only a
+        run whose steps add up past it (or a server optimizer's state gone bad) gets here; the run
+        fails with the reason (every waiting call gets ABORTED). Lock held; O(d) time, no copy."""
+        s = self.state
+        top = float(np.finfo(np.dtype(self.config.broadcast_dtype)).max)
+        if not peak_abs(s.theta) <= top:  # NaN fails too
+            s.phase = "failed"
+            s.error = (
+                f"round {k}: the model left the {self.config.broadcast_dtype} range (|theta| > {top:.4g} or NaN); "
+                "it is not published"
+            )
+            self._cond.notify_all()
+            raise RuntimeError(s.error)
 
     def summary(self) -> dict[str, Any]:
         """Totals over the rounds so far (the transport adds the bytes it counted)."""

@@ -94,6 +94,7 @@ class JobConfig:
     down_compressor: str = ""
     transport: str = "stream"
     server_opt: str = "sgd"
+    clip_norm: float = 0.0  # > 0: the server clips each upload to this L2 norm
 
     def algorithm_options(self) -> dict[str, float]:
         return {"lr": self.lr, **self.options}
@@ -120,6 +121,7 @@ class JobConfig:
             down_compressor=self.down_compressor,
             transport=self.transport,
             server_opt=self.server_opt,
+            clip_norm=self.clip_norm,
             **extra,
         )
 
@@ -155,6 +157,8 @@ class JobConfig:
             args += ["--transport", self.transport]
         if self.server_opt != "sgd":
             args += ["--server-opt", self.server_opt]
+        if self.clip_norm:
+            args += ["--clip-norm", repr(self.clip_norm)]
         for k, v in self.options.items():
             args += ["-o", f"{k}={v!r}"]
         for k, v in self.task_options.items():
@@ -266,6 +270,7 @@ def jobs(
     down_compressor: str = "",
     transport: str = "stream",
     server_opt: str = "sgd",
+    clip_norm: float = 0.0,
 ) -> list[JobConfig]:
     """One :class:`JobConfig` per algorithm from the parsed job options (``ValueError`` on a bad
     option). The task defaults to the one a built-in data set is made for, else logreg."""
@@ -295,6 +300,7 @@ def jobs(
             down_compressor=down_compressor,
             transport=transport,
             server_opt=server_opt,
+            clip_norm=clip_norm,
         )
         job.server_config()  # every bad option fails before anything runs (a bad --down-compressor, --server-opt too)
         make_algorithm(name, job.algorithm_options(), compressor)  # every bad option fails before anything runs
@@ -381,6 +387,17 @@ JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
         help="Server optimizer applied to the aggregate, with --lr as its step size: sgd, momentum[:momentum=0.9], "
         "adam[:beta1=0.9,beta2=0.999,eps=1e-8,bias_correction=1], adamw[:...,weight_decay=0.01] "
         "(Reddi et al., ICLR 2021), e.g. adam:beta2=0.99.",
+    ),
+    "clip_norm": click.option(
+        "--clip-norm",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
+        metavar="C",
+        help="Server-side defence: scale each upload down to L2 norm C at most before absorbing it (0: off). "
+        "Meant for gradient uploads (gd, sgd, topk-ef, lag-wk, lasg, sasg, lag-ps); for accumulating rules "
+        "(laq, slaq, ef21, riag, ciag) it clips the innovation, so the server's sum leaves the workers' own "
+        "state: a different algorithm.",
     ),
     "transport": click.option(
         "--transport",
