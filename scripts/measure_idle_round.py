@@ -117,23 +117,15 @@ def capture_run(code: Path, out: Path, rounds: int, workers: int, timeout: float
         server = subprocess.Popen(
             [
                 *inns,
-                *psrv_cmd(
-                    "start-server",
-                    "--algorithm",
+                *server_cmd(
                     "laq",
-                    "--workers",
-                    str(workers),
-                    "--rounds",
-                    str(rounds),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(PORT),
-                    "--metrics",
-                    str(out / "metrics.jsonl"),
+                    workers,
+                    rounds,
+                    PORT,
+                    out / "metrics.jsonl",
+                    transport,
                     "--summary-json",
                     str(out / "summary.json"),
-                    *(["--transport", transport] if transport else []),
                 ),
             ],
             cwd=code,
@@ -369,6 +361,19 @@ def py_spy() -> str | None:
     return found if Path(found).exists() else None
 
 
+def server_cmd(
+    algorithm: str, workers: int, rounds: int, port: int, metrics: Path, transport: str | None, *extra: str
+) -> list[str]:
+    """``psrv start-server`` on 127.0.0.1:``port`` (``transport`` None: the server's default)."""
+    return psrv_cmd(
+        "start-server",
+        *("--algorithm", algorithm, "--workers", str(workers), "--rounds", str(rounds)),
+        *("--host", "127.0.0.1", "--port", str(port), "--metrics", str(metrics)),
+        *(["--transport", transport] if transport else []),
+        *extra,
+    )
+
+
 def local_run(
     algorithm: str,
     workers: int,
@@ -385,25 +390,7 @@ def local_run(
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     metrics = out / "metrics.jsonl"
-    procs = {
-        "server": psrv_cmd(
-            "start-server",
-            "--algorithm",
-            algorithm,
-            "--workers",
-            str(workers),
-            "--rounds",
-            str(rounds),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics",
-            str(metrics),
-            "--transport",
-            transport,
-        )
-    }
+    procs = {"server": server_cmd(algorithm, workers, rounds, port, metrics, transport)}
     for i in range(workers):
         procs[f"w{i}"] = psrv_cmd(
             "start-worker",
