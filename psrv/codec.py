@@ -306,12 +306,20 @@ def upload_to_wire(
     if p.kind != "dense" or zstd or not p.values.size:
         msg = upload_to_proto(worker_id, round_, local_loss, p, zstd, smoothness)
         return stream.Serialized(msg.SerializeToString())
-    code = _values_code(p.values, p.value_format)
-    values = np.ascontiguousarray(p.values, dtype=_NP_OF_DTYPE.get(code, np.dtype("<u2")))  # little-endian
+    field, raw = _dense_field(_DENSE_TAG, p.values, p.value_format)
+    head = _push_request(worker_id, round_, local_loss, smoothness).SerializeToString()
+    return stream.Serialized(head + field, raw)
+
+
+def _dense_field(tag: bytes, arr: np.ndarray, value_format: str) -> tuple[bytes, memoryview]:
+    """A DenseTensor field (``tag``) of ``arr`` serialized as protobuf would, split in two: every
+    byte before the values (tag, length, dtype, shape, the data field's tag and length), and the
+    values themselves as a little-endian view of the array (copied only if not already so)."""
+    code = _values_code(arr, value_format)
+    values = np.ascontiguousarray(arr, dtype=_NP_OF_DTYPE.get(code, np.dtype("<u2")))  # little-endian
     raw = memoryview(values).cast("B")
     tensor = pb.DenseTensor(dtype=code, shape=values.shape).SerializeToString() + _DATA_TAG + stream.varint(raw.nbytes)
-    head = _push_request(worker_id, round_, local_loss, smoothness).SerializeToString()
-    return stream.Serialized(head + _DENSE_TAG + stream.varint(len(tensor) + raw.nbytes) + tensor, raw)
+    return tag + stream.varint(len(tensor) + raw.nbytes) + tensor, raw
 
 
 def _unzstd(msg: pb.ZstdPayload, dim: int) -> tuple[str, Any]:
@@ -507,10 +515,7 @@ def broadcast_to_wire(b: Broadcast) -> bytes:
     ``params`` (2), then the rest. Every other form is serialized by protobuf."""
     if b.form != "dense" or not b.params.size:
         return broadcast_to_proto(b).SerializeToString()
-    code = _values_code(b.params, "")
-    values = np.ascontiguousarray(b.params, dtype=_NP_OF_DTYPE.get(code, np.dtype("<u2")))
-    raw = memoryview(values).cast("B")
-    tensor = pb.DenseTensor(dtype=code, shape=values.shape).SerializeToString() + _DATA_TAG + stream.varint(raw.nbytes)
+    field, raw = _dense_field(_PARAMS_TAG, b.params, "")
     msg = _broadcast_header(b)
     msg.recent_step_sq.extend(b.recent_step_sq)
     head = pb.GetModelResponse(round=b.round).SerializeToString()
@@ -518,7 +523,7 @@ def broadcast_to_wire(b: Broadcast) -> bytes:
     if not rest.startswith(head):
         raise CodecError("broadcast_to_wire: protobuf did not write `round` first")
     tail = rest[len(head) :]
-    return b"".join((head, _PARAMS_TAG, stream.varint(len(tensor) + raw.nbytes), tensor, raw, tail))
+    return b"".join((head, field, raw, tail))
 
 
 def change_to_proto(change: AggregateChange, msg: pb.StateUpdate, zstd: bool = False) -> None:
