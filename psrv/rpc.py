@@ -107,8 +107,19 @@ def _rounds_part(data: bytes, msg_type: type, oneof: str, raw: int, piece: int) 
     return Part(kind, body)
 
 
+def _field_number(msg_type: type, name: str) -> int:
+    return msg_type.DESCRIPTOR.fields_by_name[name].number
+
+
+#: field numbers of the Rounds messages' oneofs
+PUSH, PUSH_PIECE = _field_number(pb.RoundsRequest, "push"), _field_number(pb.RoundsRequest, "push_piece")
+RESPONSE_MODEL, RESPONSE_MODEL_PIECE, RESPONSE_REJECTED = (
+    _field_number(pb.RoundsResponse, name) for name in ("model", "model_piece", "rejected")
+)
+
+
 def _parse_rounds_request(data: bytes) -> Received:
-    return Received(_rounds_part(data, pb.RoundsRequest, "request", raw=3, piece=4), len(data))
+    return Received(_rounds_part(data, pb.RoundsRequest, "request", raw=PUSH, piece=PUSH_PIECE), len(data))
 
 
 def _request_parser(method: str, msg_type: type, raw: Collection[str]) -> Callable[[bytes], Received]:
@@ -222,6 +233,10 @@ class CountingStub:
         self.model_dim = reply.config.dim
         return reply
 
+    def model_limit(self) -> int:
+        """The largest broadcast this client reassembles from pieces (for the registered model)."""
+        return stream.limit_for(self.model_dim) if self.model_dim else stream.MAX_MESSAGE
+
     def GetModel(self, request: pb.GetModelRequest, **kwargs: Any) -> pb.GetModelResponse:
         if 4 * self.model_dim > self.stream_above:
             return self.GetModelStream(request, **kwargs)
@@ -243,8 +258,7 @@ class CountingStub:
         if request.HasField("replica_round"):
             stream_request.replica_round = request.replica_round
         data = stream_request.SerializeToString()
-        limit = stream.limit_for(self.model_dim) if self.model_dim else stream.MAX_MESSAGE
-        whole = stream.Reassembler(limit, "GetModelStream")
+        whole = stream.Reassembler(self.model_limit(), "GetModelStream")
 
         def receive() -> memoryview:
             for piece in self._calls["GetModelStream"](data, **kwargs):
@@ -287,12 +301,7 @@ class CountingStub:
 
 
 def _parse_rounds_response(data: bytes) -> Part:
-    return _rounds_part(data, pb.RoundsResponse, "response", raw=1, piece=2)
-
-
-#: field numbers of RoundsRequest's oneof, and of RoundsResponse's
-_PUSH, _PUSH_PIECE = 3, 4
-RESPONSE_MODEL, RESPONSE_MODEL_PIECE, RESPONSE_REJECTED = 1, 2, 3
+    return _rounds_part(data, pb.RoundsResponse, "response", raw=RESPONSE_MODEL, piece=RESPONSE_MODEL_PIECE)
 
 
 class RoundStream:
@@ -307,8 +316,7 @@ class RoundStream:
         self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._send(pb.RoundsRequest(open=open_).SerializeToString())
         self._replies = stub._calls["Rounds"](self._requests())
-        limit = stream.limit_for(stub.model_dim) if stub.model_dim else stream.MAX_MESSAGE
-        self._limit = limit
+        self._limit = stub.model_limit()
 
     def _requests(self) -> Iterator[bytes]:
         while (item := self._out.get()) is not None:
@@ -328,10 +336,10 @@ class RoundStream:
     def push(self, upload: stream.Serialized) -> None:
         """Send an upload (a serialized PushRequest), in pieces if it is big."""
         if upload.nbytes > self.stub.stream_above:
-            for piece in stream.pieces(upload, self.stub.chunk, within=_PUSH_PIECE):
+            for piece in stream.pieces(upload, self.stub.chunk, within=PUSH_PIECE):
                 self._send(piece)
         else:
-            self._send(stream.field_bytes(_PUSH, *upload.parts))
+            self._send(stream.field_bytes(PUSH, *upload.parts))
 
     def receive(self) -> tuple[memoryview, pb.RoundsRejected | None]:
         """The next broadcast (a serialized GetModelResponse: decode it with

@@ -8,7 +8,7 @@ bytes of every message it receives and sends. The model broadcast is serialized 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from typing import Any, NamedTuple
 
@@ -82,12 +82,13 @@ class Servicer:
     def _get_model_stream(self, req: rpc.Received, context: grpc.ServicerContext) -> Iterator[bytes]:
         self.counter.add("up", "GetModelStream", req.nbytes)
         data = self._call(self.GetModel, req.msg, req.nbytes, context)
-        return self._counted_pieces(data)
+        return self._counted("GetModelStream", stream.pieces(data, self.chunk))
 
-    def _counted_pieces(self, data: bytes) -> Iterator[bytes]:
-        for piece in stream.pieces(data, self.chunk):
-            self.counter.add("down", "GetModelStream", len(piece))
-            yield piece
+    def _counted(self, method: str, messages: Iterable[bytes]) -> Iterator[bytes]:
+        """``messages`` as they go down, each counted under ``method``."""
+        for data in messages:
+            self.counter.add("down", method, len(data))
+            yield data
 
     def _push_stream(self, requests: Iterator[rpc.Received], context: grpc.ServicerContext) -> bytes:
         nbytes = 0
@@ -141,12 +142,12 @@ class Servicer:
                 continue
             rejected = self._call(self._round_report, (worker_id, k, kind, body, requests), report.nbytes, context)
             if rejected is not None:
-                yield self._counted_reply(rpc.RESPONSE_REJECTED, pb.RoundsRejected(round=k, reason=rejected))
+                msg = pb.RoundsRejected(round=k, reason=rejected).SerializeToString()
+                yield from self._counted("Rounds", (stream.field_bytes(rpc.RESPONSE_REJECTED, msg),))
             k += 1
 
-    def _next_part(self, requests: Iterator[rpc.Received]) -> Any:
-        """The next message of a Rounds stream as a :class:`psrv.rpc.Part` with its size in
-        ``nbytes`` (an attribute of the returned tuple's Received), or None at its end."""
+    def _next_part(self, requests: Iterator[rpc.Received]) -> _SizedPart | None:
+        """The next message of a Rounds stream (counted) with its size, or None at its end."""
         received = next(requests, None)
         if received is None:
             return None
@@ -167,45 +168,32 @@ class Servicer:
     def _model_messages(self, data: bytes) -> Iterator[bytes]:
         """A broadcast as RoundsResponse messages: one ``model``, or ``model_piece``s when big."""
         if len(data) > self.stream_above:
-            parts = stream.pieces(data, self.chunk, within=rpc.RESPONSE_MODEL_PIECE)
-        else:
-            parts = iter((stream.field_bytes(rpc.RESPONSE_MODEL, data),))
-        for part in parts:
-            self.counter.add("down", "Rounds", len(part))
-            yield part
-
-    def _counted_reply(self, field: int, msg: Any) -> bytes:
-        data = stream.field_bytes(field, msg.SerializeToString())
-        self.counter.add("down", "Rounds", len(data))
-        return data
+            return self._counted("Rounds", stream.pieces(data, self.chunk, within=rpc.RESPONSE_MODEL_PIECE))
+        return self._counted("Rounds", (stream.field_bytes(rpc.RESPONSE_MODEL, data),))
 
     def _round_report(self, args: tuple[Any, ...], nbytes: int, context: Any) -> str | None:
-        """Count one report of a Rounds stream for round ``k``; the reason it was too late, or None."""
+        """Count one report of a Rounds stream for round ``k`` through the unary calls' code (worker
+        and round implied by the stream); the reason it was too late, or None."""
         worker_id, k, kind, body, requests = args
-        if kind == "skip":
-            report = lambda: self.engine.skip(  # noqa: E731
-                worker_id, k, codec.skip_reason_from_proto(body),
-                body.local_loss if body.HasField("local_loss") else None, nbytes,
-            )  # fmt: skip
-        elif kind in ("push", "push_piece"):
-            if kind == "push_piece":
-                body, nbytes = self._rest_of_upload(body, nbytes, requests)
-            upload = codec.WireUpload(body)
-            req = upload.request
-            if (req.worker_id and req.worker_id != worker_id) or (req.round and req.round != k):
-                raise codec.CodecError(
-                    f"Rounds: an upload for worker {req.worker_id!r} round {req.round} on the stream of "
-                    f"worker {worker_id!r} in round {k}"
-                )
-            payload = upload.payload(self.engine.dim_for(worker_id))
-            smoothness = codec.upload_smoothness(req)
-            report = lambda: self.engine.push(worker_id, k, payload, req.local_loss, smoothness, nbytes)  # noqa: E731
-        elif kind == "error":
-            raise body
-        else:
-            raise codec.CodecError(f"Rounds: expected this round's report (skip, push or resync), got `{kind}`")
         try:
-            report()
+            if kind == "skip":
+                self._skip(worker_id, k, body, nbytes)
+            elif kind in ("push", "push_piece"):
+                if kind == "push_piece":
+                    body, nbytes = self._rest_of_upload(body, nbytes, requests)
+                upload = codec.WireUpload(body)
+                req = upload.request
+                if (req.worker_id and req.worker_id != worker_id) or (req.round and req.round != k):
+                    raise codec.CodecError(
+                        f"Rounds: an upload for worker {req.worker_id!r} round {req.round} on the stream of "
+                        f"worker {worker_id!r} in round {k}"
+                    )
+                req.worker_id, req.round = worker_id, k
+                self._push(upload, nbytes, context)
+            elif kind == "error":
+                raise body
+            else:
+                raise codec.CodecError(f"Rounds: expected this round's report (skip, push or resync), got `{kind}`")
         except FailedPrecondition as exc:
             return str(exc)
         return None
@@ -247,10 +235,12 @@ class Servicer:
         return pb.PushResponse(round=req.round)
 
     def Skip(self, req: pb.SkipRequest, nbytes: int, context: Any) -> pb.SkipResponse:
-        reason = codec.skip_reason_from_proto(req)
-        loss = req.local_loss if req.HasField("local_loss") else None
-        self.engine.skip(req.worker_id, req.round, reason, loss, nbytes)
+        self._skip(req.worker_id, req.round, req, nbytes)
         return pb.SkipResponse(round=req.round)
+
+    def _skip(self, worker_id: str, round_: int, req: pb.SkipRequest | pb.RoundsSkip, nbytes: int) -> None:
+        loss = req.local_loss if req.HasField("local_loss") else None
+        self.engine.skip(worker_id, round_, codec.skip_reason_from_proto(req), loss, nbytes)
 
 
 class _SizedPart(NamedTuple):
