@@ -5,7 +5,8 @@ registered in pyproject.toml."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -25,3 +26,31 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_harness() -> Iterator[Callable[..., Any]]:
+    """``make(**ServerConfig options)``: a real server on port 0 and a raw client whose rounds the
+    test drives by hand (:class:`tests.test_server.Harness`); every one made is closed at the end.
+    Defaults: 3 rounds, no deadline passing while a loaded machine runs the test's calls (the
+    deadline tests set their own round_timeout), round 0 at once, the dense downlink (these tests
+    read theta from plain broadcasts; replicas: test_replica, test_rounds_stream)."""
+    from psrv import rpc
+    from psrv.server import ServerConfig
+    from tests.test_server import Harness
+
+    made: list[Harness] = []
+
+    def make(max_message_bytes: int = rpc.MAX_MESSAGE_BYTES, **config: Any) -> Harness:
+        config.setdefault("rounds", 3)
+        config.setdefault("round_timeout", 30.0)
+        config.setdefault("register_timeout", 10.0)
+        config.setdefault("start_timeout", 0.0)
+        config.setdefault("downlink", "dense")
+        h = Harness(ServerConfig(**config), max_message_bytes)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()

@@ -7,37 +7,18 @@ with the status the unary calls would give, leaving the model untouched."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import grpc
 import numpy as np
-import pytest
 
 from psrv import codec, rpc, stream
 from psrv.payload import dense
 from psrv.replica import state_digest
-from psrv.server import ServerConfig
 from psrv.v1 import psrv_pb2 as pb
 from tests.test_server import DIM, RPC_TIMEOUT, Harness, expect_status
 
 Code = grpc.StatusCode
-
-
-@pytest.fixture
-def make_harness() -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
-
-    def make(**config: Any) -> Harness:
-        config.setdefault("round_timeout", 30.0)
-        config.setdefault("register_timeout", 10.0)
-        config.setdefault("start_timeout", 0.0)
-        made.append(Harness(ServerConfig(**config)))
-        return made[-1]
-
-    yield make
-    for h in made:
-        h.close()
 
 
 class _Stream:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -106,27 +106,6 @@ class Harness:
 
     def skip(self, worker_id: str, round_: int, reason: str = "lazy_rule") -> pb.SkipResponse:
         return self.stub.Skip(codec.skip_to_proto(worker_id, round_, reason, 1.0), timeout=RPC_TIMEOUT)
-
-
-@pytest.fixture
-def make_harness() -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
-
-    def make(max_message_bytes: int = rpc.MAX_MESSAGE_BYTES, **config: Any) -> Harness:
-        config.setdefault("rounds", 3)
-        # rounds are driven by hand: no deadline may pass while a loaded machine runs the test's
-        # calls (the deadline tests set their own round_timeout)
-        config.setdefault("round_timeout", 30.0)
-        config.setdefault("register_timeout", 10.0)
-        config.setdefault("start_timeout", 0.0)  # rounds are driven by hand: start round 0 at once
-        config.setdefault("downlink", "dense")  # these tests read theta from plain broadcasts (replicas: test_replica)
-        h = Harness(ServerConfig(**config), max_message_bytes)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
 
 
 def expect_status(code: grpc.StatusCode, *fragments: str) -> Any:

@@ -8,8 +8,7 @@ Small models are streamed by giving the client stub tiny thresholds; one slow te
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import grpc
 import numpy as np
@@ -17,7 +16,6 @@ import pytest
 
 from psrv import codec, rpc, stream
 from psrv.payload import dense
-from psrv.server import ServerConfig
 from psrv.v1 import psrv_pb2 as pb
 from tests.test_server import DIM, RPC_TIMEOUT, Harness, expect_status
 
@@ -148,24 +146,6 @@ def test_limit_is_16_bytes_per_parameter_and_below_protobufs() -> None:
 
 
 # ============================================================================ through a server
-
-
-@pytest.fixture
-def make_harness() -> Iterator[Callable[..., Harness]]:
-    """tests/test_server.py's harness: a real server and a raw client, rounds driven by hand."""
-    made: list[Harness] = []
-
-    def make(**config: Any) -> Harness:
-        config.setdefault("round_timeout", 30.0)
-        config.setdefault("register_timeout", 10.0)
-        config.setdefault("start_timeout", 0.0)
-        config.setdefault("downlink", "dense")  # as tests/test_server.py's harness
-        made.append(Harness(ServerConfig(**config)))
-        return made[-1]
-
-    yield make
-    for h in made:
-        h.close()
 
 
 def _streaming(h: Harness, chunk: int = 7) -> None:
