@@ -6,8 +6,7 @@ effect; a model the dtype cannot hold is never published."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -17,29 +16,10 @@ from psrv.aggregate import Aggregator, Overflow, clip, payload_peak
 from psrv.compress.laq import quantize
 from psrv.engine import RoundEngine, ServerConfig
 from psrv.payload import Payload, dense, sparse, to_dense
-from psrv.server import ServerConfig as GrpcServerConfig
 from psrv.v1 import psrv_pb2 as pb
 from tests.test_server import DIM, RPC_TIMEOUT, Code, Harness, _grad, expect_status
 
 F32_MAX = float(np.finfo(np.float32).max)
-
-
-@pytest.fixture
-def make_harness() -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
-
-    def make(**config: Any) -> Harness:
-        config.setdefault("rounds", 3)
-        config.setdefault("round_timeout", 30.0)  # rounds are driven by hand
-        config.setdefault("register_timeout", 10.0)
-        config.setdefault("start_timeout", 0.0)
-        config.setdefault("downlink", "dense")  # theta read from plain broadcasts
-        made.append(Harness(GrpcServerConfig(**config)))
-        return made[-1]
-
-    yield make
-    for h in made:
-        h.close()
 
 
 def _sparse_f64(worker: str, round_: int, index: int, value: float) -> pb.PushRequest:
