@@ -286,6 +286,7 @@ class RoundEngine:
         self._down = DownCompressor(config.down_compressor) if config.down_compressor else None
         # exact updates can go out: only then is each round's change worked out (a copy of the aggregate)
         self._updates_possible = self._down is None and config.downlink != "dense"
+        self._dtype_max = float(np.finfo(np.dtype(config.broadcast_dtype)).max)  # what the model can hold
         self._sink = sink
         self._encode = encode or (lambda b: b)
         self._cond = threading.Condition()
@@ -490,8 +491,7 @@ class RoundEngine:
     def _value_limit(self) -> tuple[float, str]:
         """The largest magnitude an upload's value may have, and why: the model's dtype must hold the
         sum of every worker's value (``finfo(broadcast_dtype).max / num_workers``)."""
-        dtype, m = np.dtype(self.config.broadcast_dtype), self.config.num_workers
-        top = float(np.finfo(dtype).max)
+        dtype, m, top = np.dtype(self.config.broadcast_dtype), self.config.num_workers, self._dtype_max
         return top / m, f"{dtype.name} max {top:.4g} / {m} workers"
 
     def _check_range(self, payload: Payload) -> float:
@@ -521,19 +521,19 @@ class RoundEngine:
         that has not reported yet are held. Call with the lock held."""
         o, s = self._open, self.state
         agg = s.aggregator
-        limit = float(np.finfo(np.dtype(self.config.broadcast_dtype)).max)
         while o.absorbed in o.reports:
             upload = o.uploads.pop(o.absorbed, None)
             if upload is not None and self._updates_possible and o.before is None:
                 o.before = agg.total.copy()  # to find what changed (the downlink's exact update)
             if upload is not None:
                 try:
-                    agg.add(o.absorbed, upload, limit, o.peaks.pop(o.absorbed, None))  # refused whole, or absorbed
+                    # refused whole, or absorbed
+                    agg.add(o.absorbed, upload, self._dtype_max, o.peaks.pop(o.absorbed, None))
                 except Overflow as exc:
                     self._reject(o.absorbed, str(exc))
                     upload = None
                 else:
-                    w = next(w for w in s.workers.values() if w.slot == o.absorbed)
+                    w = self._worker_at(o.absorbed)
                     w.last_upload = s.round
                     if s.theta_hat is not None:
                         s.theta_hat[w.slot] = s.theta  # theta is the round's until the close
@@ -550,7 +550,7 @@ class RoundEngine:
     def _reject(self, slot: int, why: str) -> None:
         """An upload that would make the aggregate overflow the model's dtype: not absorbed; its
         report becomes ``rejected`` and the worker's stored contribution stands, as for a skip."""
-        w = next(w for w in self.state.workers.values() if w.slot == slot)
+        w = self._worker_at(slot)
         msg = f"upload of worker {w.worker_id!r} in round {self.state.round} rejected: {why} (the model's dtype max)"
         log.warning("%s", msg)
         self._open.reports[slot].status = "rejected"
@@ -697,6 +697,9 @@ class RoundEngine:
         )
         return frozenset(self.algorithm.select(view, s.rng))
 
+    def _worker_at(self, slot: int) -> WorkerState:
+        return next(w for w in self.state.workers.values() if w.slot == slot)
+
     def _ordered(self) -> list[WorkerState]:
         return sorted(self.state.workers.values(), key=lambda w: w.slot)
 
@@ -794,7 +797,7 @@ class RoundEngine:
         run whose steps add up past it (or a server optimizer's state gone bad) gets here; the run
         fails with the reason (every waiting call gets ABORTED). Lock held; O(d) time, no copy."""
         s = self.state
-        top = float(np.finfo(np.dtype(self.config.broadcast_dtype)).max)
+        top = self._dtype_max
         if not peak_abs(s.theta) <= top:  # NaN fails too
             s.phase = "failed"
             s.error = (
