@@ -94,9 +94,7 @@ def piece_bytes(offset: int, total_size: int, *data: bytes | memoryview, within:
     if offset:
         head += bytes((_OFFSET,)) + varint(offset)
     head += bytes((_TOTAL,)) + varint(total_size) + bytes((_DATA,)) + varint(size)
-    if within:
-        head = bytearray(varint(within << 3 | 2) + varint(len(head) + size)) + head
-    return b"".join((head, *data))
+    return field_bytes(within, head, *data) if within else b"".join((head, *data))
 
 
 def read_varint(data: memoryview, i: int) -> tuple[int, int]:
