@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 from psrv import __version__, report
 from psrv.files import atomic_save_npy, atomic_write_json
 from psrv.metrics import MetricsSink
-from psrv.options import DataConfig, worker_argv
+from psrv.options import DataConfig, worker_argv, worker_ids
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.tasks import make_task
 
@@ -32,7 +32,7 @@ def config_manifest(config: ServerConfig, dc: DataConfig | None) -> dict[str, An
     algo = make_algorithm(config.algorithm, config.options, config.compressor)
     return {
         "psrv_version": __version__,
-        "server": asdict(config),
+        "server": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},  # as JSON has it
         "algorithm_options": resolved_options(algo),
         "compressor": algo.compressor_name,
         "task_options": {**task_option_defaults(config.task), **config.task_options},
@@ -108,11 +108,25 @@ def run_local(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(config.task, dict(config.task_options), dc, device)
+    # the server owns the job: the shape of the data it loaded, and the ids of the workers it starts
+    config = replace(
+        config,
+        task_shape=config.task_shape or (evaluator.train.n_features, evaluator.train.n_classes),
+        worker_ids=config.worker_ids or tuple(worker_ids(config.num_workers)),
+    )
+    costs = [report.CostToReach(key, target) for key, target in (targets or {}).items()]
+
+    def round_closed(record: dict[str, Any]) -> None:
+        for cost in costs:  # worked out as rounds close: the server keeps only the last few records
+            cost.add(record)
+        if on_round is not None:
+            on_round(record)
+
     sink = MetricsSink(
         out / "metrics.jsonl",
         evaluator=evaluator if eval_every > 0 else None,
         eval_every=eval_every,
-        on_round=on_round,
+        on_round=round_closed,
         overwrite=True,  # the run folder is this command's: a reused --out is replaced (see README)
     )
     ps = ParameterServer(config, sink)
@@ -131,8 +145,8 @@ def run_local(
         summary = ps.run()
         atomic_save_npy(out / "model.npy", ps.theta)
         summary.update(evaluator.final(ps.theta))
-        for key, target in (targets or {}).items():
-            summary[f"to_{key}"] = report.cost_to_reach(ps.records, key, target)
+        for cost in costs:
+            summary[f"to_{cost.key}"] = cost.reached
         summary["config"] = config_manifest(config, dc)
         summary["worker_exit_codes"] = [p.wait(timeout=30) for p in procs]
         return summary
