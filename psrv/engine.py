@@ -374,7 +374,7 @@ class RoundEngine:
         if config.task_shape is not None:  # the server owns the shape: the model exists before anyone registers
             try:
                 self._init_model(tuple(config.task_shape))
-            except InvalidArgument as exc:
+            except EngineError as exc:
                 raise ValueError(str(exc)) from None
 
     # ------------------------------------------------------------------ views
