@@ -373,7 +373,7 @@ class RoundEngine:
         self._allowed = frozenset(config.worker_ids)
         if config.task_shape is not None:  # the server owns the shape: the model exists before anyone registers
             try:
-                self._init_model(tuple(config.task_shape))
+                self._init_model(tuple(config.task_shape), bounded=False)  # the operator's choice: no --max-dim
             except EngineError as exc:
                 raise ValueError(str(exc)) from None
 
@@ -482,11 +482,12 @@ class RoundEngine:
         if worker_id in self.refused or len(self.refused) < _REFUSED_KEPT:
             self.refused[worker_id] = why
 
-    def _init_model(self, shape: tuple[int, int]) -> None:
-        """Make the model for ``shape``, refusing (RESOURCE_EXHAUSTED) one of more than ``max_dim``
-        parameters before allocating it: the shape is bounded first (F x C), then the task's own size."""
+    def _init_model(self, shape: tuple[int, int], bounded: bool = True) -> None:
+        """Make the model for ``shape``. ``bounded`` (a shape a registration brings): refuse
+        (RESOURCE_EXHAUSTED) one of more than ``max_dim`` parameters before allocating it, the shape
+        first (F x C), then the task's own size."""
         cfg, s = self.config, self.state
-        top = cfg.max_dim
+        top = cfg.max_dim if bounded else math.inf
         if shape[0] * max(shape[1], 1) > top:
             raise ResourceExhausted(
                 f"a model for {shape[0]} features x {shape[1]} classes exceeds the limit of {top} parameters "

@@ -554,7 +554,7 @@ SERVER_OPTIONS: dict[str, Callable[[Any], Any]] = {
         type=click.IntRange(min=1),
         default=10_000_000,
         show_default=True,
-        help="Largest model (parameters) the server makes; bounds a shape fixed by the first registration.",
+        help="Largest model (parameters) a first registration may make the server allocate (without --data/--shape).",
     ),
     "worker_ids": click.option(
         "--worker-ids",

@@ -63,11 +63,15 @@ def test_a_shape_fixed_by_the_first_registration_is_bounded_by_max_dim(make_harn
         tracemalloc.stop()
     assert peak < 8 << 20
     assert h.ps.theta is None and h.ps.engine.state.aggregator is None  # nothing was made
-    # the task's own size counts too: an mlp of 4 x 3 with 200 hidden units has more than 1000 parameters
-    with pytest.raises(ValueError, match="--max-dim"):
-        RoundEngine(ServerConfig(task="mlp", task_options={"hidden": 200}, task_shape=(4, 3), max_dim=1000))
     h.register("w0")  # a fitting registration still fixes the shape
     assert h.ps.theta.size == DIM
+    # the task's own size counts too: an mlp of 4 x 3 with 200 hidden units has more than 1000 parameters
+    engine = RoundEngine(ServerConfig(task="mlp", task_options={"hidden": 200}, max_dim=1000))
+    with pytest.raises(EngineError, match="1603 parameters, more than the limit of 1000 \\(--max-dim\\)"):
+        engine.register("w0", 10, 4, 3)
+    assert engine.state.theta is None
+    # a shape the server is configured with is the operator's choice: --max-dim bounds registrations only
+    assert RoundEngine(ServerConfig(task_shape=(2000, 10), max_dim=1000)).dim == 20010
 
 
 def test_a_worker_refused_for_its_shape_is_named_when_registration_times_out() -> None:
