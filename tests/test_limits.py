@@ -305,3 +305,42 @@ def test_records_are_not_kept_and_the_totals_equal_the_metrics_file(tmp_path: Pa
     assert summary["upload_bytes"] == sum(r["bytes_up"] for r in lines)
     assert summary["wall_time"] == lines[-1]["elapsed"] and summary["last_round_loss"] == lines[-1]["loss"]
     assert [r["round"] for r in engine.state.records] == list(range(rounds - tail, rounds))
+
+
+def test_a_declared_huge_message_is_refused_at_its_length_prefix() -> None:
+    """Raw HTTP/2 (h2): a Push whose gRPC length prefix declares 500 MB, of which 16 KB are sent, is
+    refused at once with RESOURCE_EXHAUSTED (the fixed 512 MB limit held it open, waiting)."""
+    import struct
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    ps = ParameterServer(ServerConfig(num_workers=1, task_shape=(N_FEATURES, N_CLASSES)))
+    server, port = create_server(ps, "127.0.0.1:0")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            sid = conn.get_next_available_stream_id()
+            headers = [(":method", "POST"), (":scheme", "http"), (":path", f"/{rpc.SERVICE}/Push"),
+                       (":authority", "psrv"), ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
+            conn.send_headers(sid, headers)
+            conn.send_data(sid, b"\x00" + struct.pack(">I", 500 << 20) + b"\x00" * 16000)
+            sock.sendall(conn.data_to_send())
+            status, give_up = None, time.monotonic() + 10
+            while status is None and time.monotonic() < give_up:
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                for event in conn.receive_data(data):
+                    if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                        status = dict(event.headers).get(b"grpc-status", status)
+                sock.sendall(conn.data_to_send())
+        assert status == b"8"  # RESOURCE_EXHAUSTED
+        assert ps.counter.total("up") == 0
+    finally:
+        server.stop(None).wait(5)
