@@ -213,10 +213,13 @@ class Servicer:
         return whole.result(), nbytes
 
     def Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterResponse:
-        index = self.engine.register(req.worker_id, req.num_samples, req.n_features, req.n_classes)
-        return pb.RegisterResponse(
+        index, rejoin = self.engine.register_worker(req.worker_id, req.num_samples, req.n_features, req.n_classes)
+        reply = pb.RegisterResponse(
             worker_index=index, config=codec.run_config_to_proto(self.engine.config, self.engine.dim)
         )
+        if rejoin is not None:  # a restarted worker (or every worker after a resume): what it rebuilds from
+            reply.rejoin.CopyFrom(codec.rejoin_to_proto(rejoin.round, rejoin.contribution))
+        return reply
 
     def GetModel(self, req: pb.GetModelRequest, nbytes: int, context: Any) -> bytes:
         remaining = context.time_remaining() if context is not None else None
@@ -260,10 +263,10 @@ class ParameterServer:
 
     ``sink`` receives every closed round (see :class:`psrv.metrics.MetricsSink`)."""
 
-    def __init__(self, config: ServerConfig, sink: RoundSink | None = None) -> None:
+    def __init__(self, config: ServerConfig, sink: RoundSink | None = None, keep_rows: bool = False) -> None:
         self.config = config
         self.counter = ByteCounter()
-        self.engine = RoundEngine(config, sink=sink, encode=_encode_broadcast)
+        self.engine = RoundEngine(config, sink=sink, encode=_encode_broadcast, keep_rows=keep_rows)
         self.servicer = Servicer(self.engine, self.counter)
         self.algorithm = self.engine.algorithm
         #: the gRPC health service :func:`create_server` attached, if any (see :meth:`_health_done`)

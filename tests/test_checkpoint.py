@@ -1,0 +1,253 @@
+"""Checkpoint and resume (psrv.checkpoint): a saved state restores bit for bit and continues exactly
+as the run it came from; a corrupt, truncated or mismatched checkpoint is a one-line error; replayed,
+stale and future-round uploads leave the model unchanged; rejoin of accumulating rules."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from psrv import checkpoint
+from psrv.checkpoint import Checkpointer, CheckpointError, load
+from psrv.compress.laq import quantize
+from psrv.engine import AlreadyExists, Broadcast, EngineState, FailedPrecondition, RoundEngine, ServerConfig
+from psrv.payload import Payload, dense, sparse
+
+M = 3
+
+# algorithm, extra config: each exercises another part of the state
+CASES = {
+    "gd-adam": ("gd", {"server_opt": "adam"}),  # optimizer moments and beta powers
+    "topk-ef": ("topk-ef", {"options": {"lr": 0.05, "ratio": 0.25}}),  # stored sparse payloads
+    "laq": ("laq", {}),  # accumulating: the running sum and the per-worker rows
+    "riag": ("riag", {"options": {"lr": 0.05, "s": 2}}),  # the engine's rng (random selection)
+    "lag-ps": ("lag-ps", {"options": {"lr": 0.05, "D": 3}}),  # last-upload iterates, history, smoothness
+    "gd-ef21p": ("gd", {"down_compressor": "randk:k=3", "downlink": "auto"}),  # shared model w, rng
+}
+
+
+def _upload(algorithm: str, k: int, m: int, d: int) -> Payload:
+    rng = np.random.default_rng([k, m])
+    g = rng.normal(size=d)
+    if algorithm == "topk-ef":
+        idx = np.sort(rng.choice(d, 3, replace=False))
+        return sparse(d, idx, g[idx].astype(np.float32))
+    if algorithm == "laq":
+        return quantize(g, np.zeros(d), 4)
+    return dense(g.astype(np.float32))
+
+
+class _Saving(Checkpointer):
+    """Keeps a deep copy of the state each time it saves (taken under the same lock)."""
+
+    def save(self) -> Path:
+        path = super().save()
+        self.copies = getattr(self, "copies", {})
+        self.copies[self.engine.state.round] = self.engine.with_state(copy.deepcopy)
+        return path
+
+
+def _engine(algorithm: str, extra: dict[str, Any], sink: Any, rounds: int = 8) -> RoundEngine:
+    cfg = {"round_timeout": 10.0, "done_grace": 0.5, "start_timeout": 0.0, "register_timeout": 0.01,
+           "downlink": "dense", **extra}  # fmt: skip
+    return RoundEngine(ServerConfig(algorithm=algorithm, num_workers=M, rounds=rounds, **cfg), sink, keep_rows=True)
+
+
+def _drive(engine: RoundEngine, algorithm: str, start: int, stop: int) -> dict[str, Any]:
+    """The engine's run in a thread; M scripted workers report rounds start..stop-1 and fetch the final model."""
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.setdefault("summary", engine.run()), daemon=True)
+    thread.start()
+    d = engine.dim
+    for k in range(start, stop):
+        for m in range(M):
+            b = engine.wait_model(f"w{m}", k, timeout=10.0)
+            assert isinstance(b, Broadcast) and b.round == k
+            if b.selected is not None and m not in b.selected:
+                engine.skip(f"w{m}", k, "not_selected")
+            else:
+                engine.push(f"w{m}", k, _upload(algorithm, k, m, d), loss=float(k + m))
+    for m in range(M):
+        engine.wait_model(f"w{m}", stop, timeout=10.0)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and "summary" in out
+    return out["summary"]
+
+
+_TIMING = ("round_time", "elapsed", "slowest_wait")
+
+
+def _same_records(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    strip = [
+        {**{k: v for k, v in r.items() if k not in _TIMING}, "workers": [{**w, "latency": 0} for w in r["workers"]]}
+        for r in (*a, *b)
+    ]
+    assert strip[: len(a)] == strip[len(a) :]
+
+
+def _assert_same_state(x: EngineState, y: EngineState) -> None:
+    assert (x.phase, x.round, tuple(x.task_shape), x.downlink, x.rejoins) == (y.phase, y.round, tuple(y.task_shape),
+                                                                             y.downlink, y.rejoins)  # fmt: skip
+    assert x.workers == y.workers
+    for name in ("theta", "theta_hat", "shared_model"):
+        a, b = getattr(x, name), getattr(y, name)
+        assert (a is None) == (b is None) and (a is None or a.tobytes() == b.tobytes()), name
+    ax, ay = x.aggregator, y.aggregator
+    assert ax.total.tobytes() == ay.total.tobytes() and ax.bound == ay.bound and ax.peaks == ay.peaks
+    assert (ax.rows is None and ay.rows is None) or ax.rows.tobytes() == ay.rows.tobytes()
+    for p, q in zip(ax.payloads, ay.payloads, strict=True):
+        assert (p is None) == (q is None)
+        if p is not None:
+            assert (p.kind, p.dim, p.scale, p.bits, p.value_format) == (q.kind, q.dim, q.scale, q.bits, q.value_format)
+            for f in ("values", "indices", "codes", "signs"):
+                a, b = getattr(p, f), getattr(q, f)
+                assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and a.tobytes() == b.tobytes()))
+    ox, oy = x.opt_state, y.opt_state
+    assert (ox.count, ox.beta1_power, ox.beta2_power) == (oy.count, oy.beta1_power, oy.beta2_power)
+    for a, b in ((ox.m, oy.m), (ox.v, oy.v)):
+        assert (a is None) == (b is None) and (a is None or a.tobytes() == b.tobytes())
+    assert x.history.recent() == y.history.recent()
+    assert x.rng.bit_generator.state == y.rng.bit_generator.state
+    assert list(x.update_costs) == list(y.update_costs)
+    _same_records(x.records, y.records)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_restored_state_is_the_saved_one_and_continues_the_same(case: str, tmp_path: Path) -> None:
+    """Save every 4 rounds of an 8-round run; the state read back from round 3's checkpoint equals the
+    state when it was saved (bit for bit: arrays, optimizer, rng, history, records, clocks), and a new
+    engine restored from it runs rounds 4..7 to the same final state as the uninterrupted run."""
+    algorithm, extra = CASES[case]
+    saving = _Saving(tmp_path / "a", every=4)
+    whole = _engine(algorithm, extra, saving)
+    saving.attach(whole)
+    for m in range(M):
+        whole.register(f"w{m}", 10 + m, 4, 3)
+    summary = _drive(whole, algorithm, 0, 8)
+    first = tmp_path / "first"
+    # the round-3 checkpoint was overwritten at round 7: save it again from the copy to compare
+    (first / checkpoint.FILE).parent.mkdir()
+    data = checkpoint.capture(saving.copies[3], whole.config, None, None, 4)
+    checkpoint.save(first, data)
+    restored = load(first, whole.config)
+    _assert_same_state(restored.state, saving.copies[3])
+    assert restored.state.round == 3 and len(restored.state.records) == 4
+
+    resumed = _engine(algorithm, extra, None)
+    resumed.restore(restored.state)
+    again = _drive(resumed, algorithm, 4, 8)
+    _assert_same_state(resumed.state, whole.state)
+    assert {k: v for k, v in again.items() if k != "wall_time"} == {
+        k: v for k, v in summary.items() if k != "wall_time"
+    }
+    assert [r["round"] for r in resumed.state.records] == list(range(8))  # every round once
+
+
+def _checkpoint(tmp_path: Path, algorithm: str = "gd") -> tuple[Path, ServerConfig]:
+    saving = Checkpointer(tmp_path / "ck", every=2)
+    engine = _engine(algorithm, {}, saving, rounds=6)
+    saving.attach(engine)
+    for m in range(M):
+        engine.register(f"w{m}", 10 + m, 4, 3)
+    _drive(engine, algorithm, 0, 6)
+    cfg = engine.config  # the last save is of the final round, 5: a 10-round run can resume it
+    return tmp_path / "ck", ServerConfig(**{**cfg.__dict__, "rounds": 10})
+
+
+def test_corrupt_truncated_or_mismatched_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
+    ck, cfg = _checkpoint(tmp_path)
+    assert load(ck, cfg).state.round == 5
+    good = (ck / checkpoint.FILE).read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cases = {
+        "truncated": (good[: len(good) // 2], "corrupt or truncated"),
+        "garbage": (b"\x00" * 100, "corrupt or truncated"),
+        "flipped": (good[:-300] + bytes(b ^ 0xFF for b in good[-300:-200]) + good[-200:], "corrupt or truncated"),
+    }
+    mid = len(good) // 2  # inside an array's bytes: the zip CRC catches it
+    cases["bitflip"] = (good[:mid] + bytes([good[mid] ^ 1]) + good[mid + 1 :], "corrupt or truncated")
+    for name, (data, message) in cases.items():
+        (bad / checkpoint.FILE).write_bytes(data)
+        with pytest.raises(CheckpointError, match=message) as info:
+            load(bad, cfg)
+        assert "\n" not in str(info.value), name
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load(tmp_path / "nowhere", cfg)
+    with pytest.raises(CheckpointError, match=r"another job: options .*0\.5"):
+        load(ck, ServerConfig(**{**cfg.__dict__, "options": {"lr": 0.5}}))
+    with pytest.raises(CheckpointError, match="another job: num_workers"):
+        load(ck, ServerConfig(**{**cfg.__dict__, "num_workers": 4}))
+    with pytest.raises(CheckpointError, match="nothing is left of a 6-round run"):
+        load(ck, ServerConfig(**{**cfg.__dict__, "rounds": 6}))
+
+    # the command line: one line, no traceback, exit 1
+    (bad / checkpoint.FILE).write_bytes(good[: len(good) // 3])
+    from psrv.cli import main
+
+    args = ["start-server", "--algorithm", "gd", "--workers", str(M), "--rounds", "10", "--port", "0"]
+    for resume, message in ((bad, "corrupt or truncated"), (ck, "another job")):
+        extra = ["--lr", "0.5"] if resume == ck else []
+        result = CliRunner().invoke(main, [*args, *extra, "--resume", str(resume)])
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: --resume:") and message in lines[0], result.output
+
+
+def test_replayed_stale_and_future_uploads_leave_the_model_unchanged(tmp_path: Path) -> None:
+    """Round ids make uploads idempotent: an upload is absorbed at most once. A replay of an accepted
+    upload (same round), an upload for a closed round, one for a round not open yet, and a replay to a
+    server resumed from a checkpoint (before its next round opens) are all refused; the aggregate and
+    theta stay as they were, bit for bit."""
+    saving = Checkpointer(tmp_path / "r", every=1)
+    engine = _engine("laq", {}, saving, rounds=4)
+    saving.attach(engine)
+    for m in range(M):
+        engine.register(f"w{m}", 10 + m, 4, 3)
+    thread = threading.Thread(target=lambda: pytest.raises(RuntimeError, engine.run), daemon=True)
+    thread.start()
+    d = engine.dim
+    up = {k: [_upload("laq", k, m, d) for m in range(M)] for k in range(3)}
+    for m in range(M):
+        engine.wait_model(f"w{m}", 0, 10.0)
+        engine.push(f"w{m}", 0, up[0][m])
+    engine.wait_model("w0", 1, 10.0)
+    engine.push("w0", 1, up[1][0])  # absorbed at once (slot 0)
+
+    def frozen() -> tuple[bytes, bytes, bytes]:
+        return engine.with_state(
+            lambda s: (s.theta.tobytes(), s.aggregator.total.tobytes(), s.aggregator.rows.tobytes())
+        )
+
+    before = frozen()
+    for call, error in (
+        (lambda: engine.push("w0", 1, up[1][0]), AlreadyExists),  # replayed
+        (lambda: engine.push("w0", 1, up[2][0]), AlreadyExists),  # another upload, same round
+        (lambda: engine.push("w1", 0, up[0][1]), FailedPrecondition),  # stale: round 0 is closed
+        (lambda: engine.push("w1", 2, up[2][1]), FailedPrecondition),  # future: round 2 is not open
+        (lambda: engine.skip("w1", 2, "lazy_rule"), FailedPrecondition),
+    ):
+        with pytest.raises(error):
+            call()
+        assert frozen() == before
+    record_uploads = engine.with_state(lambda s: s.records[0]["uploads"])
+    assert record_uploads == M
+    engine.fail("test over")
+    thread.join(10)
+
+    # a server resumed from round 0's close (saved then): an upload for round 0 replayed to it is refused
+    resumed = _engine("laq", {}, None, rounds=4)
+    resumed.restore(load(tmp_path / "r", resumed.config).state)
+    snap = resumed.with_state(lambda s: (s.theta.tobytes(), s.aggregator.total.tobytes()))
+    for m in range(M):
+        with pytest.raises(FailedPrecondition, match="round 0 is not open"):
+            resumed.push(f"w{m}", 0, up[0][m])
+        with pytest.raises(FailedPrecondition, match="round 1 is not open"):
+            resumed.push(f"w{m}", 1, up[1][m])  # not published yet
+    assert resumed.with_state(lambda s: (s.theta.tobytes(), s.aggregator.total.tobytes())) == snap
