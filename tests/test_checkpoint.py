@@ -251,3 +251,60 @@ def test_replayed_stale_and_future_uploads_leave_the_model_unchanged(tmp_path: P
         with pytest.raises(FailedPrecondition, match="round 1 is not open"):
             resumed.push(f"w{m}", 1, up[1][m])  # not published yet
     assert resumed.with_state(lambda s: (s.theta.tobytes(), s.aggregator.total.tobytes())) == snap
+
+
+@pytest.mark.parametrize("algorithm", ["laq", "ef21", "riag"])
+def test_an_accumulating_worker_rejoins_from_its_row_of_the_sum(algorithm: str, make_harness: Any) -> None:
+    """Over gRPC: a worker of an accumulating rule that registers again while training is handed its
+    row of the server's sum (RegisterResponse.rejoin), which is bit for bit the sum of what the server
+    absorbed from it and the reference its state is rebuilt from (LAQ: Q_m, clock forcing an upload;
+    EF21, RIAG: g_m). Without rows (no checkpointing) the rejoin is refused, as before."""
+    from psrv import codec
+    from psrv.algorithms import make_algorithm
+    from psrv.payload import to_dense
+    from tests.test_server import _req
+
+    opts = {"options": {"lr": 0.05, "s": 2}} if algorithm == "riag" else {}
+    h = make_harness(num_workers=2, algorithm=algorithm, rounds=5, **opts)
+    h.ps.engine.keep_rows = True  # what --checkpoint-dir sets
+    for w in ("w0", "w1"):
+        h.register(w)
+    h.start()
+    d = h.ps.engine.dim
+    algo = make_algorithm(algorithm, h.ps.config.options)
+    sent = []
+    for k in range(2):
+        mb = h.model("w0", k)
+        h.model("w1", k)
+        selected = codec.selected_workers(mb)
+        for m, w in enumerate(("w0", "w1")):
+            if selected is not None and m not in selected:
+                h.skip(w, k, "not_selected")
+                continue
+            p = _upload({"laq": "laq", "ef21": "topk-ef"}.get(algorithm, "gd"), k, m, d)
+            h.push(w, k, p)
+            if m == 0:
+                sent.append(p)
+    h.model("w0", 2)
+    expected = np.zeros(d)
+    for p in sent:
+        expected += to_dense(p)
+    reply = h.stub.Register(_req("w0"), timeout=5.0)
+    assert reply.worker_index == 0 and reply.HasField("rejoin")
+    round_, row = codec.rejoin_from_proto(reply.rejoin, d)
+    assert round_ == 2 and row.tobytes() == expected.tobytes()
+    state = algo.rejoin(d, row)
+    if algorithm == "laq":
+        assert state.q_prev.tobytes() == expected.tobytes() and state.clock == algo.t_bar and state.eps_hat_sq == 0
+    else:
+        assert state.tobytes() == expected.tobytes()
+    assert h.ps.summary()["rejoins"] == 1
+
+    plain = make_harness(num_workers=1, algorithm=algorithm, rounds=2, **opts)
+    plain.register("w0")
+    plain.start()
+    plain.model("w0", 0)
+    from grpc import RpcError
+
+    with pytest.raises(RpcError, match="--checkpoint-dir"):
+        plain.stub.Register(_req("w0"), timeout=5.0)
