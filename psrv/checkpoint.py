@@ -74,9 +74,7 @@ class Checkpoint:
     path: Path
 
     def restore_counter(self, counter: ByteCounter) -> None:
-        for direction, method, nbytes, messages in self.counter:
-            counter.bytes[direction, method] = int(nbytes)
-            counter.messages[direction, method] = int(messages)
+        counter.restore(self.counter)
 
 
 # ------------------------------------------------------------------------------------ save
@@ -104,10 +102,7 @@ def capture(
     optional = {"rows": agg.rows, "theta_hat": s.theta_hat, "shared_model": s.shared_model,
                 "opt_m": s.opt_state.m, "opt_v": s.opt_state.v}  # fmt: skip
     arrays.update({k: v for k, v in optional.items() if v is not None})
-    counts: list[list[Any]] = []
-    if counter is not None:
-        with counter._lock:
-            counts = [[d, m, int(n), int(counter.messages[d, m])] for (d, m), n in counter.bytes.items()]
+    counts = [] if counter is None else counter.entries()
     meta = {
         "format": FORMAT,
         "version": VERSION,

@@ -35,6 +35,18 @@ class ByteCounter:
         with self._lock:
             return sum(v for (d, _), v in self.bytes.items() if d == direction)
 
+    def entries(self) -> list[list[Any]]:
+        """``[direction, method, bytes, messages]`` of every count (what a checkpoint saves)."""
+        with self._lock:
+            return [[d, m, int(n), int(self.messages[d, m])] for (d, m), n in self.bytes.items()]
+
+    def restore(self, entries: list[list[Any]]) -> None:
+        """Set the counts saved by :meth:`entries` (a resumed run counts on from them)."""
+        with self._lock:
+            for direction, method, nbytes, messages in entries:
+                self.bytes[direction, method] = int(nbytes)
+                self.messages[direction, method] = int(messages)
+
 
 class MetricsSink:
     """Receives every closed round from the engine (:class:`psrv.engine.RoundSink`).

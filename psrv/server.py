@@ -261,7 +261,9 @@ def _encode_broadcast(broadcast: Any) -> bytes:
 class ParameterServer:
     """An engine, its gRPC servicer and the byte counter they share.
 
-    ``sink`` receives every closed round (see :class:`psrv.metrics.MetricsSink`)."""
+    ``sink`` receives every closed round (see :class:`psrv.metrics.MetricsSink`). ``keep_rows``:
+    accumulating rules keep each worker's row of the sum, so restarted workers can rejoin and the
+    run can be checkpointed and resumed (:mod:`psrv.checkpoint`; ``--checkpoint-dir`` sets it)."""
 
     def __init__(self, config: ServerConfig, sink: RoundSink | None = None, keep_rows: bool = False) -> None:
         self.config = config

@@ -34,7 +34,7 @@ def _server(port: int, job: list[str], *extra: str, log: Path) -> subprocess.Pop
 
 def _worker(port: int, i: int, *extra: str) -> subprocess.Popen:
     args = [*PSRV, "start-worker", "--server", f"127.0.0.1:{port}", "--worker-id", f"w{i}", "--data", "digits",
-            "--shard", f"{i}/{M}", *extra]  # fmt: skip
+            "--seed", "3", "--shard", f"{i}/{M}", *extra]  # fmt: skip
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -57,16 +57,18 @@ def _stop(*procs: subprocess.Popen) -> None:
         p.wait(timeout=30)
 
 
-def _run(port: int, job: list[str], tmp: Path, name: str, *extra: str) -> dict:
-    """An uninterrupted run: the reference."""
-    summary = tmp / f"{name}.json"
-    server = _server(port, job, "--summary-json", str(summary), *extra, log=tmp / f"{name}.log")
-    workers = [_worker(port, i) for i in range(M)]
-    try:
-        assert server.wait(timeout=180) == 0, (tmp / f"{name}.log").read_text()
-    finally:
-        _stop(server, *workers)
-    return json.loads(summary.read_text())
+def _reference(job: list[str], tmp: Path, algorithm: str) -> dict:
+    """An uninterrupted run (``psrv run``, the same shards and seeds), checkpointing at its end."""
+    out, ck = tmp / "out", tmp / "ref-ck"
+    done = subprocess.run(
+        [*PSRV, "run", *job, "--data", "digits", "--out", str(out), "--checkpoint-dir", str(ck),
+         "--checkpoint-every", "0", "--eval-every", "0"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = JobConfig(algorithm=algorithm, workers=M, rounds=40, round_timeout=60, seed=3).server_config()
+    assert load(ck / algorithm, config).state.round == 29  # psrv run --checkpoint-dir: DIR/<algorithm>/
+    return json.loads((out / "summary.json").read_text())
 
 
 @pytest.mark.slow
@@ -80,7 +82,7 @@ def test_kill_9_the_server_and_resume(algorithm: str, tmp_path: Path) -> None:
     the run: the metrics file holds rounds 0..29, each once, and the final loss is within 1% of an
     uninterrupted run with the same seed."""
     job = ["--algorithm", algorithm, "--workers", str(M), "--rounds", "30", "--round-timeout", "60", "--seed", "3"]
-    reference = _run(_free_port(), job, tmp_path, "reference")
+    reference = _reference(job, tmp_path, algorithm)
     assert reference["rounds"] == 30
 
     port = _free_port()
