@@ -308,3 +308,96 @@ def test_an_accumulating_worker_rejoins_from_its_row_of_the_sum(algorithm: str, 
 
     with pytest.raises(RpcError, match="--checkpoint-dir"):
         plain.stub.Register(_req("w0"), timeout=5.0)
+
+
+def test_a_stop_request_checkpoints_the_round_in_progress_then_fails_the_run(tmp_path: Path) -> None:
+    """SIGTERM/SIGINT (``Checkpointer.request_stop``): the open round is finished, saved, and the run
+    fails with one line naming the round and the checkpoint; the counters are in it."""
+    from psrv.metrics import ByteCounter
+
+    saving = Checkpointer(tmp_path / "ck", every=0)
+    engine = _engine("gd", {}, saving, rounds=50)
+    counter = ByteCounter()
+    counter.add("up", "Push", 123)
+    counter.add("down", "GetModel", 7)
+    saving.attach(engine, counter)
+    for m in range(M):
+        engine.register(f"w{m}", 10 + m, 4, 3)
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            engine.run()
+        except RuntimeError as exc:
+            out["error"] = str(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    d = engine.dim
+    for k in range(2):
+        for m in range(M):
+            engine.wait_model(f"w{m}", k, 10.0)
+            if k == 1 and m == 1:
+                saving.request_stop("SIGTERM")  # mid-round: round 1 is finished first
+                assert not (tmp_path / "ck" / checkpoint.FILE).exists()
+            engine.push(f"w{m}", k, _upload("gd", k, m, d))
+    thread.join(10)
+    assert not thread.is_alive()
+    assert out["error"].startswith("stopped by SIGTERM after round 1; checkpoint ") and "--resume" in out["error"]
+    ck = load(tmp_path / "ck", engine.config)
+    assert (
+        ck.state.round == 1 and len(ck.state.records) == 2 and ck.state.theta.tobytes() == engine.state.theta.tobytes()
+    )
+    restored = ByteCounter()
+    ck.restore_counter(restored)
+    assert restored.entries() == counter.entries() and restored.total("up") == 123
+    # a second request, or one while no round is trained, stops at once
+    idle = Checkpointer(tmp_path / "idle", every=0)
+    idle.attach(_engine("gd", {}, idle))
+    idle.request_stop("SIGINT")
+    assert idle.engine.state.phase == "failed" and idle.engine.state.error == "terminated by SIGINT"
+
+
+def test_metrics_are_continued_after_the_checkpointed_lines(tmp_path: Path) -> None:
+    """A resumed run's metrics file keeps its first N whole lines (the checkpoint's count), loses what
+    followed (rounds trained again, half a line), and is appended to; fewer lines than N is refused."""
+    from psrv.files import LineLog, OutputError
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"round": 0}\n{"round": 1}\n{"round": 2}\n{"rou')
+    log = LineLog(path, keep_lines=2)
+    log.write('{"round": 2, "again": true}')
+    log.close()
+    assert path.read_text() == '{"round": 0}\n{"round": 1}\n{"round": 2, "again": true}\n' and log.lines == 3
+    with pytest.raises(OutputError, match="holds 3 whole lines, fewer than the 5"):
+        LineLog(path, keep_lines=5)
+    assert path.read_text().count("\n") == 3  # refused: untouched
+    with pytest.raises(OutputError, match="already exists"):
+        LineLog(path)  # without keep_lines an existing file is still refused
+
+
+@pytest.mark.parametrize("algorithm", ["laq", "ef21", "ciag"])
+def test_a_row_of_the_sum_is_the_workers_own_reference_bit_for_bit(algorithm: str) -> None:
+    """With ``keep_rows`` the server's row of worker m is the same float64 sum the worker keeps as its
+    reference (LAQ's Q_m, EF21's and CIAG's g_m), so handing it back on rejoin loses nothing of it."""
+    from psrv.aggregate import Aggregator
+    from psrv.algorithms import RoundInfo, make_algorithm
+
+    d, rng = 40, np.random.default_rng(1)
+    algo = make_algorithm(algorithm, {"ratio": 0.2} if algorithm == "ef21" else {})
+    agg = Aggregator(2, d, algo.absorb, keep_rows=True)
+    states = [algo.init(d), algo.init(d)]
+    uploads = 0
+    for k in range(12):
+        for m in range(2):
+            grad = rng.normal(size=d) / (k + 1)
+            decision = algo.step(states[m], grad, RoundInfo(k, 2, (1e-3,) * 10), rng)
+            if decision.payload is not None:
+                agg.add(m, decision.payload)
+                uploads += 1
+            states[m] = decision.state
+    assert uploads >= 12
+    for m in range(2):
+        reference = states[m].q_prev if algorithm == "laq" else states[m]
+        assert agg.rows[m].tobytes() == reference.tobytes()
+    assert np.allclose(agg.rows.sum(axis=0), agg.total)
