@@ -452,6 +452,7 @@ CHECKPOINT_OPTIONS: dict[str, Callable[[Any], Any]] = {
         "--checkpoint-dir",
         type=click.Path(file_okay=False),
         default=None,
+        metavar="DIR",
         help="Save the server's whole state to DIR/checkpoint.npz (atomically) every --checkpoint-every rounds, "
         "after the last round and on SIGTERM/SIGINT (psrv run: DIR/<algorithm>/). Continue with start-server "
         "--resume DIR.",
