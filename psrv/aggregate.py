@@ -7,7 +7,12 @@ upload is absorbed:
 
 - ``"accumulate"`` (LAQ, SLAQ, EF21, RIAG, CIAG): an upload is an increment of the worker's
   stored value (LAQ's innovation, eq. 4; EF21's compressed difference), so ``total += v`` and
-  the per-worker values themselves are never needed: only ``total`` is kept, O(d) for any M.
+  the per-worker values themselves are never needed: only ``total`` is kept, O(d) for any M --
+  unless ``keep_rows``: then each worker's own sum of absorbed uploads is kept too (an (M, d)
+  float64 array, the same additions in the same order, so row m is bit for bit the reference the
+  worker itself holds: LAQ's ``Q_m``, EF21's ``g_m``). That is the price of letting a restarted
+  worker of an accumulating rule rejoin (the server hands the row back) and of resuming such a run
+  from a checkpoint; the server keeps rows when it checkpoints (``--checkpoint-dir``).
 - ``"replace"`` (GD, SGD, top-k EF, LAG-WK, LASG, SASG, LAG-PS): an upload replaces the worker's
   stored value, so ``total += v_new - v_old`` needs ``v_old``. Each worker's last upload is kept
   as the :class:`~psrv.payload.Payload` it arrived as (sparse stays indices + values, dense
@@ -137,9 +142,13 @@ class Aggregator:
 
     The caller must not modify a payload's arrays after handing it to :meth:`add`."""
 
-    def __init__(self, num_workers: int, dim: int, absorb: str) -> None:
+    def __init__(self, num_workers: int, dim: int, absorb: str, keep_rows: bool = False) -> None:
         if absorb not in ("replace", "accumulate"):
             raise ValueError(f"absorb must be 'replace' or 'accumulate', got {absorb!r}")
+        #: accumulate with ``keep_rows``: row m is worker m's sum of absorbed uploads (None: not kept)
+        self.rows: np.ndarray | None = (
+            np.zeros((num_workers, dim), dtype=np.float64) if keep_rows and absorb == "accumulate" else None
+        )
         self.absorb = absorb
         self.num_workers = num_workers
         self.dim = dim
@@ -176,13 +185,17 @@ class Aggregator:
                 bound = self.bound + new_peak + old_peak
         add_payload(self.total, payload, old, None if limit is None or bound <= limit else limit)  # checks if needed
         self.bound = math.inf if limit is None else min(bound, limit)
+        if self.rows is not None:
+            add_payload(self.rows[worker], payload)  # after total: an upload total refused leaves the row too
         if self.absorb == "replace":
             self.payloads[worker] = compact(payload)
             self.peaks[worker] = new_peak
 
     def contribution(self, worker: int) -> np.ndarray:
         """Worker ``worker``'s stored contribution, decoded (float64; zeros before its first upload).
-        Only "replace" keeps one."""
+        "replace" keeps one; "accumulate" only with ``keep_rows`` (a copy of the row)."""
+        if self.rows is not None:
+            return self.rows[worker].copy()
         if self.absorb != "replace":
             raise ValueError("an accumulating aggregator keeps the running sum only, no per-worker contribution")
         p = self.payloads[worker]
@@ -191,7 +204,8 @@ class Aggregator:
     @property
     def nbytes(self) -> int:
         """Bytes of every array held: ``total`` and the stored payloads."""
-        return self.total.nbytes + sum(payload_nbytes(p) for p in self.payloads)
+        rows = 0 if self.rows is None else self.rows.nbytes
+        return self.total.nbytes + rows + sum(payload_nbytes(p) for p in self.payloads)
 
 
 def _check(candidate: np.ndarray, limit: float | None) -> None:

@@ -21,10 +21,12 @@ import click
 
 from psrv.options import (
     check_job_data,
+    checkpoint_options,
     data_options,
     job_and_data_options,
     job_options,
     jobs_from_cli,
+    pop_checkpoint,
     pop_data,
     pop_device,
     pop_server_options,
@@ -108,6 +110,7 @@ def main(verbose: int) -> None:
 
 @main.command()
 @job_and_data_options
+@checkpoint_options
 @click.option(
     "--eval-every",
     type=click.IntRange(min=0),
@@ -156,13 +159,16 @@ def run(
 
     dc = pop_data(kw)
     device = pop_device(kw)
+    checkpoint_dir, checkpoint_every = pop_checkpoint(kw)
     jobs = jobs_from_cli(kw, dc.data)
     check_job_data(jobs[0], dc, device)  # a bad --data, or a task that fails on it, fails here, once
     try:
         configs = [job.server_config() for job in jobs]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    check_outputs(dirs={"--out": out}, files={"--summary-json": summary_json})  # after the checks that make nothing
+    check_outputs(
+        dirs={"--out": out, "--checkpoint-dir": checkpoint_dir}, files={"--summary-json": summary_json}
+    )  # after the checks that make nothing
     manifest = write_manifest(out, configs, dc, device)
     summaries = []
     for job, config in zip(jobs, configs, strict=True):
@@ -186,6 +192,8 @@ def run(
                 eval_every=every,
                 targets=targets,
                 device=device,
+                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / job.algorithm,
+                checkpoint_every=10 if checkpoint_every is None else checkpoint_every,
             )
         summaries.append(summary)
     click.echo(report.table(summaries))
@@ -214,6 +222,15 @@ def plot(run_dir: str, out_path: str | None) -> None:
 @main.command("start-server")
 @job_options
 @server_options
+@checkpoint_options
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Continue the run checkpointed in DIR (same job options; --rounds may grow): workers re-register "
+    "under their ids and rejoin; --metrics is continued after the checkpoint's lines.",
+)
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True)
 @click.option("--register-timeout", type=float, default=300.0, show_default=True)
@@ -240,6 +257,7 @@ def start_server(
     overwrite_metrics: bool,
     summary_json: str | None,
     model_out: str | None,
+    resume: str | None,
     **kw: Any,
 ) -> None:
     """Run the parameter server for one algorithm until the configured rounds are done."""
@@ -253,6 +271,7 @@ def start_server(
 
     if len(kw["algorithms"]) != 1:
         raise click.UsageError(f"a server runs one algorithm; got {','.join(kw['algorithms'])} (pass --algorithm NAME)")
+    checkpoint_dir, checkpoint_every = pop_checkpoint(kw)
     (job,) = jobs_from_cli(kw)
     owned, limits = pop_server_options(kw, job.task, job.seed)
     try:
@@ -263,23 +282,59 @@ def start_server(
         check_port_free(host, port)  # before gRPC, whose own failure to bind is a log line and a vague error
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+    ckpt = None
+    if resume is not None:
+        from psrv.checkpoint import CheckpointError, load
+
+        try:
+            ckpt = load(resume, config)
+        except CheckpointError as exc:
+            raise click.ClickException(f"--resume: {exc}") from None
+        checkpoint_dir = resume if checkpoint_dir is None else checkpoint_dir  # go on checkpointing there
+        checkpoint_every = ckpt.every if checkpoint_every is None else checkpoint_every
     model_path = None if model_out is None else str(files.npy_path(model_out))
-    check_outputs(files={"--summary-json": summary_json, "--model-out": model_path}, metrics=metrics,
-                  overwrite_metrics=overwrite_metrics)  # fmt: skip
+    # a resumed run continues the metrics file it wrote (cut back to the checkpoint's lines); else a new one
+    keep = None if ckpt is None or metrics is None or ckpt.metrics_lines is None else ckpt.metrics_lines
+    check_outputs(dirs={"--checkpoint-dir": checkpoint_dir},
+                  files={"--summary-json": summary_json, "--model-out": model_path},
+                  metrics=metrics if keep is None else None, overwrite_metrics=overwrite_metrics)  # fmt: skip
     try:
-        sink = MetricsSink(metrics, overwrite=overwrite_metrics)
+        sink = MetricsSink(metrics, overwrite=overwrite_metrics, keep_lines=keep)  # resumed: continued, not replaced
     except files.OutputError as exc:
         raise OutputPathError(str(exc)) from None
+    checkpointer = None
+    if checkpoint_dir is not None:
+        from psrv.checkpoint import Checkpointer
+
+        checkpointer = Checkpointer(checkpoint_dir, 10 if checkpoint_every is None else checkpoint_every, sink)
     try:
-        ps = ParameterServer(config, sink, limits)
+        ps = ParameterServer(config, checkpointer or sink, limits, keep_rows=checkpointer is not None)
+        if checkpointer is not None:
+            checkpointer.attach(ps.engine, ps.counter)
+        if ckpt is not None:
+            ps.engine.restore(ckpt.state)
+            ckpt.restore_counter(ps.counter)
         server, bound = create_server(ps, f"{host}:{port}")
     except (ValueError, RuntimeError) as exc:
         sink.close()
         raise click.ClickException(str(exc)) from None
     shape = "the first registration's" if config.task_shape is None else "{},{}".format(*config.task_shape)
-    click.echo(f"psrv server listening on {host}:{bound}; waiting for {config.num_workers} workers; "
+    what = " to rejoin" if ckpt is not None else ""
+    click.echo(f"psrv server listening on {host}:{bound}; waiting for {config.num_workers} workers{what}; "
                f"shape {shape}", err=True)  # fmt: skip
-    signal.signal(signal.SIGTERM, lambda *_: ps.fail("terminated"))
+    if ckpt is not None:
+        click.echo(f"resumed from {str(ckpt.path)!r} after round {ckpt.state.round}", err=True)
+
+    def stop(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if checkpointer is None:
+            ps.fail(f"terminated by {name}")
+        else:  # checkpoint at the next round's close, then stop (a second signal stops at once)
+            checkpointer.request_stop(name)
+
+    signal.signal(signal.SIGTERM, stop)
+    if checkpointer is not None:
+        signal.signal(signal.SIGINT, stop)
     try:
         summary = ps.run()
     except RuntimeError as exc:

@@ -720,3 +720,21 @@ def run_config_to_proto(config: ServerConfig, dim: int) -> pb.RunConfig:
 def model_dtype(config: pb.RunConfig) -> np.dtype:
     """The type workers compute theta in (float32 unless the run says otherwise)."""
     return _NP_OF_DTYPE.get(config.model_dtype, np.dtype("<f4"))
+
+
+def rejoin_to_proto(round_: int, contribution: np.ndarray | None) -> pb.Rejoin:
+    """What a rejoining worker is handed back (see ``RegisterResponse.rejoin``)."""
+    msg = pb.Rejoin(round=round_)
+    if contribution is not None:
+        msg.contribution.CopyFrom(tensor_to_proto(np.asarray(contribution, dtype=np.float64)))
+    return msg
+
+
+def rejoin_from_proto(msg: pb.Rejoin, dim: int) -> tuple[int, np.ndarray | None]:
+    """``(round, contribution or None)`` of a ``Rejoin`` (a writable float64 copy; ``CodecError``
+    unless it has ``dim`` finite FLOAT64 values)."""
+    if not msg.HasField("contribution"):
+        return msg.round, None
+    if msg.contribution.dtype != pb.DTYPE_FLOAT64:
+        raise CodecError("Rejoin.contribution: expected FLOAT64 values")
+    return msg.round, np.array(tensor_from_proto(msg.contribution, dim, "Rejoin.contribution"), dtype=np.float64)

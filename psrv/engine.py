@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from psrv.aggregate import Aggregator, Overflow, clip, compact, payload_nbytes, payload_peak, peak_abs
+from psrv.aggregate import Aggregator, Overflow, add_payload, clip, compact, payload_nbytes, payload_peak, peak_abs
 from psrv.algorithms import Algorithm, SelectionView, make_algorithm
 from psrv.bitpack import index_width, packed_size
 from psrv.payload import Payload, payload_bits, to_dense
@@ -297,6 +297,24 @@ class EngineState:
     rejoins: int = 0  # registrations of known workers while training (restarted workers)
 
 
+@dataclass(frozen=True)
+class Rejoin:
+    """What a worker that registers again while training is handed back: the round it joins at and,
+    for accumulating rules, its stored contribution (the server's row for it: the sum of every
+    upload absorbed from it), from which it rebuilds its algorithm state (``Algorithm.rejoin``)."""
+
+    round: int
+    contribution: np.ndarray | None = None
+
+
+class Registered(NamedTuple):
+    """The result of :meth:`RoundEngine.register_worker`: the worker's index, and what a rejoining
+    worker needs (None for a first registration)."""
+
+    index: int
+    rejoin: Rejoin | None = None
+
+
 class Served(NamedTuple):
     """What :meth:`RoundEngine.serve` handed a worker: the (encoded) broadcast, its round, its form
     (dense, update, compressed or snapshot) and whether it is the final one."""
@@ -350,8 +368,12 @@ class RoundEngine:
         config: ServerConfig,
         sink: RoundSink | None = None,
         encode: Callable[[Broadcast], Any] | None = None,
+        keep_rows: bool = False,
     ) -> None:
         self.config = config
+        #: accumulating rules keep one float64 row per worker (psrv.aggregate): rejoin and resume need them
+        self.keep_rows = keep_rows
+        self.resumed = False  # the state came from a checkpoint (restore)
         self.algorithm: Algorithm = make_algorithm(config.algorithm, config.options, config.compressor)
         self.opt = make_server_opt(config.server_opt, self.algorithm.lr)
         self.state = EngineState(
@@ -399,6 +421,10 @@ class RoundEngine:
         """Admit a worker; returns its index. The model's shape is the server's (``task_shape``);
         without one, the first registration fixes it, within ``max_dim`` parameters. Only the
         configured ``worker_ids`` (when given) take slots; nothing is allocated for a refused one."""
+        return self.register_worker(worker_id, num_samples, n_features, n_classes).index
+
+    def register_worker(self, worker_id: str, num_samples: int, n_features: int, n_classes: int) -> Registered:
+        """:meth:`register`, with what a rejoining worker is handed back (:class:`Rejoin`)."""
         self._check_id(worker_id)
         if num_samples < 1 or n_features < 1 or n_classes == 1 or n_classes < 0:
             raise InvalidArgument(
@@ -407,7 +433,8 @@ class RoundEngine:
         s = self.state
         with self._cond:
             if worker_id in s.workers and s.phase == "training":
-                return self._rejoin(s.workers[worker_id], num_samples, (n_features, n_classes))
+                w = s.workers[worker_id]
+                return Registered(self._rejoin(w, num_samples, (n_features, n_classes)), self._rejoin_info(w))
             if worker_id in s.workers:
                 raise AlreadyExists(f"worker {worker_id!r} is already registered")
             if s.phase == "training":
@@ -437,17 +464,19 @@ class RoundEngine:
                     ws.slot = slot
                 s.phase = "training"
             self._cond.notify_all()
-            return index
+            return Registered(index)
 
     def _rejoin(self, w: WorkerState, num_samples: int, shape: tuple[int, int]) -> int:
         """A registered worker registers again while training (it restarted): it keeps its index
         and slot, and its first model is a snapshot (it holds no replica). Its stored
         contribution stands until it reports again, as if it had skipped. Lock held.
 
-        Refused (FAILED_PRECONDITION) for accumulating algorithms: there the worker's own state
-        (its last quantized gradient, its EF21 estimate, ...) is part of the server's running sum,
-        which keeps no per-worker rows (O(d) memory), so a worker that lost its state cannot go
-        on without corrupting the sum. Refused (INVALID_ARGUMENT) with other data than before.
+        Accumulating algorithms (LAQ, SLAQ, EF21, RIAG, CIAG): the worker's own state (its last
+        quantized gradient, its EF21 estimate, ...) is part of the server's running sum, so it is
+        handed its row of the sum back (:meth:`_rejoin_info`) and rebuilds its state from it
+        (``Algorithm.rejoin``). Refused (FAILED_PRECONDITION) when the server keeps no rows
+        (``keep_rows`` off: O(d) memory, no checkpoint). Refused (INVALID_ARGUMENT) with other data
+        than before.
         Who may register as whom is not checked here (no credentials yet)."""
         s = self.state
         if shape != s.task_shape or num_samples != w.num_samples:
@@ -455,10 +484,11 @@ class RoundEngine:
                 f"worker {w.worker_id!r} rejoins with {num_samples} samples of {shape[0]} features / {shape[1]} "
                 f"classes; it registered with {w.num_samples} of {s.task_shape[0]} / {s.task_shape[1]}"
             )
-        if s.aggregator.absorb == "accumulate":
+        if s.aggregator.absorb == "accumulate" and s.aggregator.rows is None:
             raise FailedPrecondition(
                 f"worker {w.worker_id!r} cannot rejoin a {self.config.algorithm} run: its lost state is part of "
-                "the server's running sum (accumulating rule), so it would corrupt the model"
+                "the server's running sum (accumulating rule) and the server keeps no per-worker sums to hand "
+                "back (start the server with --checkpoint-dir to keep them)"
             )
         w.responsive, w.misses = True, 0
         s.rejoins += 1
@@ -482,6 +512,18 @@ class RoundEngine:
         if worker_id in self.refused or len(self.refused) < _REFUSED_KEPT:
             self.refused[worker_id] = why
 
+    def _rejoin_info(self, w: WorkerState) -> Rejoin:
+        """The round a rejoining worker joins at and, for accumulating rules, its row of the sum
+        (including an upload of this round not absorbed yet: it will be). Lock held."""
+        agg = self.state.aggregator
+        if agg.rows is None:
+            return Rejoin(self.state.round)
+        row = agg.contribution(w.slot)
+        held = self._open.uploads.get(w.slot)
+        if held is not None:
+            add_payload(row, held)
+        return Rejoin(self.state.round, row)
+
     def _init_model(self, shape: tuple[int, int], bounded: bool = True) -> None:
         """Make the model for ``shape``. ``bounded`` (a shape a registration brings): refuse
         (RESOURCE_EXHAUSTED) one of more than ``max_dim`` parameters before allocating it, the shape
@@ -504,7 +546,7 @@ class RoundEngine:
             )
         s.task_shape = shape
         s.theta = task.init_params(np.random.default_rng(cfg.seed)).astype(np.float64)
-        s.aggregator = Aggregator(cfg.num_workers, s.theta.size, self.algorithm.absorb)
+        s.aggregator = Aggregator(cfg.num_workers, s.theta.size, self.algorithm.absorb, self.keep_rows)
         s.opt_state = self.opt.init(s.theta.size)
         if self._down is not None:
             s.shared_model = s.theta.copy()  # w^{-1} = theta^0: every worker starts from it (a snapshot)
@@ -527,7 +569,10 @@ class RoundEngine:
             self._cond.notify_all()
             if s.phase in ("training", "registering") and round_ > s.round + 1 and s.round >= 0:
                 raise OutOfRange(f"round {round_} is ahead of the server (round {s.round})")
-            ready = self._cond.wait_for(lambda: s.phase in ("done", "failed") or s.round >= round_, timeout=timeout)
+            ready = self._cond.wait_for(  # a restored engine has no open round until the next one is published
+                lambda: s.phase in ("done", "failed") or (s.round >= round_ and self._open.broadcast is not None),
+                timeout=timeout,
+            )
             if s.phase == "failed":
                 raise RunAborted(f"run failed: {s.error}")
             if not ready:
@@ -549,7 +594,7 @@ class RoundEngine:
         s = self.state
         if s.phase != "training":
             raise FailedPrecondition(f"not accepting reports: server is {s.phase}")
-        if round_ != s.round:
+        if round_ != s.round or self._open.broadcast is None or self._open.broadcast.round != round_:
             raise FailedPrecondition(f"round {round_} is not open (current round {s.round})")
         if w.slot in self._open.reports:
             raise AlreadyExists(f"worker {w.worker_id!r} already reported for round {round_}")
@@ -850,12 +895,15 @@ class RoundEngine:
                 self._cond.notify_all()
             self._raise_if_failed()
             # round 0's deadline starts once every worker has asked for the model, i.e. has finished
-            # its start-up, so a slow start is not mistaken for a missed round (bounded wait)
+            # its start-up, so a slow start is not mistaken for a missed round (bounded wait); after
+            # a resume the workers have to come back first: as long as registration would wait
             self._cond.wait_for(
-                lambda: len(self._ready) >= len(s.workers) or s.phase == "failed", timeout=cfg.start_timeout
+                lambda: len(self._ready) >= len(s.workers) or s.phase == "failed",
+                timeout=cfg.register_timeout if self.resumed else cfg.start_timeout,
             )
-        started = time.monotonic()
-        for k in range(cfg.rounds):
+            first = s.round + 1  # 0, or the round after a restored checkpoint's
+        started = time.monotonic() - s.totals.elapsed  # a resumed run goes on from its training time
+        for k in range(first, cfg.rounds):
             with self._cond:
                 self._publish(k)
                 self._cond.wait_for(lambda: self._all_reported() or s.phase == "failed", timeout=cfg.round_timeout)
@@ -954,6 +1002,33 @@ class RoundEngine:
             "last_round_loss": t.last_loss,
             "wall_time": t.elapsed,
         }
+
+    def with_state(self, fn: Callable[[EngineState], Any]) -> Any:
+        """``fn(state)`` with the lock held (a checkpoint reads the state whole, between two rounds)."""
+        with self._cond:
+            return fn(self.state)
+
+    @property
+    def round_open(self) -> bool:
+        """A round is being trained (published and not closed), so a stop can wait for its close."""
+        with self._cond:
+            return self.state.phase == "training" and self._open.broadcast is not None
+
+    def restore(self, state: EngineState) -> None:
+        """Continue from a saved state (:mod:`psrv.checkpoint`): a run between two rounds, whose
+        workers are known. Registration is skipped; :meth:`run` waits (``register_timeout``) for the
+        workers to come back -- each registers again and rejoins (:meth:`_rejoin`) -- and goes on at
+        the round after ``state.round``. Call before :meth:`run`, with no request served yet."""
+        if state.phase != "training" or state.theta is None or state.aggregator is None:
+            raise ValueError(f"a checkpoint of a {state.phase} run cannot be resumed")
+        if state.aggregator.absorb != self.algorithm.absorb:
+            raise ValueError(f"the checkpoint's aggregate is {state.aggregator.absorb}, {self.config.algorithm} needs "
+                             f"{self.algorithm.absorb}")  # fmt: skip
+        with self._cond:
+            self.state = state
+            self.resumed = True
+            self._open = _OpenRound()  # no round open: reports for state.round are refused
+            self._cond.notify_all()
 
     def wait_registered(self, count: int, timeout: float) -> bool:
         """Block until at least ``count`` workers have registered (False on timeout)."""

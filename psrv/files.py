@@ -129,12 +129,28 @@ class LineLog:
     """An append-only file of whole lines. Each :meth:`write` is one ``os.write`` of the whole line;
     if it fails or is short (a full disk), the file is cut back to where it was and the error raised,
     so a reader never sees half a line. ``overwrite`` starts the file empty; otherwise an existing
-    non-empty file is refused (:func:`check_new_log`)."""
+    non-empty file is refused (:func:`check_new_log`).
 
-    def __init__(self, path: str | Path, overwrite: bool = False, what: str = "metrics file") -> None:
+    ``keep_lines`` (a resumed run, :mod:`psrv.checkpoint`): continue the file after its first
+    ``keep_lines`` whole lines -- whatever follows them (the lines of rounds after the checkpoint,
+    which the resumed run writes again, or half a line) is cut off. The one case a log is cut, and
+    only back to the lines the checkpoint counted; a file with fewer lines is refused."""
+
+    def __init__(
+        self, path: str | Path, overwrite: bool = False, what: str = "metrics file", keep_lines: int | None = None
+    ) -> None:
+        if keep_lines is not None:
+            self.path = check_writable_file(path, what)
+            self._size = _offset_after_lines(self.path, keep_lines, what)
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.ftruncate(self._fd, self._size)
+            os.lseek(self._fd, self._size, os.SEEK_SET)
+            self.lines = keep_lines
+            return
         self.path = check_new_log(path, what, overwrite)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._size = 0
+        self.lines = 0  # whole lines in the file
 
     def write(self, line: str) -> None:
         if self._fd is None:
@@ -150,6 +166,7 @@ class LineLog:
                 os.lseek(self._fd, self._size, os.SEEK_SET)
             raise
         self._size += n
+        self.lines += 1
 
     def close(self) -> None:
         if self._fd is not None:
@@ -157,3 +174,25 @@ class LineLog:
             with contextlib.suppress(OSError):
                 os.fsync(fd)
             os.close(fd)
+
+
+def _offset_after_lines(path: Path, lines: int, what: str) -> int:
+    """Byte offset just after the first ``lines`` newline-terminated lines of ``path`` (0 for 0);
+    :class:`OutputError` when it holds fewer."""
+    if lines <= 0:
+        return 0
+    seen = offset = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                count = chunk.count(b"\n")
+                if seen + count >= lines:
+                    pos = -1
+                    for _ in range(lines - seen):
+                        pos = chunk.index(b"\n", pos + 1)
+                    return offset + pos + 1
+                seen += count
+                offset += len(chunk)
+    except FileNotFoundError:
+        pass
+    raise OutputError(f"{what} {str(path)!r} holds {seen} whole lines, fewer than the {lines} the checkpoint counted")

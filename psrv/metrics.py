@@ -35,6 +35,18 @@ class ByteCounter:
         with self._lock:
             return sum(v for (d, _), v in self.bytes.items() if d == direction)
 
+    def entries(self) -> list[list[Any]]:
+        """``[direction, method, bytes, messages]`` of every count (what a checkpoint saves)."""
+        with self._lock:
+            return [[d, m, int(n), int(self.messages[d, m])] for (d, m), n in self.bytes.items()]
+
+    def restore(self, entries: list[list[Any]]) -> None:
+        """Set the counts saved by :meth:`entries` (a resumed run counts on from them)."""
+        with self._lock:
+            for direction, method, nbytes, messages in entries:
+                self.bytes[direction, method] = int(nbytes)
+                self.messages[direction, method] = int(messages)
+
 
 class MetricsSink:
     """Receives every closed round from the engine (:class:`psrv.engine.RoundSink`).
@@ -52,8 +64,10 @@ class MetricsSink:
         eval_every: int = 1,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         overwrite: bool = False,
+        keep_lines: int | None = None,
     ) -> None:
-        self._file: LineLog | None = LineLog(jsonl_path, overwrite) if jsonl_path else None
+        # keep_lines: a resumed run continues the file after that many whole lines (LineLog)
+        self._file: LineLog | None = LineLog(jsonl_path, overwrite, keep_lines=keep_lines) if jsonl_path else None
         self._evaluator, self._eval_every = evaluator, max(1, eval_every)
         self._on_round = on_round
 
@@ -65,6 +79,11 @@ class MetricsSink:
             self._file.write(json.dumps(record))
         if self._on_round is not None:
             self._on_round(record)
+
+    @property
+    def lines(self) -> int | None:
+        """Whole lines in the metrics file (None: no file)."""
+        return None if self._file is None else self._file.lines
 
     def close(self) -> None:
         if self._file is not None:

@@ -455,6 +455,34 @@ WORKER_OPTIONS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+#: Server checkpoints (psrv.checkpoint): ``start-server`` and ``psrv run`` take them; not part of the job
+#: (a resumed run may checkpoint elsewhere or more often).
+CHECKPOINT_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "checkpoint_dir": click.option(
+        "--checkpoint-dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        metavar="DIR",
+        help="Save the server's whole state to DIR/checkpoint.npz (atomically) every --checkpoint-every rounds, "
+        "after the last round and on SIGTERM/SIGINT (psrv run: DIR/<algorithm>/). Continue with start-server "
+        "--resume DIR.",
+    ),
+    "checkpoint_every": click.option(
+        "--checkpoint-every",
+        type=click.IntRange(min=0),
+        default=None,
+        metavar="N",
+        help="Rounds between checkpoints [default: 10, or the resumed checkpoint's; 0: only at the end and on "
+        "SIGTERM/SIGINT].",
+    ),
+}
+
+
+def pop_checkpoint(kw: dict[str, Any]) -> tuple[str | None, int | None]:
+    """Take ``--checkpoint-dir`` and ``--checkpoint-every`` out of a command's keyword arguments."""
+    return kw.pop("checkpoint_dir"), kw.pop("checkpoint_every")
+
+
 def _apply(groups: Sequence[Mapping[str, Callable[[Any], Any]]]) -> Callable[[Any], Any]:
     def decorate(fn: Any) -> Any:
         merged: dict[str, Callable[[Any], Any]] = {}
@@ -470,6 +498,7 @@ def _apply(groups: Sequence[Mapping[str, Callable[[Any], Any]]]) -> Callable[[An
 job_options = _apply([JOB_OPTIONS])
 data_options = _apply([DATA_OPTIONS, WORKER_OPTIONS])  # start-worker
 job_and_data_options = _apply([JOB_OPTIONS, DATA_OPTIONS, WORKER_OPTIONS])  # run, cluster run
+checkpoint_options = _apply([CHECKPOINT_OPTIONS])  # run, start-server
 
 
 def pop_data(kw: dict[str, Any]) -> DataConfig:

@@ -97,6 +97,8 @@ def run_local(
     eval_every: int = 0,
     targets: dict[str, float] | None = None,
     device: str = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 10,
 ) -> dict[str, Any]:
     """Run one job end to end; returns the summary (also the model is in ``out_dir``).
 
@@ -104,7 +106,9 @@ def run_local(
     many rounds; ``targets`` ({"accuracy": a} and/or {"train_loss": l}) then add the rounds,
     uploads, bits and bytes it took to first reach each (Deng et al., arXiv:2112.04088, Table II;
     Sun et al., NeurIPS 2019, Table 2). ``device`` (cpu, cuda, auto): where the workers' torch model
-    computes (``start-worker --device``) and where this process evaluates."""
+    computes (``start-worker --device``) and where this process evaluates. ``checkpoint_dir``: the
+    server's state is saved there every ``checkpoint_every`` rounds and after the last
+    (:mod:`psrv.checkpoint`; ``start-server --resume`` continues it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(config.task, dict(config.task_options), dc, device)
@@ -129,7 +133,14 @@ def run_local(
         on_round=round_closed,
         overwrite=True,  # the run folder is this command's: a reused --out is replaced (see README)
     )
-    ps = ParameterServer(config, sink)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        from psrv.checkpoint import Checkpointer
+
+        checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, sink)
+    ps = ParameterServer(config, checkpointer or sink, keep_rows=checkpointer is not None)
+    if checkpointer is not None:
+        checkpointer.attach(ps.engine, ps.counter)
     server, port = create_server(ps, "127.0.0.1:0")
     procs: list[subprocess.Popen] = []
     logs = []

@@ -265,10 +265,13 @@ class Servicer:
         return whole.result(), nbytes
 
     def Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterResponse:
-        index = self.engine.register(req.worker_id, req.num_samples, req.n_features, req.n_classes)
-        return pb.RegisterResponse(
+        index, rejoin = self.engine.register_worker(req.worker_id, req.num_samples, req.n_features, req.n_classes)
+        reply = pb.RegisterResponse(
             worker_index=index, config=codec.run_config_to_proto(self.engine.config, self.engine.dim)
         )
+        if rejoin is not None:  # a restarted worker (or every worker after a resume): what it rebuilds from
+            reply.rejoin.CopyFrom(codec.rejoin_to_proto(rejoin.round, rejoin.contribution))
+        return reply
 
     def GetModel(self, req: pb.GetModelRequest, nbytes: int, context: Any) -> bytes:
         remaining = context.time_remaining() if context is not None else None
@@ -314,14 +317,20 @@ def _encode_broadcast(broadcast: Any) -> bytes:
 class ParameterServer:
     """An engine, its gRPC servicer and the byte counter they share.
 
-    ``sink`` receives every closed round (see :class:`psrv.metrics.MetricsSink`)."""
+    ``sink`` receives every closed round (see :class:`psrv.metrics.MetricsSink`). ``keep_rows``:
+    accumulating rules keep each worker's row of the sum, so restarted workers can rejoin and the
+    run can be checkpointed and resumed (:mod:`psrv.checkpoint`; ``--checkpoint-dir`` sets it)."""
 
     def __init__(
-        self, config: ServerConfig, sink: RoundSink | None = None, limits: TransportLimits | None = None
+        self,
+        config: ServerConfig,
+        sink: RoundSink | None = None,
+        limits: TransportLimits | None = None,
+        keep_rows: bool = False,
     ) -> None:
         self.config = config
         self.counter = ByteCounter()
-        self.engine = RoundEngine(config, sink=sink, encode=_encode_broadcast)
+        self.engine = RoundEngine(config, sink=sink, encode=_encode_broadcast, keep_rows=keep_rows)
         self.servicer = Servicer(self.engine, self.counter, limits=limits)
         self.limits = self.servicer.limits
         self.algorithm = self.engine.algorithm

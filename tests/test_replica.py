@@ -197,17 +197,19 @@ def test_auto_downlink_keeps_gd_dense_and_makes_laq_cheap() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["stream", "unary"])
-@pytest.mark.parametrize("name", ["gd", "lag-wk"])
+@pytest.mark.parametrize("name", ["gd", "lag-wk", "laq", "ef21"])
 def test_a_restarted_worker_rejoins_through_a_snapshot(name: str, transport: str) -> None:
     """Worker w1 drops out after 8 rounds (as a crash would); the run goes on without it; a new w1
     registers with the same id and data, rejoins under its index, gets a snapshot and ends on the
-    server's final model, bit for bit, like the workers that never left."""
+    server's final model, bit for bit, like the workers that never left. Accumulating rules (laq,
+    ef21) rejoin from their row of the server's sum, which the server keeps with ``keep_rows``."""
     shards = _shards()
     ps = ParameterServer(
         ServerConfig(
             algorithm=name, options={"lr": 0.05}, num_workers=M, rounds=30, round_timeout=1.0, max_misses=1,
             downlink="replica", transport=transport,
-        )
+        ),
+        keep_rows=name in ("laq", "ef21"),
     )  # fmt: skip
     server, port = create_server(ps)
     results: dict[str, Any] = {}

@@ -103,6 +103,19 @@ def _register(stub: rpc.CountingStub, req: pb.RegisterRequest, timeout: float) -
             time.sleep(0.2)
 
 
+def initial_state(algo: Any, dim: int, reply: pb.RegisterResponse) -> Any:
+    """The algorithm state to start from after a registration: a fresh ``init``, or, when the server
+    says this worker rejoins (it restarted, or the server resumed from a checkpoint), the state
+    rebuilt from what the server handed back (``Algorithm.rejoin``: accumulating rules take their
+    row of the server's sum). A worker that re-registers must also drop its replica and ask for
+    the model from round ``reply.rejoin.round`` (or 0: the server serves its current round)."""
+    if not reply.HasField("rejoin"):
+        return algo.init(dim)
+    round_, contribution = codec.rejoin_from_proto(reply.rejoin, dim)
+    log.warning("rejoining at round %d%s", round_, "" if contribution is None else " from the server's stored sum")
+    return algo.rejoin(dim, contribution)
+
+
 class _Gradients:
     """This round's (mini)batch and a counted gradient oracle on it.
 
@@ -300,7 +313,7 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
         rng = worker_rng(conf.seed, cfg.shard, cfg.worker_id)
         batch = algo.batch
         wants_smoothness = algo.tracks_theta_hat
-        state: Any = algo.init(task.dim)
+        state: Any = initial_state(algo, task.dim, reply)
         result = WorkerResult(cfg.worker_id, reply.worker_index)
         down = Downlink(
             cfg.worker_id,

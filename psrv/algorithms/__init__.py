@@ -86,6 +86,11 @@ class Algorithm(Protocol):
 
     def init(self, dim: int) -> Any: ...
 
+    def rejoin(self, dim: int, contribution: np.ndarray | None) -> Any:
+        """The state of a worker that registers again while training (it restarted, or the server
+        resumed from a checkpoint), from what the server handed back (see :class:`AlgorithmBase`)."""
+        ...
+
     def step(self, state: Any, grad: np.ndarray, info: RoundInfo, rng: np.random.Generator) -> Decision: ...
 
     def select(self, view: SelectionView, rng: np.random.Generator) -> frozenset[int] | None: ...
@@ -115,6 +120,21 @@ class AlgorithmBase:
     def select(self, view: SelectionView, rng: np.random.Generator) -> frozenset[int] | None:
         """The worker indices that compute this round (only called when ``selects``)."""
         return None
+
+    def rejoin(self, dim: int, contribution: np.ndarray | None) -> Any:
+        """A rejoining worker's state. ``contribution``: the worker's row of the server's running sum
+        (accumulating rules; None for the others, whose uploads replace what the server stored).
+
+        Default (the "replace" rules: gd, sgd, topk-ef, lag-wk, lasg, sasg, lag-ps): a fresh
+        :meth:`init`. Sound because the server replaces the stored value with the worker's next
+        upload, so nothing the worker lost is part of the server's state. Error-feedback memories
+        (topk-ef, sasg) restart at zero: the residual not yet sent is dropped once, and the
+        analyses of error feedback (Stich et al., NeurIPS 2018; Deng et al., arXiv:2112.04088)
+        hold from any bounded starting memory, zero included, so the method goes on from the
+        rejoin round as if it started there. Lazy clocks and reference gradients restart too
+        (``lag-wk``'s reference is zero, so its first round back uploads).
+        Accumulating rules override this and rebuild their reference from ``contribution``."""
+        return self.init(dim)
 
 
 ALGORITHMS: dict[str, Callable[[Mapping[str, float], str], Algorithm]] = {}

@@ -74,6 +74,16 @@ class LAQ(LazyHistory):
     def init(self, dim: int) -> LaqState:
         return LaqState(np.zeros(dim, dtype=np.float64), 0.0, 0)
 
+    def rejoin(self, dim: int, contribution: np.ndarray | None) -> LaqState:
+        """A rejoining worker: ``Q_m`` is its row of the server's sum (exactly the sum of the
+        innovations the server added for it, eq. 4), so the next innovation is taken against what
+        the server holds. ``eps_hat`` (its quantization error at the last upload) is lost: 0, and
+        the clock is set to ``t_bar`` so the first round back uploads (7b), which measures
+        ``eps_hat`` afresh; from then on the worker is exactly an LAQ worker again."""
+        if contribution is None or contribution.shape != (dim,):
+            raise ValueError(f"{self.name}: a rejoining worker needs its row of the server's sum ({dim} values)")
+        return LaqState(np.array(contribution, dtype=np.float64), 0.0, self.t_bar)
+
     def step(self, state: LaqState, grad: np.ndarray, info: RoundInfo, rng: np.random.Generator) -> Decision:
         sent = quantize(grad, state.q_prev, self.bits)
         innovation = laq_innovation(sent)

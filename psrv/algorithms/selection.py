@@ -95,6 +95,14 @@ class _Incremental(AlgorithmBase):
     def init(self, dim: int) -> np.ndarray:
         return np.zeros(dim, dtype=np.float64)  # the last uploaded gradient: nothing yet
 
+    def rejoin(self, dim: int, contribution: np.ndarray | None) -> np.ndarray:
+        """A rejoining worker: its estimate ``g_m`` is exactly its row of the server's sum (the sum of
+        the compressed differences the server added for it), so it goes on as if it never left."""
+        self.init(dim)  # the same checks as a first start
+        if contribution is None or contribution.shape != (dim,):
+            raise ValueError(f"{self.name}: a rejoining worker needs its row of the server's sum ({dim} values)")
+        return np.array(contribution, dtype=np.float64)
+
     def step(self, state: np.ndarray, grad: np.ndarray, info: RoundInfo, rng: np.random.Generator) -> Decision:
         grad = np.asarray(grad, dtype=np.float64).reshape(-1)
         sent = self.compressor.compress(grad - state, rng)

@@ -195,12 +195,22 @@ class RunConfig(_message.Message):
     def __init__(self, algorithm: _Optional[str] = ..., compressor: _Optional[str] = ..., options: _Optional[_Mapping[str, float]] = ..., task: _Optional[str] = ..., task_options: _Optional[_Mapping[str, float]] = ..., dim: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., zstd: _Optional[bool] = ..., model_dtype: _Optional[_Union[Dtype, str]] = ..., down_compressor: _Optional[str] = ..., round_transport: _Optional[_Union[RoundTransport, str]] = ..., server_opt: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("worker_index", "config")
+    __slots__ = ("worker_index", "config", "rejoin")
     WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    REJOIN_FIELD_NUMBER: _ClassVar[int]
     worker_index: int
     config: RunConfig
-    def __init__(self, worker_index: _Optional[int] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ...) -> None: ...
+    rejoin: Rejoin
+    def __init__(self, worker_index: _Optional[int] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., rejoin: _Optional[_Union[Rejoin, _Mapping]] = ...) -> None: ...
+
+class Rejoin(_message.Message):
+    __slots__ = ("round", "contribution")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    contribution: DenseTensor
+    def __init__(self, round: _Optional[int] = ..., contribution: _Optional[_Union[DenseTensor, _Mapping]] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("worker_id", "round", "replica_round")
