@@ -442,3 +442,22 @@ def test_inspect_tap_command_on_tls(pki: Pki, make_server: Callable[..., Server]
     assert result["r"].exit_code == 0, result["r"].output
     messages = [(r["method"], r["dir"], r["worker"]) for r in read_records(log) if r["type"] == "message"]
     assert messages == [("Register", "up", "w0"), ("Register", "down", "w0")]
+
+
+def test_unauthenticated_long_polls_do_not_harm_a_run(pki: Pki, make_server: Callable[..., Server]) -> None:
+    """200 concurrent GetModel long polls without a token (TLS, so they do reach the server) are all
+    refused at once while two real workers train: none waits, the run completes."""
+    server = make_server(
+        ServerSecurity(str(pki.server_cert), str(pki.server_key), tokens=str(pki.tokens)),
+        algorithm="gd", rounds=3, round_timeout=30,
+    )  # fmt: skip
+    with ClientSecurity(ca=str(pki.ca)).channel(server.address) as channel:
+        poll = channel.unary_unary(f"/{rpc.SERVICE}/GetModel")
+        request = pb.GetModelRequest(worker_id="w0", round=1).SerializeToString()
+        calls = [poll.future(request, timeout=60) for _ in range(200)]
+        workers = {w: ClientSecurity(ca=str(pki.ca), token_file=str(pki.worker_token(w))) for w in WORKERS}
+        summary, results = _run(server, workers)
+        codes = [c.exception().code() if c.exception() else None for c in calls]
+    assert [r.rounds for r in results] == [3, 3], results
+    assert summary["rounds"] == 3
+    assert codes == [Code.UNAUTHENTICATED] * 200
