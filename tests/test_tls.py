@@ -461,3 +461,33 @@ def test_unauthenticated_long_polls_do_not_harm_a_run(pki: Pki, make_server: Cal
     assert [r.rounds for r in results] == [3, 3], results
     assert summary["rounds"] == 3
     assert codes == [Code.UNAUTHENTICATED] * 200
+
+
+# ------------------------------------------------------------------------------- the commands
+@pytest.mark.parametrize(("host", "tls", "warned"), [("0.0.0.0", False, True), ("127.0.0.1", False, False),
+                                                     ("0.0.0.0", True, False)])  # fmt: skip
+def test_start_server_warns_on_a_public_address_without_tls(
+    pki: Pki, host: str, tls: bool, warned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psrv.server
+
+    real = psrv.server.create_server  # the test listens on loopback only, whatever --host says
+    monkeypatch.setattr(psrv.server, "create_server", lambda ps, _address, **kw: real(ps, "127.0.0.1:0", **kw))
+    args = ["start-server", "--algorithm", "gd", "--workers", "1", "--rounds", "1", "--host", host, "--port", "0",
+            "--register-timeout", "0.2"]  # fmt: skip
+    if tls:
+        args += ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "only 0 of 1 workers registered" in result.output  # nobody came
+    assert ("warning: listening on 0.0.0.0 without TLS" in result.output) == warned
+
+
+def test_start_worker_says_why_the_handshake_failed(pki: Pki, make_server: Callable[..., Server]) -> None:
+    server = make_server(pki.server_security())
+    args = ["start-worker", "--server", server.address, "--worker-id", "w0", "--data", "digits",
+            "--tls-ca", str(pki.ca), "--token-file", str(pki.worker_token("w0"))]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert line.startswith(f"Error: worker w0: cannot connect to {server.address}")
+    assert line.endswith("pass --tls-cert/--tls-key)")
