@@ -257,6 +257,7 @@ def start_server(
     from psrv.metrics import MetricsSink
     from psrv.runner import config_manifest
     from psrv.server import ParameterServer, create_server
+    from psrv.tls import is_loopback
 
     security = pop_server_security(kw)
     if len(kw["algorithms"]) != 1:
@@ -275,8 +276,6 @@ def start_server(
         raise OutputPathError(str(exc)) from None
     ps = ParameterServer(config, sink)
     server, bound = create_server(ps, f"{host}:{port}", security=security)
-    from psrv.tls import is_loopback
-
     if not security.tls and not is_loopback(host):
         warning = f"warning: listening on {host} without TLS: anyone who reaches the port can register, upload"
         click.echo(f"{warning} and read the model (see --tls-cert, --tls-client-ca, --worker-tokens)", err=True)

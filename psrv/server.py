@@ -354,14 +354,14 @@ def create_server(
     for a file it cannot use); None or empty: plaintext, every worker id open to every caller."""
     security = security or tls.ServerSecurity()
     credentials = security.credentials()
-    ps.servicer.auth = security.authenticator()
+    ps.servicer.auth = auth = security.authenticator()
     memory.tune_malloc()
     # the engine's vector reductions gain nothing from BLAS threads, whose spinning takes CPU from workers
     threadpoolctl.threadpool_limits(1, user_api="blas")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2 * ps.config.num_workers + 8),
         options=rpc.channel_options(max_message_bytes),
-        interceptors=security.interceptors(rpc.SERVICE),
+        interceptors=tls.interceptors(auth, rpc.SERVICE),
     )
     server.add_generic_rpc_handlers((rpc.generic_handler(ps.handlers(), raw=Servicer.RAW),))
     health_servicer = health.HealthServicer()

@@ -241,6 +241,12 @@ class Authenticator:
                 )
 
 
+def interceptors(auth: Authenticator | None, service: str) -> list[grpc.ServerInterceptor]:
+    """The server interceptors ``auth`` needs: with tokens, one that refuses calls to ``service``
+    without a valid token before their first message is read."""
+    return [] if auth is None or auth.tokens is None else [_TokenGate(auth, service)]
+
+
 class _TokenGate(grpc.ServerInterceptor):
     """Refuses a call to ``service`` without a valid token before its first message is read
     (UNAUTHENTICATED); other services (health, reflection) pass."""
@@ -308,10 +314,6 @@ class ServerSecurity:
             return None
         tokens = None if self.tokens is None else load_tokens(self.tokens)
         return Authenticator(tokens, certs=self.client_ca is not None)
-
-    def interceptors(self, service: str) -> list[grpc.ServerInterceptor]:
-        auth = self.authenticator()
-        return [] if auth is None or auth.tokens is None else [_TokenGate(auth, service)]
 
 
 # ------------------------------------------------------------------------------------- client side
