@@ -400,7 +400,7 @@ class HandshakeError(ConnectionError):
     """The connection's TLS handshake failed: retrying will not help (one line, with a hint)."""
 
 
-_HANDSHAKE = ("handshake", "SSL_ERROR", "CERTIFICATE", "Socket closed")
+_HANDSHAKE = ("handshake", "SSL_ERROR", "CERTIFICATE", "Socket closed", "Hostname Verification")
 
 
 def handshake_failed(exc: grpc.RpcError) -> str | None:
@@ -430,6 +430,8 @@ def check_handshake(channel: grpc.Channel, address: str, security: ClientSecurit
 def explain(details: str, security: ClientSecurity | None) -> str:
     """A hint for a worker's connection failure that TLS may have caused ('' when none applies)."""
     sec = security or ClientSecurity()
+    if "Hostname Verification" in details:
+        return " (the server's certificate is not for this host: pass --tls-server-name with a name it has)"
     if "CERTIFICATE_VERIFY_FAILED" in details or "certificate verify failed" in details:
         return " (the server's certificate does not verify against --tls-ca, or not for this host: --tls-server-name)"
     if "Socket closed" in details or "Connection reset" in details:

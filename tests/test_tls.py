@@ -28,6 +28,7 @@ from psrv.certs import Pki, make_test_pki
 from psrv.cli import main
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.tls import ClientSecurity, HandshakeError, SecurityError, ServerSecurity, is_loopback, load_tokens
+from psrv.tls import check_handshake as tls_check_handshake
 from psrv.v1 import psrv_pb2 as pb
 from worker.client import WorkerConfig, load_training_data, run_worker
 
@@ -381,12 +382,14 @@ def test_psrv_run_tls_end_to_end(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- psrv inspect on TLS
-def test_inspect_tap_terminates_mutual_tls(pki: Pki, make_server: Callable[..., Server]) -> None:
+def test_inspect_tap_terminates_mutual_tls(pki: Pki, make_server: Callable[..., Server], tmp_path: Path) -> None:
     """Workers -> TLS-terminating tap -> server, all mutual TLS with tokens: the run completes, the
     server still binds each worker's own certificate (the tap presents it), and the tap decodes
-    every message as on a cleartext run, its bytes adding up to what it relayed."""
+    every message as on a cleartext run, its bytes adding up to what it relayed; its pcap holds the
+    plaintext."""
     from psrv.inspect.cli import summarize
     from psrv.inspect.grpcmsg import PROTO_KEYS
+    from psrv.inspect.pcap import decode_pcap
     from psrv.inspect.tap import TapThread, TapTls
 
     server = make_server(pki.server_security(), algorithm="topk-ef", rounds=3, round_timeout=30)
@@ -394,7 +397,7 @@ def test_inspect_tap_terminates_mutual_tls(pki: Pki, make_server: Callable[..., 
         cert=str(pki.server_cert), key=str(pki.server_key), client_ca=str(pki.ca),
         upstream_ca=str(pki.ca), upstream_client_certs=str(pki.root / "workers"),
     )  # fmt: skip
-    tap = TapThread(("127.0.0.1", server.port), tls=tls).start()
+    tap = TapThread(("127.0.0.1", server.port), tls=tls, pcap=tmp_path / "tap.pcap").start()
     try:
         through = Server.__new__(Server)
         through.ps, through.address = server.ps, f"127.0.0.1:{tap.port}"
@@ -414,6 +417,8 @@ def test_inspect_tap_terminates_mutual_tls(pki: Pki, make_server: Callable[..., 
     # what the server counted of the psrv messages is what the tap decoded of them
     up = sum(sum(r["bytes"][k] for k in PROTO_KEYS) for r in messages if r["dir"] == "up" and r["method"] != "Check")
     assert up == summary["bytes_up"]
+    # the capture is of the plaintext: the pcap decoder gives the same records
+    assert decode_pcap(tmp_path / "tap.pcap", port=server.port).records == records
 
 
 def test_inspect_tap_command_on_tls(pki: Pki, make_server: Callable[..., Server], tmp_path: Path) -> None:
@@ -491,3 +496,20 @@ def test_start_worker_says_why_the_handshake_failed(pki: Pki, make_server: Calla
     (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
     assert line.startswith(f"Error: worker w0: cannot connect to {server.address}")
     assert line.endswith("pass --tls-cert/--tls-key)")
+
+
+@pytest.mark.parametrize(("name", "ok"), [("psrv.test", True), ("elsewhere.test", False)])
+def test_tls_server_name_is_what_the_certificate_is_checked_for(
+    pki: Pki, make_server: Callable[..., Server], name: str, ok: bool
+) -> None:
+    """--tls-server-name: the certificate (SAN localhost, 127.0.0.1, psrv.test) must name it."""
+    server = make_server(pki.server_security())
+    security = ClientSecurity(str(pki.ca), str(pki.worker_cert("w0")), str(pki.worker_key("w0")), name,
+                              str(pki.worker_token("w0")))  # fmt: skip
+    channel, stub = server.stub(security)
+    with channel:
+        if ok:
+            assert stub.Register(REGISTER, timeout=5).worker_index == 0
+        else:
+            with pytest.raises(HandshakeError, match="--tls-server-name"):
+                tls_check_handshake(channel, server.address, security)
