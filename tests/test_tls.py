@@ -513,3 +513,23 @@ def test_tls_server_name_is_what_the_certificate_is_checked_for(
         else:
             with pytest.raises(HandshakeError, match="--tls-server-name"):
                 tls_check_handshake(channel, server.address, security)
+
+
+def test_compose_tls_override_gives_each_service_its_credentials() -> None:
+    """docker-compose.tls.yml: every service of docker-compose.yml gets, through the entrypoint's
+    PSRV_EXTRA_ARGS, exactly the options `psrv run --tls` uses, for the `psrv certs` folder the
+    containers see at /out/tls and for its own worker id."""
+    yaml = pytest.importorskip("yaml")
+    from psrv.cluster import entrypoint
+
+    root = Path(__file__).resolve().parents[1]
+    base = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]
+    over = yaml.safe_load((root / "docker-compose.tls.yml").read_text())["services"]
+    assert set(over) == set(base)
+    pki = Pki(Path("/out/tls"))
+    for name, svc in over.items():
+        role, *args = base[name]["command"]
+        extra = entrypoint.extra_args(svc["environment"])
+        want = pki.server_argv() if role == "server" else pki.worker_argv(args[args.index("--worker-id") + 1])
+        assert extra == want
+        assert entrypoint.command(role, [*args, *extra])[-len(extra) :] == extra
