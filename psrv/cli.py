@@ -32,6 +32,7 @@ from psrv.options import (
     pop_server_options,
     server_options,
 )
+from psrv.tls_options import pop_client_security, pop_server_security, server_tls_options, worker_tls_options
 
 
 class LazyGroup(click.Group):
@@ -142,12 +143,20 @@ def main(verbose: int) -> None:
     default=None,
     help="Write the summary here (default <out>/summary.json): one object, or a list when comparing.",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    default=False,
+    help="Make a throwaway CA, certificates and tokens in <out>/<algorithm>/tls and run over mutual TLS with "
+    "per-worker tokens (see `psrv certs`).",
+)
 def run(
     eval_every: int | None,
     target_accuracy: float | None,
     target_loss: float | None,
     out: str,
     summary_json: str | None,
+    tls: bool,
     **kw: Any,
 ) -> None:
     """Train on this machine: one server and M worker processes over loopback gRPC."""
@@ -194,6 +203,7 @@ def run(
                 device=device,
                 checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / job.algorithm,
                 checkpoint_every=10 if checkpoint_every is None else checkpoint_every,
+                tls=tls,
             )
         summaries.append(summary)
     click.echo(report.table(summaries))
@@ -249,6 +259,7 @@ def plot(run_dir: str, out_path: str | None) -> None:
 @click.option(
     "--model-out", type=click.Path(dir_okay=False), default=None, help="Save the final model (.npy, atomically)."
 )
+@server_tls_options
 def start_server(
     host: str,
     port: int,
@@ -268,7 +279,9 @@ def start_server(
     from psrv.metrics import MetricsSink
     from psrv.runner import config_manifest
     from psrv.server import ParameterServer, create_server
+    from psrv.tls import is_loopback
 
+    security = pop_server_security(kw)
     if len(kw["algorithms"]) != 1:
         raise click.UsageError(f"a server runs one algorithm; got {','.join(kw['algorithms'])} (pass --algorithm NAME)")
     checkpoint_dir, checkpoint_every = pop_checkpoint(kw)
@@ -314,10 +327,13 @@ def start_server(
         if ckpt is not None:
             ps.engine.restore(ckpt.state)
             ckpt.restore_counter(ps.counter)
-        server, bound = create_server(ps, f"{host}:{port}")
+        server, bound = create_server(ps, f"{host}:{port}", security=security)
     except (ValueError, RuntimeError) as exc:
         sink.close()
         raise click.ClickException(str(exc)) from None
+    if not security.tls and not is_loopback(host):
+        warning = f"warning: listening on {host} without TLS: anyone who reaches the port can register, upload"
+        click.echo(f"{warning} and read the model (see --tls-cert, --tls-client-ca, --worker-tokens)", err=True)
     shape = "the first registration's" if config.task_shape is None else "{},{}".format(*config.task_shape)
     what = " to rejoin" if ckpt is not None else ""
     click.echo(f"psrv server listening on {host}:{bound}; waiting for {config.num_workers} workers{what}; "
@@ -383,6 +399,7 @@ def check_port_free(host: str, port: int) -> None:
 )
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True)
 @click.option("--crash-after", type=int, default=None, hidden=True, help="Fault injection for tests.")
+@worker_tls_options
 def start_worker(
     server_address: str,
     worker_id: str,
@@ -398,6 +415,7 @@ def start_worker(
     from psrv.data import DataError
     from worker.client import WorkerConfig, run_worker
 
+    security = pop_client_security(kw)
     dc = pop_data(kw)
     device = pop_device(kw)
     index = num = None
@@ -421,6 +439,7 @@ def start_worker(
         crash_after=crash_after,
         regression=dc.regression,
         device=device,
+        security=security,
     )
     try:
         result = run_worker(cfg)
@@ -428,5 +447,47 @@ def start_worker(
         raise click.UsageError(str(exc)) from None
     except Exception as exc:  # grpc.RpcError and friends: say what the server said
         details = getattr(exc, "details", None)
-        raise click.ClickException(f"worker {worker_id}: {details() if callable(details) else exc}") from None
+        from psrv.tls import explain
+
+        text = details() if callable(details) else str(exc)
+        hint = explain(text or "", security) if callable(details) else ""
+        raise click.ClickException(f"worker {worker_id}: {text}{hint}") from None
     click.echo(json.dumps({k: v for k, v in vars(result).items() if k != "final_params"}))
+
+
+@main.command("certs")
+@click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False))
+@click.option(
+    "--workers",
+    "workers_spec",
+    required=True,
+    help="Worker ids: a count N (w0..wN-1, the ids `psrv run` and `psrv cluster run` give) or a list w0,w1,...",
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="Another name or IP address of the server for its certificate (repeatable; localhost and 127.0.0.1 "
+    "are always in).",
+)
+@click.option("--days", type=click.IntRange(min=1), default=30, show_default=True, help="Certificates' validity.")
+def certs(out_dir: str, workers_spec: str, hosts: tuple[str, ...], days: int) -> None:
+    """Make test certificates: a CA, a server certificate, a certificate and a token per worker.
+
+    \b
+    psrv certs pki --workers 2 --host server.example
+    psrv start-server --tls-cert pki/server.crt --tls-key pki/server.key \\
+        --tls-client-ca pki/ca.crt --worker-tokens pki/worker-tokens.txt ...
+    psrv start-worker --worker-id w0 --tls-ca pki/ca.crt --tls-cert pki/workers/w0.crt \\
+        --tls-key pki/workers/w0.key --token-file pki/workers/w0.token ...
+    """
+    from psrv.certs import make_test_pki, worker_ids
+
+    try:
+        ids = worker_ids(workers_spec)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--workers") from None
+    check_outputs(dirs={"DIR": out_dir})
+    pki = make_test_pki(out_dir, ids, hosts, days)
+    click.echo(f"{pki.root}: ca.crt, server.crt/.key, worker-tokens.txt, workers/<id>.crt/.key/.token for {len(ids)} "
+               f"worker(s): {', '.join(ids)}")  # fmt: skip

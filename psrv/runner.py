@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from psrv import __version__, report
+from psrv import __version__, certs, report
 from psrv.files import atomic_save_npy, atomic_write_json
 from psrv.metrics import MetricsSink
 from psrv.options import DataConfig, worker_argv, worker_ids
@@ -99,6 +99,7 @@ def run_local(
     device: str = "cpu",
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 10,
+    tls: bool = False,
 ) -> dict[str, Any]:
     """Run one job end to end; returns the summary (also the model is in ``out_dir``).
 
@@ -108,7 +109,9 @@ def run_local(
     Sun et al., NeurIPS 2019, Table 2). ``device`` (cpu, cuda, auto): where the workers' torch model
     computes (``start-worker --device``) and where this process evaluates. ``checkpoint_dir``: the
     server's state is saved there every ``checkpoint_every`` rounds and after the last
-    (:mod:`psrv.checkpoint`; ``start-server --resume`` continues it)."""
+    (:mod:`psrv.checkpoint`; ``start-server --resume`` continues it). ``tls``: make a test
+    CA, certificates and tokens in ``out_dir/tls`` (:mod:`psrv.certs`) and run over mutual TLS with
+    per-worker tokens, the workers started with the ``--tls-*`` and ``--token-file`` options."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(config.task, dict(config.task_options), dc, device)
@@ -141,14 +144,15 @@ def run_local(
     ps = ParameterServer(config, checkpointer or sink, keep_rows=checkpointer is not None)
     if checkpointer is not None:
         checkpointer.attach(ps.engine, ps.counter)
-    server, port = create_server(ps, "127.0.0.1:0")
+    pki = certs.make_test_pki(out / "tls", [f"w{i}" for i in range(config.num_workers)]) if tls else None
+    server, port = create_server(ps, "127.0.0.1:0", security=None if pki is None else pki.server_security())
     procs: list[subprocess.Popen] = []
     logs = []
     try:
         for i in range(config.num_workers):
             log_file = open(out / f"worker{i}.log", "w")
             logs.append(log_file)
-            extra = (worker_extra or {}).get(i, ())
+            extra = (*(worker_extra or {}).get(i, ()), *(pki.worker_argv(f"w{i}") if pki else ()))
             cmd = worker_argv(f"127.0.0.1:{port}", i, config.num_workers, dc, extra, device=device)
             procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT))
         watcher = threading.Thread(target=_fail_if_all_die, args=(ps, procs), daemon=True)

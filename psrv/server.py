@@ -19,7 +19,7 @@ import threadpoolctl
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from psrv import codec, memory, rpc, stream
+from psrv import codec, memory, rpc, stream, tls
 from psrv.engine import EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
 from psrv.limits import CallLimiter, LimitExceeded, TransportLimits, Watchdog
 from psrv.metrics import ByteCounter
@@ -53,6 +53,8 @@ class Servicer:
         limits: TransportLimits | None = None,
     ) -> None:
         self.engine, self.counter, self.chunk, self.stream_above = engine, counter, chunk, stream_above
+        #: checks that a call's credentials name the worker it acts for (:mod:`psrv.tls`); None: open
+        self.auth: tls.Authenticator | None = None
         self.limits = limits or TransportLimits()
         self.calls = CallLimiter(self.limits.calls_per_worker, self.limits.anonymous_calls)
         self.watchdog = Watchdog()
@@ -75,6 +77,11 @@ class Servicer:
             context.cancel()
 
         return self.watchdog.watch(self.limits.stream_idle_timeout, expire)
+
+    def _authorize(self, context: Any, worker_id: str) -> None:
+        """Abort with UNAUTHENTICATED / PERMISSION_DENIED unless the call may act as ``worker_id``."""
+        if self.auth is not None:
+            self.auth.authorize(context, worker_id)
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         out: dict[str, Callable[..., Any]] = {
@@ -159,6 +166,7 @@ class Servicer:
         if kind != "open":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Rounds: the first message must be `open`, not `{kind}`")
         worker_id, k = opened.worker_id, opened.round
+        self._authorize(context, worker_id)
         replica = opened.replica_round if opened.HasField("replica_round") else None
         self._call(lambda *_: self.engine.worker(worker_id), None, 0, context)  # NOT_FOUND before waiting
         release = self._call(lambda *_: self._hold(worker_id, context), None, 0, context)
@@ -265,6 +273,7 @@ class Servicer:
         return whole.result(), nbytes
 
     def Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterResponse:
+        self._authorize(context, req.worker_id)
         index, rejoin = self.engine.register_worker(req.worker_id, req.num_samples, req.n_features, req.n_classes)
         reply = pb.RegisterResponse(
             worker_index=index, config=codec.run_config_to_proto(self.engine.config, self.engine.dim)
@@ -274,6 +283,7 @@ class Servicer:
         return reply
 
     def GetModel(self, req: pb.GetModelRequest, nbytes: int, context: Any) -> bytes:
+        self._authorize(context, req.worker_id)
         remaining = context.time_remaining() if context is not None else None
         wait = 60.0 if remaining is None else max(0.0, remaining - 0.05)
         replica_round = req.replica_round if req.HasField("replica_round") else None
@@ -288,12 +298,14 @@ class Servicer:
 
     def _push(self, upload: codec.WireUpload, nbytes: int, context: Any) -> pb.PushResponse:
         req = upload.request
+        self._authorize(context, req.worker_id)
         payload = upload.payload(self.engine.dim_for(req.worker_id))  # NOT_FOUND before decoding
         smoothness = codec.upload_smoothness(req)
         self.engine.push(req.worker_id, req.round, payload, req.local_loss, smoothness, nbytes)
         return pb.PushResponse(round=req.round)
 
     def Skip(self, req: pb.SkipRequest, nbytes: int, context: Any) -> pb.SkipResponse:
+        self._authorize(context, req.worker_id)
         self._skip(req.worker_id, req.round, req, nbytes)
         return pb.SkipResponse(round=req.round)
 
@@ -395,7 +407,10 @@ class ParameterServer:
 
 
 def create_server(
-    ps: ParameterServer, address: str = "127.0.0.1:0", max_message_bytes: int | None = None
+    ps: ParameterServer,
+    address: str = "127.0.0.1:0",
+    max_message_bytes: int | None = None,
+    security: tls.ServerSecurity | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started gRPC server for ``ps`` and the port it bound (port 0 picks a free one).
     Sets up malloc for big messages first (:func:`psrv.memory.tune_malloc`).
@@ -410,7 +425,13 @@ def create_server(
     Besides psrv's service it offers the standard health service (``grpc.health.v1.Health``:
     SERVING while the run registers and trains, NOT_SERVING once it is done or failed) and server
     reflection (``grpc.reflection.v1alpha``, what grpcio-reflection serves), so ``grpcurl`` and ``grpc_health_probe``
-    work without the proto."""
+    work without the proto.
+
+    ``security``: TLS, mutual TLS and worker tokens (:mod:`psrv.tls`; raises its SecurityError
+    for a file it cannot use); None or empty: plaintext, every worker id open to every caller."""
+    security = security or tls.ServerSecurity()
+    credentials = security.credentials()
+    ps.servicer.auth = auth = security.authenticator()
     memory.tune_malloc()
     # the engine's vector reductions gain nothing from BLAS threads, whose spinning takes CPU from workers
     threadpoolctl.threadpool_limits(1, user_api="blas")
@@ -427,6 +448,7 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=limits.threads(m), thread_name_prefix="psrv-server"),
         options=options,
         maximum_concurrent_rpcs=limits.concurrent(m),
+        interceptors=tls.interceptors(auth, rpc.SERVICE),
     )
     server.add_generic_rpc_handlers((rpc.generic_handler(ps.handlers(), raw=Servicer.RAW),))
     health_servicer = health.HealthServicer()
@@ -437,7 +459,7 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     ps.health = health_servicer
     reflection.enable_server_reflection((rpc.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     server.start()

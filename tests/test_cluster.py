@@ -513,3 +513,22 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.process
+@needs_netns
+def test_cluster_run_over_mutual_tls(tmp_path: Path, owned_pids: set[int]) -> None:
+    """`--tls`: certificates for the server's address and each worker are made in <out>/tls; the
+    processes run with the TLS and token options and the run completes."""
+    out = tmp_path / "tls"
+    args = ["run", "--workers", "2", "--rounds", "3", "--algorithm", "gd", "--rate", "none",
+            "--round-timeout", "60", "--tls", "--out", str(out)]  # fmt: skip
+    r = CliRunner().invoke(cluster, args)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert not _ours(owned_pids)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["worker_exit_codes"] == [0, 0] and s["server"]["rounds"] == 3
+    assert "--tls-client-ca" in (out / "server.log").read_text()
+    assert "--token-file" in (out / "w1.log").read_text() and (out / "tls" / "workers" / "w1.key").exists()

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import threadpoolctl
 
-from psrv import codec, data, memory, rpc
+from psrv import codec, data, memory, rpc, tls
 from psrv.algorithms import RoundInfo, make_algorithm
 from psrv.replica import DownCompressor, Replica
 from psrv.server_opt import ServerOpt, make_server_opt
@@ -49,6 +49,7 @@ class WorkerConfig:
     torch_threads: int = 1  # many workers share few cores: one thread each avoids oversubscription
     regression: bool = False  # a user file's label column is a real-valued target
     device: str = "cpu"  # where a torch task's model computes: cpu, cuda or auto (psrv.tasks.torch_task)
+    security: tls.ClientSecurity | None = None  # TLS / mutual TLS / token (psrv.tls); None: plaintext
 
 
 def load_training_data(
@@ -299,7 +300,9 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
     # numpy's BLAS too: its idle threads spin after every call (a third of a worker's CPU at d = 1e7)
     threadpoolctl.threadpool_limits(cfg.torch_threads, user_api="blas")
     ds = dataset if dataset is not None else load_worker_data(cfg)
-    with grpc.insecure_channel(cfg.server, options=rpc.channel_options()) as channel:
+    with (cfg.security or tls.ClientSecurity()).channel(cfg.server, rpc.channel_options()) as channel:
+        if cfg.security is not None and cfg.security.ca is not None:  # a refused certificate: fail now, saying why
+            tls.check_handshake(channel, cfg.server, cfg.security)
         stub = rpc.CountingStub(channel)
         request = pb.RegisterRequest(
             worker_id=cfg.worker_id, num_samples=len(ds), n_features=ds.n_features, n_classes=ds.n_classes

@@ -108,6 +108,12 @@ def cluster() -> None:
     metavar="I=N",
     help="Fault injection: worker I exits after N rounds.",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    default=False,
+    help="Mutual TLS and worker tokens, with certificates made for the run in <out>/tls (psrv certs).",
+)
 @click.option("--out", type=click.Path(file_okay=False), default="psrv-out/cluster", show_default=True)
 def run(out: str, **kw: Any) -> None:
     """Run a server and M workers in network namespaces with shaped links; report message vs wire bytes.

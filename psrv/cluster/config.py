@@ -35,6 +35,7 @@ class ClusterConfig:
     crash_after: Mapping[int, int] = field(default_factory=dict)  # worker index -> rounds (fault injection)
     server_args: tuple[str, ...] = ()  # more start-server options, verbatim
     device: str = "cpu"  # the workers' --device
+    tls: bool = False  # mutual TLS + worker tokens with certificates made for the run (psrv.certs)
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS or self.rounds < 0:

@@ -9,6 +9,8 @@ Environment:
   (``10mbit``, ``500kbit``); unset, empty or ``none``: that direction is not shaped (but still counted).
 - ``PSRV_IFACE`` (default ``eth0``), ``PSRV_QDISC`` (``tbf`` or ``htb``, default ``tbf``).
 - ``PSRV_VERBOSE=1``: run ``psrv -v`` (info logging).
+- ``PSRV_EXTRA_ARGS``: more options for the command, split as a shell would (a compose override
+  file adds them per service without repeating the command: ``docker-compose.tls.yml``).
 - ``PSRV_COUNTERS``: if set, a JSON file to write this host's wire counters to when the run ends
   (bytes/packets through the uplink and downlink qdiscs, and the interface counters; see
   :mod:`psrv.cluster.counters`). Then the command runs as a child that receives SIGTERM/SIGINT
@@ -23,6 +25,7 @@ host (``ip link add type ifb`` usually loads it; else ``modprobe ifb`` on the Do
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -39,6 +42,11 @@ def command(role: str, args: Sequence[str], verbose: bool = False) -> list[str]:
     if role not in ROLES:
         raise SystemExit(f"usage: python -m psrv.cluster.entrypoint {{server|worker}} [options]; got {role!r}")
     return [sys.executable, "-m", "psrv", *(["-v"] if verbose else []), ROLES[role], *args]
+
+
+def extra_args(env: Mapping[str, str]) -> list[str]:
+    """``PSRV_EXTRA_ARGS``, split as a shell would."""
+    return shlex.split(env.get("PSRV_EXTRA_ARGS", ""))
 
 
 def apply_shaping(env: Mapping[str, str]) -> tuple[shaping.Shaped, shaping.LinkRates]:
@@ -70,7 +78,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    cmd = command(argv[0], argv[1:], verbose=env.get("PSRV_VERBOSE", "") not in ("", "0"))
+    cmd = command(argv[0], [*argv[1:], *extra_args(env)], verbose=env.get("PSRV_VERBOSE", "") not in ("", "0"))
     try:
         shaped, rates = apply_shaping(env)
     except shaping.ShapingError as exc:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from psrv import certs
 from psrv.cluster import analysis, counters, outputs, shaping
 from psrv.cluster.capture import load_capture
 from psrv.cluster.config import SERVER, ClusterConfig
@@ -113,9 +114,15 @@ def _run(cfg: ClusterConfig, topo: Topology, out: Path, logs: list[Any], say: Ca
     cap_proc = _start_capture(topo, out) if cfg.capture else None
 
     started = time.monotonic()
-    srv = _launch(cfg, topo, SERVER, server_argv(cfg, server.ip, out), out, logs)
+    ids = [f"w{i}" for i in range(cfg.workers)]
+    pki = certs.make_test_pki(out / "tls", ids, hosts=[server.ip]) if cfg.tls else None
+    srv_argv = [*server_argv(cfg, server.ip, out), *(pki.server_argv() if pki else ())]
+    srv = _launch(cfg, topo, SERVER, srv_argv, out, logs)
     address = f"{server.ip}:{cfg.port}"
-    workers = [_launch(cfg, topo, f"w{i}", worker_argv(cfg, i, address), out, logs) for i in range(cfg.workers)]
+    workers = [
+        _launch(cfg, topo, w, [*worker_argv(cfg, i, address), *(pki.worker_argv(w) if pki else ())], out, logs)
+        for i, w in enumerate(ids)
+    ]
     say(f"server at {address}; {cfg.workers} workers started; {cfg.algorithm}, {cfg.rounds} rounds")
     _wait(cfg, srv, workers, started, out)
     wall = time.monotonic() - started

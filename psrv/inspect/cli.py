@@ -42,6 +42,9 @@ _STATUS = {
 }
 
 
+_FILE = click.Path(exists=True, dir_okay=False)
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -146,9 +149,44 @@ def inspect() -> None:
 @click.option("--pcap", "pcap_path", type=click.Path(dir_okay=False), default=None, help="Also write a pcap.")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: Ctrl-C).")
 @click.option("--summary/--no-summary", default=True, show_default=True, help="Print the summary at the end.")
-def tap_cmd(listen: str, upstream: str, log_path: str, pcap_path: str | None, duration: float | None, summary: bool):
-    """Relay workers <-> server unchanged and log every gRPC message (JSON lines)."""
-    from psrv.inspect.tap import JsonlSink, parse_address, run_tap
+@click.option("--tls-cert", type=_FILE, default=None, help="Serve workers TLS with this certificate (the server's).")
+@click.option("--tls-key", type=_FILE, default=None, help="The private key of --tls-cert.")
+@click.option("--tls-client-ca", type=_FILE, default=None, help="Require worker certificates signed by this CA.")
+@click.option("--upstream-ca", type=_FILE, default=None, help="Connect to the server with TLS, trusting this CA.")
+@click.option(
+    "--upstream-client-certs",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of ID.crt/ID.key (psrv certs: DIR/workers): present the server the certificate of the "
+    "worker whose certificate the tap received (mutual TLS).",
+)
+@click.option("--upstream-server-name", default=None, help="Check the server's certificate for this name.")
+def tap_cmd(
+    listen: str,
+    upstream: str,
+    log_path: str,
+    pcap_path: str | None,
+    duration: float | None,
+    summary: bool,
+    **tls_options: str | None,
+):
+    """Relay workers <-> server unchanged and log every gRPC message (JSON lines).
+
+    On TLS runs the tap terminates TLS: it serves --tls-cert/--tls-key to the workers and opens its
+    own TLS connection to the server (--upstream-ca), and decodes the plaintext in between."""
+    import ssl
+
+    from psrv.inspect.tap import JsonlSink, TapTls, parse_address, run_tap
+
+    o = tls_options
+    tls = TapTls(o["tls_cert"], o["tls_key"], o["tls_client_ca"], o["upstream_ca"], o["upstream_client_certs"],
+                 o["upstream_server_name"])  # fmt: skip
+    if (tls.cert is None) != (tls.key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    try:
+        tls.listen_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise click.UsageError(f"--tls-cert/--tls-key/--tls-client-ca: {exc}") from None
 
     try:
         listen_addr, upstream_addr = parse_address(listen), parse_address(upstream)
@@ -166,7 +204,7 @@ def tap_cmd(listen: str, upstream: str, log_path: str, pcap_path: str | None, du
         click.echo(f"tap listening on {listen_addr[0]}:{tap.port} -> {upstream_addr[0]}:{upstream_addr[1]}", err=True)
 
     try:
-        tap = asyncio.run(run_tap(listen_addr, upstream_addr, record, pcap_path, duration, ready))
+        tap = asyncio.run(run_tap(listen_addr, upstream_addr, record, pcap_path, duration, ready, tls))
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {listen}: {exc}") from None
     finally:

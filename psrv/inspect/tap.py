@@ -10,17 +10,27 @@ client to the upstream server, handshake to FIN) that ``psrv inspect pcap`` deco
 same records.
 
 Times are wall-clock seconds rounded down to the microsecond (the resolution of the pcap).
+
+On TLS runs the tap terminates TLS (:class:`TapTls`): it serves the workers with a certificate they
+trust (the server's own, from ``psrv certs``), opens its own TLS connection to the server, and
+decodes, logs and captures the plaintext in between. With mutual TLS it asks each worker for its
+certificate and presents the server that worker's own (``workers/ID.crt`` of ``psrv certs``),
+so the server still sees each worker's identity. The pcap then holds the plaintext (tokens
+included): keep it as secret as the keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -64,6 +74,59 @@ class JsonlSink:
             self._f.close()
 
 
+@dataclass(frozen=True)
+class TapTls:
+    """TLS on the tap's two sides. Workers' side (TLS when ``cert`` is set): the certificate and key
+    it serves, and ``client_ca`` to require and check worker certificates. Server's side (TLS
+    when ``upstream_ca`` is set): the CA the server's certificate must verify against, the name to
+    check it for (default: the upstream host), and ``upstream_client_certs``, a folder of ``ID.crt``
+    / ``ID.key``: each connection presents the certificate of the worker whose certificate it got."""
+
+    cert: str | None = None
+    key: str | None = None
+    client_ca: str | None = None
+    upstream_ca: str | None = None
+    upstream_client_certs: str | None = None
+    upstream_server_name: str | None = None
+    _contexts: dict[str | None, ssl.SSLContext] = field(default_factory=dict, compare=False, repr=False)
+
+    def listen_context(self) -> ssl.SSLContext | None:
+        if self.cert is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.cert, self.key)
+        ctx.set_alpn_protocols(["h2"])  # gRPC clients insist on it
+        if self.client_ca is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(self.client_ca)
+        return ctx
+
+    def upstream_context(self, worker: str | None) -> ssl.SSLContext | None:
+        """The client context for a connection of ``worker`` (its certificate's CN; None: none)."""
+        if self.upstream_ca is None:
+            return None
+        if worker not in self._contexts:
+            ctx = ssl.create_default_context(cafile=self.upstream_ca)
+            ctx.set_alpn_protocols(["h2"])
+            if self.upstream_client_certs is not None and worker is not None:
+                if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", worker):
+                    raise ssl.SSLError(f"a worker certificate for {worker!r}, which is no worker id")
+                folder = Path(self.upstream_client_certs)
+                ctx.load_cert_chain(folder / f"{worker}.crt", folder / f"{worker}.key")
+            self._contexts[worker] = ctx
+        return self._contexts[worker]
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str | None:
+    """The common name of the TLS peer's certificate, if it sent one."""
+    cert = writer.get_extra_info("peercert") or {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
 class _Conn:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -93,8 +156,10 @@ class Tap:
         upstream: tuple[str, int],
         sink: Callable[[Record], None],
         pcap: str | Path | None = None,
+        tls: TapTls | None = None,
     ) -> None:
         self.listen, self.upstream, self.sink = listen, upstream, sink
+        self.tls = tls or TapTls()
         self.pcap = PcapWriter(pcap) if pcap else None
         self.relayed = dict.fromkeys(DIRECTIONS, 0)
         self.connections = 0
@@ -105,7 +170,9 @@ class Tap:
         self._sink_error: str | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.listen[0], self.listen[1], limit=READ_CHUNK)
+        self._server = await asyncio.start_server(
+            self._handle, self.listen[0], self.listen[1], limit=READ_CHUNK, ssl=self.tls.listen_context()
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         self._idle.set()
 
@@ -155,8 +222,12 @@ class Tap:
         connected = False
         try:
             try:
-                ureader, uwriter = await asyncio.open_connection(*self.upstream, limit=READ_CHUNK)
-            except OSError as exc:
+                ctx = self.tls.upstream_context(_peer_name(cwriter))
+                name = (self.tls.upstream_server_name or self.upstream[0]) if ctx is not None else None
+                ureader, uwriter = await asyncio.open_connection(
+                    *self.upstream, limit=READ_CHUNK, ssl=ctx, server_hostname=name
+                )
+            except OSError as exc:  # ssl.SSLError included
                 self._emit([{"type": "error", "time": _now_us() / 1e6, "conn": name, "error": f"upstream: {exc}"}])
                 return
             connected = True
@@ -219,6 +290,8 @@ class Tap:
                     writer.write_eof()  # half-close: the other direction may still be talking
                 except OSError:
                     clean = False
+            elif clean:
+                writer.close()  # TLS has no half-close: end the other side's connection as this one ended
             t_us = _now_us()
             if clean:
                 conn.fin_us = t_us
@@ -240,11 +313,12 @@ class TapThread:
         sink: Callable[[Record], None] | None = None,
         listen: tuple[str, int] = ("127.0.0.1", 0),
         pcap: str | Path | None = None,
+        tls: TapTls | None = None,
     ) -> None:
         self.records: list[Record] = []
         self._lock = threading.Lock()
         self._user_sink = sink
-        self.tap = Tap(listen, upstream, self._sink, pcap)
+        self.tap = Tap(listen, upstream, self._sink, pcap, tls)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="psrv-tap", daemon=True)
 
@@ -293,11 +367,12 @@ async def run_tap(
     pcap: str | Path | None = None,
     duration: float | None = None,
     on_ready: Callable[[Tap], None] | None = None,
+    tls: TapTls | None = None,
 ) -> Tap:
     """Serve until ``duration`` seconds pass, SIGINT/SIGTERM, or cancellation; then close."""
     import signal
 
-    tap = Tap(listen, upstream, sink, pcap)
+    tap = Tap(listen, upstream, sink, pcap, tls)
     await tap.start()
     if on_ready is not None:
         on_ready(tap)
