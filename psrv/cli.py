@@ -290,13 +290,29 @@ def start_server(
     metavar="I/M",
     help="Use shard I of M of the data (omit when the file is this worker's own).",
 )
-@click.option("--connect-timeout", type=float, default=60.0, show_default=True)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds the first registration keeps trying while the server is not up yet.",
+)
+@click.option(
+    "--retry-for",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A worker that loses the server retries (exponential backoff, full jitter) for this long, then "
+    "registers again under its id and goes on; past it, it exits 1 naming the address and the cause.",
+)
 @click.option("--crash-after", type=int, default=None, hidden=True, help="Fault injection for tests.")
 def start_worker(
     server_address: str,
     worker_id: str,
     shard: str | None,
     connect_timeout: float,
+    retry_for: float,
     crash_after: int | None,
     **kw: Any,
 ) -> None:
@@ -305,8 +321,12 @@ def start_worker(
 
     memory.tune_malloc()  # before any thread starts (see psrv.memory)
     from psrv.data import DataError
-    from worker.client import WorkerConfig, run_worker
+    from worker.client import WorkerConfig, check_address, run_worker
 
+    try:
+        check_address(server_address)  # before the data loads
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--server") from None
     dc = pop_data(kw)
     device = pop_device(kw)
     index = num = None
@@ -327,6 +347,7 @@ def start_worker(
         seed=dc.seed,
         test_fraction=dc.test_fraction,
         connect_timeout=connect_timeout,
+        retry_for=retry_for,
         crash_after=crash_after,
         regression=dc.regression,
         device=device,

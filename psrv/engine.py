@@ -10,7 +10,10 @@ step of LAG, Chen et al., NeurIPS 2018, and of LAQ, Sun et al., NeurIPS 2019, eq
 server optimizer's step along that sum (``--server-opt``, :mod:`psrv.server_opt`; Reddi et al.,
 ICLR 2021); hand the round's record to the metrics sink. A worker that misses ``max_misses``
 deadlines in a row stops being waited for until it reports again, so a dead worker costs the run
-at most ``max_misses`` deadlines, then nothing (while no worker at all is responsive, every round waits its deadline).
+at most ``max_misses`` deadlines, then nothing. A transport that holds one connection per worker (the
+Rounds stream) says when it ends (:meth:`RoundEngine.disconnected`): that worker stops being
+waited for at once. Fewer than ``min_workers`` live (responsive) workers: the round waits up to
+``quorum_wait`` seconds for rejoins, then the run fails naming who is gone and why.
 
 Errors are domain errors (:class:`EngineError` subclasses, each naming the status a transport
 should report); the engine never half-applies a rejected report.
@@ -121,6 +124,8 @@ class ServerConfig:
     transport: str = "stream"  # how workers are told to run rounds: "stream" (one Rounds stream each) | "unary"
     server_opt: str = "sgd"  # "NAME[:KEY=VALUE,...]": the server optimizer (psrv.server_opt), step size options["lr"]
     clip_norm: float = 0.0  # > 0: each upload's decoded vector is scaled down to this L2 norm at most (see push)
+    min_workers: int = 1  # fewer live workers than this (for quorum_wait seconds) fail the run; 0: never
+    quorum_wait: float | None = None  # seconds to wait for rejoins below min_workers; None: 2 x round_timeout
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -129,6 +134,10 @@ class ServerConfig:
             raise ValueError(f"downlink must be one of {', '.join(DOWNLINKS)}, got {self.downlink!r}")
         if self.num_workers < 1 or self.rounds < 0 or self.round_timeout <= 0 or self.max_misses < 1:
             raise ValueError("need num_workers >= 1, rounds >= 0, round_timeout > 0, max_misses >= 1")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"--min-workers must be in 0..--workers ({self.num_workers}), got {self.min_workers}")
+        if self.quorum_wait is not None and not (math.isfinite(self.quorum_wait) and self.quorum_wait >= 0):
+            raise ValueError(f"--quorum-wait must be finite and >= 0 seconds, got {self.quorum_wait!r}")
         if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
             raise ValueError(f"clip_norm must be finite and >= 0 (0: off), got {self.clip_norm!r}")
         if self.broadcast_dtype not in ("float32", "float64"):
@@ -160,6 +169,7 @@ class WorkerState:
     responsive: bool = True
     misses: int = 0
     last_upload: int = -1  # round of the last accepted upload
+    gone: str = ""  # why it is not responsive (its stream closed, missed deadlines); "" while it is
 
 
 @dataclass
@@ -293,6 +303,7 @@ class RoundEngine:
         self._open = _OpenRound()
         self._ready: set[str] = set()  # workers that have asked for a model: warmed up
         self._done_served: set[str] = set()
+        self._connections: dict[str, int] = {}  # worker -> the number of its current connection (see connected)
 
     # ------------------------------------------------------------------ views
     @property
@@ -367,7 +378,7 @@ class RoundEngine:
                 f"worker {w.worker_id!r} cannot rejoin a {self.config.algorithm} run: its lost state is part of "
                 "the server's running sum (accumulating rule), so it would corrupt the model"
             )
-        w.responsive, w.misses = True, 0
+        w.responsive, w.misses, w.gone = True, 0, ""
         s.rejoins += 1
         log.warning("worker %s rejoined as %d (round %d); it gets a snapshot", w.worker_id, w.index, s.round)
         self._cond.notify_all()
@@ -422,6 +433,29 @@ class RoundEngine:
                 self._open.down[w.slot] = self._open.down.get(w.slot, 0) + _size(data)
             return Served(data, b.round, form, b.done)
 
+    def connected(self, worker_id: str) -> int:
+        """A worker opened its one connection (a Rounds stream): it is live again; returns the
+        connection's number, for :meth:`disconnected`. ``NotFound`` for an unknown worker."""
+        with self._cond:
+            w = self.worker(worker_id)
+            token = self._connections.get(worker_id, 0) + 1
+            self._connections[worker_id] = token
+            w.responsive, w.misses, w.gone = True, 0, ""
+            self._cond.notify_all()
+            return token
+
+    def disconnected(self, worker_id: str, token: int, why: str) -> None:
+        """Connection ``token`` of a worker ended (``why``): unless the worker has connected again
+        since, or the run is over, it is not waited for from now on (no deadline to wait out)."""
+        with self._cond:
+            w = self.state.workers.get(worker_id)
+            if w is None or self._connections.get(worker_id) != token or self.state.phase in ("done", "failed"):
+                return
+            if w.responsive:
+                w.responsive, w.gone = False, why
+                log.warning("worker %s: %s (round %d); no longer waiting for it", worker_id, why, self.state.round)
+            self._cond.notify_all()
+
     def _check_round(self, w: WorkerState, round_: int) -> None:
         s = self.state
         if s.phase != "training":
@@ -434,7 +468,7 @@ class RoundEngine:
     def _accept(self, w: WorkerState, report: Report) -> None:
         report.latency = time.monotonic() - self._open.started
         self._open.reports[w.slot] = report
-        w.responsive, w.misses = True, 0
+        w.responsive, w.misses, w.gone = True, 0, ""
         self._cond.notify_all()
 
     def push(
@@ -707,6 +741,42 @@ class RoundEngine:
         waiting = [w for w in self.state.workers.values() if w.responsive]
         return bool(waiting) and all(w.slot in self._open.reports for w in waiting)
 
+    def _short(self) -> bool:
+        """Fewer live (responsive) workers than ``min_workers``."""
+        return sum(w.responsive for w in self.state.workers.values()) < self.config.min_workers
+
+    def _wait_round(self, k: int) -> None:
+        """Wait until every live worker has reported round ``k`` or its deadline has passed; below
+        ``min_workers`` live workers, wait for rejoins first (:meth:`_await_quorum`), after which the
+        round gets a whole deadline again. Lock held."""
+        cfg, s = self.config, self.state
+        deadline = time.monotonic() + cfg.round_timeout
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            self._cond.wait_for(lambda: self._all_reported() or s.phase == "failed" or self._short(), timeout=left)
+            if s.phase == "failed" or self._all_reported() or not self._short():
+                return
+            self._await_quorum(k)
+            deadline = max(deadline, time.monotonic() + cfg.round_timeout)
+
+    def _await_quorum(self, k: int) -> None:
+        """Below ``min_workers`` live workers: wait up to ``quorum_wait`` seconds for enough to come
+        back (rejoin, reconnect or report), else fail the run naming who is gone. Lock held."""
+        cfg, s = self.config, self.state
+        wait = 2 * cfg.round_timeout if cfg.quorum_wait is None else cfg.quorum_wait
+        log.warning("round %d: fewer than %d live workers; waiting up to %g s for rejoins", k, cfg.min_workers, wait)
+        if self._cond.wait_for(lambda: not self._short() or s.phase == "failed", timeout=wait):
+            return
+        live = sum(w.responsive for w in s.workers.values())
+        gone = ", ".join(f"{w.worker_id} ({w.gone or 'not responding'})" for w in self._ordered() if not w.responsive)
+        s.phase = "failed"
+        s.error = (
+            f"round {k}: only {live} of {len(s.workers)} workers are live, below --min-workers {cfg.min_workers}, "
+            f"after waiting {wait:g} s (--quorum-wait) for rejoins; gone: {gone}"
+        )
+        log.error("%s", s.error)
+        self._cond.notify_all()
+
     def _raise_if_failed(self) -> None:
         if self.state.phase == "failed":
             raise RuntimeError(self.state.error)
@@ -733,7 +803,7 @@ class RoundEngine:
         for k in range(cfg.rounds):
             with self._cond:
                 self._publish(k)
-                self._cond.wait_for(lambda: self._all_reported() or s.phase == "failed", timeout=cfg.round_timeout)
+                self._wait_round(k)
                 self._raise_if_failed()
                 record = self._close_round(k, started)
                 s.records.append(record)
@@ -758,7 +828,7 @@ class RoundEngine:
                 reports[w.slot] = Report("deadline")
                 w.misses += 1
                 if w.misses >= self.config.max_misses and w.responsive:
-                    w.responsive = False
+                    w.responsive, w.gone = False, f"missed {w.misses} deadlines in a row"
                     log.warning("worker %s missed %d deadlines; no longer waiting for it", w.worker_id, w.misses)
         self._absorb_reported()  # every slot has reported now: the rest, in slot order
         self._record_change(self._open.before, ordered)

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from psrv import codec, memory, rpc, stream
-from psrv.engine import EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
+from psrv.engine import AlreadyExists, EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
 
@@ -115,7 +115,8 @@ class Servicer:
     def _rounds(self, requests: Iterator[rpc.Received], context: grpc.ServicerContext) -> Iterator[bytes]:
         """A worker's whole run on one stream (see the top of ``psrv.proto``): the broadcast of each
         round, then that round's report, until the final broadcast. Errors end the stream with the
-        status the unary calls would give; a report too late for its round gets ``rejected``."""
+        status the unary calls would give; a report too late for its round (or a second report for
+        it) gets ``rejected``."""
         first = self._next_part(requests)
         if first is None:
             return
@@ -124,7 +125,10 @@ class Servicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Rounds: the first message must be `open`, not `{kind}`")
         worker_id, k = opened.worker_id, opened.round
         replica = opened.replica_round if opened.HasField("replica_round") else None
-        self._call(lambda *_: self.engine.worker(worker_id), None, 0, context)  # NOT_FOUND before waiting
+        token = self._call(lambda *_: self.engine.connected(worker_id), None, 0, context)  # NOT_FOUND before waiting
+        # the worker is live while its stream is: when the stream ends (worker gone, link cut and
+        # noticed by keepalive, cancelled), the engine stops waiting for it at once
+        context.add_callback(lambda: self.engine.disconnected(worker_id, token, "its Rounds stream closed"))
         while True:
             served = self._serve(worker_id, k, replica, context)
             if served is None:
@@ -194,7 +198,7 @@ class Servicer:
                 raise body
             else:
                 raise codec.CodecError(f"Rounds: expected this round's report (skip, push or resync), got `{kind}`")
-        except FailedPrecondition as exc:
+        except (FailedPrecondition, AlreadyExists) as exc:  # this round's report is refused; the stream goes on
             return str(exc)
         return None
 
@@ -339,7 +343,7 @@ def create_server(
     threadpoolctl.threadpool_limits(1, user_api="blas")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2 * ps.config.num_workers + 8),
-        options=rpc.channel_options(max_message_bytes),
+        options=rpc.channel_options(max_message_bytes) + rpc.keepalive_options(server=True),
     )
     server.add_generic_rpc_handlers((rpc.generic_handler(ps.handlers(), raw=Servicer.RAW),))
     health_servicer = health.HealthServicer()
