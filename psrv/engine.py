@@ -461,6 +461,13 @@ class RoundEngine:
         if s.phase != "training":
             raise FailedPrecondition(f"not accepting reports: server is {s.phase}")
         if round_ != s.round:
+            if round_ < s.round and not w.responsive:
+                # a report too late is still a sign of life: wait for this worker again from the next
+                # round on (else a worker that is no longer waited for, its reports always arriving
+                # after the others', could never catch up); it is not absorbed
+                w.responsive, w.misses, w.gone = True, 0, ""
+                log.warning("worker %s is back (a late report for round %d); waiting for it again", w.worker_id, round_)
+                self._cond.notify_all()
             raise FailedPrecondition(f"round {round_} is not open (current round {s.round})")
         if w.slot in self._open.reports:
             raise AlreadyExists(f"worker {w.worker_id!r} already reported for round {round_}")

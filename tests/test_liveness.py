@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from click.testing import CliRunner
 
 from psrv import codec, rpc
 from psrv.cli import main
-from psrv.options import DataConfig, worker_argv
+from psrv.options import DataConfig, JobConfig, server_argv, worker_argv
 from psrv.payload import dense
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.v1 import psrv_pb2 as pb
@@ -415,3 +416,114 @@ def test_a_worker_survives_a_server_restart_and_a_late_server(tmp_path: Path) ->
         w.wait()
         for run in runs:
             run.close()
+
+
+def _server_process(tmp: Path, *args: str, netns_argv: list[str] | None = None) -> tuple[subprocess.Popen, Path]:
+    """``psrv start-server`` (gd on digits' shape) with a metrics file; its stderr in ``server.err``."""
+    metrics = tmp / "metrics.jsonl"
+    cmd = server_argv(
+        JobConfig(algorithm="gd", lr=0.05, workers=2, rounds=10**6, round_timeout=30.0),
+        ("--metrics", str(metrics), *args),
+    )
+    with open(tmp / "server.err", "w") as err:
+        return subprocess.Popen([*(netns_argv or []), *cmd], stdout=subprocess.DEVNULL, stderr=err), metrics
+
+
+def _records(metrics: Path) -> list[dict[str, Any]]:
+    if not metrics.exists():
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_start_server_fails_with_one_line_when_the_quorum_is_lost(tmp_path: Path) -> None:
+    """--min-workers 2: a worker killed mid-run leaves one live; after --quorum-wait 1 the server
+    exits 1 naming who is gone and why, and the surviving worker exits 1 saying the run failed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server, metrics = _server_process(
+        tmp_path, "--host", "127.0.0.1", "--port", str(port), "--min-workers", "2", "--quorum-wait", "1"
+    )
+    workers = [_spawn(tmp_path, f"w{i}", f"127.0.0.1:{port}", i, 2) for i in range(2)]
+    try:
+        _until(lambda: len(_records(metrics)) >= 3, 120, "three rounds")
+        workers[1].kill()
+        killed = time.monotonic()
+        assert server.wait(30) == 1 and time.monotonic() - killed < 1.0 + 10.0
+        err = (tmp_path / "server.err").read_text()
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("Error: round ") and "Traceback" not in err
+        assert "only 1 of 2 workers are live, below --min-workers 2, after waiting 1 s (--quorum-wait)" in last
+        assert last.endswith("gone: w1 (its Rounds stream closed)")
+        assert workers[0].wait(30) == 1
+        _, w0_err = _output(tmp_path, "w0")
+        assert "Error: worker w0: run failed: round" in w0_err and "below --min-workers 2" in w0_err
+    finally:
+        for p in (server, *workers):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_a_cut_link_heals_and_the_run_completes(tmp_path: Path) -> None:
+    """Server and two workers in network namespaces, the server's uplink slow (so rounds take a
+    while); wb's link goes down for 3 s: the rounds close without it at their 1 s deadline, then it
+    is back (on its stream, or reconnected) and uploads to the end; everyone exits 0."""
+    if os.geteuid() != 0 or shutil.which("tc") is None:
+        pytest.skip("needs root and tc (network namespaces, shaping)")
+    from psrv.cluster.netns import Topology, ip
+    from psrv.cluster.shaping import shape_egress
+
+    with Topology(["srv", "wa", "wb"]) as topo:
+        # the server's uplink at 200 kbit/s: two 2.6 kB broadcasts take ~0.2 s, so the rounds last
+        shape_egress(topo.hosts["srv"].iface, 200_000, topo.hosts["srv"].netns)
+        address = f"{topo.hosts['srv'].ip}:50051"
+        server, metrics = _server_process(
+            tmp_path, "--rounds", "60", "--round-timeout", "1", "--host", "0.0.0.0", "--port", "50051",
+            netns_argv=topo.exec_argv("srv", []),
+        )  # fmt: skip
+        topo.procs.append(server)
+        workers = {}
+        for i, host in enumerate(("wa", "wb")):
+            cmd = worker_argv(address, i, 2, DIGITS, ("--retry-for", "30"))
+            with open(tmp_path / f"{host}.out", "w") as out, open(tmp_path / f"{host}.err", "w") as err:
+                workers[host] = topo.popen(host, cmd, stdout=out, stderr=err)
+        _until(lambda: len(_records(metrics)) >= 10, 120, "ten rounds")
+        ns = topo.hosts["wb"].netns
+        ip("-n", ns, "link", "set", "dev", "eth0", "down")
+        try:
+            time.sleep(3.0)
+        finally:
+            ip("-n", ns, "link", "set", "dev", "eth0", "up")
+        assert server.wait(120) == 0, (tmp_path / "server.err").read_text()[-2000:]
+        assert workers["wa"].wait(30) == 0 and workers["wb"].wait(30) == 0
+        statuses = [next(w["status"] for w in r["workers"] if w["id"] == "w1") for r in _records(metrics)]
+        assert len(statuses) == 60 and statuses.count("deadline") >= 2 and statuses[-1] == "upload"
+
+
+def test_a_late_report_brings_a_dropped_worker_back(make_harness: Callable[..., Harness]) -> None:
+    """A worker no longer waited for whose reports arrive after the others' (a slow link after a
+    cut) would never catch up: its late report is refused, but it is waited for again from then on."""
+    h = make_harness(num_workers=2, rounds=3, round_timeout=0.5, max_misses=1, transport="unary")
+    h.register("a")
+    h.register("b")
+    h.start()
+    h.model("a", 0)
+    h.push("a", 0, dense(np.ones(DIM, np.float32)))  # b misses round 0: no longer waited for
+    h.model("a", 1)
+    h.push("a", 1, dense(np.ones(DIM, np.float32)))  # round 1 closes at once, without b
+    assert h.model("a", 2).round == 2 and not h.ps.engine.state.workers["b"].responsive
+    with expect_status(Code.FAILED_PRECONDITION, "round 1 is not open"):
+        h.skip("b", 1)
+    assert h.ps.engine.state.workers["b"].responsive  # waited for again...
+    h.push("a", 2, dense(np.ones(DIM, np.float32)))
+    time.sleep(0.1)
+    assert h.ps.round == 2  # ...so round 2 is still open for b's report
+    h.skip("b", 2)
+    assert h.model("b", 3).done
+    assert [w["status"] for w in h.ps.records[2]["workers"]] == ["upload", "lazy_rule"]
+    assert h.ps.records[1]["workers"][1]["status"] == "deadline"
