@@ -175,15 +175,18 @@ def run(
 
             every = max(1, config.rounds // 100) if eval_every is None else eval_every
             targets = {k: v for k, v in (("accuracy", target_accuracy), ("train_loss", target_loss)) if v is not None}
-            summary = run_local(
-                config,
-                dc,
-                Path(out) / job.algorithm,
-                on_round=on_round,
-                eval_every=every,
-                targets=targets,
-                device=device,
-            )
+            try:
+                summary = run_local(
+                    config,
+                    dc,
+                    Path(out) / job.algorithm,
+                    on_round=on_round,
+                    eval_every=every,
+                    targets=targets,
+                    device=device,
+                )
+            except RuntimeError as exc:  # the run failed (quorum lost, registration incomplete, ...): one line
+                raise click.ClickException(f"{job.algorithm}: {exc}") from None
         summaries.append(summary)
     click.echo(report.table(summaries))
     path = summary_json or str(Path(out) / "summary.json")

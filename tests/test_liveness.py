@@ -527,3 +527,16 @@ def test_a_late_report_brings_a_dropped_worker_back(make_harness: Callable[..., 
     assert h.model("b", 3).done
     assert [w["status"] for w in h.ps.records[2]["workers"]] == ["upload", "lazy_rule"]
     assert h.ps.records[1]["workers"][1]["status"] == "deadline"
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_psrv_run_reports_a_lost_quorum(tmp_path: Path) -> None:
+    """The embedded run (``psrv run``'s) of 2 workers with --min-workers 2: worker 1 crashes after 2
+    rounds; the run fails within the quorum wait with the message, instead of training on."""
+    from psrv.runner import run_local
+
+    cfg = ServerConfig(algorithm="gd", num_workers=2, rounds=10**6, round_timeout=30.0, min_workers=2, quorum_wait=0.5,
+                       register_timeout=120.0, start_timeout=60.0)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"only 1 of 2 workers are live.*gone: w1 \(its Rounds stream closed\)"):
+        run_local(cfg, DIGITS, tmp_path / "run", worker_extra={1: ("--crash-after", "2")})
