@@ -166,6 +166,10 @@ class _Retry:
     def ok(self) -> None:
         self.since, self.attempt = None, 0
 
+    def left(self, budget: float) -> float:
+        """Seconds of ``budget`` left in this outage (all of it when there is none)."""
+        return budget if self.since is None else budget - (time.monotonic() - self.since)
+
     def failed(self, exc: BaseException, budget: float, flag: str) -> None:
         now = time.monotonic()
         if self.since is None:
@@ -394,9 +398,10 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
             stub = rpc.CountingStub(channel, counter)
             try:
                 if job is None:
-                    job = _Job(cfg, ds, stub.Register(request, timeout=cfg.rpc_timeout))
+                    timeout = max(1.0, min(cfg.rpc_timeout, retry.left(cfg.connect_timeout)))
+                    job = _Job(cfg, ds, stub.Register(request, timeout=timeout))
                 else:
-                    job.register_again(stub, request)
+                    job.register_again(stub, request, max(1.0, min(cfg.rpc_timeout, retry.left(cfg.retry_for))))
                 return job.run(stub, retry)
             except (grpc.RpcError, stream.StreamError) as exc:
                 if job is None:
@@ -446,11 +451,11 @@ class _Job:
         self.state, self.pending, self.k = self.algo.init(self.task.dim), None, 0
         self.down.replica = None
 
-    def register_again(self, stub: rpc.CountingStub, request: pb.RegisterRequest) -> None:
+    def register_again(self, stub: rpc.CountingStub, request: pb.RegisterRequest, timeout: float) -> None:
         """Register under the same id after a lost connection (the server's rejoin). ALREADY_EXISTS:
         the server still holds this registration (it has not started training, or has finished)."""
         try:
-            reply = stub.Register(request, timeout=self.cfg.rpc_timeout)
+            reply = stub.Register(request, timeout=timeout)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
