@@ -469,10 +469,13 @@ def test_start_server_fails_with_one_line_when_the_quorum_is_lost(tmp_path: Path
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_a_cut_link_heals_and_the_run_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cut", [3.0, 22.0])
+def test_a_cut_link_heals_and_the_run_completes(tmp_path: Path, cut: float) -> None:
     """Server and two workers in network namespaces, the server's uplink slow (so rounds take a
-    while); wb's link goes down for 3 s: the rounds close without it at their 1 s deadline, then it
-    is back (on its stream, or reconnected) and uploads to the end; everyone exits 0."""
+    while), --min-workers 2; wb's link goes down for ``cut`` seconds: rounds close without it at
+    their 1 s deadline, after 3 misses the run waits for it (quorum); it comes back and uploads to
+    the end; everyone exits 0. 3 s: its stream survives (TCP retransmits). 22 s: keepalive (10 s +
+    5 s) drops the connection, the worker retries until the link is up, registers again and goes on."""
     if os.geteuid() != 0 or shutil.which("tc") is None:
         pytest.skip("needs root and tc (network namespaces, shaping)")
     from psrv.cluster.netns import Topology, ip
@@ -484,6 +487,7 @@ def test_a_cut_link_heals_and_the_run_completes(tmp_path: Path) -> None:
         address = f"{topo.hosts['srv'].ip}:50051"
         server, metrics = _server_process(
             tmp_path, "--rounds", "60", "--round-timeout", "1", "--host", "0.0.0.0", "--port", "50051",
+            "--min-workers", "2", "--quorum-wait", "60",
             netns_argv=topo.exec_argv("srv", []),
         )  # fmt: skip
         topo.procs.append(server)
@@ -496,13 +500,16 @@ def test_a_cut_link_heals_and_the_run_completes(tmp_path: Path) -> None:
         ns = topo.hosts["wb"].netns
         ip("-n", ns, "link", "set", "dev", "eth0", "down")
         try:
-            time.sleep(3.0)
+            time.sleep(cut)
         finally:
             ip("-n", ns, "link", "set", "dev", "eth0", "up")
         assert server.wait(120) == 0, (tmp_path / "server.err").read_text()[-2000:]
         assert workers["wa"].wait(30) == 0 and workers["wb"].wait(30) == 0
         statuses = [next(w["status"] for w in r["workers"] if w["id"] == "w1") for r in _records(metrics)]
         assert len(statuses) == 60 and statuses.count("deadline") >= 2 and statuses[-1] == "upload"
+        result, _ = _output(tmp_path, "wb")
+        if cut > rpc.KEEPALIVE_TIME_S + rpc.KEEPALIVE_TIMEOUT_S + 2:
+            assert result["reconnects"] == 1
 
 
 def test_a_late_report_brings_a_dropped_worker_back(make_harness: Callable[..., Harness]) -> None:

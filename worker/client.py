@@ -446,7 +446,8 @@ class _Job:
         """The connection broke: start over as a restarted worker would, at the server's round, from
         a snapshot and the algorithm's initial state (the last report's fate is unknown, and the
         server may be a new one, so no state that the server's may not match is kept)."""
-        log.warning("worker %s lost the server at %s: %s", self.cfg.worker_id, self.cfg.server, _cause(exc))
+        if self.registered:  # the first failure of an outage (the retries log their own)
+            log.warning("worker %s lost the server at %s: %s", self.cfg.worker_id, self.cfg.server, _cause(exc))
         self.registered = False
         self.state, self.pending, self.k = self.algo.init(self.task.dim), None, 0
         self.down.replica = None
