@@ -9,10 +9,10 @@ skip; update ``theta^{k+1} = theta^k - alpha * sum_m stored_m`` (the lazily aggr
 step of LAG, Chen et al., NeurIPS 2018, and of LAQ, Sun et al., NeurIPS 2019, eq. 4), or the
 server optimizer's step along that sum (``--server-opt``, :mod:`psrv.server_opt`; Reddi et al.,
 ICLR 2021); hand the round's record to the metrics sink. A worker that misses ``max_misses``
-deadlines in a row stops being waited for until it reports again, so a dead worker costs the run
-at most ``max_misses`` deadlines, then nothing. A transport that holds one connection per worker (the
-Rounds stream) says when it ends (:meth:`RoundEngine.disconnected`): that worker stops being
-waited for at once. Fewer than ``min_workers`` live (responsive) workers: the round waits up to
+deadlines in a row stops being waited for until it reports again (a report too late for its round
+counts), so a dead worker costs the run at most ``max_misses`` deadlines, then nothing. A transport
+that holds one connection per worker (the Rounds stream) says when it ends
+(:meth:`RoundEngine.disconnected`): that worker stops being waited for at once. Fewer than ``min_workers`` live (responsive) workers: the round waits up to
 ``quorum_wait`` seconds for rejoins, then the run fails naming who is gone and why.
 
 Errors are domain errors (:class:`EngineError` subclasses, each naming the status a transport
