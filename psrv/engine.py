@@ -12,8 +12,9 @@ ICLR 2021); hand the round's record to the metrics sink. A worker that misses ``
 deadlines in a row stops being waited for until it reports again (a report too late for its round
 counts), so a dead worker costs the run at most ``max_misses`` deadlines, then nothing. A transport
 that holds one connection per worker (the Rounds stream) says when it ends
-(:meth:`RoundEngine.disconnected`): that worker stops being waited for at once. Fewer than ``min_workers`` live (responsive) workers: the round waits up to
-``quorum_wait`` seconds for rejoins, then the run fails naming who is gone and why.
+(:meth:`RoundEngine.disconnected`): that worker stops being waited for at once. Fewer than
+``min_workers`` live (responsive) workers: the round waits up to ``quorum_wait`` seconds for
+rejoins, then the run fails naming who is gone and why.
 
 Errors are domain errors (:class:`EngineError` subclasses, each naming the status a transport
 should report); the engine never half-applies a rejected report.
