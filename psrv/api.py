@@ -64,6 +64,8 @@ def run(
     device: str = "cpu",
     server_opt: str = "sgd",
     clip_norm: float = 0.0,
+    min_workers: int = 1,
+    quorum_wait: float | None = None,
     eval_every: int = 0,
     target_accuracy: float | None = None,
     target_loss: float | None = None,
@@ -76,8 +78,10 @@ def run(
     :class:`psrv.TorchSpec`); default: the task ``data`` is made for, else logreg. ``data``: as
     ``--data`` (default: the task's own data, else the data set it is made for, else mnist).
     ``options``: algorithm/compressor options (``-o``), ``task_options``: ``-t``; ``server_opt``:
-    ``--server-opt`` (e.g. ``"adam:beta2=0.99"``; the step size is ``lr``). ``device``: cpu, cuda
-    or auto, where the workers' torch model computes and this process evaluates. ``out``: a folder
+    ``--server-opt`` (e.g. ``"adam:beta2=0.99"``; the step size is ``lr``); ``min_workers`` and
+    ``quorum_wait``: ``--min-workers``, ``--quorum-wait`` (a run short of live workers fails with
+    ``RuntimeError``). ``device``: cpu, cuda or auto, where the workers' torch model computes and
+    this process evaluates. ``out``: a folder
     for ``metrics.jsonl``, ``model.npy`` and the worker logs (default: a temporary one, removed).
     Every bad argument raises ``ValueError`` before any worker starts.
     """
@@ -109,6 +113,8 @@ def run(
         down_compressor=down_compressor,
         server_opt=server_opt,
         clip_norm=clip_norm,
+        min_workers=min_workers,
+        quorum_wait=quorum_wait,
     )
     dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=seed, regression=regression)
     validate_job_data(job, dc, device)

@@ -397,7 +397,22 @@ def check_port_free(host: str, port: int) -> None:
     metavar="I/M",
     help="Use shard I of M of the data (omit when the file is this worker's own).",
 )
-@click.option("--connect-timeout", type=float, default=60.0, show_default=True)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds the first registration keeps trying while the server is not up yet.",
+)
+@click.option(
+    "--retry-for",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="A worker that loses the server retries (exponential backoff, full jitter) for this long, then "
+    "registers again under its id and goes on; past it, it exits 1 naming the address and the cause.",
+)
 @click.option("--crash-after", type=int, default=None, hidden=True, help="Fault injection for tests.")
 @worker_tls_options
 def start_worker(
@@ -405,6 +420,7 @@ def start_worker(
     worker_id: str,
     shard: str | None,
     connect_timeout: float,
+    retry_for: float,
     crash_after: int | None,
     **kw: Any,
 ) -> None:
@@ -413,8 +429,12 @@ def start_worker(
 
     memory.tune_malloc()  # before any thread starts (see psrv.memory)
     from psrv.data import DataError
-    from worker.client import WorkerConfig, run_worker
+    from worker.client import WorkerConfig, check_address, run_worker
 
+    try:
+        check_address(server_address)  # before the data loads
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--server") from None
     security = pop_client_security(kw)
     dc = pop_data(kw)
     device = pop_device(kw)
@@ -436,6 +456,7 @@ def start_worker(
         seed=dc.seed,
         test_fraction=dc.test_fraction,
         connect_timeout=connect_timeout,
+        retry_for=retry_for,
         crash_after=crash_after,
         regression=dc.regression,
         device=device,

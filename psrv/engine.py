@@ -9,8 +9,12 @@ skip; update ``theta^{k+1} = theta^k - alpha * sum_m stored_m`` (the lazily aggr
 step of LAG, Chen et al., NeurIPS 2018, and of LAQ, Sun et al., NeurIPS 2019, eq. 4), or the
 server optimizer's step along that sum (``--server-opt``, :mod:`psrv.server_opt`; Reddi et al.,
 ICLR 2021); hand the round's record to the metrics sink. A worker that misses ``max_misses``
-deadlines in a row stops being waited for until it reports again, so a dead worker costs the run
-at most ``max_misses`` deadlines, then nothing (while no worker at all is responsive, every round waits its deadline).
+deadlines in a row stops being waited for until it reports again (a report too late for its round
+counts), so a dead worker costs the run at most ``max_misses`` deadlines, then nothing. A transport
+that holds one connection per worker (the Rounds stream) says when it ends
+(:meth:`RoundEngine.disconnected`): that worker stops being waited for at once. Fewer than
+``min_workers`` live (responsive) workers: the round waits up to ``quorum_wait`` seconds for
+rejoins, then the run fails naming who is gone and why.
 
 Errors are domain errors (:class:`EngineError` subclasses, each naming the status a transport
 should report); the engine never half-applies a rejected report.
@@ -150,6 +154,8 @@ class ServerConfig:
     worker_ids: tuple[str, ...] = ()  # the ids that may register (empty: any id, up to num_workers)
     max_id_bytes: int = MAX_ID_BYTES
     record_tail: int = RECORD_TAIL  # closed rounds' records kept in memory; totals are kept apart
+    min_workers: int = 1  # fewer live workers than this (for quorum_wait seconds) fail the run; 0: never
+    quorum_wait: float | None = None  # seconds to wait for rejoins below min_workers; None: 2 x round_timeout
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -158,6 +164,10 @@ class ServerConfig:
             raise ValueError(f"downlink must be one of {', '.join(DOWNLINKS)}, got {self.downlink!r}")
         if self.num_workers < 1 or self.rounds < 0 or self.round_timeout <= 0 or self.max_misses < 1:
             raise ValueError("need num_workers >= 1, rounds >= 0, round_timeout > 0, max_misses >= 1")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"--min-workers must be in 0..--workers ({self.num_workers}), got {self.min_workers}")
+        if self.quorum_wait is not None and not (math.isfinite(self.quorum_wait) and self.quorum_wait >= 0):
+            raise ValueError(f"--quorum-wait must be finite and >= 0 seconds, got {self.quorum_wait!r}")
         if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
             raise ValueError(f"clip_norm must be finite and >= 0 (0: off), got {self.clip_norm!r}")
         if self.broadcast_dtype not in ("float32", "float64"):
@@ -210,6 +220,7 @@ class WorkerState:
     responsive: bool = True
     misses: int = 0
     last_upload: int = -1  # round of the last accepted upload
+    gone: str = ""  # why it is not responsive (its stream closed, missed deadlines); "" while it is
 
 
 @dataclass
@@ -398,6 +409,7 @@ class RoundEngine:
                 self._init_model(tuple(config.task_shape), bounded=False)  # the operator's choice: no --max-dim
             except EngineError as exc:
                 raise ValueError(str(exc)) from None
+        self._connections: dict[str, int] = {}  # worker -> the number of its current connection (see connected)
 
     # ------------------------------------------------------------------ views
     @property
@@ -490,7 +502,7 @@ class RoundEngine:
                 "the server's running sum (accumulating rule) and the server keeps no per-worker sums to hand "
                 "back (start the server with --checkpoint-dir to keep them)"
             )
-        w.responsive, w.misses = True, 0
+        w.responsive, w.misses, w.gone = True, 0, ""
         s.rejoins += 1
         log.warning("worker %s rejoined as %d (round %d); it gets a snapshot", w.worker_id, w.index, s.round)
         self._cond.notify_all()
@@ -590,11 +602,41 @@ class RoundEngine:
                 self._open.down[w.slot] = self._open.down.get(w.slot, 0) + _size(data)
             return Served(data, b.round, form, b.done)
 
+    def connected(self, worker_id: str) -> int:
+        """A worker opened its one connection (a Rounds stream): it is live again; returns the
+        connection's number, for :meth:`disconnected`. ``NotFound`` for an unknown worker."""
+        with self._cond:
+            w = self.worker(worker_id)
+            token = self._connections.get(worker_id, 0) + 1
+            self._connections[worker_id] = token
+            w.responsive, w.misses, w.gone = True, 0, ""
+            self._cond.notify_all()
+            return token
+
+    def disconnected(self, worker_id: str, token: int, why: str) -> None:
+        """Connection ``token`` of a worker ended (``why``): unless the worker has connected again
+        since, or the run is over, it is not waited for from now on (no deadline to wait out)."""
+        with self._cond:
+            w = self.state.workers.get(worker_id)
+            if w is None or self._connections.get(worker_id) != token or self.state.phase in ("done", "failed"):
+                return
+            if w.responsive:
+                w.responsive, w.gone = False, why
+                log.warning("worker %s: %s (round %d); no longer waiting for it", worker_id, why, self.state.round)
+            self._cond.notify_all()
+
     def _check_round(self, w: WorkerState, round_: int) -> None:
         s = self.state
         if s.phase != "training":
             raise FailedPrecondition(f"not accepting reports: server is {s.phase}")
         if round_ != s.round or self._open.broadcast is None or self._open.broadcast.round != round_:
+            if round_ < s.round and not w.responsive:
+                # a report too late is still a sign of life: wait for this worker again from the next
+                # round on (else a worker that is no longer waited for, its reports always arriving
+                # after the others', could never catch up); it is not absorbed
+                w.responsive, w.misses, w.gone = True, 0, ""
+                log.warning("worker %s is back (a late report for round %d); waiting for it again", w.worker_id, round_)
+                self._cond.notify_all()
             raise FailedPrecondition(f"round {round_} is not open (current round {s.round})")
         if w.slot in self._open.reports:
             raise AlreadyExists(f"worker {w.worker_id!r} already reported for round {round_}")
@@ -602,7 +644,7 @@ class RoundEngine:
     def _accept(self, w: WorkerState, report: Report) -> None:
         report.latency = time.monotonic() - self._open.started
         self._open.reports[w.slot] = report
-        w.responsive, w.misses = True, 0
+        w.responsive, w.misses, w.gone = True, 0, ""
         self._cond.notify_all()
 
     def push(
@@ -875,6 +917,42 @@ class RoundEngine:
         waiting = [w for w in self.state.workers.values() if w.responsive]
         return bool(waiting) and all(w.slot in self._open.reports for w in waiting)
 
+    def _short(self) -> bool:
+        """Fewer live (responsive) workers than ``min_workers``."""
+        return sum(w.responsive for w in self.state.workers.values()) < self.config.min_workers
+
+    def _wait_round(self, k: int) -> None:
+        """Wait until every live worker has reported round ``k`` or its deadline has passed; below
+        ``min_workers`` live workers, wait for rejoins first (:meth:`_await_quorum`), after which the
+        round gets a whole deadline again. Lock held."""
+        cfg, s = self.config, self.state
+        deadline = time.monotonic() + cfg.round_timeout
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            self._cond.wait_for(lambda: self._all_reported() or s.phase == "failed" or self._short(), timeout=left)
+            if s.phase == "failed" or self._all_reported() or not self._short():
+                return
+            self._await_quorum(k)
+            deadline = max(deadline, time.monotonic() + cfg.round_timeout)
+
+    def _await_quorum(self, k: int) -> None:
+        """Below ``min_workers`` live workers: wait up to ``quorum_wait`` seconds for enough to come
+        back (rejoin, reconnect or report), else fail the run naming who is gone. Lock held."""
+        cfg, s = self.config, self.state
+        wait = 2 * cfg.round_timeout if cfg.quorum_wait is None else cfg.quorum_wait
+        log.warning("round %d: fewer than %d live workers; waiting up to %g s for rejoins", k, cfg.min_workers, wait)
+        if self._cond.wait_for(lambda: not self._short() or s.phase == "failed", timeout=wait):
+            return
+        live = sum(w.responsive for w in s.workers.values())
+        gone = ", ".join(f"{w.worker_id} ({w.gone or 'not responding'})" for w in self._ordered() if not w.responsive)
+        s.phase = "failed"
+        s.error = (
+            f"round {k}: only {live} of {len(s.workers)} workers are live, below --min-workers {cfg.min_workers}, "
+            f"after waiting {wait:g} s (--quorum-wait) for rejoins; gone: {gone}"
+        )
+        log.error("%s", s.error)
+        self._cond.notify_all()
+
     def _raise_if_failed(self) -> None:
         if self.state.phase == "failed":
             raise RuntimeError(self.state.error)
@@ -906,7 +984,7 @@ class RoundEngine:
         for k in range(first, cfg.rounds):
             with self._cond:
                 self._publish(k)
-                self._cond.wait_for(lambda: self._all_reported() or s.phase == "failed", timeout=cfg.round_timeout)
+                self._wait_round(k)
                 self._raise_if_failed()
                 record = self._close_round(k, started)
                 s.records.append(record)  # a bounded tail (config.record_tail): records stream to the sink
@@ -932,7 +1010,7 @@ class RoundEngine:
                 reports[w.slot] = Report("deadline")
                 w.misses += 1
                 if w.misses >= self.config.max_misses and w.responsive:
-                    w.responsive = False
+                    w.responsive, w.gone = False, f"missed {w.misses} deadlines in a row"
                     log.warning("worker %s missed %d deadlines; no longer waiting for it", w.worker_id, w.misses)
         self._absorb_reported()  # every slot has reported now: the rest, in slot order
         self._record_change(self._open.before, ordered)

@@ -95,6 +95,8 @@ class JobConfig:
     transport: str = "stream"
     server_opt: str = "sgd"
     clip_norm: float = 0.0  # > 0: the server clips each upload to this L2 norm
+    min_workers: int = 1  # fewer live workers than this (after quorum_wait) fail the run
+    quorum_wait: float | None = None  # None: 2 x round_timeout
 
     def algorithm_options(self) -> dict[str, float]:
         return {"lr": self.lr, **self.options}
@@ -122,6 +124,8 @@ class JobConfig:
             transport=self.transport,
             server_opt=self.server_opt,
             clip_norm=self.clip_norm,
+            min_workers=self.min_workers,
+            quorum_wait=self.quorum_wait,
             **extra,
         )
 
@@ -159,6 +163,10 @@ class JobConfig:
             args += ["--server-opt", self.server_opt]
         if self.clip_norm:
             args += ["--clip-norm", repr(self.clip_norm)]
+        if self.min_workers != 1:
+            args += ["--min-workers", str(self.min_workers)]
+        if self.quorum_wait is not None:
+            args += ["--quorum-wait", repr(self.quorum_wait)]
         for k, v in self.options.items():
             args += ["-o", f"{k}={v!r}"]
         for k, v in self.task_options.items():
@@ -281,6 +289,8 @@ def jobs(
     transport: str = "stream",
     server_opt: str = "sgd",
     clip_norm: float = 0.0,
+    min_workers: int = 1,
+    quorum_wait: float | None = None,
 ) -> list[JobConfig]:
     """One :class:`JobConfig` per algorithm from the parsed job options (``ValueError`` on a bad
     option). The task defaults to the one a built-in data set is made for, else logreg."""
@@ -311,6 +321,8 @@ def jobs(
             transport=transport,
             server_opt=server_opt,
             clip_norm=clip_norm,
+            min_workers=min_workers,
+            quorum_wait=quorum_wait,
         )
         job.server_config()  # every bad option fails before anything runs (a bad --down-compressor, --server-opt too)
         make_algorithm(name, job.algorithm_options(), compressor)  # every bad option fails before anything runs
@@ -408,6 +420,24 @@ JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
         "Meant for gradient uploads (gd, sgd, topk-ef, lag-wk, lasg, sasg, lag-ps); for accumulating rules "
         "(laq, slaq, ef21, riag, ciag) it clips the innovation, so the server's sum leaves the workers' own "
         "state: a different algorithm.",
+    ),
+    "min_workers": click.option(
+        "--min-workers",
+        type=click.IntRange(min=0),
+        default=1,
+        show_default=True,
+        metavar="N",
+        help="Fewer live workers than N (a worker is gone when its stream closes or it misses --round-timeout "
+        "several times in a row) make the server wait --quorum-wait seconds for rejoins, then fail the run "
+        "(exit 1, naming who is gone). 0: never fail for lack of workers.",
+    ),
+    "quorum_wait": click.option(
+        "--quorum-wait",
+        type=click.FloatRange(min=0),
+        default=None,
+        metavar="SECONDS",
+        help="How long a run below --min-workers live workers waits for rejoins before it fails "
+        "[default: 2 x --round-timeout].",
     ),
     "transport": click.option(
         "--transport",

@@ -24,7 +24,16 @@ from psrv import stream
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
 
-__all__ = ["ByteCounter", "CountingStub", "Part", "Received", "RoundStream", "channel_options", "generic_handler"]
+__all__ = [
+    "ByteCounter",
+    "CountingStub",
+    "Part",
+    "Received",
+    "RoundStream",
+    "channel_options",
+    "generic_handler",
+    "keepalive_options",
+]
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServerService"]
 
@@ -53,6 +62,32 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+
+
+#: HTTP/2 keepalive: each end pings the other every KEEPALIVE_TIME_S seconds (also while no call is
+#: active) and drops the connection when a ping is not answered within KEEPALIVE_TIMEOUT_S, so a
+#: peer gone without a word (a cut link, a powered-off host, a stopped process) is noticed within
+#: about 15 s: the server stops waiting for that worker, the worker reconnects.
+KEEPALIVE_TIME_S = 10.0
+KEEPALIVE_TIMEOUT_S = 5.0
+
+
+def keepalive_options(server: bool = False) -> list[tuple[str, int]]:
+    """gRPC channel (client) or server arguments for :data:`KEEPALIVE_TIME_S` pings. A server also
+    permits its clients' pings (at most one per half interval, any number without data), else it
+    would answer them with GOAWAY ``too_many_pings``."""
+    opts = [
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME_S * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # 0: no limit (default 2, then pings stop)
+    ]
+    if server:
+        opts += [
+            ("grpc.http2.min_ping_interval_without_data_ms", int(KEEPALIVE_TIME_S * 500)),
+            ("grpc.http2.max_ping_strikes", 0),  # 0: pings within the interval are not held against a client
+        ]
+    return opts
 
 
 @dataclass(frozen=True)

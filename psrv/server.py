@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from psrv import codec, memory, rpc, stream, tls
-from psrv.engine import EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
+from psrv.engine import AlreadyExists, EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
 from psrv.limits import CallLimiter, LimitExceeded, TransportLimits, Watchdog
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
@@ -158,7 +158,8 @@ class Servicer:
     def _rounds(self, requests: Iterator[rpc.Received], context: grpc.ServicerContext) -> Iterator[bytes]:
         """A worker's whole run on one stream (see the top of ``psrv.proto``): the broadcast of each
         round, then that round's report, until the final broadcast. Errors end the stream with the
-        status the unary calls would give; a report too late for its round gets ``rejected``."""
+        status the unary calls would give; a report too late for its round (or a second report for
+        it) gets ``rejected``."""
         first = self._next_part(requests)
         if first is None:
             return
@@ -170,6 +171,10 @@ class Servicer:
         replica = opened.replica_round if opened.HasField("replica_round") else None
         self._call(lambda *_: self.engine.worker(worker_id), None, 0, context)  # NOT_FOUND before waiting
         release = self._call(lambda *_: self._hold(worker_id, context), None, 0, context)
+        token = self.engine.connected(worker_id)
+        # the worker is live while its stream is: when the stream ends (worker gone, link cut and
+        # noticed by keepalive, cancelled), the engine stops waiting for it at once
+        context.add_callback(lambda: self.engine.disconnected(worker_id, token, "its Rounds stream closed"))
         try:
             yield from self._round_messages(requests, context, worker_id, k, replica)
         finally:
@@ -247,7 +252,7 @@ class Servicer:
                 raise body
             else:
                 raise codec.CodecError(f"Rounds: expected this round's report (skip, push or resync), got `{kind}`")
-        except FailedPrecondition as exc:
+        except (FailedPrecondition, AlreadyExists) as exc:  # this round's report is refused; the stream goes on
             return str(exc)
         return None
 
@@ -443,6 +448,7 @@ def create_server(
         ("grpc.max_send_message_length", rpc.MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
+        *rpc.keepalive_options(server=True),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.threads(m), thread_name_prefix="psrv-server"),

@@ -154,3 +154,15 @@ def test_cluster_and_run_train_the_same_objective(tmp_path: Path) -> None:
     rest = argv[argv.index("--host") :]
     assert rest[rest.index("--data") + 1] == "linreg-hetero"
     assert rest[rest.index("--worker-ids") + 1] == ",".join(f"w{i}" for i in range(10))  # 10: the default
+
+
+def test_liveness_options_reach_the_server_through_its_command_line() -> None:
+    """--min-workers and --quorum-wait are job options: `psrv run`/`cluster run` hand them to the
+    start-server command they build, which rebuilds the same ServerConfig."""
+    job, _ = _job_from(("run",), ["--algorithm", "gd", "--workers", "4", "--min-workers", "3", "--quorum-wait", "7.5"])
+    config = job.server_config()
+    assert (config.min_workers, config.quorum_wait) == (3, 7.5)
+    server_job, _ = _job_from(("start-server",), job.argv())
+    assert server_job.server_config() == config
+    default, _ = _job_from(("start-server",), ["--algorithm", "gd"])
+    assert (default.min_workers, default.quorum_wait) == (1, None) and "--min-workers" not in default.argv()

@@ -5,22 +5,29 @@
 The algorithm's new state is committed only once the server acknowledges the
 message; if the round already closed (the worker was too slow), the state stays
 as it was, so worker and server never disagree about what was received.
+
+A worker that loses the server (the server is down or restarting, the link is cut, the stream
+breaks) reconnects by itself: it retries with exponential backoff and full jitter
+(:class:`Backoff`) for up to ``retry_for`` seconds, registers again under its id and goes on
+from the round the server is at, as a restarted worker would (its algorithm state starts over,
+its model comes as a snapshot). Past ``retry_for`` it gives up with :class:`ServerLost`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
 import threadpoolctl
 
-from psrv import codec, data, memory, rpc, tls
+from psrv import codec, data, memory, rpc, stream, tls
 from psrv.algorithms import RoundInfo, make_algorithm
 from psrv.replica import DownCompressor, Replica
 from psrv.server_opt import ServerOpt, make_server_opt
@@ -41,8 +48,9 @@ class WorkerConfig:
     split: str = "iid"
     seed: int = 0
     test_fraction: float = 0.2
-    connect_timeout: float = 60.0
+    connect_timeout: float = 60.0  # seconds the first registration keeps trying (the server may start later)
     rpc_timeout: float = 30.0
+    retry_for: float = 60.0  # seconds a worker that lost the server keeps trying to get back
     crash_after: int | None = None  # fault injection: exit abruptly after this many rounds
     leave_after: int | None = None  # fault injection: drop the connection after this many rounds, as a crash would
     corrupt_replica_at: int | None = None  # fault injection: flip a bit of the replica's theta in this round
@@ -78,6 +86,7 @@ class WorkerResult:
     grad_evals: int = 0  # gradient evaluations (a LASG round costs two; an unselected one none)
     snapshots: int = 0  # whole states received (joining, falling behind, or healing a mismatch)
     digest_mismatches: int = 0  # rounds whose replica disagreed with the server's digest
+    reconnects: int = 0  # times the worker lost the server and registered again
     bytes_up: int = 0
     bytes_down: int = 0
     final_params: np.ndarray | None = None
@@ -91,17 +100,91 @@ def worker_rng(seed: int, shard: int | None, worker_id: str) -> np.random.Genera
     return np.random.default_rng([seed, identity])
 
 
-def _register(stub: rpc.CountingStub, req: pb.RegisterRequest, timeout: float) -> pb.RegisterResponse:
-    """Register, retrying while the server is not up yet."""
-    give_up = time.monotonic() + timeout
-    while True:
-        try:
-            return stub.Register(req, timeout=max(1.0, give_up - time.monotonic()), wait_for_ready=True)
-        except grpc.RpcError as exc:
-            retry = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            if not retry or time.monotonic() > give_up:
-                raise
-            time.sleep(0.2)
+class ServerLost(RuntimeError):
+    """The worker could not reach the server for as long as it was told to try (one line)."""
+
+
+def check_address(address: str) -> str:
+    """``address`` if it is a gRPC target a worker can dial: ``HOST:PORT`` (``[IPv6]:PORT``) with a
+    port in 1..65535, or a target with a scheme (``dns:///host:port``, ``unix:/path``, ...);
+    ``ValueError`` (one line) otherwise, so ``localhost`` or ``host:http`` fail at once instead
+    of after a connect timeout."""
+    if address.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
+        return address  # gRPC's own target syntax: gRPC checks it
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})", address)
+    if m is None or not 1 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"server address {address!r} is not HOST:PORT (a port in 1..65535), e.g. 127.0.0.1:50051")
+    return address
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter (M. Brooker, "Exponential Backoff And Jitter", AWS
+    Architecture Blog, 2015): before retry n = 0, 1, 2, ... sleep ``U(0, 1) * min(cap, base * 2**n)``
+    seconds. The jitter spreads the retries of many workers that lost the server at the same moment,
+    so a restarted server is not hit by all of them at once."""
+
+    base: float = 0.1
+    cap: float = 5.0
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)  # OS entropy: workers differ
+
+    def delay(self, n: int) -> float:
+        return float(self.rng.uniform(0.0, 1.0)) * min(self.cap, self.base * 2.0 ** min(n, 64))
+
+
+#: statuses of a broken connection or of a round the worker missed: reconnect (register again, resync)
+_RECOVERABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,  # server down or restarting, connection refused or lost
+        grpc.StatusCode.DEADLINE_EXCEEDED,  # no answer in time (a cut link)
+        grpc.StatusCode.CANCELLED,  # the server ended the call (shutting down)
+        grpc.StatusCode.ALREADY_EXISTS,  # a report for a round that already has one
+        grpc.StatusCode.FAILED_PRECONDITION,  # a report for a round that has closed
+        grpc.StatusCode.NOT_FOUND,  # a server that does not know this worker (restarted)
+        grpc.StatusCode.OUT_OF_RANGE,  # a round the server is not at
+    }
+)
+
+
+def _cause(exc: BaseException) -> str:
+    """One line saying why a call failed."""
+    if isinstance(exc, grpc.RpcError):
+        details = " ".join(str(exc.details() or "").split())
+        return f"{exc.code().name}: {details[:300]}"
+    return " ".join(str(exc).split())[:300]
+
+
+class _Retry:
+    """The retries of one outage: the first failure starts the clock, :meth:`ok` (the server
+    answered) stops it. :meth:`failed` sleeps :class:`Backoff`'s delay, or raises
+    :class:`ServerLost` once ``budget`` seconds have passed since the first failure."""
+
+    def __init__(self, address: str, backoff: Backoff) -> None:
+        self.address, self.backoff = address, backoff
+        self.since: float | None = None
+        self.attempt = 0
+
+    def ok(self) -> None:
+        self.since, self.attempt = None, 0
+
+    def left(self, budget: float) -> float:
+        """Seconds of ``budget`` left in this outage (all of it when there is none)."""
+        return budget if self.since is None else budget - (time.monotonic() - self.since)
+
+    def failed(self, exc: BaseException, budget: float, flag: str) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since, self.attempt = now, 0
+        spent = now - self.since
+        if spent >= budget:
+            raise ServerLost(
+                f"cannot reach the server at {self.address}: {_cause(exc)}; tried for {spent:.0f} s ({flag} {budget:g})"
+            ) from exc
+        delay = min(self.backoff.delay(self.attempt), budget - spent)
+        log.log(logging.INFO if self.attempt else logging.WARNING, "server at %s: %s; retrying in %.2f s (%.0f s left)",
+                self.address, _cause(exc), delay, budget - spent)  # fmt: skip
+        self.attempt += 1
+        time.sleep(delay)
 
 
 def initial_state(algo: Any, dim: int, reply: pb.RegisterResponse) -> Any:
@@ -220,8 +303,8 @@ def local_smoothness(task: Any, ds: data.Dataset, total_samples: float, num_work
 
 class UnaryRounds:
     """Rounds over unary calls: a GetModel long poll, then a Push or a Skip (``--transport unary``).
-    A report too late for its round (FAILED_PRECONDITION) is remembered and handed out with the
-    next model, as the Rounds stream's ``rejected`` is."""
+    A report too late for its round (FAILED_PRECONDITION), or a second one for it (ALREADY_EXISTS),
+    is remembered and handed out with the next model, as the Rounds stream's ``rejected`` is."""
 
     def __init__(self, stub: rpc.CountingStub, cfg: WorkerConfig) -> None:
         self.stub, self.cfg = stub, cfg
@@ -245,8 +328,8 @@ class UnaryRounds:
             else:
                 upload = codec.upload_to_wire(cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smooth)
                 self.stub.Push(upload, timeout=cfg.rpc_timeout)  # streamed when big
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        except grpc.RpcError as exc:  # the round closed, or it has a report from us: go on with the next
+            if exc.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
                 raise
             self._rejected = exc.details()
 
@@ -292,7 +375,25 @@ class StreamRounds:
             self.stream.close(finished=self._finished)
 
 
+def _connection_lost(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    )
+
+
+def _recoverable(exc: BaseException) -> bool:
+    """A failure in the rounds after which the worker reconnects instead of exiting."""
+    return isinstance(exc, stream.StreamError) or (isinstance(exc, grpc.RpcError) and exc.code() in _RECOVERABLE)
+
+
 def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> WorkerResult:
+    """Register, then train until the server sends the final model; reconnect whenever the server
+    is lost (see the module's docstring). Raises ``ValueError`` for a malformed server address,
+    :class:`ServerLost` when the server stays out of reach, ``grpc.RpcError`` for what retrying
+    cannot fix (the run failed, the server refuses this worker or its data)."""
+    check_address(cfg.server)
     memory.tune_malloc()  # malloc set up for big messages (psrv.memory)
     import torch
 
@@ -300,41 +401,109 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
     # numpy's BLAS too: its idle threads spin after every call (a third of a worker's CPU at d = 1e7)
     threadpoolctl.threadpool_limits(cfg.torch_threads, user_api="blas")
     ds = dataset if dataset is not None else load_worker_data(cfg)
-    with (cfg.security or tls.ClientSecurity()).channel(cfg.server, rpc.channel_options()) as channel:
-        if cfg.security is not None and cfg.security.ca is not None:  # a refused certificate: fail now, saying why
-            tls.check_handshake(channel, cfg.server, cfg.security)
-        stub = rpc.CountingStub(channel)
-        request = pb.RegisterRequest(
-            worker_id=cfg.worker_id, num_samples=len(ds), n_features=ds.n_features, n_classes=ds.n_classes
-        )
-        reply = _register(stub, request, cfg.connect_timeout)
-        conf = reply.config
-        algo = make_algorithm(conf.algorithm, dict(conf.options), conf.compressor)
-        task = make_task(conf.task, ds.n_features, ds.n_classes, device=cfg.device, **dict(conf.task_options))
+    request = pb.RegisterRequest(
+        worker_id=cfg.worker_id, num_samples=len(ds), n_features=ds.n_features, n_classes=ds.n_classes
+    )
+    counter = rpc.ByteCounter()  # the bytes of every connection the worker makes
+    retry = _Retry(cfg.server, Backoff())
+    job: _Job | None = None
+    while True:
+        security = cfg.security or tls.ClientSecurity()
+        with security.channel(cfg.server, rpc.channel_options() + rpc.keepalive_options()) as channel:
+            if job is None and security.ca is not None:  # a refused certificate: fail now, saying why
+                tls.check_handshake(channel, cfg.server, security)
+            stub = rpc.CountingStub(channel, counter)
+            try:
+                if job is None:
+                    timeout = max(1.0, min(cfg.rpc_timeout, retry.left(cfg.connect_timeout)))
+                    job = _Job(cfg, ds, stub.Register(request, timeout=timeout))
+                else:
+                    job.register_again(stub, request, max(1.0, min(cfg.rpc_timeout, retry.left(cfg.retry_for))))
+                return job.run(stub, retry)
+            except (grpc.RpcError, stream.StreamError) as exc:
+                if job is None:
+                    if not _connection_lost(exc):
+                        raise
+                    retry.failed(exc, cfg.connect_timeout, "--connect-timeout")
+                elif (job.registered and _recoverable(exc)) or _connection_lost(exc):
+                    job.lost(exc)
+                    retry.failed(exc, cfg.retry_for, "--retry-for")
+                else:
+                    raise
+
+
+class _Job:
+    """One worker's run: its task, algorithm state, downlink view and counts, across every
+    connection it makes to the server (:meth:`run` on each)."""
+
+    def __init__(self, cfg: WorkerConfig, ds: data.Dataset, reply: pb.RegisterResponse) -> None:
+        self.cfg, self.ds, self.reply = cfg, ds, reply
+        self.registered = True
+        conf = self.conf = reply.config
+        self.algo = make_algorithm(conf.algorithm, dict(conf.options), conf.compressor)
+        self.task = make_task(conf.task, ds.n_features, ds.n_classes, device=cfg.device, **dict(conf.task_options))
         # warm up (torch's lazy initialisation) while the others register, not inside round 0's deadline
-        task.local_loss_grad(np.zeros(task.dim), ds.X[:2], ds.y[:2], len(ds), max(1, conf.num_workers))
-        rng = worker_rng(conf.seed, cfg.shard, cfg.worker_id)
-        batch = algo.batch
-        wants_smoothness = algo.tracks_theta_hat
-        state: Any = initial_state(algo, task.dim, reply)
-        result = WorkerResult(cfg.worker_id, reply.worker_index)
-        down = Downlink(
+        self.task.local_loss_grad(np.zeros(self.task.dim), ds.X[:2], ds.y[:2], len(ds), max(1, conf.num_workers))
+        self.rng = worker_rng(conf.seed, cfg.shard, cfg.worker_id)
+        self.state: Any = initial_state(self.algo, self.task.dim, reply)
+        self.result = WorkerResult(cfg.worker_id, reply.worker_index)
+        self.down = Downlink(
             cfg.worker_id,
-            make_server_opt(conf.server_opt, algo.lr),
-            algo.history_depth,
+            make_server_opt(conf.server_opt, self.algo.lr),
+            self.algo.history_depth,
             codec.model_dtype(conf),
             cfg.corrupt_replica_at,
             DownCompressor(conf.down_compressor) if conf.down_compressor else None,
         )
+        self.k = 0
+        self.pending: tuple[Any, bool] | None = None  # the last report's (new state, uploaded): committed once accepted
         log.info("worker %s registered as %d: %s", cfg.worker_id, reply.worker_index, conf.algorithm)
+
+    def lost(self, exc: BaseException) -> None:
+        """The connection broke: start over as a restarted worker would, at the server's round, from
+        a snapshot and the algorithm's initial state (the last report's fate is unknown, and the
+        server may be a new one, so no state that the server's may not match is kept)."""
+        if self.registered:  # the first failure of an outage (the retries log their own)
+            log.warning("worker %s lost the server at %s: %s", self.cfg.worker_id, self.cfg.server, _cause(exc))
+        self.registered = False
+        self.state, self.pending, self.k = self.algo.init(self.task.dim), None, 0
+        self.down.replica = None
+
+    def register_again(self, stub: rpc.CountingStub, request: pb.RegisterRequest, timeout: float) -> None:
+        """Register under the same id after a lost connection (the server's rejoin). ALREADY_EXISTS:
+        the server still holds this registration (it has not started training, or has finished)."""
+        try:
+            reply = stub.Register(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            stub.model_dim = self.conf.dim
+        else:
+            if reply.config != self.conf:
+                raise ServerLost(
+                    f"the server at {self.cfg.server} came back with another job ({reply.config.algorithm}, "
+                    f"dim {reply.config.dim}; this worker ran {self.conf.algorithm}, dim {self.conf.dim})"
+                )
+            self.result.index = reply.worker_index
+            self.reply = reply
+            self.state = initial_state(self.algo, self.task.dim, reply)  # accumulating rules: the server's row
+        self.registered = True
+        self.result.reconnects += 1
+        log.warning("worker %s registered again with the server at %s", self.cfg.worker_id, self.cfg.server)
+
+    def run(self, stub: rpc.CountingStub, retry: _Retry) -> WorkerResult:
+        """Rounds on this connection until the final model; the result."""
+        cfg, conf, ds, task, algo, down, result = (
+            self.cfg, self.conf, self.ds, self.task, self.algo, self.down, self.result
+        )  # fmt: skip
+        rng, batch, wants_smoothness = self.rng, self.algo.batch, self.algo.tracks_theta_hat
         rounds = (
             StreamRounds(stub, cfg) if conf.round_transport == pb.ROUND_TRANSPORT_STREAM else UnaryRounds(stub, cfg)
         )
-        k = 0
-        pending: tuple[Any, bool] | None = None  # the last report's (new state, uploaded): committed once accepted
         try:
             while True:
-                mb, rejected = rounds.model(down.request(k), task.dim)
+                mb, rejected = rounds.model(down.request(self.k), task.dim)
+                retry.ok()  # the server answered on this connection
                 # fault injection, once the last report has been answered (the next model came)
                 if cfg.leave_after is not None and result.rounds >= cfg.leave_after:
                     log.error("fault injection: worker %s leaves after %d rounds", cfg.worker_id, result.rounds)
@@ -342,16 +511,16 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                 if cfg.crash_after is not None and result.rounds >= cfg.crash_after:
                     log.error("fault injection: worker %s exits after %d rounds", cfg.worker_id, result.rounds)
                     os._exit(17)
-                if pending is not None:  # the last report's fate arrives with the next model
+                if self.pending is not None:  # the last report's fate arrives with the next model
                     if rejected is None:
-                        state, uploaded = pending
+                        self.state, uploaded = self.pending
                         result.uploads += uploaded
                         result.skips += not uploaded
                     else:
                         result.rejected += 1  # the round closed before our report arrived: nothing was absorbed
-                        log.warning("round %d report rejected: %s", k - 1, rejected)
-                    pending = None
-                k = mb.round
+                        log.warning("round %d report rejected: %s", self.k - 1, rejected)
+                    self.pending = None
+                self.k = k = mb.round
                 view = down.receive(mb)
                 if view is None:
                     continue  # ask for this round again, without a replica: a snapshot comes
@@ -360,22 +529,22 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
                     result.final_params = np.array(exact, dtype=np.float64)
                     break
                 selected = mb.selected
-                if selected is not None and reply.worker_index not in selected:
+                if selected is not None and self.reply.worker_index not in selected:
                     rounds.report(k, None, "not_selected", None, conf.zstd, None)  # computes nothing
-                    pending = (state, False)
+                    self.pending = (self.state, False)
                 else:
                     grads = _Gradients(task, ds, mb, batch, rng)
                     loss, grad = grads.loss_grad(theta)
                     info = RoundInfo(k, mb.num_workers, tuple(recent_step_sq), theta, grads.grad_at)
-                    decision = algo.step(state, grad, info, rng)
+                    decision = algo.step(self.state, grad, info, rng)
                     result.grad_evals += grads.evals
                     # only server-side selection uses L_m, and the bound costs an eigendecomposition
                     first = wants_smoothness and result.uploads == 0 and decision.payload is not None
                     smooth = local_smoothness(task, ds, mb.total_samples, mb.num_workers) if first else None
                     rounds.report(k, decision.payload, "lazy_rule", loss, conf.zstd, smooth)
-                    pending = (decision.state, decision.payload is not None)
+                    self.pending = (decision.state, decision.payload is not None)
                 result.rounds += 1
-                k += 1
+                self.k += 1
         finally:
             rounds.close()
         result.snapshots, result.digest_mismatches = down.snapshots, down.mismatches
