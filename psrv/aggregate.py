@@ -180,6 +180,10 @@ class Aggregator:
             self.payloads[worker] = compact(payload)
             self.peaks[worker] = new_peak
 
+    def settle(self) -> None:
+        """Called when a round closes, after its last upload: ``total`` is already the sum (a robust
+        rule recomputes it here, :class:`psrv.robust.RobustAggregator`)."""
+
     def contribution(self, worker: int) -> np.ndarray:
         """Worker ``worker``'s stored contribution, decoded (float64; zeros before its first upload).
         Only "replace" keeps one."""

@@ -64,6 +64,7 @@ def run(
     device: str = "cpu",
     server_opt: str = "sgd",
     clip_norm: float = 0.0,
+    aggregate: str = "mean",
     eval_every: int = 0,
     target_accuracy: float | None = None,
     target_loss: float | None = None,
@@ -76,7 +77,8 @@ def run(
     :class:`psrv.TorchSpec`); default: the task ``data`` is made for, else logreg. ``data``: as
     ``--data`` (default: the task's own data, else the data set it is made for, else mnist).
     ``options``: algorithm/compressor options (``-o``), ``task_options``: ``-t``; ``server_opt``:
-    ``--server-opt`` (e.g. ``"adam:beta2=0.99"``; the step size is ``lr``). ``device``: cpu, cuda
+    ``--server-opt`` (e.g. ``"adam:beta2=0.99"``; the step size is ``lr``); ``aggregate``: ``--aggregate``
+    (``"median"``, ``"trimmed-mean:beta=0.2"``). ``device``: cpu, cuda
     or auto, where the workers' torch model computes and this process evaluates. ``out``: a folder
     for ``metrics.jsonl``, ``model.npy`` and the worker logs (default: a temporary one, removed).
     Every bad argument raises ``ValueError`` before any worker starts.
@@ -109,6 +111,7 @@ def run(
         down_compressor=down_compressor,
         server_opt=server_opt,
         clip_norm=clip_norm,
+        aggregate=aggregate,
     )
     dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=seed, regression=regression)
     validate_job_data(job, dc, device)

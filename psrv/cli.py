@@ -292,12 +292,16 @@ def start_server(
 )
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True)
 @click.option("--crash-after", type=int, default=None, hidden=True, help="Fault injection for tests.")
+@click.option(
+    "--byzantine", type=float, default=0.0, hidden=True, metavar="SCALE", help="Fault injection: upload -SCALE x grad."
+)
 def start_worker(
     server_address: str,
     worker_id: str,
     shard: str | None,
     connect_timeout: float,
     crash_after: int | None,
+    byzantine: float,
     **kw: Any,
 ) -> None:
     """Run one worker: register with the server and train until it says done."""
@@ -328,6 +332,7 @@ def start_worker(
         test_fraction=dc.test_fraction,
         connect_timeout=connect_timeout,
         crash_after=crash_after,
+        byzantine=byzantine,
         regression=dc.regression,
         device=device,
     )

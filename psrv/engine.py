@@ -39,6 +39,7 @@ from psrv.algorithms import Algorithm, SelectionView, make_algorithm
 from psrv.bitpack import index_width, packed_size
 from psrv.payload import Payload, payload_bits, to_dense
 from psrv.replica import AggregateChange, DownCompressor, changed_indices, state_digest, take_step
+from psrv.robust import make_aggregator, parse_aggregate, refusal
 from psrv.server_opt import OptState, make_server_opt
 from psrv.tasks import make_task
 from psrv.triggers import StepHistory
@@ -121,6 +122,7 @@ class ServerConfig:
     transport: str = "stream"  # how workers are told to run rounds: "stream" (one Rounds stream each) | "unary"
     server_opt: str = "sgd"  # "NAME[:KEY=VALUE,...]": the server optimizer (psrv.server_opt), step size options["lr"]
     clip_norm: float = 0.0  # > 0: each upload's decoded vector is scaled down to this L2 norm at most (see push)
+    aggregate: str = "mean"  # "mean" (the sum) | "median" | "trimmed-mean[:beta=B]" (psrv.robust)
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -135,6 +137,9 @@ class ServerConfig:
             raise ValueError(f"broadcast_dtype must be float32 or float64, got {self.broadcast_dtype!r}")
         algorithm = make_algorithm(self.algorithm, self.options, self.compressor)  # fail early on bad options
         make_server_opt(self.server_opt, algorithm.lr)  # ValueError on a bad name, option or value
+        why = refusal(parse_aggregate(self.aggregate), algorithm)  # ValueError on a bad rule
+        if why:
+            raise ValueError(why)
         if self.down_compressor:
             DownCompressor(self.down_compressor)  # ValueError on a bad name or option
 
@@ -381,7 +386,9 @@ class RoundEngine:
             raise InvalidArgument(str(exc)) from None
         s.task_shape = shape
         s.theta = task.init_params(np.random.default_rng(cfg.seed)).astype(np.float64)
-        s.aggregator = Aggregator(cfg.num_workers, s.theta.size, self.algorithm.absorb)
+        s.aggregator = make_aggregator(
+            parse_aggregate(cfg.aggregate), cfg.num_workers, s.theta.size, self.algorithm.absorb
+        )
         s.opt_state = self.opt.init(s.theta.size)
         if self._down is not None:
             s.shared_model = s.theta.copy()  # w^{-1} = theta^0: every worker starts from it (a snapshot)
@@ -761,6 +768,7 @@ class RoundEngine:
                     w.responsive = False
                     log.warning("worker %s missed %d deadlines; no longer waiting for it", w.worker_id, w.misses)
         self._absorb_reported()  # every slot has reported now: the rest, in slot order
+        s.aggregator.settle()  # a robust rule (--aggregate) computes the round's aggregate now
         self._record_change(self._open.before, ordered)
         self._open.before = self._open.relayed = None
         step_sq, s.opt_state = take_step(s.theta, s.aggregator.total, self.opt, s.opt_state)  # what every replica does

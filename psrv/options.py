@@ -95,6 +95,7 @@ class JobConfig:
     transport: str = "stream"
     server_opt: str = "sgd"
     clip_norm: float = 0.0  # > 0: the server clips each upload to this L2 norm
+    aggregate: str = "mean"  # the server's rule over the contributions (psrv.robust)
 
     def algorithm_options(self) -> dict[str, float]:
         return {"lr": self.lr, **self.options}
@@ -122,6 +123,7 @@ class JobConfig:
             transport=self.transport,
             server_opt=self.server_opt,
             clip_norm=self.clip_norm,
+            aggregate=self.aggregate,
             **extra,
         )
 
@@ -159,6 +161,8 @@ class JobConfig:
             args += ["--server-opt", self.server_opt]
         if self.clip_norm:
             args += ["--clip-norm", repr(self.clip_norm)]
+        if self.aggregate != "mean":
+            args += ["--aggregate", self.aggregate]
         for k, v in self.options.items():
             args += ["-o", f"{k}={v!r}"]
         for k, v in self.task_options.items():
@@ -271,6 +275,7 @@ def jobs(
     transport: str = "stream",
     server_opt: str = "sgd",
     clip_norm: float = 0.0,
+    aggregate: str = "mean",
 ) -> list[JobConfig]:
     """One :class:`JobConfig` per algorithm from the parsed job options (``ValueError`` on a bad
     option). The task defaults to the one a built-in data set is made for, else logreg."""
@@ -301,6 +306,7 @@ def jobs(
             transport=transport,
             server_opt=server_opt,
             clip_norm=clip_norm,
+            aggregate=aggregate,
         )
         job.server_config()  # every bad option fails before anything runs (a bad --down-compressor, --server-opt too)
         make_algorithm(name, job.algorithm_options(), compressor)  # every bad option fails before anything runs
@@ -398,6 +404,16 @@ JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
         "Meant for gradient uploads (gd, sgd, topk-ef, lag-wk, lasg, sasg, lag-ps); for accumulating rules "
         "(laq, slaq, ef21, riag, ciag) it clips the innovation, so the server's sum leaves the workers' own "
         "state: a different algorithm.",
+    ),
+    "aggregate": click.option(
+        "--aggregate",
+        default="mean",
+        show_default=True,
+        metavar="mean|median|trimmed-mean[:beta=B]",
+        help="Server-side defence against byzantine workers: the coordinate-wise median or trimmed mean "
+        "(beta: the fraction cut at each end, default 0.1) of the workers' contributions, scaled as the sum "
+        "(Yin et al., ICML 2018). For gd, sgd, lag-wk, lasg, lag-ps with dense uploads; refused for "
+        "accumulating rules, error feedback and sparse uploads.",
     ),
     "transport": click.option(
         "--transport",
