@@ -68,6 +68,8 @@ class Servicer:
     @staticmethod
     def _call(fn: Callable[..., Any], msg: Any, nbytes: int, context: Any) -> Any:
         try:
+            if isinstance(msg, stream.StreamError):  # a request that did not parse (psrv.rpc._parser)
+                raise msg
             return fn(msg, nbytes, context)
         except EngineError as exc:
             context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
