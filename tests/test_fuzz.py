@@ -13,6 +13,10 @@ the count per method and status.
 
 from __future__ import annotations
 
+import threading
+import time
+
+import grpc
 import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
@@ -195,3 +199,40 @@ def test_a_live_server_answers_hostile_calls_and_then_serves_the_run() -> None:
 def test_many_hostile_calls_per_algorithm(algorithm: str) -> None:
     client = _fuzz_server(algorithm, 1500)
     assert sum(client.counts.values()) == 1500
+
+
+def test_undecodable_requests_get_invalid_argument_naming_the_message() -> None:
+    """Bytes that are not the method's request: INVALID_ARGUMENT naming the message type (gRPC's
+    own deserializer error would be INTERNAL)."""
+    target = fuzz.Target("gd")
+    try:
+        for method, name in (("Register", "RegisterRequest"), ("GetModel", "GetModelRequest"), ("Skip", "SkipRequest")):
+            call = target.channel.unary_unary(f"/{rpc.SERVICE}/{method}")
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"\xff\xff\xff", timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"not a valid {name}" in info.value.details()
+    finally:
+        target.close()
+
+
+def test_long_polls_that_time_out_free_their_server_threads() -> None:
+    """24 Rounds streams (twice the server's 12 threads) wait for a round that does not start and
+    time out after 0.3 s; the server's threads wait no longer than their callers, so a worker's call
+    right after is answered at once (it waited for a thread up to 5 s before)."""
+    target = fuzz.Target("gd")
+    try:
+        opened = pb.RoundsRequest(open=pb.RoundsOpen(worker_id=fuzz.REPORTED, round=1)).SerializeToString()
+        clients = [fuzz.HostileClient(target.channel) for _ in range(24)]
+        threads = [threading.Thread(target=c.send, args=("Rounds", [opened])) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert all(c.counts == {("Rounds", "DEADLINE_EXCEEDED"): 1} for c in clients)
+        started = time.monotonic()
+        skip = pb.SkipRequest(worker_id=fuzz.REPORTED, round=0, reason=pb.SKIP_REASON_LAZY_RULE)
+        assert fuzz.HostileClient(target.channel).send("Skip", [skip.SerializeToString()]) == "ALREADY_EXISTS"
+        assert time.monotonic() - started < 1.0
+    finally:
+        target.close()

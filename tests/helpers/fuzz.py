@@ -499,7 +499,10 @@ class Target:
         self._report(REPORTED, 0)
 
     def _run(self) -> None:
-        self.summary = self.ps.run()
+        try:
+            self.summary = self.ps.run()
+        except RuntimeError:  # failed by close(): nothing to report
+            pass
 
     def _report(self, wid: str, k: int) -> None:
         """The honest worker's report for round ``k`` (after the model of round ``k`` is out)."""
