@@ -19,13 +19,12 @@ import time
 import grpc
 import numpy as np
 import pytest
-from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from psrv import codec, rpc, stream
 from psrv.engine import Broadcast
-from psrv.payload import Payload, to_dense
+from psrv.payload import Payload
 from psrv.replica import AggregateChange
 from psrv.server_opt import OptState
 from psrv.v1 import psrv_pb2 as pb
@@ -35,55 +34,11 @@ DIM = (fuzz.N_FEATURES + 1) * fuzz.N_CLASSES
 _FAST = dict(database=None, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 
 
-def _check_payload(p: Payload) -> None:
-    """What every decoded upload satisfies (the engine relies on it)."""
-    assert p.dim == DIM
-    if p.indices is not None:
-        idx = p.indices.astype(np.int64)
-        assert ((idx >= 0) & (idx < DIM)).all() and (np.diff(idx) > 0).all()
-    if p.kind == "dense":
-        assert p.values.size == DIM
-    if p.kind == "sparse":
-        assert p.values.size == p.indices.size
-    if p.values is not None:
-        v = p.values.view("<u2").astype("<u4") << 16 if p.value_format == "bfloat16" else p.values
-        assert np.isfinite(v.view("<f4") if p.value_format == "bfloat16" else v).all()
-    if p.kind in ("laq", "qsgd", "sign_sparse"):
-        assert np.isfinite(p.scale) and p.scale >= 0
-    if p.kind == "laq":
-        assert p.codes.size == DIM and int(p.codes.max(initial=0)) < 2**p.bits
-    if p.kind == "qsgd":
-        assert p.codes.size == p.signs.size == DIM and int(p.codes.max(initial=0)) <= p.bits
-    if p.kind == "sign_sparse":
-        assert p.signs.size == p.indices.size
-    with np.errstate(over="ignore", invalid="ignore"):
-        assert to_dense(p).shape == (DIM,)
-
-
 # ------------------------------------------------------------------------------ decoders
-def check_upload_decoders(data: bytes) -> None:
-    """Both decoders of an upload -- psrv's wire-level fast path (``WireUpload``) and protobuf's
-    parse -- either refuse the bytes with CodecError or give a valid payload, and agree."""
-    try:
-        fast = codec.WireUpload(data).payload(DIM)
-    except codec.CodecError:
-        fast = None
-    try:
-        slow = codec.upload_from_proto(pb.PushRequest.FromString(data), DIM)
-    except (codec.CodecError, DecodeError):
-        slow = None
-    if fast is not None:
-        _check_payload(fast)
-        assert slow is not None
-        assert fast.kind == slow.kind and to_dense(fast).tobytes() == to_dense(slow).tobytes()
-    else:
-        assert slow is None
-
-
 @settings(max_examples=400, **_FAST)
 @given(fuzz.push_bytes(DIM))
 def test_the_upload_decoder_returns_a_valid_payload_or_a_codec_error(data: bytes) -> None:
-    check_upload_decoders(data)
+    fuzz.check_upload_decoders(data, DIM)
 
 
 @pytest.mark.slow
@@ -91,7 +46,7 @@ def test_the_upload_decoder_returns_a_valid_payload_or_a_codec_error(data: bytes
 @given(fuzz.push_bytes(DIM))
 def test_many_uploads_to_the_decoder(data: bytes) -> None:
     """The same property over 3,000 more uploads (a new random sample every run)."""
-    check_upload_decoders(data)
+    fuzz.check_upload_decoders(data, DIM)
 
 
 @settings(max_examples=150, **_FAST)

@@ -23,10 +23,12 @@ from functools import cache
 import grpc
 import numpy as np
 import zstandard
+from google.protobuf.message import DecodeError
 from hypothesis import strategies as st
 
 from psrv import bitpack, codec, rpc, stream
 from psrv.compress import make_compressor
+from psrv.payload import Payload, to_dense, values_of
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.v1 import psrv_pb2 as pb
 
@@ -396,6 +398,52 @@ def hostile_call(draw: st.DrawFn, dim: int) -> tuple[str, list[bytes]]:
     if method == "PushStream":
         return method, draw(pieces(draw(push_bytes(dim))))
     return method, draw(rounds_stream(dim))
+
+
+# ---------------------------------------------------------------------------------- decoder properties
+def check_payload(p: Payload, dim: int) -> None:
+    """What every decoded upload satisfies (the engine relies on it)."""
+    assert p.dim == dim
+    if p.indices is not None:
+        idx = p.indices.astype(np.int64)
+        assert ((idx >= 0) & (idx < dim)).all() and (np.diff(idx) > 0).all()
+    if p.kind == "dense":
+        assert p.values.size == dim
+    if p.kind == "sparse":
+        assert p.values.size == p.indices.size
+    if p.values is not None:
+        assert np.isfinite(values_of(p)).all()
+    if p.kind in ("laq", "qsgd", "sign_sparse"):
+        assert np.isfinite(p.scale) and p.scale >= 0
+    if p.kind == "laq":
+        assert p.codes.size == dim and int(p.codes.max(initial=0)) < 2**p.bits
+    if p.kind == "qsgd":
+        assert p.codes.size == p.signs.size == dim and int(p.codes.max(initial=0)) <= p.bits
+    if p.kind == "sign_sparse":
+        assert p.signs.size == p.indices.size
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert to_dense(p).shape == (dim,)
+
+
+def check_upload_decoders(data: bytes, dim: int) -> bool:
+    """Both decoders of an upload -- psrv's wire-level fast path (``WireUpload``) and protobuf's
+    parse -- either refuse the bytes (CodecError, protobuf's DecodeError) or give the same valid
+    payload; anything else raises. True when the upload was accepted."""
+    try:
+        fast = codec.WireUpload(data).payload(dim)
+    except codec.CodecError:
+        fast = None
+    try:
+        slow = codec.upload_from_proto(pb.PushRequest.FromString(data), dim)
+    except (codec.CodecError, DecodeError):
+        slow = None
+    if fast is None:
+        assert slow is None, "protobuf's parse accepted an upload the fast path refused"
+        return False
+    check_payload(fast, dim)
+    assert slow is not None, "the fast path accepted an upload protobuf's parse refused"
+    assert fast.kind == slow.kind and to_dense(fast).tobytes() == to_dense(slow).tobytes()
+    return True
 
 
 # ---------------------------------------------------------------------------------- the client
