@@ -52,13 +52,13 @@ def fuzz_decoder(n: int, dim: int, rng_seed: int) -> Counter:
     return counts
 
 
-def fuzz_server(algorithm: str, n: int, rng_seed: int) -> fuzz.HostileClient:
-    reference = fuzz.Target(algorithm)
+def fuzz_server(algorithm: str, n: int, rng_seed: int, aggregate: str = "mean") -> fuzz.HostileClient:
+    reference = fuzz.Target(algorithm, aggregate=aggregate)
     try:
         expected = reference.finish()
     finally:
         reference.close()
-    target = fuzz.Target(algorithm)
+    target = fuzz.Target(algorithm, aggregate=aggregate)
     try:
         before = target.state()
         client = fuzz.HostileClient(target.channel)
@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=4000, help="hostile calls per server (default 4000)")
     ap.add_argument("--decoder", type=int, default=10_000, help="uploads to the decoders (default 10000)")
     ap.add_argument("--algorithms", default="gd,laq,topk-ef", help="one live server each (default gd,laq,topk-ef)")
+    ap.add_argument("--aggregate", default="mean", help="the servers' --aggregate rule (default mean)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the counts here")
     args = ap.parse_args()
@@ -97,7 +98,7 @@ def main() -> int:
         total_messages += sum(counts.values())
     for algorithm in filter(None, args.algorithms.split(",")):
         started = time.monotonic()
-        client = fuzz_server(algorithm, args.calls, args.seed)
+        client = fuzz_server(algorithm, args.calls, args.seed, args.aggregate)
         took = time.monotonic() - started
         calls = sum(client.counts.values())
         print(f"\nserver ({algorithm}): {client.messages} messages in {calls} calls, {took:.0f} s")
