@@ -191,6 +191,10 @@ class Aggregator:
             self.payloads[worker] = compact(payload)
             self.peaks[worker] = new_peak
 
+    def settle(self) -> None:
+        """Called when a round closes, after its last upload: ``total`` is already the sum (a robust
+        rule recomputes it here, :class:`psrv.robust.RobustAggregator`)."""
+
     def contribution(self, worker: int) -> np.ndarray:
         """Worker ``worker``'s stored contribution, decoded (float64; zeros before its first upload).
         "replace" keeps one; "accumulate" only with ``keep_rows`` (a copy of the row)."""

@@ -66,6 +66,7 @@ def run(
     clip_norm: float = 0.0,
     min_workers: int = 1,
     quorum_wait: float | None = None,
+    aggregate: str = "mean",
     eval_every: int = 0,
     target_accuracy: float | None = None,
     target_loss: float | None = None,
@@ -80,9 +81,10 @@ def run(
     ``options``: algorithm/compressor options (``-o``), ``task_options``: ``-t``; ``server_opt``:
     ``--server-opt`` (e.g. ``"adam:beta2=0.99"``; the step size is ``lr``); ``min_workers`` and
     ``quorum_wait``: ``--min-workers``, ``--quorum-wait`` (a run short of live workers fails with
-    ``RuntimeError``). ``device``: cpu, cuda or auto, where the workers' torch model computes and
-    this process evaluates. ``out``: a folder
-    for ``metrics.jsonl``, ``model.npy`` and the worker logs (default: a temporary one, removed).
+    ``RuntimeError``); ``aggregate``: ``--aggregate`` (``"median"``, ``"trimmed-mean:beta=0.2"``).
+    ``device``: cpu, cuda or auto, where the workers' torch model computes and this process
+    evaluates. ``out``: a folder for ``metrics.jsonl``, ``model.npy`` and the worker logs
+    (default: a temporary one, removed).
     Every bad argument raises ``ValueError`` before any worker starts.
     """
     from psrv.algorithms import ALGORITHMS
@@ -115,6 +117,7 @@ def run(
         clip_norm=clip_norm,
         min_workers=min_workers,
         quorum_wait=quorum_wait,
+        aggregate=aggregate,
     )
     dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=seed, regression=regression)
     validate_job_data(job, dc, device)

@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from psrv.aggregate import Aggregator
 from psrv.engine import COST_WINDOW, EngineState, RoundEngine, RunTotals, ServerConfig, WorkerState
 from psrv.files import atomic_write_bytes
 from psrv.metrics import ByteCounter
 from psrv.payload import Payload
 from psrv.replica import AggregateChange
+from psrv.robust import make_aggregator, parse_aggregate
 from psrv.server_opt import OptState
 from psrv.triggers import StepHistory
 
@@ -201,7 +201,8 @@ def _state(meta: dict[str, Any], arrays: dict[str, np.ndarray], config: ServerCo
             f"the checkpoint holds {len(workers)} workers with slots; the run has {config.num_workers}"
         )
     a = meta["aggregator"]
-    agg = Aggregator(config.num_workers, d, a["absorb"], keep_rows="rows" in arrays)
+    rule = parse_aggregate(config.aggregate)  # the same rule (the config check compared it): mean or robust
+    agg = make_aggregator(rule, config.num_workers, d, a["absorb"], keep_rows="rows" in arrays)
     agg.total[:] = _f64(arrays["total"], "total", d)
     agg.bound = float(a["bound"])
     if agg.rows is not None:

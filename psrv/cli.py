@@ -415,6 +415,9 @@ def check_port_free(host: str, port: int) -> None:
 )
 @click.option("--crash-after", type=int, default=None, hidden=True, help="Fault injection for tests.")
 @worker_tls_options
+@click.option(
+    "--byzantine", type=float, default=0.0, hidden=True, metavar="SCALE", help="Fault injection: upload -SCALE x grad."
+)
 def start_worker(
     server_address: str,
     worker_id: str,
@@ -422,6 +425,7 @@ def start_worker(
     connect_timeout: float,
     retry_for: float,
     crash_after: int | None,
+    byzantine: float,
     **kw: Any,
 ) -> None:
     """Run one worker: register with the server and train until it says done."""
@@ -458,6 +462,7 @@ def start_worker(
         connect_timeout=connect_timeout,
         retry_for=retry_for,
         crash_after=crash_after,
+        byzantine=byzantine,
         regression=dc.regression,
         device=device,
         security=security,

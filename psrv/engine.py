@@ -43,6 +43,7 @@ from psrv.algorithms import Algorithm, SelectionView, make_algorithm
 from psrv.bitpack import index_width, packed_size
 from psrv.payload import Payload, payload_bits, to_dense
 from psrv.replica import AggregateChange, DownCompressor, changed_indices, state_digest, take_step
+from psrv.robust import make_aggregator, parse_aggregate, refusal
 from psrv.server_opt import OptState, make_server_opt
 from psrv.tasks import make_task
 from psrv.triggers import StepHistory
@@ -156,6 +157,7 @@ class ServerConfig:
     record_tail: int = RECORD_TAIL  # closed rounds' records kept in memory; totals are kept apart
     min_workers: int = 1  # fewer live workers than this (for quorum_wait seconds) fail the run; 0: never
     quorum_wait: float | None = None  # seconds to wait for rejoins below min_workers; None: 2 x round_timeout
+    aggregate: str = "mean"  # "mean" (the sum) | "median" | "trimmed-mean[:beta=B]" (psrv.robust)
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -175,6 +177,9 @@ class ServerConfig:
         self._check_limits()
         algorithm = make_algorithm(self.algorithm, self.options, self.compressor)  # fail early on bad options
         make_server_opt(self.server_opt, algorithm.lr)  # ValueError on a bad name, option or value
+        why = refusal(parse_aggregate(self.aggregate), algorithm)  # ValueError on a bad rule
+        if why:
+            raise ValueError(why)
         if self.down_compressor:
             DownCompressor(self.down_compressor)  # ValueError on a bad name or option
 
@@ -558,7 +563,9 @@ class RoundEngine:
             )
         s.task_shape = shape
         s.theta = task.init_params(np.random.default_rng(cfg.seed)).astype(np.float64)
-        s.aggregator = Aggregator(cfg.num_workers, s.theta.size, self.algorithm.absorb, self.keep_rows)
+        s.aggregator = make_aggregator(
+            parse_aggregate(cfg.aggregate), cfg.num_workers, s.theta.size, self.algorithm.absorb, self.keep_rows
+        )
         s.opt_state = self.opt.init(s.theta.size)
         if self._down is not None:
             s.shared_model = s.theta.copy()  # w^{-1} = theta^0: every worker starts from it (a snapshot)
@@ -1013,6 +1020,7 @@ class RoundEngine:
                     w.responsive, w.gone = False, f"missed {w.misses} deadlines in a row"
                     log.warning("worker %s missed %d deadlines; no longer waiting for it", w.worker_id, w.misses)
         self._absorb_reported()  # every slot has reported now: the rest, in slot order
+        s.aggregator.settle()  # a robust rule (--aggregate) computes the round's aggregate now
         self._record_change(self._open.before, ordered)
         self._open.before = self._open.relayed = None
         step_sq, s.opt_state = take_step(s.theta, s.aggregator.total, self.opt, s.opt_state)  # what every replica does

@@ -97,6 +97,7 @@ class JobConfig:
     clip_norm: float = 0.0  # > 0: the server clips each upload to this L2 norm
     min_workers: int = 1  # fewer live workers than this (after quorum_wait) fail the run
     quorum_wait: float | None = None  # None: 2 x round_timeout
+    aggregate: str = "mean"  # the server's rule over the contributions (psrv.robust)
 
     def algorithm_options(self) -> dict[str, float]:
         return {"lr": self.lr, **self.options}
@@ -126,6 +127,7 @@ class JobConfig:
             clip_norm=self.clip_norm,
             min_workers=self.min_workers,
             quorum_wait=self.quorum_wait,
+            aggregate=self.aggregate,
             **extra,
         )
 
@@ -167,6 +169,8 @@ class JobConfig:
             args += ["--min-workers", str(self.min_workers)]
         if self.quorum_wait is not None:
             args += ["--quorum-wait", repr(self.quorum_wait)]
+        if self.aggregate != "mean":
+            args += ["--aggregate", self.aggregate]
         for k, v in self.options.items():
             args += ["-o", f"{k}={v!r}"]
         for k, v in self.task_options.items():
@@ -291,6 +295,7 @@ def jobs(
     clip_norm: float = 0.0,
     min_workers: int = 1,
     quorum_wait: float | None = None,
+    aggregate: str = "mean",
 ) -> list[JobConfig]:
     """One :class:`JobConfig` per algorithm from the parsed job options (``ValueError`` on a bad
     option). The task defaults to the one a built-in data set is made for, else logreg."""
@@ -323,6 +328,7 @@ def jobs(
             clip_norm=clip_norm,
             min_workers=min_workers,
             quorum_wait=quorum_wait,
+            aggregate=aggregate,
         )
         job.server_config()  # every bad option fails before anything runs (a bad --down-compressor, --server-opt too)
         make_algorithm(name, job.algorithm_options(), compressor)  # every bad option fails before anything runs
@@ -438,6 +444,16 @@ JOB_OPTIONS: dict[str, Callable[[Any], Any]] = {
         metavar="SECONDS",
         help="How long a run below --min-workers live workers waits for rejoins before it fails "
         "[default: 2 x --round-timeout].",
+    ),
+    "aggregate": click.option(
+        "--aggregate",
+        default="mean",
+        show_default=True,
+        metavar="mean|median|trimmed-mean[:beta=B]",
+        help="Server-side defence against byzantine workers: the coordinate-wise median or trimmed mean "
+        "(beta: the fraction cut at each end, default 0.1) of the workers' contributions, scaled as the sum "
+        "(Yin et al., ICML 2018). For gd, sgd, lag-wk, lasg, lag-ps with dense uploads; refused for "
+        "accumulating rules, error feedback and sparse uploads.",
     ),
     "transport": click.option(
         "--transport",

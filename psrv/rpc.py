@@ -99,8 +99,14 @@ class Received:
 
 
 def _parser(msg_type: type) -> Callable[[bytes], Received]:
+    """A request that does not parse becomes its :class:`psrv.stream.StreamError`, for the handler
+    to raise (INVALID_ARGUMENT): an exception here would end the call with INTERNAL."""
+
     def parse(data: bytes) -> Received:
-        return Received(msg_type.FromString(data), len(data))
+        try:
+            return Received(msg_type.FromString(data), len(data))
+        except DecodeError as exc:
+            return Received(stream.StreamError(f"not a valid {msg_type.DESCRIPTOR.name} ({exc})"), len(data))
 
     return parse
 

@@ -102,6 +102,8 @@ class Servicer:
     @staticmethod
     def _call(fn: Callable[..., Any], msg: Any, nbytes: int, context: Any) -> Any:
         try:
+            if isinstance(msg, stream.StreamError):  # a request that did not parse (psrv.rpc._parser)
+                raise msg
             return fn(msg, nbytes, context)
         except EngineError as exc:
             context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
@@ -215,8 +217,10 @@ class Servicer:
     def _serve(self, worker_id: str, k: int, replica: int | None, context: Any) -> Any:
         """The engine's broadcast of round >= k, waiting as long as the worker is connected."""
         while context.is_active():
+            remaining = context.time_remaining()  # a thread waits no longer than its caller (deadline)
+            wait = 5.0 if remaining is None else min(5.0, max(0.01, remaining - 0.05))
             try:
-                return self.engine.serve(worker_id, k, 5.0, replica)
+                return self.engine.serve(worker_id, k, wait, replica)
             except NotReady:
                 continue
             except EngineError as exc:

@@ -54,6 +54,7 @@ class WorkerConfig:
     crash_after: int | None = None  # fault injection: exit abruptly after this many rounds
     leave_after: int | None = None  # fault injection: drop the connection after this many rounds, as a crash would
     corrupt_replica_at: int | None = None  # fault injection: flip a bit of the replica's theta in this round
+    byzantine: float = 0.0  # fault injection: a hostile worker, its algorithm fed -byzantine x its gradient
     torch_threads: int = 1  # many workers share few cores: one thread each avoids oversubscription
     regression: bool = False  # a user file's label column is a real-valued target
     device: str = "cpu"  # where a torch task's model computes: cpu, cuda or auto (psrv.tasks.torch_task)
@@ -535,6 +536,8 @@ class _Job:
                 else:
                     grads = _Gradients(task, ds, mb, batch, rng)
                     loss, grad = grads.loss_grad(theta)
+                    if cfg.byzantine:  # fault injection: a byzantine worker (psrv.robust's adversary)
+                        grad = -cfg.byzantine * grad
                     info = RoundInfo(k, mb.num_workers, tuple(recent_step_sq), theta, grads.grad_at)
                     decision = algo.step(self.state, grad, info, rng)
                     result.grad_evals += grads.evals

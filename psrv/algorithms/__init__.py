@@ -105,6 +105,7 @@ class AlgorithmBase:
     - ``tracks_theta_hat``: the server keeps each worker's last-upload iterate (for ``select``),
       and workers report their smoothness bound L_m with their first upload.
     - ``compressor``: the uplink compressor, if the algorithm has one (named in summaries).
+    - ``ef``: uploads carry error feedback (the worker keeps what the server did not apply).
     """
 
     name: str = ""
@@ -112,6 +113,7 @@ class AlgorithmBase:
     selects: ClassVar[bool] = False
     tracks_theta_hat: ClassVar[bool] = False
     compressor: Any = None
+    ef: bool = False
 
     @property
     def compressor_name(self) -> str:
