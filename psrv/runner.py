@@ -233,7 +233,11 @@ def run_local(
             extra = (worker_extra or {}).get(i, ())
             cmd = worker_argv(f"127.0.0.1:{port}", i, config.num_workers, dc, extra, device=device)
             # its own process group: a terminal's Ctrl-C reaches this process, which stops the workers
-            procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, process_group=0))
+            procs.append(
+                subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env, process_group=0
+                )
+            )
         watcher = _WorkerWatch(ps, procs, out)
         summary = ps.run()
         atomic_save_npy(out / "model.npy", ps.theta)
