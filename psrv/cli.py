@@ -9,6 +9,7 @@ matplotlib, scikit-learn, mlxtend) are imported inside the commands that use the
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import json
 import logging
@@ -29,6 +30,8 @@ from psrv.options import (
     jobs_from_cli,
     pop_data,
     pop_device,
+    pop_server_options,
+    server_options,
 )
 
 
@@ -348,6 +351,7 @@ def plot(run_dir: str, out_path: str | None) -> None:
 
 @main.command("start-server")
 @job_options
+@server_options
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True)
 @click.option("--register-timeout", type=float, default=300.0, show_default=True)
@@ -388,10 +392,15 @@ def start_server(
     if len(kw["algorithms"]) != 1:
         raise click.UsageError(f"a server runs one algorithm; got {','.join(kw['algorithms'])} (pass --algorithm NAME)")
     (job,) = jobs_from_cli(kw)
+    owned, limits = pop_server_options(kw, job.task, job.seed)
     try:
-        config = job.server_config(register_timeout=register_timeout)
+        config = job.server_config(register_timeout=register_timeout, **owned)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        check_port_free(host, port)  # before gRPC, whose own failure to bind is a log line and a vague error
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
     model_path = None if model_out is None else str(files.npy_path(model_out))
     check_outputs(files={"--summary-json": summary_json, "--model-out": model_path}, metrics=metrics,
                   overwrite_metrics=overwrite_metrics)  # fmt: skip
@@ -399,9 +408,15 @@ def start_server(
         sink = MetricsSink(metrics, overwrite=overwrite_metrics)
     except files.OutputError as exc:
         raise OutputPathError(str(exc)) from None
-    ps = ParameterServer(config, sink)
-    server, bound = create_server(ps, f"{host}:{port}")
-    click.echo(f"psrv server listening on {host}:{bound}; waiting for {config.num_workers} workers", err=True)
+    try:
+        ps = ParameterServer(config, sink, limits)
+        server, bound = create_server(ps, f"{host}:{port}")
+    except (ValueError, RuntimeError) as exc:
+        sink.close()
+        raise click.ClickException(str(exc)) from None
+    shape = "the first registration's" if config.task_shape is None else "{},{}".format(*config.task_shape)
+    click.echo(f"psrv server listening on {host}:{bound}; waiting for {config.num_workers} workers; "
+               f"shape {shape}", err=True)  # fmt: skip
     signal.signal(signal.SIGTERM, lambda *_: ps.fail("terminated"))
     try:
         summary = ps.run()
@@ -416,6 +431,27 @@ def start_server(
     if summary_json:
         report.write_json(summary_json, summary)
     click.echo(json.dumps(summary))
+
+
+def check_port_free(host: str, port: int) -> None:
+    """``RuntimeError`` (one line) when ``host:port`` cannot be bound, e.g. another server listens
+    there (the server binds without SO_REUSEPORT, so two servers never share a port)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            reason = "port in use (another server?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise RuntimeError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 @main.command("start-worker")

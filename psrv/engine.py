@@ -86,6 +86,18 @@ class OutOfRange(EngineError):
     status = "OUT_OF_RANGE"
 
 
+class PermissionDenied(EngineError):
+    """A caller that is not one of the run's configured identities (``--worker-ids``)."""
+
+    status = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(EngineError):
+    """A request beyond one of the server's limits; the message names the limit and its flag."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
 class RunAborted(EngineError):
     """The run failed; every waiting request gives up with the reason."""
 
@@ -99,6 +111,16 @@ class NotReady(EngineError):
 
 
 # ---------------------------------------------------------------------------------- config
+#: Default bound on the model's dimension when the first registration fixes the shape (``--max-dim``).
+MAX_DIM = 10_000_000
+#: Default bound on a worker id's length in UTF-8 bytes (``--max-id-bytes``).
+MAX_ID_BYTES = 128
+#: Default number of closed rounds' records kept in memory (every record goes to the sink).
+RECORD_TAIL = 128
+#: Workers refused at registration that are remembered for the run's error message.
+_REFUSED_KEPT = 16
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     algorithm: str = "gd"
@@ -121,6 +143,13 @@ class ServerConfig:
     transport: str = "stream"  # how workers are told to run rounds: "stream" (one Rounds stream each) | "unary"
     server_opt: str = "sgd"  # "NAME[:KEY=VALUE,...]": the server optimizer (psrv.server_opt), step size options["lr"]
     clip_norm: float = 0.0  # > 0: each upload's decoded vector is scaled down to this L2 norm at most (see push)
+    # the server owns the job (README, "Limits"): the task's shape (n_features, n_classes) from the server's
+    # configuration (None: the first registration fixes it, within max_dim), and who may take a worker slot
+    task_shape: tuple[int, int] | None = None
+    max_dim: int = MAX_DIM  # the largest model (parameters) a registration may make the server allocate
+    worker_ids: tuple[str, ...] = ()  # the ids that may register (empty: any id, up to num_workers)
+    max_id_bytes: int = MAX_ID_BYTES
+    record_tail: int = RECORD_TAIL  # closed rounds' records kept in memory; totals are kept apart
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -133,10 +162,31 @@ class ServerConfig:
             raise ValueError(f"clip_norm must be finite and >= 0 (0: off), got {self.clip_norm!r}")
         if self.broadcast_dtype not in ("float32", "float64"):
             raise ValueError(f"broadcast_dtype must be float32 or float64, got {self.broadcast_dtype!r}")
+        self._check_limits()
         algorithm = make_algorithm(self.algorithm, self.options, self.compressor)  # fail early on bad options
         make_server_opt(self.server_opt, algorithm.lr)  # ValueError on a bad name, option or value
         if self.down_compressor:
             DownCompressor(self.down_compressor)  # ValueError on a bad name or option
+
+    def _check_limits(self) -> None:
+        if self.max_dim < 1 or self.max_id_bytes < 1 or self.record_tail < 1:
+            raise ValueError("need max_dim >= 1, max_id_bytes >= 1, record_tail >= 1")
+        if self.task_shape is not None:
+            f, c = self.task_shape
+            if f < 1 or c == 1 or c < 0:
+                raise ValueError(f"shape needs n_features >= 1 and n_classes >= 2 (or 0 for regression), got {f},{c}")
+        ids = self.worker_ids
+        if ids:
+            if len(set(ids)) != len(ids) or not all(ids):
+                raise ValueError("worker ids must be distinct and not empty")
+            if len(ids) < self.num_workers:
+                raise ValueError(
+                    f"{len(ids)} worker ids for {self.num_workers} workers: give one id per worker at least"
+                )
+            long = [i for i in ids if len(i.encode()) > self.max_id_bytes]
+            if long:
+                top = self.max_id_bytes
+                raise ValueError(f"worker id {long[0][:40]!r}... is longer than {top} bytes (--max-id-bytes)")
 
 
 # ---------------------------------------------------------------------------------- state
@@ -199,6 +249,29 @@ class Broadcast:
 
 
 @dataclass
+class RunTotals:
+    """Running totals over every closed round: what the summary needs, so the rounds' records need
+    not stay in memory (they stream to the sink; a bounded tail is kept)."""
+
+    rounds: int = 0
+    uploads: int = 0
+    skips: int = 0
+    deadline_misses: int = 0
+    payload_bits: int = 0
+    bytes_up: int = 0
+    last_loss: float | None = None
+    elapsed: float = 0.0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.rounds += 1
+        for key in ("uploads", "skips", "deadline_misses", "payload_bits", "bytes_up"):
+            setattr(self, key, getattr(self, key) + record[key])
+        if record["loss"] is not None:
+            self.last_loss = record["loss"]
+        self.elapsed = record["elapsed"]
+
+
+@dataclass
 class EngineState:
     """The whole run between two rounds: what a checkpoint has to hold."""
 
@@ -215,7 +288,8 @@ class EngineState:
     history: StepHistory = field(default_factory=lambda: StepHistory(0))
     theta_hat: np.ndarray | None = None  # (M, d) float64 iterate of each worker's last upload (lag-ps' selection)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)  # server-side selection only
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: deque[dict[str, Any]] = field(default_factory=deque)  # the last closed rounds' (config.record_tail)
+    totals: RunTotals = field(default_factory=lambda: RunTotals())  # over every closed round
     downlink: str = "dense"  # the form of the broadcasts now: "dense", "replica" or "compressed"
     shared_model: np.ndarray | None = None  # w: the model workers compute at, with a compressed downlink
     change: AggregateChange = field(default_factory=AggregateChange)  # of the last close
@@ -281,7 +355,9 @@ class RoundEngine:
         self.algorithm: Algorithm = make_algorithm(config.algorithm, config.options, config.compressor)
         self.opt = make_server_opt(config.server_opt, self.algorithm.lr)
         self.state = EngineState(
-            history=StepHistory(self.algorithm.history_depth), rng=np.random.default_rng([config.seed, 7])
+            history=StepHistory(self.algorithm.history_depth),
+            rng=np.random.default_rng([config.seed, 7]),
+            records=deque(maxlen=config.record_tail),
         )
         self._down = DownCompressor(config.down_compressor) if config.down_compressor else None
         # exact updates can go out: only then is each round's change worked out (a copy of the aggregate)
@@ -293,6 +369,13 @@ class RoundEngine:
         self._open = _OpenRound()
         self._ready: set[str] = set()  # workers that have asked for a model: warmed up
         self._done_served: set[str] = set()
+        self.refused: dict[str, str] = {}  # worker id -> why its registration was refused (the first few)
+        self._allowed = frozenset(config.worker_ids)
+        if config.task_shape is not None:  # the server owns the shape: the model exists before anyone registers
+            try:
+                self._init_model(tuple(config.task_shape), bounded=False)  # the operator's choice: no --max-dim
+            except EngineError as exc:
+                raise ValueError(str(exc)) from None
 
     # ------------------------------------------------------------------ views
     @property
@@ -313,10 +396,11 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ requests
     def register(self, worker_id: str, num_samples: int, n_features: int, n_classes: int) -> int:
-        """Admit a worker; returns its index. The first registration fixes the model's shape."""
-        if not worker_id:
-            raise InvalidArgument("worker_id must not be empty")
-        if num_samples < 1 or n_features < 1 or n_classes == 1:
+        """Admit a worker; returns its index. The model's shape is the server's (``task_shape``);
+        without one, the first registration fixes it, within ``max_dim`` parameters. Only the
+        configured ``worker_ids`` (when given) take slots; nothing is allocated for a refused one."""
+        self._check_id(worker_id)
+        if num_samples < 1 or n_features < 1 or n_classes == 1 or n_classes < 0:
             raise InvalidArgument(
                 "registration needs num_samples >= 1, n_features >= 1, n_classes >= 2 (or 0 for regression)"
             )
@@ -326,16 +410,25 @@ class RoundEngine:
                 return self._rejoin(s.workers[worker_id], num_samples, (n_features, n_classes))
             if worker_id in s.workers:
                 raise AlreadyExists(f"worker {worker_id!r} is already registered")
+            if s.phase == "training":
+                n = self.config.num_workers
+                raise ResourceExhausted(f"registration is closed: all {n} worker slots are taken (--workers {n})")
             if s.phase != "registering":
                 raise FailedPrecondition(f"registration is closed (server is {s.phase})")
             shape = (n_features, n_classes)
             if s.task_shape is None:
-                self._init_model(shape)
+                try:
+                    self._init_model(shape)
+                except EngineError as exc:
+                    self._refuse(worker_id, str(exc))
+                    raise
             elif shape != s.task_shape:
-                raise InvalidArgument(
-                    f"worker data has {shape[0]} features / {shape[1]} classes; "
+                why = (
+                    f"worker {worker_id!r} refused: its data has {shape[0]} features / {shape[1]} classes; "
                     f"the run has {s.task_shape[0]} / {s.task_shape[1]}"
                 )
+                self._refuse(worker_id, why)
+                raise InvalidArgument(why)
             index = len(s.workers)
             s.workers[worker_id] = WorkerState(worker_id, index, num_samples)
             log.info("registered %s as worker %d (%d samples)", worker_id, index, num_samples)
@@ -373,12 +466,42 @@ class RoundEngine:
         self._cond.notify_all()
         return w.index
 
-    def _init_model(self, shape: tuple[int, int]) -> None:
+    def _check_id(self, worker_id: str) -> None:
+        """A worker id the run may take: not empty, at most ``max_id_bytes``, one of ``worker_ids``."""
+        if not worker_id:
+            raise InvalidArgument("worker_id must not be empty")
+        size, top = len(worker_id.encode()), self.config.max_id_bytes
+        if size > top:
+            raise ResourceExhausted(f"worker id of {size} bytes exceeds the limit of {top} bytes (--max-id-bytes)")
+        if self._allowed and worker_id not in self._allowed:
+            raise PermissionDenied(f"worker id {worker_id!r} is not one of this run's ids (start-server --worker-ids)")
+
+    def _refuse(self, worker_id: str, why: str) -> None:
+        """Log a refused registration and keep it (the first few) for the run's error message."""
+        log.warning("registration refused: %s", why)
+        if worker_id in self.refused or len(self.refused) < _REFUSED_KEPT:
+            self.refused[worker_id] = why
+
+    def _init_model(self, shape: tuple[int, int], bounded: bool = True) -> None:
+        """Make the model for ``shape``. ``bounded`` (a shape a registration brings): refuse
+        (RESOURCE_EXHAUSTED) one of more than ``max_dim`` parameters before allocating it, the shape
+        first (F x C), then the task's own size."""
         cfg, s = self.config, self.state
+        top = cfg.max_dim if bounded else math.inf
+        if shape[0] * max(shape[1], 1) > top:
+            raise ResourceExhausted(
+                f"a model for {shape[0]} features x {shape[1]} classes exceeds the limit of {top} parameters "
+                "(--max-dim)"
+            )
         try:
             task = make_task(cfg.task, *shape, **cfg.task_options)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        if task.dim > top:
+            raise ResourceExhausted(
+                f"the {cfg.task} model for {shape[0]} features x {shape[1]} classes has {task.dim} parameters, "
+                f"more than the limit of {top} (--max-dim)"
+            )
         s.task_shape = shape
         s.theta = task.init_params(np.random.default_rng(cfg.seed)).astype(np.float64)
         s.aggregator = Aggregator(cfg.num_workers, s.theta.size, self.algorithm.absorb)
@@ -718,9 +841,11 @@ class RoundEngine:
         cfg, s = self.config, self.state
         with self._cond:
             if not self._cond.wait_for(lambda: s.phase != "registering", timeout=cfg.register_timeout):
+                refused = "".join(f"; {why}" for why in self.refused.values())
                 s.phase, s.error = (
                     "failed",
-                    f"only {len(s.workers)} of {cfg.num_workers} workers registered within {cfg.register_timeout:g} s",
+                    f"only {len(s.workers)} of {cfg.num_workers} workers registered within {cfg.register_timeout:g} s"
+                    f"{refused}",
                 )
                 self._cond.notify_all()
             self._raise_if_failed()
@@ -736,7 +861,8 @@ class RoundEngine:
                 self._cond.wait_for(lambda: self._all_reported() or s.phase == "failed", timeout=cfg.round_timeout)
                 self._raise_if_failed()
                 record = self._close_round(k, started)
-                s.records.append(record)
+                s.records.append(record)  # a bounded tail (config.record_tail): records stream to the sink
+                s.totals.add(record)
             if self._sink is not None:
                 t0 = time.monotonic()
                 self._sink.round_closed(record, s.theta, k == cfg.rounds - 1)
@@ -809,8 +935,7 @@ class RoundEngine:
 
     def summary(self) -> dict[str, Any]:
         """Totals over the rounds so far (the transport adds the bytes it counted)."""
-        recs, cfg = self.state.records, self.config
-        last_loss = next((r["loss"] for r in reversed(recs) if r["loss"] is not None), None)
+        t, cfg = self.state.totals, self.config
         return {
             "algorithm": cfg.algorithm,
             "compressor": self.algorithm.compressor_name,
@@ -819,15 +944,15 @@ class RoundEngine:
             "zstd": cfg.zstd,
             "workers": cfg.num_workers,
             "dim": self.dim,
-            "rounds": len(recs),
-            "uploads": sum(r["uploads"] for r in recs),
-            "skips": sum(r["skips"] for r in recs),
-            "deadline_misses": sum(r["deadline_misses"] for r in recs),
+            "rounds": t.rounds,
+            "uploads": t.uploads,
+            "skips": t.skips,
+            "deadline_misses": t.deadline_misses,
             "rejoins": self.state.rejoins,
-            "payload_bits": sum(r["payload_bits"] for r in recs),
-            "upload_bytes": sum(r["bytes_up"] for r in recs),
-            "last_round_loss": last_loss,
-            "wall_time": recs[-1]["elapsed"] if recs else 0.0,
+            "payload_bits": t.payload_bits,
+            "upload_bytes": t.bytes_up,
+            "last_round_loss": t.last_loss,
+            "wall_time": t.elapsed,
         }
 
     def wait_registered(self, count: int, timeout: float) -> bool:

@@ -176,6 +176,16 @@ def device_argv(device: str) -> list[str]:
     return [] if device == "cpu" else ["--device", device]
 
 
+def worker_id(index: int) -> str:
+    """The id of worker ``index`` in the runs psrv starts itself (``psrv run``, ``psrv cluster run``)."""
+    return f"w{index}"
+
+
+def worker_ids(num_workers: int) -> list[str]:
+    """The ids of a run's ``num_workers`` workers, as :func:`worker_argv` gives them."""
+    return [worker_id(i) for i in range(num_workers)]
+
+
 def worker_argv(
     address: str,
     index: int,
@@ -191,7 +201,7 @@ def worker_argv(
         "--server",
         address,
         "--worker-id",
-        f"w{index}",
+        worker_id(index),
         "--shard",
         f"{index}/{num_workers}",
         *dc.argv(),
@@ -504,3 +514,134 @@ def jobs_from_cli(kw: dict[str, Any], data: str | None = None) -> list[JobConfig
         return jobs(kw.pop("algorithms"), data, **values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------- the server's own
+def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        f, c = (int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected F,C (features, classes; 0 classes: regression), got {value!r}") from None
+    if f < 1 or c == 1 or c < 0:
+        raise click.BadParameter(f"need F >= 1 and C >= 2 (or 0 for regression), got {value!r}")
+    return f, c
+
+
+def _id_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+#: ``start-server`` only: where the task's shape comes from, who may take a slot, and the server's limits
+#: (README, "Limits"). ``psrv run`` and ``psrv cluster run`` derive shape and ids themselves.
+SERVER_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "data": click.option(
+        "--data",
+        default=None,
+        help="The data the workers train on (as start-worker's --data): the model's shape is derived from it. "
+        "Default: the task's own data if it brings any, else --shape, else the first registration fixes it.",
+    ),
+    "regression": click.option("--regression", is_flag=True, help="The --data file's label column is a real target."),
+    "shape": click.option(
+        "--shape",
+        default=None,
+        callback=_shape,
+        metavar="F,C",
+        help="The model's shape: F features, C classes (0: regression); workers with other data are refused.",
+    ),
+    "max_dim": click.option(
+        "--max-dim",
+        type=click.IntRange(min=1),
+        default=10_000_000,
+        show_default=True,
+        help="Largest model (parameters) a first registration may make the server allocate (without --data/--shape).",
+    ),
+    "worker_ids": click.option(
+        "--worker-ids",
+        default=None,
+        callback=_id_list,
+        metavar="ID,ID,...",
+        help="Only these ids take worker slots (others: PERMISSION_DENIED). Default: any id, first come.",
+    ),
+    "max_id_bytes": click.option(
+        "--max-id-bytes", type=click.IntRange(min=1), default=128, show_default=True, help="Longest worker id."
+    ),
+    "max_message_bytes": click.option(
+        "--max-message-bytes",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Largest gRPC message received (0: derived from the model's dimension, 16 bytes per parameter + 1 MiB).",
+    ),
+    "calls_per_worker": click.option(
+        "--max-calls-per-worker",
+        "calls_per_worker",
+        type=click.IntRange(min=1),
+        default=4,
+        show_default=True,
+        help="Long-lived calls (model long polls, streams) one registered worker id may hold at once.",
+    ),
+    "anonymous_calls": click.option(
+        "--max-anonymous-calls",
+        "anonymous_calls",
+        type=click.IntRange(min=1),
+        default=16,
+        show_default=True,
+        help="Such calls that callers without a registered id (and upload streams) may hold at once, together.",
+    ),
+    "max_concurrent_calls": click.option(
+        "--max-concurrent-calls",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Calls in progress at once, in all; gRPC refuses more (0: twice the server's threads, "
+        "(calls per worker x workers + anonymous calls + 8)).",
+    ),
+    "stream_idle_timeout": click.option(
+        "--stream-idle-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=60.0,
+        show_default=True,
+        help="Seconds an upload's stream may wait for its next piece before the server ends it.",
+    ),
+}
+
+server_options = _apply([SERVER_OPTIONS])
+
+
+def server_shape(task: str, data: str | None, shape: tuple[int, int] | None, regression: bool, seed: int) -> Any:
+    """The model's shape a server is started with: ``shape``, else the shape of ``data`` (loaded once),
+    else that of the task's own data, else None (the first registration fixes it). ``ValueError`` when
+    ``shape`` and ``data`` disagree or the data cannot be loaded."""
+    from psrv.data import load_split
+
+    spec = data
+    if spec is None and shape is None:
+        from psrv.tasks import TASKS, is_plugin_spec, own_data
+
+        brings = is_plugin_spec(task) or getattr(TASKS.get(task), "own_data", None) is not None
+        spec = task if brings and own_data(task) is not None else None
+    if spec is None:
+        return shape
+    train, _ = load_split(spec, 0.0, seed, regression)
+    found = (train.n_features, train.n_classes)
+    if shape is not None and tuple(shape) != found:
+        raise ValueError(f"--shape {shape[0]},{shape[1]} does not match --data {spec}: {found[0]},{found[1]}")
+    return found
+
+
+def pop_server_options(kw: dict[str, Any], task: str, seed: int) -> tuple[dict[str, Any], Any]:
+    """Take :data:`SERVER_OPTIONS` out of ``kw``: the engine's (``ServerConfig`` fields) and the
+    transport's limits (:class:`psrv.limits.TransportLimits`); usage errors are one line."""
+    from psrv.limits import TransportLimits
+
+    data, regression, shape = kw.pop("data"), kw.pop("regression"), kw.pop("shape")
+    try:
+        task_shape = server_shape(task, data, shape, regression, seed)
+    except ValueError as exc:  # DataError too
+        raise click.UsageError(str(exc)) from None
+    engine = {"task_shape": task_shape, "max_dim": kw.pop("max_dim"), "worker_ids": kw.pop("worker_ids"),
+              "max_id_bytes": kw.pop("max_id_bytes")}  # fmt: skip
+    names = ("max_message_bytes", "calls_per_worker", "anonymous_calls", "max_concurrent_calls", "stream_idle_timeout")
+    return engine, TransportLimits(**{k: kw.pop(k) for k in names})

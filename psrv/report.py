@@ -3,7 +3,7 @@ al., NeurIPS 2019) and the JSON summary written next to the per-round metrics.""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,25 +66,44 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
-def cost_to_reach(records: Sequence[dict[str, Any]], key: str, target: float) -> dict[str, Any] | None:
+def cost_to_reach(records: Iterable[dict[str, Any]], key: str, target: float) -> dict[str, Any] | None:
     """Rounds, uploads, payload bits and uplink bytes spent until the first evaluated round
     whose ``key`` reaches ``target`` (``accuracy`` >= target; a loss <= target), or None."""
-    better = (lambda v: v >= target) if key == "accuracy" else (lambda v: v <= target)
-    uploads = bits = nbytes = 0
+    cost = CostToReach(key, target)
     for r in records:
-        uploads += r["uploads"]
-        bits += r["payload_bits"]
-        nbytes += r["bytes_up"]
-        if r.get(key) is not None and better(r[key]):
-            return {
-                "target": target,
-                "rounds": r["round"] + 1,
-                "uploads": uploads,
-                "payload_bits": bits,
-                "bytes_up": nbytes,
-                "elapsed": r["elapsed"],
-            }
-    return None
+        if cost.add(r) is not None:
+            break
+    return cost.reached
+
+
+class CostToReach:
+    """:func:`cost_to_reach`, worked out as the rounds close (:meth:`add` each record in order), so
+    a run need not keep its records."""
+
+    def __init__(self, key: str, target: float) -> None:
+        self.key, self.target = key, target
+        self.uploads = self.bits = self.nbytes = 0
+        self.reached: dict[str, Any] | None = None
+
+    def _better(self, value: float) -> bool:
+        return value >= self.target if self.key == "accuracy" else value <= self.target
+
+    def add(self, r: dict[str, Any]) -> dict[str, Any] | None:
+        """Count round ``r``; the cost once the target is reached (then later rounds change nothing)."""
+        if self.reached is None:
+            self.uploads += r["uploads"]
+            self.bits += r["payload_bits"]
+            self.nbytes += r["bytes_up"]
+            if r.get(self.key) is not None and self._better(r[self.key]):
+                self.reached = {
+                    "target": self.target,
+                    "rounds": r["round"] + 1,
+                    "uploads": self.uploads,
+                    "payload_bits": self.bits,
+                    "bytes_up": self.nbytes,
+                    "elapsed": r["elapsed"],
+                }
+        return self.reached
 
 
 # ------------------------------------------------------------------------------ cluster runs

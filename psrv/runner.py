@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 from psrv import __version__, lifeline, report
 from psrv.files import atomic_save_npy, atomic_write_json
 from psrv.metrics import MetricsSink
-from psrv.options import DataConfig, worker_argv
+from psrv.options import DataConfig, worker_argv, worker_id, worker_ids
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.tasks import make_task
 
@@ -37,7 +37,7 @@ def config_manifest(config: ServerConfig, dc: DataConfig | None) -> dict[str, An
     algo = make_algorithm(config.algorithm, config.options, config.compressor)
     return {
         "psrv_version": __version__,
-        "server": asdict(config),
+        "server": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},  # as JSON has it
         "algorithm_options": resolved_options(algo),
         "compressor": algo.compressor_name,
         "task_options": {**task_option_defaults(config.task), **config.task_options},
@@ -217,11 +217,25 @@ def run_local(
     ps: ParameterServer | None = None
     try:
         evaluator = Evaluator(config.task, dict(config.task_options), dc, device)
+        # the server owns the job: the shape of the data it loaded, and the ids of the workers it starts
+        config = replace(
+            config,
+            task_shape=config.task_shape or (evaluator.train.n_features, evaluator.train.n_classes),
+            worker_ids=config.worker_ids or tuple(worker_ids(config.num_workers)),
+        )
+        costs = [report.CostToReach(key, target) for key, target in (targets or {}).items()]
+
+        def round_closed(record: dict[str, Any]) -> None:
+            for cost in costs:  # worked out as rounds close: the server keeps only the last few records
+                cost.add(record)
+            if on_round is not None:
+                on_round(record)
+
         sink = MetricsSink(
             out / "metrics.jsonl",
             evaluator=evaluator if eval_every > 0 else None,
             eval_every=eval_every,
-            on_round=on_round,
+            on_round=round_closed,
             overwrite=True,  # the run folder is this command's: a reused --out is replaced (see README)
         )
         ps = ParameterServer(config, sink)
@@ -242,8 +256,8 @@ def run_local(
         summary = ps.run()
         atomic_save_npy(out / "model.npy", ps.theta)
         summary.update(evaluator.final(ps.theta))
-        for key, target in (targets or {}).items():
-            summary[f"to_{key}"] = report.cost_to_reach(ps.records, key, target)
+        for cost in costs:
+            summary[f"to_{cost.key}"] = cost.reached
         summary["config"] = config_manifest(config, dc)
         summary["worker_exit_codes"] = _wait_all(procs, max(30.0, 2 * config.done_grace))
         summary["status"] = "done"
@@ -285,9 +299,10 @@ def _explain(exc: BaseException, ps: ParameterServer | None, config: ServerConfi
     """One line for a failed job: the server's reason and, for an unfinished registration, who is
     missing and which flag waits longer."""
     msg = str(exc) or type(exc).__name__
-    if ps is None or ps.engine.state.workers.keys() >= {f"w{i}" for i in range(config.num_workers)}:
+    ids = list(config.worker_ids or worker_ids(config.num_workers))
+    if ps is None or ps.engine.state.workers.keys() >= set(ids):
         return msg
-    missing = [f"w{i}" for i in range(config.num_workers) if f"w{i}" not in ps.engine.state.workers]
+    missing = [i for i in ids if i not in ps.engine.state.workers]
     shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
     return f"{msg}; missing {shown} (see {out}/worker*.log; --register-timeout {config.register_timeout:g})"
 
@@ -335,7 +350,7 @@ class _WorkerWatch:
                     log = self.out / f"worker{i}.log"
                     said = _last_line(log)
                     self._fail(
-                        f"worker w{i} exited with code {code} before registration completed"
+                        f"worker {worker_id(i)} exited with code {code} before registration completed"
                         + (f": {said}" if said else "")
                         + f" (see {log})"
                     )

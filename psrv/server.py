@@ -8,7 +8,8 @@ bytes of every message it receives and sends. The model broadcast is serialized 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from typing import Any, NamedTuple
 
@@ -20,8 +21,11 @@ from grpc_reflection.v1alpha import reflection
 
 from psrv import codec, memory, rpc, stream
 from psrv.engine import EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
+from psrv.limits import CallLimiter, LimitExceeded, TransportLimits, Watchdog
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
+
+log = logging.getLogger("psrv.server")
 
 __all__ = ["HEALTH_SERVICES", "ParameterServer", "ServerConfig", "Servicer", "create_server"]
 
@@ -46,8 +50,31 @@ class Servicer:
         counter: ByteCounter,
         chunk: int = stream.CHUNK_BYTES,
         stream_above: int = stream.STREAM_ABOVE,
+        limits: TransportLimits | None = None,
     ) -> None:
         self.engine, self.counter, self.chunk, self.stream_above = engine, counter, chunk, stream_above
+        self.limits = limits or TransportLimits()
+        self.calls = CallLimiter(self.limits.calls_per_worker, self.limits.anonymous_calls)
+        self.watchdog = Watchdog()
+
+    def _hold(self, worker_id: str | None, context: Any) -> Callable[[], None]:
+        """One long-lived call for ``worker_id`` (registered: its own budget; else the shared one);
+        returns its release, also run when the call ends (RESOURCE_EXHAUSTED over the limit)."""
+        key = worker_id if worker_id is not None and worker_id in self.engine.state.workers else None
+        release = self.calls.acquire(key)
+        if context is not None:
+            context.add_callback(release)
+        return release
+
+    def _idle_guard(self, context: Any) -> int:
+        """Watch a stream inside an upload: no piece for ``stream_idle_timeout`` s cancels the call."""
+
+        def expire() -> None:
+            log.warning("an upload stream sent nothing for %g s (--stream-idle-timeout): ended",
+                        self.limits.stream_idle_timeout)  # fmt: skip
+            context.cancel()
+
+        return self.watchdog.watch(self.limits.stream_idle_timeout, expire)
 
     def handlers(self) -> dict[str, Callable[..., Any]]:
         out: dict[str, Callable[..., Any]] = {
@@ -73,6 +100,8 @@ class Servicer:
             context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
         except (codec.CodecError, stream.StreamError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except LimitExceeded as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
     def _reply(self, name: str, reply: Any) -> bytes:
         data = reply if isinstance(reply, bytes) else reply.SerializeToString()
@@ -96,12 +125,19 @@ class Servicer:
         def reassemble(_msg: Any, _nbytes: int, _context: Any) -> codec.WireUpload:
             nonlocal nbytes
             whole = stream.Reassembler(stream.limit_for(self.engine.dim), "PushStream")
-            for piece in requests:
-                self.counter.add("up", "PushStream", piece.nbytes)
-                nbytes += piece.nbytes
-                if isinstance(piece.msg, stream.StreamError):
-                    raise piece.msg
-                whole.add(*piece.msg)
+            release = self._hold(None, context)  # whose upload it is shows only at its end
+            guard = self._idle_guard(context)
+            try:
+                for piece in requests:
+                    self.watchdog.touch(guard)
+                    self.counter.add("up", "PushStream", piece.nbytes)
+                    nbytes += piece.nbytes
+                    if isinstance(piece.msg, stream.StreamError):
+                        raise piece.msg
+                    whole.add(*piece.msg)
+            finally:
+                self.watchdog.forget(guard)
+                release()
             try:
                 return codec.WireUpload(whole.result())
             except codec.CodecError:
@@ -125,6 +161,15 @@ class Servicer:
         worker_id, k = opened.worker_id, opened.round
         replica = opened.replica_round if opened.HasField("replica_round") else None
         self._call(lambda *_: self.engine.worker(worker_id), None, 0, context)  # NOT_FOUND before waiting
+        release = self._call(lambda *_: self._hold(worker_id, context), None, 0, context)
+        try:
+            yield from self._round_messages(requests, context, worker_id, k, replica)
+        finally:
+            release()
+
+    def _round_messages(
+        self, requests: Iterator[rpc.Received], context: Any, worker_id: str, k: int, replica: int | None
+    ) -> Iterator[bytes]:
         while True:
             served = self._serve(worker_id, k, replica, context)
             if served is None:
@@ -180,7 +225,7 @@ class Servicer:
                 self._skip(worker_id, k, body, nbytes)
             elif kind in ("push", "push_piece"):
                 if kind == "push_piece":
-                    body, nbytes = self._rest_of_upload(body, nbytes, requests)
+                    body, nbytes = self._rest_of_upload(body, nbytes, requests, context)
                 upload = codec.WireUpload(body)
                 req = upload.request
                 if (req.worker_id and req.worker_id != worker_id) or (req.round and req.round != k):
@@ -198,18 +243,25 @@ class Servicer:
             return str(exc)
         return None
 
-    def _rest_of_upload(self, first: stream.Piece, nbytes: int, requests: Iterator[rpc.Received]) -> tuple[Any, int]:
+    def _rest_of_upload(
+        self, first: stream.Piece, nbytes: int, requests: Iterator[rpc.Received], context: Any
+    ) -> tuple[Any, int]:
         """A big upload's pieces, from its first, put back together (checked as PushStream's)."""
         whole = stream.Reassembler(stream.limit_for(self.engine.dim), "Rounds upload")
         whole.add(*first)
-        while not whole.complete:
-            part = self._next_part(requests)
-            if part is None:
-                raise stream.StreamError("Rounds upload: the stream ended inside an upload")
-            if part.kind != "push_piece":
-                raise stream.StreamError(f"Rounds upload: `{part.kind}` inside an upload's pieces")
-            whole.add(*part.body)
-            nbytes += part.nbytes
+        guard = self._idle_guard(context)
+        try:
+            while not whole.complete:
+                part = self._next_part(requests)
+                self.watchdog.touch(guard)
+                if part is None:
+                    raise stream.StreamError("Rounds upload: the stream ended inside an upload")
+                if part.kind != "push_piece":
+                    raise stream.StreamError(f"Rounds upload: `{part.kind}` inside an upload's pieces")
+                whole.add(*part.body)
+                nbytes += part.nbytes
+        finally:
+            self.watchdog.forget(guard)
         return whole.result(), nbytes
 
     def Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterResponse:
@@ -222,7 +274,11 @@ class Servicer:
         remaining = context.time_remaining() if context is not None else None
         wait = 60.0 if remaining is None else max(0.0, remaining - 0.05)
         replica_round = req.replica_round if req.HasField("replica_round") else None
-        return self.engine.wait_model(req.worker_id, req.round, wait, replica_round)
+        release = self._hold(req.worker_id, context)  # a long poll: at most calls_per_worker per id
+        try:
+            return self.engine.wait_model(req.worker_id, req.round, wait, replica_round)
+        finally:
+            release()
 
     def Push(self, req: bytes, nbytes: int, context: Any) -> pb.PushResponse:
         return self._push(codec.WireUpload(req), nbytes, context)  # its request in RAW: dense values not copied
@@ -260,14 +316,18 @@ class ParameterServer:
 
     ``sink`` receives every closed round (see :class:`psrv.metrics.MetricsSink`)."""
 
-    def __init__(self, config: ServerConfig, sink: RoundSink | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, sink: RoundSink | None = None, limits: TransportLimits | None = None
+    ) -> None:
         self.config = config
         self.counter = ByteCounter()
         self.engine = RoundEngine(config, sink=sink, encode=_encode_broadcast)
-        self.servicer = Servicer(self.engine, self.counter)
+        self.servicer = Servicer(self.engine, self.counter, limits=limits)
+        self.limits = self.servicer.limits
         self.algorithm = self.engine.algorithm
         #: the gRPC health service :func:`create_server` attached, if any (see :meth:`_health_done`)
         self.health: health.HealthServicer | None = None
+        self.max_message_bytes = 0  # the largest message received, set by create_server
 
     # views of the engine's state
     @property
@@ -275,7 +335,8 @@ class ParameterServer:
         return self.engine.state.theta
 
     @property
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> Sequence[dict[str, Any]]:
+        """The last closed rounds' records (``config.record_tail`` of them); all are in the metrics file."""
         return self.engine.state.records
 
     @property
@@ -325,10 +386,17 @@ class ParameterServer:
 
 
 def create_server(
-    ps: ParameterServer, address: str = "127.0.0.1:0", max_message_bytes: int = rpc.MAX_MESSAGE_BYTES
+    ps: ParameterServer, address: str = "127.0.0.1:0", max_message_bytes: int | None = None
 ) -> tuple[grpc.Server, int]:
     """A started gRPC server for ``ps`` and the port it bound (port 0 picks a free one).
     Sets up malloc for big messages first (:func:`psrv.memory.tune_malloc`).
+
+    Limits (README, "Limits"; :class:`psrv.limits.TransportLimits`): a received message may be as
+    big as the largest upload of the model (``max_message_bytes``; None: derived from the model's
+    dimension, or from ``max_dim`` while the first registration is still to fix it), bigger ones
+    are refused by gRPC (RESOURCE_EXHAUSTED) before they are read whole; at most
+    ``limits.concurrent`` calls at once; the port is not shared (no SO_REUSEPORT: a second server
+    on it fails to bind).
 
     Besides psrv's service it offers the standard health service (``grpc.health.v1.Health``:
     SERVING while the run registers and trains, NOT_SERVING once it is done or failed) and server
@@ -337,9 +405,19 @@ def create_server(
     memory.tune_malloc()
     # the engine's vector reductions gain nothing from BLAS threads, whose spinning takes CPU from workers
     threadpoolctl.threadpool_limits(1, user_api="blas")
+    limits, m = ps.limits, ps.config.num_workers
+    if max_message_bytes is None:
+        max_message_bytes = limits.message_bytes(ps.engine.dim or ps.config.max_dim)
+    ps.max_message_bytes = max_message_bytes
+    options = [
+        ("grpc.max_send_message_length", rpc.MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2 * ps.config.num_workers + 8),
-        options=rpc.channel_options(max_message_bytes),
+        futures.ThreadPoolExecutor(max_workers=limits.threads(m), thread_name_prefix="psrv-server"),
+        options=options,
+        maximum_concurrent_rpcs=limits.concurrent(m),
     )
     server.add_generic_rpc_handlers((rpc.generic_handler(ps.handlers(), raw=Servicer.RAW),))
     health_servicer = health.HealthServicer()

@@ -119,7 +119,7 @@ def _job_from(path: tuple[str, ...], args: list[str]):
 
     cmd = _command(path)
     params = dict(cmd.make_context(path[-1], list(args)).params)  # click consumes the list
-    dc = pop_data(params) if "data" in params else None
+    dc = pop_data(params) if "split" in params else None  # start-server's --data only gives the shape
     return jobs_from_cli(params, dc.data if dc else None)[0], dc
 
 
@@ -150,3 +150,7 @@ def test_cluster_and_run_train_the_same_objective(tmp_path: Path) -> None:
     server_args = argv[1 : argv.index("--host")]
     server_job, _ = _job_from(("start-server",), server_args)
     assert server_job.server_config() == run_job.server_config()
+    # and the server owns the shape and the ids, from the same data as the workers
+    rest = argv[argv.index("--host") :]
+    assert rest[rest.index("--data") + 1] == "linreg-hetero"
+    assert rest[rest.index("--worker-ids") + 1] == ",".join(f"w{i}" for i in range(10))  # 10: the default

@@ -160,8 +160,9 @@ def test_replicas_stay_bit_identical_for_every_algorithm(name: str) -> None:
     final model is the server's, bit for bit."""
     options = OPTIONS if name in TAKES_BATCH else {"lr": 0.05}
     ps = ParameterServer(
-        ServerConfig(algorithm=name, options=options, num_workers=M, rounds=200, round_timeout=60, downlink="replica")
-    )
+        ServerConfig(algorithm=name, options=options, num_workers=M, rounds=200, round_timeout=60, downlink="replica",
+                     record_tail=200)  # every round's record kept in memory, for the check below
+    )  # fmt: skip
     summary, results = run_in_threads(ps, _shards())
     assert summary["deadline_misses"] == 0
     assert collections.Counter(r["downlink"] for r in ps.records) == {"update": 200}

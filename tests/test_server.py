@@ -179,7 +179,7 @@ def test_register_after_run_started(make_harness: Callable[..., Harness]) -> Non
     h.register("w1")
     h.start()
     h.model("w0", 0)  # round 0 is open: the run has started
-    with expect_status(Code.FAILED_PRECONDITION, "registration is closed"):
+    with expect_status(Code.RESOURCE_EXHAUSTED, "registration is closed", "--workers 2"):
         h.stub.Register(_req("late"), timeout=RPC_TIMEOUT)
     # a registered worker that registers again while training has restarted: it rejoins, with its index
     with expect_status(Code.INVALID_ARGUMENT, "rejoins with 11 samples", "registered with 10"):

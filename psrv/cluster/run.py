@@ -34,7 +34,7 @@ from psrv.cluster.capture import load_capture
 from psrv.cluster.config import SERVER, ClusterConfig
 from psrv.cluster.netns import ClusterError, Topology, interrupt_guard, require_root, set_offload
 from psrv.cluster.shaping import format_rate
-from psrv.options import device_argv
+from psrv.options import device_argv, worker_id, worker_ids
 
 _ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds the psrv package
 
@@ -54,6 +54,8 @@ def server_argv(cfg: ClusterConfig, host_ip: str, out: Path) -> list[str]:
         "--metrics", str(out / outputs.METRICS),
         "--summary-json", str(out / outputs.SERVER_SUMMARY),
         "--model-out", str(out / outputs.MODEL),
+        "--data", cfg.data.data, *(["--regression"] if cfg.data.regression else []),  # the server owns the shape
+        "--worker-ids", ",".join(worker_ids(cfg.workers)),
         *cfg.server_args,
     ]  # fmt: skip
 
@@ -63,7 +65,7 @@ def worker_argv(cfg: ClusterConfig, index: int, server_address: str) -> list[str
     args = [
         "start-worker",
         "--server", server_address,
-        "--worker-id", f"w{index}",
+        "--worker-id", worker_id(index),
         "--shard", f"{index}/{cfg.workers}",
         *cfg.data.argv(),
         *device_argv(cfg.device),
