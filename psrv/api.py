@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from psrv.options import DataConfig, JobConfig, jobs, validate_job_data
+from psrv.options import DataConfig, jobs, validate_job_data
 
 __all__ = ["RunResult", "run"]
 
@@ -120,21 +120,23 @@ def run(
         aggregate=aggregate,
     )
     dc = DataConfig(data=data, split=split, test_fraction=test_fraction, seed=seed, regression=regression)
-    validate_job_data(job, dc, device)
+    train, test, dim = validate_job_data(job, dc, device)
+    from psrv import runner
+
+    nbytes = runner.data_bytes(train, test)
+    runner.check_capacity(workers, len(train), runner.worker_memory(nbytes, dim), None)  # ValueError: too many
+    register_timeout, start_timeout = runner.startup_timeouts(workers, nbytes, dim)
+    config = job.server_config(register_timeout=register_timeout, start_timeout=start_timeout)
     targets = {k: v for k, v in (("accuracy", target_accuracy), ("train_loss", target_loss)) if v is not None}
     if out is not None:
-        return _run(job, dc, Path(out), eval_every, targets, device)
+        return _run(config, dc, Path(out), eval_every, targets, device)
     with tempfile.TemporaryDirectory(prefix="psrv-") as tmp:
-        return _run(job, dc, Path(tmp), eval_every, targets, device)
+        return _run(config, dc, Path(tmp), eval_every, targets, device)
 
 
-def _run(
-    job: JobConfig, dc: DataConfig, out: Path, eval_every: int, targets: dict[str, float], device: str
-) -> RunResult:
+def _run(config: Any, dc: DataConfig, out: Path, eval_every: int, targets: dict[str, float], device: str) -> RunResult:
     from psrv.runner import run_local
 
     records: list[dict[str, Any]] = []
-    summary = run_local(
-        job.server_config(), dc, out, on_round=records.append, eval_every=eval_every, targets=targets, device=device
-    )
+    summary = run_local(config, dc, out, on_round=records.append, eval_every=eval_every, targets=targets, device=device)
     return RunResult(summary, records, np.load(out / "model.npy"))

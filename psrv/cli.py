@@ -8,12 +8,15 @@ matplotlib, scikit-learn, mlxtend) are imported inside the commands that use the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import json
 import logging
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +153,28 @@ def main(verbose: int) -> None:
     help="Make a throwaway CA, certificates and tokens in <out>/<algorithm>/tls and run over mutual TLS with "
     "per-worker tokens (see `psrv certs`).",
 )
+@click.option(
+    "--register-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="How long a job waits for all its workers to register [default: 60 s + 10 s per worker, more for big "
+    "data]. A worker that exits before registering fails the job at once.",
+)
+@click.option(
+    "--start-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="How long round 0 waits for every registered worker to be ready before its deadline starts "
+    "[default: 30 s + 2 s per worker, more for big data].",
+)
+@click.option(
+    "--no-memory-check",
+    is_flag=True,
+    default=False,
+    help="Start the workers even if they do not seem to fit the available memory (MemAvailable).",
+)
 def run(
     eval_every: int | None,
     target_accuracy: float | None,
@@ -157,61 +182,173 @@ def run(
     out: str,
     summary_json: str | None,
     tls: bool,
+    register_timeout: float | None,
+    start_timeout: float | None,
+    no_memory_check: bool,
     **kw: Any,
 ) -> None:
-    """Train on this machine: one server and M worker processes over loopback gRPC."""
+    """Train on this machine: one server and M worker processes over loopback gRPC.
+
+    Algorithms run one after another; one that fails is reported (stderr, and its summary with
+    "status": "failed") and the others still run (exit code 1). Ctrl-C stops every worker at once,
+    keeps what finished and exits 130 (SIGTERM: 143)."""
     from psrv import memory
 
     memory.tune_malloc()  # before any thread starts (see psrv.memory)
     from psrv import plots, report
-    from psrv.runner import run_local, write_manifest
+    from psrv import runner as rn
 
+    if kw["rounds"] < 1:
+        raise click.BadParameter("nothing to train; pass --rounds 1 or more", param_hint="--rounds")
     dc = pop_data(kw)
     device = pop_device(kw)
     checkpoint_dir, checkpoint_every = pop_checkpoint(kw)
     jobs = jobs_from_cli(kw, dc.data)
-    check_job_data(jobs[0], dc, device)  # a bad --data, or a task that fails on it, fails here, once
+    train, test, dim = check_job_data(jobs[0], dc, device)  # a bad --data, or a task that fails on it, fails here
+    nbytes, workers = rn.data_bytes(train, test), jobs[0].workers
+    try:  # more workers than samples, or than memory holds: refused before anything starts
+        available = None if no_memory_check else rn.mem_available()
+        rn.check_capacity(workers, len(train), rn.worker_memory(nbytes, dim), available)
+    except rn.CapacityError as exc:
+        raise click.UsageError(str(exc)) from None
+    register_default, start_default = rn.startup_timeouts(workers, nbytes, dim)
+    timeouts = {
+        "register_timeout": register_default if register_timeout is None else register_timeout,
+        "start_timeout": start_default if start_timeout is None else start_timeout,
+    }
     try:
-        configs = [job.server_config() for job in jobs]
+        configs = [job.server_config(**timeouts) for job in jobs]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    check_outputs(
-        dirs={"--out": out, "--checkpoint-dir": checkpoint_dir}, files={"--summary-json": summary_json}
-    )  # after the checks that make nothing
-    manifest = write_manifest(out, configs, dc, device)
-    summaries = []
-    for job, config in zip(jobs, configs, strict=True):
-        with click.progressbar(
-            length=config.rounds,
-            label=f"{job.algorithm:>8}",
-            file=sys.stderr,
-            item_show_func=lambda r: f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "",
-        ) as bar:
-
-            def on_round(record: dict[str, Any], bar=bar) -> None:
-                bar.update(1, record)
-
-            every = max(1, config.rounds // 100) if eval_every is None else eval_every
-            targets = {k: v for k, v in (("accuracy", target_accuracy), ("train_loss", target_loss)) if v is not None}
-            summary = run_local(
-                config,
-                dc,
-                Path(out) / job.algorithm,
-                on_round=on_round,
-                eval_every=every,
-                targets=targets,
-                device=device,
-                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / job.algorithm,
-                checkpoint_every=10 if checkpoint_every is None else checkpoint_every,
-                tls=tls,
-            )
-        summaries.append(summary)
-    click.echo(report.table(summaries))
+    # after the checks that make nothing
+    check_outputs(dirs={"--out": out, "--checkpoint-dir": checkpoint_dir}, files={"--summary-json": summary_json})
     path = summary_json or str(Path(out) / "summary.json")
-    report.write_json(path, summaries[0] if len(summaries) == 1 else summaries)
-    plot = plots.plot_run_dir(out)
-    click.echo(f"summary: {path}; manifest: {manifest}; per-round metrics: {Path(out)}/<algorithm>/metrics.jsonl")
-    click.echo(f"plot: {plot}")
+    _clear_run_dir(Path(out), [job.algorithm for job in jobs], path)
+    manifest = rn.write_manifest(out, [], dc, device)  # lists each run once it has finished
+    summaries: list[dict[str, Any]] = []
+    finished: list[Any] = []
+    unfinished: list[dict[str, Any]] = []
+
+    def keep(summary: dict[str, Any], config: Any) -> None:
+        summaries.append(summary)
+        if summary.get("status") == "done":
+            finished.append(config)
+        else:
+            unfinished.append({k: summary.get(k) for k in ("algorithm", "status", "error", "rounds")})
+            unfinished[-1]["dir"] = config.algorithm
+        rn.write_manifest(out, finished, dc, device, unfinished)
+
+    received: list[int] = []
+    interrupted = False
+    with _stop_signals(received):
+        try:
+            for job, config in zip(jobs, configs, strict=True):
+                with click.progressbar(
+                    length=config.rounds,
+                    label=f"{job.algorithm:>8}",
+                    file=sys.stderr,
+                    item_show_func=lambda r: f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "",
+                ) as bar:
+
+                    def on_round(record: dict[str, Any], bar=bar) -> None:
+                        bar.update(1, record)
+
+                    every = max(1, config.rounds // 100) if eval_every is None else eval_every
+                    targets = {
+                        k: v for k, v in (("accuracy", target_accuracy), ("train_loss", target_loss)) if v is not None
+                    }
+                    try:
+                        summary = rn.run_local(
+                            config,
+                            dc,
+                            Path(out) / job.algorithm,
+                            on_round=on_round,
+                            eval_every=every,
+                            targets=targets,
+                            device=device,
+                            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / job.algorithm,
+                            checkpoint_every=10 if checkpoint_every is None else checkpoint_every,
+                            tls=tls,
+                        )
+                    except rn.RunFailed as exc:
+                        summary = exc.summary
+                    except rn.RunInterrupted as exc:
+                        keep(exc.summary, config)
+                        raise
+                if summary["status"] != "done":
+                    click.echo(f"Error: {job.algorithm} failed: {summary['error']}", err=True)
+                keep(summary, config)
+        except KeyboardInterrupt:  # in a job (its partial summary is kept) or between two
+            interrupted = True
+    with _ignore_stop_signals() if interrupted else contextlib.nullcontext():
+        if summaries:
+            click.echo(report.table(summaries))
+            report.write_json(path, summaries[0] if len(jobs) == 1 else summaries)
+        if interrupted:
+            stopped = signal.Signals(received[0]).name if received else "SIGINT"
+            done = ", ".join(c.algorithm for c in finished) or "none"
+            click.echo(
+                f"Interrupted ({stopped}): workers stopped; finished: {done}; summary: {path if summaries else '-'}; "
+                f"`psrv plot {out}` draws what finished",
+                err=True,
+            )
+            sys.exit(128 + (received[0] if received else signal.SIGINT))
+        click.echo(f"summary: {path}; manifest: {manifest}; per-round metrics: {Path(out)}/<algorithm>/metrics.jsonl")
+        if finished:
+            click.echo(f"plot: {plots.plot_run_dir(out)}")
+    if unfinished:
+        sys.exit(1)
+
+
+def _clear_run_dir(out: Path, algorithms: list[str], summary: str) -> None:
+    """A reused ``--out`` is this run's: the files an earlier run left that this one writes go first,
+    so a run that fails or is interrupted never leaves them next to its own (the manifest, written
+    next, lists no run until one finishes)."""
+    from psrv.runner import JOB_OUTPUTS
+
+    for name in algorithms:
+        for file in JOB_OUTPUTS:
+            (out / name / file).unlink(missing_ok=True)
+    for file in (out / "loss.png", Path(summary)):
+        file.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _stop_signals(received: list[int]) -> Iterator[None]:
+    """In the block, SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (the signal is
+    appended to ``received``); one ignored when this process started (nohup, a background job)
+    stays ignored. Restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            old[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _ignore_stop_signals() -> Iterator[None]:
+    """After an interrupt: a second Ctrl-C does not cut the writing of what finished (a second or two)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 @main.command()
@@ -429,8 +566,9 @@ def start_worker(
     **kw: Any,
 ) -> None:
     """Run one worker: register with the server and train until it says done."""
-    from psrv import memory
+    from psrv import lifeline, memory
 
+    lifeline.from_env()  # started by `psrv run`: die with it (PSRV_PARENT_PID)
     memory.tune_malloc()  # before any thread starts (see psrv.memory)
     from psrv.data import DataError
     from worker.client import WorkerConfig, check_address, run_worker

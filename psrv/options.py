@@ -242,16 +242,17 @@ def default_task(data: str | None) -> str:
     return "logreg"
 
 
-def validate_job_data(job: JobConfig, dc: DataConfig, device: str = "cpu") -> None:
+def validate_job_data(job: JobConfig, dc: DataConfig, device: str = "cpu") -> tuple[Any, Any, int]:
     """Load the run's data once and build its task on it on ``device``, so a bad ``--data``, a task
     that does not fit the data, a factory whose model fails on it, or ``--device cuda`` without
-    CUDA is a ``ValueError`` before any worker starts."""
+    CUDA is a ``ValueError`` before any worker starts. Returns (train, test, the model's dimension)."""
     from psrv.data import load_split
     from psrv.tasks import make_task
 
     check_device(device)
-    train, _ = load_split(dc.data, dc.test_fraction, dc.seed, dc.regression)
-    make_task(job.task, train.n_features, train.n_classes, device=device, **job.all_task_options())
+    train, test = load_split(dc.data, dc.test_fraction, dc.seed, dc.regression)
+    task = make_task(job.task, train.n_features, train.n_classes, device=device, **job.all_task_options())
+    return train, test, int(task.dim)
 
 
 def check_device(device: str) -> None:
@@ -265,10 +266,10 @@ def check_device(device: str) -> None:
         resolve_device(device)
 
 
-def check_job_data(job: JobConfig, dc: DataConfig, device: str = "cpu") -> None:
+def check_job_data(job: JobConfig, dc: DataConfig, device: str = "cpu") -> tuple[Any, Any, int]:
     """:func:`validate_job_data` for a command: a problem is a usage error (one line, exit 2)."""
     try:
-        validate_job_data(job, dc, device)
+        return validate_job_data(job, dc, device)
     except ValueError as exc:  # DataError too
         raise click.UsageError(str(exc)) from None
 

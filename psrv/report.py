@@ -48,8 +48,11 @@ def _get(s: dict[str, Any], key: str) -> Any:
 
 
 def table(summaries: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width table, one row per run (plus cost-to-target columns when asked for)."""
+    """A fixed-width table, one row per run (plus cost-to-target columns when asked for, and a
+    status column when a run failed or was interrupted)."""
     columns = [*COLUMNS, *_target_columns(summaries)]
+    if any(s.get("status", "done") != "done" for s in summaries):
+        columns.append(("status", "status", "{}"))
     head = [title for _, title, _ in columns]
     rows = [[_cell(fmt, _get(s, key)) for key, _, fmt in columns] for s in summaries]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]

@@ -5,9 +5,12 @@ command a user runs on a real host, and are always stopped, also on error or Ctr
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -15,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from psrv import __version__, certs, report
+from psrv import __version__, certs, lifeline, report
 from psrv.files import atomic_save_npy, atomic_write_json
 from psrv.metrics import MetricsSink
-from psrv.options import DataConfig, worker_argv, worker_ids
+from psrv.options import DataConfig, worker_argv, worker_id, worker_ids
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.tasks import make_task
+
+log = logging.getLogger(__name__)
 
 
 def config_manifest(config: ServerConfig, dc: DataConfig | None) -> dict[str, Any]:
@@ -40,10 +45,17 @@ def config_manifest(config: ServerConfig, dc: DataConfig | None) -> dict[str, An
     }
 
 
-def write_manifest(out_dir: str | Path, configs: list[ServerConfig], dc: DataConfig, device: str = "cpu") -> Path:
-    """``<out>/manifest.json``: the runs this invocation makes (folder per algorithm) and their
-    whole configuration. Plots and tables of the folder are made from it, so a reused ``--out``
-    never mixes in an earlier run's algorithms."""
+def write_manifest(
+    out_dir: str | Path,
+    configs: list[ServerConfig],
+    dc: DataConfig,
+    device: str = "cpu",
+    unfinished: list[dict[str, Any]] | None = None,
+) -> Path:
+    """``<out>/manifest.json``: the runs of this invocation that finished (folder per algorithm)
+    and their whole configuration, and the ``unfinished`` ones (algorithm, dir, status, error,
+    rounds). Plots and tables of the folder are made from ``runs``, so a reused ``--out`` never
+    mixes in an earlier run's algorithms, nor a run that failed or was interrupted."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -52,6 +64,7 @@ def write_manifest(out_dir: str | Path, configs: list[ServerConfig], dc: DataCon
         "data": asdict(dc),
         "device": device,
         "runs": [{"algorithm": c.algorithm, "dir": c.algorithm, **config_manifest(c, dc)} for c in configs],
+        "unfinished": list(unfinished or []),
     }
     return atomic_write_json(out / "manifest.json", manifest)  # never a half-written manifest
 
@@ -88,6 +101,89 @@ def evaluate(task_name: str, task_options: dict[str, float], theta: np.ndarray, 
     return Evaluator(task_name, task_options, dc).final(theta)
 
 
+# ---------------------------------------------------------------------------------- capacity
+#: private memory of one worker process before its data: Python with torch, gRPC, numpy and psrv
+#: imported and a small model built (measured: 230 MiB RssAnon per worker on ``digits``, 2026)
+WORKER_FOOTPRINT = 256 * 2**20
+
+
+class CapacityError(ValueError):
+    """A job this machine cannot run (one line, naming the flag to change)."""
+
+
+def data_bytes(*datasets: Any) -> int:
+    """Bytes of the arrays a worker loads (it loads the whole split, then keeps its shard)."""
+    return sum(int(getattr(a, "nbytes", 0)) for ds in datasets for a in (ds.X, ds.y))
+
+
+def worker_memory(nbytes: int, dim: int) -> int:
+    """Estimated peak private memory of one worker process: :data:`WORKER_FOOTPRINT`, the data it
+    loads, and a few model-sized vectors (parameters, gradient, error-feedback memory, uploads),
+    plus the server's own per-worker vectors in the launcher."""
+    return WORKER_FOOTPRINT + nbytes + 16 * 8 * dim
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_capacity(workers: int, n_train: int, per_worker: int, available: int | None) -> None:
+    """:class:`CapacityError` unless ``workers`` worker processes fit: each needs at least one
+    training sample, and together about ``workers * per_worker`` bytes of the ``available``
+    (None: not checked)."""
+    if workers > n_train:
+        raise CapacityError(
+            f"--workers {workers} is more than the {n_train} training samples (each worker needs one at least); "
+            f"pass --workers {n_train} or fewer"
+        )
+    if available is not None and workers * per_worker > available:
+        fit = max(1, available // per_worker)
+        raise CapacityError(
+            f"--workers {workers} would need about {workers * per_worker / 2**30:.1f} GiB "
+            f"({per_worker / 2**20:.0f} MiB per worker process) but {available / 2**30:.1f} GiB is available; "
+            f"pass --workers {fit} or fewer (or --no-memory-check)"
+        )
+
+
+def startup_timeouts(workers: int, nbytes: int, dim: int) -> tuple[float, float]:
+    """Default (register, start) timeouts in seconds, scaled to the job: every worker process starts
+    Python and torch and loads the data (seconds of CPU each, longer on a shared machine and for
+    big data), then builds its model. They only bound how long a run waits for a worker that
+    never comes: a worker that exits ends the wait at once."""
+    size = 1.0 + (nbytes + 8 * dim) / 2**28  # +1 per 256 MiB of data and model
+    return 60.0 + 10.0 * workers * size, 30.0 + 2.0 * workers * size
+
+
+# ---------------------------------------------------------------------------------- one job
+class RunFailed(RuntimeError):
+    """A job that did not finish; ``summary`` holds what it did (``status``: "failed")."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, see ``psrv run``) during a job: every worker is stopped; ``summary``
+    holds the rounds done so far (``status``: "interrupted")."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__("interrupted")
+        self.summary = summary
+
+
+#: files of a job folder that a job writes; a reused folder's old ones are removed when it starts
+JOB_OUTPUTS = ("metrics.jsonl", "model.npy")
+
+
 def run_local(
     config: ServerConfig,
     dc: DataConfig,
@@ -101,7 +197,7 @@ def run_local(
     checkpoint_every: int = 10,
     tls: bool = False,
 ) -> dict[str, Any]:
-    """Run one job end to end; returns the summary (also the model is in ``out_dir``).
+    """Run one job end to end; returns the summary (``status`` "done"; the model is in ``out_dir``).
 
     ``eval_every`` > 0 records ``train_loss`` (the full objective f) and ``accuracy`` every that
     many rounds; ``targets`` ({"accuracy": a} and/or {"train_loss": l}) then add the rounds,
@@ -111,75 +207,199 @@ def run_local(
     server's state is saved there every ``checkpoint_every`` rounds and after the last
     (:mod:`psrv.checkpoint`; ``start-server --resume`` continues it). ``tls``: make a test
     CA, certificates and tokens in ``out_dir/tls`` (:mod:`psrv.certs`) and run over mutual TLS with
-    per-worker tokens, the workers started with the ``--tls-*`` and ``--token-file`` options."""
+    per-worker tokens, the workers started with the ``--tls-*`` and ``--token-file`` options..
+
+    A job that cannot finish raises :class:`RunFailed` (a worker that exits before registration
+    ends the wait at once; ``config.register_timeout`` bounds it otherwise), Ctrl-C raises
+    :class:`RunInterrupted`; both carry the partial summary, and ``out_dir`` then holds only this
+    job's metrics (whole lines, the rounds done) and no model. Every worker process is gone when
+    this returns or raises, and each dies with this process (:mod:`psrv.lifeline`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(config.task, dict(config.task_options), dc, device)
-    # the server owns the job: the shape of the data it loaded, and the ids of the workers it starts
-    config = replace(
-        config,
-        task_shape=config.task_shape or (evaluator.train.n_features, evaluator.train.n_classes),
-        worker_ids=config.worker_ids or tuple(worker_ids(config.num_workers)),
-    )
-    costs = [report.CostToReach(key, target) for key, target in (targets or {}).items()]
-
-    def round_closed(record: dict[str, Any]) -> None:
-        for cost in costs:  # worked out as rounds close: the server keeps only the last few records
-            cost.add(record)
-        if on_round is not None:
-            on_round(record)
-
-    sink = MetricsSink(
-        out / "metrics.jsonl",
-        evaluator=evaluator if eval_every > 0 else None,
-        eval_every=eval_every,
-        on_round=round_closed,
-        overwrite=True,  # the run folder is this command's: a reused --out is replaced (see README)
-    )
-    checkpointer = None
-    if checkpoint_dir is not None:
-        from psrv.checkpoint import Checkpointer
-
-        checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, sink)
-    ps = ParameterServer(config, checkpointer or sink, keep_rows=checkpointer is not None)
-    if checkpointer is not None:
-        checkpointer.attach(ps.engine, ps.counter)
-    pki = certs.make_test_pki(out / "tls", [f"w{i}" for i in range(config.num_workers)]) if tls else None
-    server, port = create_server(ps, "127.0.0.1:0", security=None if pki is None else pki.server_security())
+    for name in JOB_OUTPUTS:  # a reused folder never mixes an earlier job's files with this one's
+        (out / name).unlink(missing_ok=True)
     procs: list[subprocess.Popen] = []
-    logs = []
+    logs: list[Any] = []
+    sink = server = watcher = None
+    ps: ParameterServer | None = None
     try:
+        evaluator = Evaluator(config.task, dict(config.task_options), dc, device)
+        # the server owns the job: the shape of the data it loaded, and the ids of the workers it starts
+        config = replace(
+            config,
+            task_shape=config.task_shape or (evaluator.train.n_features, evaluator.train.n_classes),
+            worker_ids=config.worker_ids or tuple(worker_ids(config.num_workers)),
+        )
+        costs = [report.CostToReach(key, target) for key, target in (targets or {}).items()]
+
+        def round_closed(record: dict[str, Any]) -> None:
+            for cost in costs:  # worked out as rounds close: the server keeps only the last few records
+                cost.add(record)
+            if on_round is not None:
+                on_round(record)
+
+        sink = MetricsSink(
+            out / "metrics.jsonl",
+            evaluator=evaluator if eval_every > 0 else None,
+            eval_every=eval_every,
+            on_round=round_closed,
+            overwrite=True,  # the run folder is this command's: a reused --out is replaced (see README)
+        )
+        checkpointer = None
+        if checkpoint_dir is not None:
+            from psrv.checkpoint import Checkpointer
+
+            checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, sink)
+        ps = ParameterServer(config, checkpointer or sink, keep_rows=checkpointer is not None)
+        if checkpointer is not None:
+            checkpointer.attach(ps.engine, ps.counter)
+        pki = certs.make_test_pki(out / "tls", [f"w{i}" for i in range(config.num_workers)]) if tls else None
+        server, port = create_server(ps, "127.0.0.1:0", security=None if pki is None else pki.server_security())
+        env = lifeline.child_env()
         for i in range(config.num_workers):
             log_file = open(out / f"worker{i}.log", "w")
             logs.append(log_file)
             extra = (*(worker_extra or {}).get(i, ()), *(pki.worker_argv(f"w{i}") if pki else ()))
             cmd = worker_argv(f"127.0.0.1:{port}", i, config.num_workers, dc, extra, device=device)
-            procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT))
-        watcher = threading.Thread(target=_fail_if_all_die, args=(ps, procs), daemon=True)
-        watcher.start()
+            # its own process group: a terminal's Ctrl-C reaches this process, which stops the workers
+            procs.append(
+                subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env, process_group=0
+                )
+            )
+        watcher = _WorkerWatch(ps, procs, out)
         summary = ps.run()
         atomic_save_npy(out / "model.npy", ps.theta)
         summary.update(evaluator.final(ps.theta))
         for cost in costs:
             summary[f"to_{cost.key}"] = cost.reached
         summary["config"] = config_manifest(config, dc)
-        summary["worker_exit_codes"] = [p.wait(timeout=30) for p in procs]
+        summary["worker_exit_codes"] = _wait_all(procs, max(30.0, 2 * config.done_grace))
+        summary["status"] = "done"
         return summary
+    except KeyboardInterrupt:
+        if ps is not None:
+            ps.fail("interrupted")
+        raise RunInterrupted(_unfinished(ps, config, dc, "interrupted", "interrupted")) from None
+    except (RuntimeError, OSError) as exc:  # the run failed (see ParameterServer.run), or could not start
+        if ps is not None:
+            ps.fail(str(exc))
+        reason = (watcher.reason if watcher else None) or _explain(exc, ps, config, out)
+        raise RunFailed(reason, _unfinished(ps, config, dc, "failed", reason)) from None
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        if watcher is not None:
+            watcher.stop()
+        _kill_all(procs)
         for f in logs:
             f.close()
-        server.stop(grace=None)
-        sink.close()
+        if server is not None:
+            server.stop(grace=None)
+        if sink is not None:
+            sink.close()
 
 
-def _fail_if_all_die(ps: ParameterServer, procs: list[subprocess.Popen]) -> None:
-    """Registration cannot complete if workers die before registering: fail fast then."""
-    while ps.phase == "registering":
-        if all(p.poll() is not None for p in procs):
-            ps.fail("every worker process exited before registration completed (see worker*.log)")
-            return
-        threading.Event().wait(0.2)
+def _unfinished(
+    ps: ParameterServer | None, config: ServerConfig, dc: DataConfig, status: str, error: str
+) -> dict[str, Any]:
+    """The summary of a job that did not finish: its totals over the rounds it closed."""
+    summary: dict[str, Any] = {"algorithm": config.algorithm, "workers": config.num_workers, "rounds": 0}
+    if ps is not None:
+        with contextlib.suppress(Exception):  # a summary of what there is; never a second error
+            summary.update(ps.summary())
+    summary.update(status=status, error=error, config=config_manifest(config, dc))
+    return summary
+
+
+def _explain(exc: BaseException, ps: ParameterServer | None, config: ServerConfig, out: Path) -> str:
+    """One line for a failed job: the server's reason and, for an unfinished registration, who is
+    missing and which flag waits longer."""
+    msg = str(exc) or type(exc).__name__
+    ids = list(config.worker_ids or worker_ids(config.num_workers))
+    if ps is None or ps.engine.state.workers.keys() >= set(ids):
+        return msg
+    missing = [i for i in ids if i not in ps.engine.state.workers]
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    return f"{msg}; missing {shown} (see {out}/worker*.log; --register-timeout {config.register_timeout:g})"
+
+
+def _last_line(path: Path) -> str:
+    """The last non-blank line of a worker's log (its error message), shortened."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = [x.strip() for x in f.read().decode("utf-8", "replace").splitlines() if x.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+class _WorkerWatch:
+    """Fails the run as soon as it cannot go on because of the worker processes: one exits before
+    registration completes (registration needs every one), or every one exits with an error while
+    training. ``reason`` is the one line it gave (None if it did not)."""
+
+    def __init__(self, ps: ParameterServer, procs: list[subprocess.Popen], out: Path, poll: float = 0.2) -> None:
+        self.ps, self.procs, self.out, self.poll = ps, procs, out, poll
+        self.reason: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="psrv-worker-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _fail(self, reason: str) -> None:
+        self.reason = reason
+        self.ps.fail(reason)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            phase = self.ps.phase
+            codes = [p.poll() for p in self.procs]
+            if phase == "registering":
+                # a worker exits 0 only after the run is done: any other exit now is a failed start
+                dead = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+                if dead:
+                    i, code = dead[0]
+                    log = self.out / f"worker{i}.log"
+                    said = _last_line(log)
+                    self._fail(
+                        f"worker {worker_id(i)} exited with code {code} before registration completed"
+                        + (f": {said}" if said else "")
+                        + f" (see {log})"
+                    )
+                    return
+            elif phase == "training":
+                if codes and all(c not in (None, 0) for c in codes):
+                    self._fail(f"every worker process exited (codes {codes}); see {self.out}/worker*.log")
+                    return
+            else:
+                return
+            self._stop.wait(self.poll)
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Exit codes of workers that were told the run is done; one still running after ``timeout``
+    seconds (all together) is killed (its code is then -9)."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for i, p in enumerate(procs):
+        try:
+            codes.append(p.wait(timeout=max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            log.warning("worker w%d did not exit %g s after the run; killed", i, timeout)
+            p.kill()
+            codes.append(p.wait())
+    return codes
+
+
+def _kill_all(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL every worker still running and reap it (a worker has nothing to save)."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(OSError):
+                p.kill()
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=10)

@@ -23,6 +23,8 @@ def test_bad_arguments_raise_before_any_worker_starts(tmp_path: Path) -> None:
         psrv.run(task="missing.py:make", out=tmp_path)
     with pytest.raises(ValueError, match="brings its own data"):
         psrv.run(task=EXAMPLE, data="digits", out=tmp_path)
+    with pytest.raises(ValueError, match="--workers 2000 is more than the 1438 training samples"):
+        psrv.run(data="digits", workers=2000, out=tmp_path)
     assert not list(tmp_path.iterdir())
 
 
