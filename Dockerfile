@@ -10,7 +10,9 @@
 #   BASE_IMAGE      a Debian-based image with python3 (3.11) and python3-venv; default python:3.11-slim
 #   PIP_NO_INDEX    1: pip installs only from PIP_FIND_LINKS, no index is contacted
 #   PIP_FIND_LINKS  /wheels: the build context's wheels/ folder (a wheelhouse made on the host by
-#                   scripts/compose_up.sh or `pip download -d wheels torch==2.13.0 setuptools wheel .`)
+#                   `scripts/compose_up.sh wheels`)
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL  another index (e.g. https://download.pytorch.org/whl/cpu for
+#                   the CPU torch wheel from an ordinary PyPI)
 # e.g. podman build --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels -t psrv:latest .
 # The wheels are bind-mounted for the install steps (RUN --mount), so they are not a layer of the image.
 ARG BASE_IMAGE=python:3.11-slim
@@ -19,6 +21,8 @@ FROM ${BASE_IMAGE}
 # pip reads these from the environment; unset (the default), pip uses its index as usual
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
 
 # iproute2: ip and tc, for the shaping at start (apt only if the base image lacks them)
 RUN command -v tc >/dev/null && command -v ip >/dev/null || { apt-get update \

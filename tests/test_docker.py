@@ -28,6 +28,7 @@ from psrv.cluster.shaping import ENV_DOWN, ENV_UP, parse_rate, tbf_params
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
+_SCRIPT = ROOT / "scripts" / "compose_up.sh"
 _VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
@@ -119,11 +120,36 @@ def test_dockerfile_installs_torch_first_and_runs_the_entrypoint() -> None:
     assert all(s.get("build") == "." for s in compose["services"].values())
 
 
+def test_dockerfile_installs_only_from_the_wheelhouse_when_told() -> None:
+    """Every pip install sees the context's wheels/ (bind mount) and pip's settings come in as build
+    arguments, so `--build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels` reaches all of them."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [x.strip() for x in text.splitlines() if x.strip() and not x.strip().startswith("#")]
+    first_from = next(i for i, x in enumerate(lines) if x.startswith("FROM "))
+    args = {x.split()[1].split("=")[0] for x in lines[first_from:] if x.startswith("ARG ")}
+    assert {"PIP_NO_INDEX", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"} <= args
+    assert not [x for x in lines if x.startswith("ARG PIP_") and "=" in x], "an empty PIP_NO_INDEX is not a boolean"
+    installs = [x for x in lines if "pip install" in x]
+    assert len(installs) >= 2
+    for x in installs:
+        assert x.startswith("RUN --mount=type=bind,source=wheels,target=/wheels "), x
+    assert (ROOT / "wheels").is_dir()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "wheels" not in ignored and ".git" in ignored
+
+
+def test_compose_up_script_refuses_unknown_steps() -> None:
+    proc = subprocess.run(["bash", str(_SCRIPT), "nosuch"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "unknown step 'nosuch'" in proc.stderr and "setup, wheels, build, up" in proc.stderr
+    usage = subprocess.run(["bash", str(_SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 0 and "PIP_NO_INDEX=1" in usage.stdout
+
+
 # --- the real thing: build the image from local wheels and run docker-compose.yml under podman ---------------------
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ROUNDS = 20
-_SCRIPT = ROOT / "scripts" / "compose_up.sh"
 
 
 def _step(step: str, env: dict[str, str], log: Path, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -134,14 +160,16 @@ def _step(step: str, env: dict[str, str], log: Path, timeout: float) -> subproce
         )
         try:
             code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)  # the script's EXIT trap runs `compose down`
+        except BaseException as exc:  # timeout, Ctrl-C: the group goes; the EXIT trap runs `compose down`
+            os.killpg(proc.pid, signal.SIGTERM)
             try:
-                code = proc.wait(timeout=30)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-                code = proc.wait()
-            pytest.fail(f"compose_up.sh {step} still running after {timeout:.0f} s; log in {log}")
+                proc.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                pytest.fail(f"compose_up.sh {step} still running after {timeout:.0f} s; log in {log}")
+            raise
     return subprocess.CompletedProcess([step], code, log.read_text(), "")
 
 
