@@ -143,8 +143,16 @@ step_build() {
     base=$(base_image)
     [ "$ENGINE" = podman ] && net=(--network none)
     say "build: $ENGINE build $IMAGE from $base, wheels only"
+    local old new
+    old=$("$ENGINE" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
     "$ENGINE" build "${net[@]}" --build-arg BASE_IMAGE="$base" --build-arg PIP_NO_INDEX=1 \
         --build-arg PIP_FIND_LINKS=/wheels -t "$IMAGE" "$ROOT" >&2 || die "build: $ENGINE build failed"
+    new=$("$ENGINE" image inspect --format '{{.Id}}' "$IMAGE")
+    # the image this one replaced, now untagged: removed (its layers shared with the new one stay)
+    if [ -n "$old" ] && [ "$old" != "$new" ] \
+        && [ -z "$("$ENGINE" image inspect --format '{{join .RepoTags ""}}' "$old" 2>/dev/null)" ]; then
+        "$ENGINE" rmi "$old" >/dev/null 2>&1 || true
+    fi
 }
 
 step_up() {

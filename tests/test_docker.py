@@ -4,8 +4,9 @@ with consistent workers, shards, ids, ports, rates and mounts), then for real
 (``test_compose_runs_from_local_wheels_on_shaped_links``, marked ``container``): scripts/compose_up.sh
 installs podman if needed, builds the image from a host wheelhouse with no network in the build and
 runs the compose file to completion on tc-shaped links; the run, psrv's byte counts and the wire
-counters of every container are checked. About 3.5 min on a machine without podman, 40 s once
-podman, the base image and the image's layers are cached; ``PSRV_CONTAINER_TEST=0`` skips it."""
+counters of every container are checked. Opt-in (``PSRV_CONTAINER_TEST=1``): from a machine
+without podman it took 9.6 min on 2 loaded cores (3.5 min when quiet), about 1 min once podman,
+the base image and the image's layers are cached."""
 
 from __future__ import annotations
 
@@ -208,8 +209,8 @@ def test_compose_runs_from_local_wheels_on_shaped_links(tmp_path: Path) -> None:
     wheelhouse with no network in the build, docker-compose.yml run to completion with 4 workers at
     their default rates (w0, w1 100mbit; w2, w3 1mbit up / 10mbit down), gd so that every worker
     uploads its dense gradient each round and the 1mbit uplinks set the pace."""
-    if os.environ.get("PSRV_CONTAINER_TEST", "") == "0":
-        pytest.skip("PSRV_CONTAINER_TEST=0")
+    if os.environ.get("PSRV_CONTAINER_TEST", "") != "1":
+        pytest.skip("opt-in, minutes on a machine without podman: PSRV_CONTAINER_TEST=1 runs it")
     if os.geteuid() != 0:
         pytest.skip("needs root: rootful podman, and tc (NET_ADMIN) inside the containers")
     engine = os.environ.get("PSRV_ENGINE", "podman")
@@ -280,8 +281,8 @@ def test_compose_runs_from_local_wheels_on_shaped_links(tmp_path: Path) -> None:
     got = sum(hosts[w]["delta"]["wire_rx"]["bytes"] for w in workers)
     srv = hosts["server"]["delta"]
     assert summary["bytes_up"] <= srv["wire_rx"]["bytes"] and summary["bytes_down"] <= srv["wire_tx"]["bytes"]
-    assert abs(srv["wire_rx"]["bytes"] - sent) <= 0.05 * sent + 65536, (srv, sent)
-    assert abs(srv["wire_tx"]["bytes"] - got) <= 0.05 * got + 65536, (srv, got)
+    assert abs(srv["wire_rx"]["bytes"] - sent) <= 0.02 * sent + 32768, (srv, sent)
+    assert abs(srv["wire_tx"]["bytes"] - got) <= 0.02 * got + 32768, (srv, got)
     for wid, w in workers.items():
         c = hosts[wid]
         tx, rx, elapsed = c["delta"]["wire_tx"]["bytes"], c["delta"]["wire_rx"]["bytes"], c["elapsed_s"]
