@@ -1,23 +1,35 @@
-"""docker-compose.yml and Dockerfile, checked without a Docker engine: the compose file parses, and
-every command and option it gives a container is one the psrv CLI accepts (parsed by click itself),
-with consistent workers, shards, ids, ports, rates and mounts. The entrypoint's shaping path itself
-runs in tests/test_cluster.py (``--shape-at host``)."""
+"""docker-compose.yml and Dockerfile: first checked without an engine (the compose file parses, and
+every command and option it gives a container is one the psrv CLI accepts, parsed by click itself,
+with consistent workers, shards, ids, ports, rates and mounts), then for real
+(``test_compose_runs_from_local_wheels_on_shaped_links``, marked ``container``): scripts/compose_up.sh
+installs podman if needed, builds the image from a host wheelhouse with no network in the build and
+runs the compose file to completion on tc-shaped links; the run, psrv's byte counts and the wire
+counters of every container are checked. Opt-in (``PSRV_CONTAINER_TEST=1``): from a machine
+without podman it took 9.6 min on 2 loaded cores (3.5 min when quiet), about 1 min once podman,
+the base image and the image's layers are cached."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from psrv.cli import main
 from psrv.cluster import entrypoint
-from psrv.cluster.shaping import ENV_DOWN, ENV_UP, parse_rate
+from psrv.cluster.shaping import ENV_DOWN, ENV_UP, parse_rate, tbf_params
 
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
+_SCRIPT = ROOT / "scripts" / "compose_up.sh"
 _VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
@@ -107,3 +119,185 @@ def test_dockerfile_installs_torch_first_and_runs_the_entrypoint() -> None:
                 assert (ROOT / src).exists(), f"COPY {src}: no such path"
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert all(s.get("build") == "." for s in compose["services"].values())
+
+
+def test_dockerfile_installs_only_from_the_wheelhouse_when_told() -> None:
+    """Every pip install sees the context's wheels/ (bind mount) and pip's settings come in as build
+    arguments, so `--build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels` reaches all of them."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [x.strip() for x in text.splitlines() if x.strip() and not x.strip().startswith("#")]
+    first_from = next(i for i, x in enumerate(lines) if x.startswith("FROM "))
+    args = {x.split()[1].split("=")[0] for x in lines[first_from:] if x.startswith("ARG ")}
+    assert {"PIP_NO_INDEX", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"} <= args
+    assert not [x for x in lines if x.startswith("ARG PIP_") and "=" in x], "an empty PIP_NO_INDEX is not a boolean"
+    installs = [x for x in lines if "pip install" in x]
+    assert len(installs) >= 2
+    for x in installs:
+        assert x.startswith("RUN --mount=type=bind,source=wheels,target=/wheels "), x
+    assert (ROOT / "wheels").is_dir()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "wheels" not in ignored and ".git" in ignored
+
+
+def test_compose_up_script_refuses_unknown_steps() -> None:
+    proc = subprocess.run(["bash", str(_SCRIPT), "nosuch"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "unknown step 'nosuch'" in proc.stderr and "setup, wheels, build, up" in proc.stderr
+    usage = subprocess.run(["bash", str(_SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 0 and "PIP_NO_INDEX=1" in usage.stdout
+
+
+# --- the real thing: build the image from local wheels and run docker-compose.yml under podman ---------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ROUNDS = 20
+
+
+def _step(step: str, env: dict[str, str], log: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """One step of scripts/compose_up.sh in its own process group (killed whole on timeout); output in ``log``."""
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            ["bash", str(_SCRIPT), step], env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            code = proc.wait(timeout=timeout)
+        except BaseException as exc:  # timeout, Ctrl-C: the group goes; the EXIT trap runs `compose down`
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                pytest.fail(f"compose_up.sh {step} still running after {timeout:.0f} s; log in {log}")
+            raise
+    return subprocess.CompletedProcess([step], code, log.read_text(), "")
+
+
+def _last_line(text: str) -> str:
+    lines = [x for x in _ANSI.sub("", text).splitlines() if x.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def _remove_project(engine: str, project: str, env: dict[str, str]) -> None:
+    """Containers, pods and networks of the compose project, whatever state the run left them in."""
+    if shutil.which(engine) is None:
+        return
+    label = f"io.podman.compose.project={project}" if engine == "podman" else f"com.docker.compose.project={project}"
+
+    def run(*args: str) -> list[str]:
+        proc = subprocess.run([engine, *args], env=env, capture_output=True, text=True, timeout=120)
+        return proc.stdout.split()
+
+    ids = run("ps", "-aq", "--filter", f"label={label}")
+    if ids:
+        run("rm", "-f", "-t", "2", *ids)
+    if engine == "podman":
+        pods = run("pod", "ls", "-q", "--filter", f"name=pod_{project}")
+        if pods:
+            run("pod", "rm", "-f", *pods)
+    nets = run("network", "ls", "-q", "--filter", f"label={label}")
+    if nets:
+        run("network", "rm", "-f", *nets)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.container
+def test_compose_runs_from_local_wheels_on_shaped_links(tmp_path: Path) -> None:
+    """scripts/compose_up.sh end to end: podman (installed if missing), the image built from a host
+    wheelhouse with no network in the build, docker-compose.yml run to completion with 4 workers at
+    their default rates (w0, w1 100mbit; w2, w3 1mbit up / 10mbit down), gd so that every worker
+    uploads its dense gradient each round and the 1mbit uplinks set the pace."""
+    if os.environ.get("PSRV_CONTAINER_TEST", "") != "1":
+        pytest.skip("opt-in, minutes on a machine without podman: PSRV_CONTAINER_TEST=1 runs it")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: rootful podman, and tc (NET_ADMIN) inside the containers")
+    engine = os.environ.get("PSRV_ENGINE", "podman")
+    project = f"psrvtest{os.getpid()}"
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(ROOT / "docker-compose.yml", tmp_path / "docker-compose.yml")
+    env = {
+        **os.environ,
+        "PSRV_ENGINE": engine,
+        "PSRV_PROJECT": project,
+        "PSRV_COMPOSE_DIR": str(tmp_path),
+        "PSRV_OUT": str(out),
+        "PSRV_ROUNDS": str(_ROUNDS),
+        "PSRV_ALGORITHM": "gd",
+    }
+    for name in ("W0", "W1", "W2", "W3", "SERVER"):  # the file's default rates, whatever this shell has set
+        env.pop(f"{name}_RATE_UP", None)
+        env.pop(f"{name}_RATE_DOWN", None)
+
+    setup = _step("setup", env, tmp_path / "setup.log", 900)
+    if setup.returncode != 0:
+        pytest.skip(f"no container engine here: {_last_line(setup.stdout)}")
+    if shutil.which(engine) is None:
+        pytest.skip(f"{engine} not installed")
+    conf = Path(env.get("PSRV_CACHE") or Path.home() / ".cache" / "psrv-containers") / "containers.conf"
+    if engine == "podman" and conf.exists():
+        env.setdefault("CONTAINERS_CONF", str(conf))  # as the script does: runc, ulimits this host can give
+    wheels = _step("wheels", env, tmp_path / "wheels.log", 900)
+    if wheels.returncode != 0:
+        pytest.skip(f"no package index for the wheelhouse: {_last_line(wheels.stdout)}")
+    build = _step("build", env, tmp_path / "build.log", 900)
+    assert build.returncode == 0, build.stdout[-3000:]
+    try:
+        up = _step("up", env, tmp_path / "up.log", 600)
+    finally:
+        _remove_project(engine, project, env)
+    log = _ANSI.sub("", up.stdout)
+    assert up.returncode == 0, log[-4000:]
+
+    # the run: every round done, every worker uploaded every round, the loss went down
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["algorithm"] == "gd" and summary["workers"] == 4
+    assert summary["rounds"] == len(records) == _ROUNDS
+    assert summary["uploads"] == 4 * _ROUNDS and summary["deadline_misses"] == 0
+    assert summary["last_round_loss"] < 0.95 * records[0]["loss"]
+    assert np.isfinite(np.load(out / "model.npy")).all()
+
+    # psrv's own byte counts: what each worker counted on its channel adds up to what the server counted
+    workers = {}
+    for line in log.splitlines():
+        m = re.search(r'(\{"worker_id".*\})\s*$', line)
+        if m:
+            w = json.loads(m.group(1))
+            workers[w["worker_id"]] = w
+    assert sorted(workers) == ["w0", "w1", "w2", "w3"], log[-4000:]
+    assert all(w["rounds"] == _ROUNDS and w["uploads"] == _ROUNDS for w in workers.values())
+    assert sum(w["bytes_up"] for w in workers.values()) == summary["bytes_up"]
+    assert sum(w["bytes_down"] for w in workers.values()) == summary["bytes_down"]
+    upload = {wid: [next(x for x in r["workers"] if x["id"] == wid) for r in records] for wid in workers}
+
+    # the wire, per host: tc's qdisc counters in each container (frames, so at least psrv's messages), and
+    # what the server received is what the workers sent (plus a little: ARP, DNS, TCP control)
+    hosts = {h: json.loads((out / f"counters-{h}.json").read_text()) for h in ("server", *workers)}
+    assert all(c["exit_code"] == 0 for c in hosts.values())
+    sent = sum(hosts[w]["delta"]["wire_tx"]["bytes"] for w in workers)
+    got = sum(hosts[w]["delta"]["wire_rx"]["bytes"] for w in workers)
+    srv = hosts["server"]["delta"]
+    assert summary["bytes_up"] <= srv["wire_rx"]["bytes"] and summary["bytes_down"] <= srv["wire_tx"]["bytes"]
+    assert abs(srv["wire_rx"]["bytes"] - sent) <= 0.02 * sent + 32768, (srv, sent)
+    assert abs(srv["wire_tx"]["bytes"] - got) <= 0.02 * got + 32768, (srv, got)
+    for wid, w in workers.items():
+        c = hosts[wid]
+        tx, rx, elapsed = c["delta"]["wire_tx"]["bytes"], c["delta"]["wire_rx"]["bytes"], c["elapsed_s"]
+        assert tx >= w["bytes_up"] and rx >= w["bytes_down"], (wid, c, w)
+        assert c["delta"]["wire_tx"]["drops"] == 0
+        # the shaped rates hold: tbf lets through at most rate x time + one burst, in each direction
+        for nbytes, rate in ((tx, c["rate_up"]), (rx, c["rate_down"])):
+            burst = tbf_params(rate)[0]
+            assert (nbytes - burst) * 8 / rate <= elapsed, (wid, nbytes, rate, elapsed)
+        # ... and the slow uplinks were the bottleneck: each of their uploads took at least its bytes at
+        # the rate from the round's start, and together they fill most of the training time
+        if c["rate_up"] == 1_000_000:
+            burst = tbf_params(c["rate_up"])[0]
+            for r in upload[wid]:
+                assert r["latency"] >= (r["bytes"] - burst) * 8 / c["rate_up"], (wid, r)
+            busy = sum(r["bytes"] for r in upload[wid]) * 8 / c["rate_up"]
+            wall = summary["wall_time"]
+            assert 0.5 * wall <= busy <= wall + burst * 8 / c["rate_up"], (wid, busy, wall)

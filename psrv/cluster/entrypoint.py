@@ -13,8 +13,9 @@ Environment:
   file adds them per service without repeating the command: ``docker-compose.tls.yml``).
 - ``PSRV_COUNTERS``: if set, a JSON file to write this host's wire counters to when the run ends
   (bytes/packets through the uplink and downlink qdiscs, and the interface counters; see
-  :mod:`psrv.cluster.counters`). Then the command runs as a child that receives SIGTERM/SIGINT
-  forwarded; otherwise this process execs it.
+  :mod:`psrv.cluster.counters`) and ``elapsed_s``, seconds from before the first reading to after the
+  last. Then the command runs as a child that receives SIGTERM/SIGINT forwarded; otherwise this
+  process execs it.
 
 Shaping is :func:`psrv.cluster.shaping.shape_interface`, the code the namespace cluster uses
 (``psrv cluster run --shape-at host`` runs every host through this entrypoint). It needs
@@ -29,6 +30,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 
 from psrv.cluster import counters, shaping
@@ -92,12 +94,14 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     out = env.get("PSRV_COUNTERS")
     if not out:
         os.execv(cmd[0], cmd)  # no return
+    start = time.monotonic()
     before = _read(shaped)
     child = subprocess.Popen(cmd)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda s, _f: child.send_signal(s))
     code = child.wait()
     after = _read(shaped)
+    elapsed = time.monotonic() - start
     atomic_write_json(
         out,
         {
@@ -106,6 +110,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             "rate_up": rates.up,
             "rate_down": rates.down,
             "exit_code": code,
+            "elapsed_s": round(elapsed, 3),  # between the two reads: no rate can move more than rate x this
             "delta": counters.delta(after, before),
         },
     )
