@@ -1,7 +1,8 @@
 """The gRPC server's limits on its callers (README, "Limits"): message size derived from the model's
-dimension, concurrent calls in all and per worker id, and how long a stream may stall inside an
-upload. Each refusal is RESOURCE_EXHAUSTED with a message naming the limit and the flag that raises
-it (the message-size and total-call limits are enforced by gRPC itself, which words its own message).
+dimension, concurrent calls in all and per worker id, calls per second per caller, and how long a
+stream may stall inside an upload. Each refusal is RESOURCE_EXHAUSTED with a message naming the limit
+and the flag that raises it (the message-size and total-call limits are enforced by gRPC itself,
+which words its own message).
 
 No gRPC here: :mod:`psrv.server` applies these; the engine's own limits (the task's shape,
 ``--max-dim``, ``--worker-ids``, ``--max-id-bytes``) live in :class:`psrv.engine.ServerConfig`.
@@ -9,8 +10,11 @@ No gRPC here: :mod:`psrv.server` applies these; the engine's own limits (the tas
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
+import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +26,18 @@ CALLS_PER_WORKER = 4
 ANONYMOUS_CALLS = 16
 #: Default: seconds an upload's stream may wait for its next piece before it is ended.
 STREAM_IDLE_TIMEOUT = 60.0
+#: Default: calls per second one worker id may start (a token bucket's rate). A worker makes one
+#: call per run on the stream transport and two per round on the unary one; a fast loopback run
+#: (2 workers, a 650-parameter model) makes about 500 a second, and a round trip of a Python gRPC
+#: call (>= ~0.1 ms) caps any worker near 5,000 -- this is above what a worker can reach.
+CALL_RATE = 10_000.0
+#: Default: calls per second that callers without a registered (or configured) worker id may start
+#: from one host, together: registrations, and calls naming ids the server does not know.
+ANONYMOUS_CALL_RATE = 100.0
+#: Default: calls a bucket holds (what a caller may start at once after being quiet).
+CALL_BURST = 1000
+#: Buckets kept at most (the oldest idle ones go first): bounded memory however many callers come.
+MAX_BUCKETS = 10_000
 
 
 @dataclass(frozen=True)
@@ -34,10 +50,15 @@ class TransportLimits:
     anonymous_calls: int = ANONYMOUS_CALLS
     max_concurrent_calls: int = 0
     stream_idle_timeout: float = STREAM_IDLE_TIMEOUT
+    call_rate: float = CALL_RATE  # 0: no rate limit per worker id
+    anonymous_call_rate: float = ANONYMOUS_CALL_RATE  # 0: no rate limit for anonymous callers
+    call_burst: int = CALL_BURST
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 0 or self.max_concurrent_calls < 0:
             raise ValueError("max_message_bytes and max_concurrent_calls must be >= 0 (0: derived)")
+        if self.call_rate < 0 or self.anonymous_call_rate < 0 or self.call_burst < 1:
+            raise ValueError("need call rates >= 0 (0: unlimited) and call_burst >= 1")
         if self.calls_per_worker < 1 or self.anonymous_calls < 1 or not self.stream_idle_timeout > 0:
             raise ValueError("need calls_per_worker >= 1, anonymous_calls >= 1, stream_idle_timeout > 0")
 
@@ -102,6 +123,109 @@ class CallLimiter:
     def held(self, key: str | None) -> int:
         with self._lock:
             return self._held.get("" if key is None else "w:" + key, 0)
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` per second; a call takes one (the token bucket of
+    J. Turner, "New directions in communications (or which way to the information age?)", IEEE
+    Communications Magazine 24(10), 1986). Not thread-safe: :class:`RateLimiter` locks."""
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.last = rate, float(burst), float(burst), now
+
+    def refill(self, now: float) -> float:
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.last) * self.rate)
+        self.last = now
+        return self.tokens
+
+    def take(self, now: float) -> bool:
+        if self.refill(now) < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def full(self, now: float) -> bool:
+        """Refilled to ``burst``: the same as a new bucket, so it can be forgotten."""
+        return self.tokens + max(0.0, now - self.last) * self.rate >= self.burst
+
+
+class RateLimiter:
+    """Calls per second per caller: one :class:`TokenBucket` per key, a worker id's at ``rate``,
+    an anonymous caller's (a key starting with ``ANONYMOUS``) at ``anonymous_rate`` with
+    ``anonymous_burst`` (a rate of 0: not limited). At most ``max_buckets`` are kept: a new key
+    first forgets the least recently used buckets that have refilled (forgetting them changes
+    nothing), then, over the cap, the least recently used at all. Thread-safe."""
+
+    ANONYMOUS = "anonymous"
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        anonymous_rate: float,
+        anonymous_burst: int | None = None,
+        max_buckets: int = MAX_BUCKETS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate, self.burst, self.anonymous_rate = rate, burst, anonymous_rate
+        self.anonymous_burst = burst if anonymous_burst is None else anonymous_burst
+        self.max_buckets, self.clock = max_buckets, clock
+        self._lock = threading.Lock()
+        self._buckets: OrderedDict[tuple[str, ...], TokenBucket] = OrderedDict()
+
+    def take(self, key: tuple[str, ...], who: str) -> None:
+        """One call for ``key`` (``who`` names the caller in the refusal); raises
+        :class:`LimitExceeded` naming the flags when its bucket is empty."""
+        anonymous = key[0] == self.ANONYMOUS
+        rate = self.anonymous_rate if anonymous else self.rate
+        if rate <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                self._evict(now)
+                bucket = self._buckets[key] = TokenBucket(rate, self.anonymous_burst if anonymous else self.burst, now)
+            else:
+                self._buckets.move_to_end(key)
+            if bucket.take(now):
+                return
+        flag = "--max-anonymous-call-rate" if anonymous else "--max-call-rate"
+        raise LimitExceeded(
+            f"{who} started more than {rate:g} calls per second (after a burst of {bucket.burst:g}), "
+            f"the limit ({flag}, --call-burst)"
+        )
+
+    def _evict(self, now: float) -> None:
+        while self._buckets:
+            key, oldest = next(iter(self._buckets.items()))
+            if len(self._buckets) < self.max_buckets and not oldest.full(now):
+                return
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._buckets)
+
+
+def host_of(peer: str) -> str:
+    """The host part of a gRPC peer (``ipv4:10.0.0.2:5000`` -> ``10.0.0.2``); an IPv6 address is
+    reduced to its /64 (one machine usually holds a whole /64); anything else is kept whole."""
+    kind, _, rest = urllib.parse.unquote(peer or "").partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        host = rest.rpartition(":")[0].strip("[]") if rest.startswith("[") else rest
+        try:
+            address = ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            return host
+        if address.is_loopback or address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped or address)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return peer or "?"
 
 
 class LimitExceeded(Exception):

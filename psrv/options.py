@@ -680,6 +680,33 @@ SERVER_OPTIONS: dict[str, Callable[[Any], Any]] = {
         show_default=True,
         help="Seconds an upload's stream may wait for its next piece before the server ends it.",
     ),
+    "call_rate": click.option(
+        "--max-call-rate",
+        "call_rate",
+        type=click.FloatRange(min=0),
+        default=10_000.0,
+        show_default=True,
+        metavar="CALLS_PER_S",
+        help="Calls per second one worker id may start (a Rounds stream is one call; 0: no limit). "
+        "A worker makes one call per run (stream transport) or two per round (unary).",
+    ),
+    "anonymous_call_rate": click.option(
+        "--max-anonymous-call-rate",
+        "anonymous_call_rate",
+        type=click.FloatRange(min=0),
+        default=100.0,
+        show_default=True,
+        metavar="CALLS_PER_S",
+        help="Calls per second from one host that name no registered or configured worker id "
+        "(registrations, junk ids), together (0: no limit).",
+    ),
+    "call_burst": click.option(
+        "--call-burst",
+        type=click.IntRange(min=1),
+        default=1000,
+        show_default=True,
+        help="Calls a caller may start at once above its rate (the anonymous burst is at least 2 x --workers).",
+    ),
 }
 
 server_options = _apply([SERVER_OPTIONS])
@@ -718,5 +745,6 @@ def pop_server_options(kw: dict[str, Any], task: str, seed: int) -> tuple[dict[s
         raise click.UsageError(str(exc)) from None
     engine = {"task_shape": task_shape, "max_dim": kw.pop("max_dim"), "worker_ids": kw.pop("worker_ids"),
               "max_id_bytes": kw.pop("max_id_bytes")}  # fmt: skip
-    names = ("max_message_bytes", "calls_per_worker", "anonymous_calls", "max_concurrent_calls", "stream_idle_timeout")
+    names = ("max_message_bytes", "calls_per_worker", "anonymous_calls", "max_concurrent_calls", "stream_idle_timeout",
+             "call_rate", "anonymous_call_rate", "call_burst")  # fmt: skip
     return engine, TransportLimits(**{k: kw.pop(k) for k in names})

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from psrv import codec, memory, rpc, stream, tls
 from psrv.engine import AlreadyExists, EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
-from psrv.limits import CallLimiter, LimitExceeded, TransportLimits, Watchdog
+from psrv.limits import CallLimiter, LimitExceeded, RateLimiter, TransportLimits, Watchdog, host_of
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
 
@@ -57,7 +57,38 @@ class Servicer:
         self.auth: tls.Authenticator | None = None
         self.limits = limits or TransportLimits()
         self.calls = CallLimiter(self.limits.calls_per_worker, self.limits.anonymous_calls)
+        lim = self.limits  # every worker of a loopback run registers from one host: its burst holds them all
+        self.rate = RateLimiter(lim.call_rate, lim.call_burst, lim.anonymous_call_rate,
+                                max(lim.call_burst, 2 * engine.config.num_workers))  # fmt: skip
         self.watchdog = Watchdog()
+
+    def _charge(self, context: Any, worker_id: str) -> None:
+        """Count one call (or a Rounds resync) against its caller's rate (README, "Limits"):
+        with credentials the caller is the worker they name; without, the caller's host together
+        with ``worker_id`` when that id is registered or configured (``--worker-ids``), else the
+        host's anonymous bucket. Raises :class:`LimitExceeded` over the rate."""
+        if context is None:
+            return
+        if self.auth is not None:
+            who = self._identity(context)
+            if who is not None:
+                self.rate.take(("id", who), f"worker {who!r}")
+                return
+        host = host_of(context.peer())
+        if worker_id and (worker_id in self.engine.state.workers or worker_id in self.engine.config.worker_ids):
+            self.rate.take(("host", host, worker_id), f"worker {worker_id!r} (from {host})")
+        else:
+            self.rate.take((RateLimiter.ANONYMOUS, host), f"callers from {host} without a registered worker id")
+
+    def _identity(self, context: Any) -> str | None:
+        """The worker the call's credentials name (token, else client certificate), or None."""
+        assert self.auth is not None
+        if self.auth.tokens is not None:
+            return self.auth.token_identity(context.invocation_metadata())
+        if self.auth.certs:
+            names = self.auth.cert_identities(context)
+            return "/".join(sorted(names)) if names else None
+        return None
 
     def _hold(self, worker_id: str | None, context: Any) -> Callable[[], None]:
         """One long-lived call for ``worker_id`` (registered: its own budget; else the shared one);
@@ -153,6 +184,7 @@ class Servicer:
                 raise codec.CodecError("PushStream: the pieces do not make a PushRequest") from None
 
         upload = self._call(reassemble, None, 0, context)
+        self._call(lambda *_: self._charge(context, upload.request.worker_id), None, 0, context)  # id known at its end
         reply = self._call(self._push, upload, nbytes, context)
         return self._reply("PushStream", pb.PushStreamResponse(round=reply.round))
 
@@ -169,6 +201,7 @@ class Servicer:
         if kind != "open":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Rounds: the first message must be `open`, not `{kind}`")
         worker_id, k = opened.worker_id, opened.round
+        self._call(lambda *_: self._charge(context, worker_id), None, 0, context)  # one call, not per message
         self._authorize(context, worker_id)
         replica = opened.replica_round if opened.HasField("replica_round") else None
         self._call(lambda *_: self.engine.worker(worker_id), None, 0, context)  # NOT_FOUND before waiting
@@ -197,7 +230,8 @@ class Servicer:
             if report is None:
                 return
             kind, body = report.kind, report.body
-            if kind == "resync":
+            if kind == "resync":  # the one message a worker sends at will, and it costs a broadcast: charged
+                self._call(lambda *_: self._charge(context, worker_id), None, 0, context)
                 replica = None  # the same round again, as a snapshot
                 continue
             rejected = self._call(self._round_report, (worker_id, k, kind, body, requests), report.nbytes, context)
@@ -282,6 +316,7 @@ class Servicer:
         return whole.result(), nbytes
 
     def Register(self, req: pb.RegisterRequest, nbytes: int, context: Any) -> pb.RegisterResponse:
+        self._charge(context, req.worker_id)
         self._authorize(context, req.worker_id)
         index, rejoin = self.engine.register_worker(req.worker_id, req.num_samples, req.n_features, req.n_classes)
         reply = pb.RegisterResponse(
@@ -292,6 +327,7 @@ class Servicer:
         return reply
 
     def GetModel(self, req: pb.GetModelRequest, nbytes: int, context: Any) -> bytes:
+        self._charge(context, req.worker_id)  # GetModelStream's too
         self._authorize(context, req.worker_id)
         remaining = context.time_remaining() if context is not None else None
         wait = 60.0 if remaining is None else max(0.0, remaining - 0.05)
@@ -303,7 +339,9 @@ class Servicer:
             release()
 
     def Push(self, req: bytes, nbytes: int, context: Any) -> pb.PushResponse:
-        return self._push(codec.WireUpload(req), nbytes, context)  # its request in RAW: dense values not copied
+        upload = codec.WireUpload(req)  # its request in RAW: dense values not copied
+        self._charge(context, upload.request.worker_id)
+        return self._push(upload, nbytes, context)
 
     def _push(self, upload: codec.WireUpload, nbytes: int, context: Any) -> pb.PushResponse:
         req = upload.request
@@ -314,6 +352,7 @@ class Servicer:
         return pb.PushResponse(round=req.round)
 
     def Skip(self, req: pb.SkipRequest, nbytes: int, context: Any) -> pb.SkipResponse:
+        self._charge(context, req.worker_id)
         self._authorize(context, req.worker_id)
         self._skip(req.worker_id, req.round, req, nbytes)
         return pb.SkipResponse(round=req.round)

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from psrv import codec, rpc, stream
 from psrv.cli import check_port_free, main
 from psrv.engine import EngineError, RoundEngine, ServerConfig
-from psrv.limits import CallLimiter, LimitExceeded, TransportLimits
+from psrv.limits import CallLimiter, LimitExceeded, RateLimiter, TransportLimits, host_of
 from psrv.metrics import MetricsSink
 from psrv.payload import dense
 from psrv.server import ParameterServer, create_server
@@ -344,3 +344,207 @@ def test_a_declared_huge_message_is_refused_at_its_length_prefix() -> None:
         assert ps.counter.total("up") == 0
     finally:
         server.stop(None).wait(5)
+
+
+# ============================================================================ calls per second
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_refills_at_its_rate_up_to_its_burst() -> None:
+    clock = _Clock()
+    limiter = RateLimiter(rate=2.0, burst=3, anonymous_rate=1.0, anonymous_burst=1, clock=clock)
+    for _ in range(3):
+        limiter.take(("id", "w0"), "worker 'w0'")  # the burst
+    with pytest.raises(LimitExceeded, match=r"worker 'w0' started more than 2 calls per second .*--max-call-rate"):
+        limiter.take(("id", "w0"), "worker 'w0'")
+    clock.now += 0.25  # half a token: still refused (a refusal takes nothing)
+    with pytest.raises(LimitExceeded):
+        limiter.take(("id", "w0"), "worker 'w0'")
+    clock.now += 0.25  # one token
+    limiter.take(("id", "w0"), "worker 'w0'")
+    with pytest.raises(LimitExceeded):
+        limiter.take(("id", "w0"), "worker 'w0'")
+    clock.now += 60  # a long pause refills to the burst, not beyond
+    for _ in range(3):
+        limiter.take(("id", "w0"), "worker 'w0'")
+    with pytest.raises(LimitExceeded):
+        limiter.take(("id", "w0"), "worker 'w0'")
+    limiter.take(("id", "w1"), "worker 'w1'")  # another caller has its own bucket
+    # anonymous callers: their own rate and burst, and their own flag
+    limiter.take((RateLimiter.ANONYMOUS, "10.0.0.9"), "callers from 10.0.0.9")
+    with pytest.raises(LimitExceeded, match=r"10\.0\.0\.9 .* 1 calls per second .*--max-anonymous-call-rate"):
+        limiter.take((RateLimiter.ANONYMOUS, "10.0.0.9"), "callers from 10.0.0.9")
+    unlimited = RateLimiter(rate=0.0, burst=1, anonymous_rate=0.0, clock=clock)
+    for _ in range(100):
+        unlimited.take(("id", "w0"), "w0")
+        unlimited.take((RateLimiter.ANONYMOUS, "h"), "h")
+    assert len(unlimited) == 0  # no limit keeps no buckets
+
+
+def test_rate_limiter_memory_is_bounded_and_idle_buckets_go_first() -> None:
+    clock = _Clock()
+    limiter = RateLimiter(rate=1.0, burst=5, anonymous_rate=1.0, max_buckets=3, clock=clock)
+    for key in ("a", "b", "c", "c"):
+        limiter.take(("id", key), key)  # a: 4 tokens left, b: 4, c: 3
+    assert len(limiter) == 3
+    clock.now += 1.0
+    for _ in range(3):
+        limiter.take(("id", "a"), "a")  # a: 5 - 3 = 2, and b is now the least recently used
+    clock.now += 1.0  # b (4 + 2) and c (3 + 2) are full again, a (2 + 1) is not
+    limiter.take(("id", "d"), "d")  # forgets the full b and c, keeps a
+    assert set(limiter._buckets) == {("id", "a"), ("id", "d")}
+    # a flood of new keys never holds more than max_buckets, the least recently used go
+    for i in range(10_000):
+        limiter.take((RateLimiter.ANONYMOUS, f"10.{i >> 8}.{i & 255}.1"), "h")
+    assert len(limiter) == 3
+    assert list(limiter._buckets)[-1] == (RateLimiter.ANONYMOUS, "10.39.15.1")
+    # a forgotten bucket that was not full comes back full: the cap trades that for bounded memory
+    limiter.take(("id", "a"), "a")
+
+
+def test_host_of_drops_the_port_and_groups_ipv6_by_its_64() -> None:
+    assert host_of("ipv4:10.1.2.3:50123") == "10.1.2.3"
+    assert host_of("ipv6:[2001:db8:1:2:aaaa::1]:5000") == "2001:db8:1:2::/64"
+    assert host_of("ipv6:%5B2001:db8:1:2:bbbb::7%5D:6000") == "2001:db8:1:2::/64"  # the same machine's /64
+    assert host_of("ipv6:[::1]:5000") == "::1"
+    assert host_of("ipv6:[::ffff:10.0.0.1]:5000") == "10.0.0.1"
+    assert host_of("unix:/tmp/psrv.sock") == "unix:/tmp/psrv.sock"
+    assert host_of("") == "?"
+
+
+def test_over_the_call_rate_a_worker_gets_resource_exhausted_and_health_is_not_limited(limited: Any) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    config = ServerConfig(num_workers=1, rounds=1, task_shape=(4, 3), worker_ids=("w0",), start_timeout=0.0)
+    ps, channel = limited(config, TransportLimits(call_rate=1.0, anonymous_call_rate=1.0, call_burst=3))
+    stub = rpc.CountingStub(channel)
+    stub.Register(_req("w0"), timeout=RPC_TIMEOUT)  # a configured id: its own bucket from its first call
+    for _ in range(2):
+        with expect_status(Code.FAILED_PRECONDITION):  # charged, then refused by the engine
+            stub.Skip(codec.skip_to_proto("w0", 7, "lazy_rule", 1.0), timeout=RPC_TIMEOUT)
+    with expect_status(
+        Code.RESOURCE_EXHAUSTED, "worker 'w0' (from 127.0.0.1)", "1 calls per second", "--max-call-rate"
+    ):
+        stub.Skip(codec.skip_to_proto("w0", 7, "lazy_rule", 1.0), timeout=RPC_TIMEOUT)
+    # junk ids share the host's anonymous bucket, whose burst is at least 2 x --workers
+    register = channel.unary_unary(f"/{rpc.SERVICE}/Register")
+    refused = []
+    for i in range(6):
+        try:
+            register(_req(f"junk{i}").SerializeToString(), timeout=RPC_TIMEOUT)
+        except grpc.RpcError as exc:
+            refused.append((exc.code(), exc.details()))
+    assert [c for c, _ in refused].count(Code.RESOURCE_EXHAUSTED) == 3
+    assert all("--max-anonymous-call-rate" in d for c, d in refused if c == Code.RESOURCE_EXHAUSTED)
+    health = health_pb2_grpc.HealthStub(channel)
+    for _ in range(20):
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT).status == 1  # SERVING
+
+
+def test_a_rounds_stream_is_one_call_however_many_rounds_it_carries() -> None:
+    """Stream transport: a worker's rounds travel on one Rounds call, so a rate of 1 call/s with a
+    burst of 3 (Register, Rounds, one to spare) carries a 40-round run."""
+    ps = ParameterServer(
+        ServerConfig(num_workers=1, rounds=40, round_timeout=20.0, done_grace=2.0, transport="stream",
+                     worker_ids=("w0",), algorithm="gd"),
+        limits=TransportLimits(call_rate=1.0, anonymous_call_rate=1.0, call_burst=3),
+    )  # fmt: skip
+    server, port = create_server(ps)
+    try:
+        from worker.client import WorkerConfig, load_training_data, run_worker
+
+        train, _ = load_training_data("digits", 0.2, 0)
+        cfg = WorkerConfig(server=f"127.0.0.1:{port}", worker_id="w0", data="digits", connect_timeout=20)
+        done: list[Any] = []
+        t = threading.Thread(target=lambda: done.append(run_worker(cfg, train)), daemon=True)
+        t.start()
+        summary = ps.run()
+        t.join(30)
+        assert summary["rounds"] == 40 and done and ps.phase == "done"
+        assert ps.counter.messages["up", "Rounds"] > 40  # many messages, one call
+    finally:
+        ps.fail("test over")
+        server.stop(None).wait(5)
+
+
+def _flooded_run(flood: bool) -> tuple[float, dict[str, Any] | None, ParameterServer]:
+    """Two workers (unary transport: two calls per round each) train 120 rounds; with ``flood``, a
+    hostile process floods junk calls from the same host from before registration to the end."""
+    import subprocess
+    import sys
+
+    from psrv import data
+    from worker.client import WorkerConfig, load_training_data, run_worker
+
+    m, rounds = 2, 120
+    ps = ParameterServer(
+        ServerConfig(num_workers=m, rounds=rounds, round_timeout=20.0, done_grace=2.0, transport="unary",
+                     worker_ids=("w0", "w1"), algorithm="gd"),
+        limits=TransportLimits(anonymous_call_rate=20.0, call_burst=50),
+    )  # fmt: skip
+    server, port = create_server(ps)
+    proc = None
+    try:
+        if flood:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.helpers.flood", str(port), "60", "4"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert proc.stdout is not None and "started" in proc.stdout.readline()
+            time.sleep(0.3)  # the flood is under way (and its burst spent) before the workers come
+        train, _ = load_training_data("digits", 0.2, 0)
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            cfg = WorkerConfig(server=f"127.0.0.1:{port}", worker_id=f"w{i}", data="digits", connect_timeout=20)
+            try:
+                run_worker(cfg, data.shard(train, i, m))
+            except BaseException as exc:  # noqa: BLE001 -- reported by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(m)]
+        for t in threads:
+            t.start()
+        assert ps.wait_registered(m, 20)
+        t0 = time.monotonic()
+        summary = ps.run()
+        took = time.monotonic() - t0
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert summary["rounds"] == rounds and ps.phase == "done"
+        result = None
+        if proc is not None:
+            out, _ = proc.communicate(timeout=20)  # closes its stdin: it stops
+            result = json.loads(out.strip().splitlines()[-1])
+        return took, result, ps
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        ps.fail("test over")
+        server.stop(None).wait(5)
+
+
+def test_a_flood_of_calls_from_the_workers_host_is_refused_and_the_run_is_not_slowed() -> None:
+    """A hostile client on the workers' own host floods GetModel/Skip/Register/Push naming ids the
+    server does not know (4 threads, as fast as it is answered), from before the workers register
+    to the end of the run. The workers (configured ids: their own buckets) register and train
+    unharmed; past its burst the flood gets RESOURCE_EXHAUSTED naming the flag, and the run's time
+    stays within a loose bound of the same run without the flood (the machine is shared)."""
+    quiet, _, _ = _flooded_run(flood=False)
+    took, flood, ps = _flooded_run(flood=True)
+    assert flood is not None
+    codes, calls = flood["codes"], flood["calls"]
+    refused = codes.get("RESOURCE_EXHAUSTED", 0)
+    assert calls >= 200, flood  # a flood: far above 20 calls/s
+    allowed = calls - refused
+    assert allowed <= 50 + 20 * (took + 5) + 10, flood  # the burst, then the rate
+    assert refused >= 0.8 * calls, flood
+    assert "--max-anonymous-call-rate" in flood["sample"] and "127.0.0.1" in flood["sample"]
+    assert took <= 4 * quiet + 3.0, (quiet, took)
