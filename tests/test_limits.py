@@ -472,7 +472,7 @@ def test_a_rounds_stream_is_one_call_however_many_rounds_it_carries() -> None:
         server.stop(None).wait(5)
 
 
-def _flooded_run(flood: bool) -> tuple[float, dict[str, Any] | None, ParameterServer]:
+def _flooded_run(flood: bool, rate: float = 20.0) -> tuple[float, dict[str, Any] | None, ParameterServer]:
     """Two workers (unary transport: two calls per round each) train 120 rounds; with ``flood``, a
     hostile process floods junk calls from the same host from before registration to the end."""
     import subprocess
@@ -485,7 +485,7 @@ def _flooded_run(flood: bool) -> tuple[float, dict[str, Any] | None, ParameterSe
     ps = ParameterServer(
         ServerConfig(num_workers=m, rounds=rounds, round_timeout=20.0, done_grace=2.0, transport="unary",
                      worker_ids=("w0", "w1"), algorithm="gd"),
-        limits=TransportLimits(anonymous_call_rate=20.0, call_burst=50),
+        limits=TransportLimits(anonymous_call_rate=rate, call_burst=50),
     )  # fmt: skip
     server, port = create_server(ps)
     proc = None
@@ -548,3 +548,33 @@ def test_a_flood_of_calls_from_the_workers_host_is_refused_and_the_run_is_not_sl
     assert refused >= 0.8 * calls, flood
     assert "--max-anonymous-call-rate" in flood["sample"] and "127.0.0.1" in flood["sample"]
     assert took <= 4 * quiet + 3.0, (quiet, took)
+
+
+def test_with_tokens_the_rate_is_the_authenticated_workers(tmp_path: Path) -> None:
+    """With --worker-tokens a call counts against the worker its token names, whatever id it claims
+    and whichever host it comes from: w0's token flooding as w1 spends w0's bucket, not w1's."""
+    from psrv import tls
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("".join(f"{w} {tls.hash_token('secret-' + w)}\n" for w in ("w0", "w1")))
+    for w in ("w0", "w1"):
+        (tmp_path / w).write_text(f"secret-{w}\n")
+    config = ServerConfig(num_workers=2, rounds=1, task_shape=(4, 3), start_timeout=0.0)
+    ps = ParameterServer(config, limits=TransportLimits(call_rate=1.0, call_burst=2))
+    server, port = create_server(ps, "127.0.0.1:0", security=tls.ServerSecurity(tokens=str(tokens)))
+    try:
+        channels = {
+            w: tls.ClientSecurity(token_file=str(tmp_path / w)).channel(f"127.0.0.1:{port}") for w in ("w0", "w1")
+        }
+        stubs = {w: rpc.CountingStub(channel) for w, channel in channels.items()}
+        for _ in range(2):
+            with expect_status(Code.PERMISSION_DENIED):  # w0's token acting as w1: charged to w0
+                stubs["w0"].Skip(codec.skip_to_proto("w1", 0, "lazy_rule", 1.0), timeout=RPC_TIMEOUT)
+        with expect_status(Code.RESOURCE_EXHAUSTED, "worker 'w0' started more than 1 calls", "--max-call-rate"):
+            stubs["w0"].Register(_req("w0"), timeout=RPC_TIMEOUT)
+        assert stubs["w1"].Register(_req("w1"), timeout=RPC_TIMEOUT).worker_index == 0  # its own bucket
+        for channel in channels.values():
+            channel.close()
+    finally:
+        ps.fail("test over")
+        server.stop(None).wait(5)

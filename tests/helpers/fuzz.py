@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from psrv import bitpack, codec, rpc, stream
 from psrv.compress import make_compressor
+from psrv.limits import TransportLimits
 from psrv.payload import Payload, to_dense, values_of
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.v1 import psrv_pb2 as pb
@@ -531,7 +532,9 @@ class Target:
                 start_timeout=0.0,
                 done_grace=5.0,
                 **config,
-            )
+            ),
+            # no call rate: the fuzzer's thousands of calls must reach the decoders, not the rate limit
+            limits=TransportLimits(call_rate=0.0, anonymous_call_rate=0.0),
         )
         self.server, port = create_server(self.ps, "127.0.0.1:0")
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=rpc.channel_options())
