@@ -60,6 +60,7 @@ class Servicer:
         lim = self.limits  # every worker of a loopback run registers from one host: its burst holds them all
         self.rate = RateLimiter(lim.call_rate, lim.call_burst, lim.anonymous_call_rate,
                                 max(lim.call_burst, 2 * engine.config.num_workers))  # fmt: skip
+        self._configured = frozenset(engine.config.worker_ids)
         self.watchdog = Watchdog()
 
     def _charge(self, context: Any, worker_id: str) -> None:
@@ -75,7 +76,7 @@ class Servicer:
                 self.rate.take(("id", who), f"worker {who!r}")
                 return
         host = host_of(context.peer())
-        if worker_id and (worker_id in self.engine.state.workers or worker_id in self.engine.config.worker_ids):
+        if worker_id and (worker_id in self.engine.state.workers or worker_id in self._configured):
             self.rate.take(("host", host, worker_id), f"worker {worker_id!r} (from {host})")
         else:
             self.rate.take((RateLimiter.ANONYMOUS, host), f"callers from {host} without a registered worker id")

@@ -472,6 +472,26 @@ def test_a_rounds_stream_is_one_call_however_many_rounds_it_carries() -> None:
         server.stop(None).wait(5)
 
 
+def test_resyncs_on_a_rounds_stream_are_charged_as_calls(limited: Any) -> None:
+    """The only message a worker sends at will on its stream, a resync, costs a broadcast: over the
+    rate the stream ends with RESOURCE_EXHAUSTED (burst 3: the Rounds call and two resyncs)."""
+    config = ServerConfig(num_workers=1, rounds=3, task_shape=(4, 3), start_timeout=0.0, downlink="dense")
+    ps, channel = limited(config, TransportLimits(call_rate=0.5, call_burst=3))
+    stub = rpc.CountingStub(channel)
+    stub.Register(_req("w0"), timeout=RPC_TIMEOUT)
+    threading.Thread(target=lambda: pytest.raises(RuntimeError, ps.run), daemon=True).start()  # failed at the end
+    s = stub.Rounds(pb.RoundsOpen(worker_id="w0", round=0))
+    s.receive()
+    for _ in range(2):
+        s.resync()
+        data, _ = s.receive()
+        assert pb.GetModelResponse.FromString(data).round == 0
+    s.resync()
+    with expect_status(Code.RESOURCE_EXHAUSTED, "worker 'w0'", "--max-call-rate"):
+        s.receive()
+    s.close()
+
+
 def _flooded_run(flood: bool, rate: float = 20.0) -> tuple[float, dict[str, Any] | None, ParameterServer]:
     """Two workers (unary transport: two calls per round each) train 120 rounds; with ``flood``, a
     hostile process floods junk calls from the same host from before registration to the end."""
