@@ -176,3 +176,43 @@ def test_sigterm_checkpoints_and_stops(tmp_path: Path) -> None:
     k = int(lines[0].split("after round ")[1].split(";")[0])
     ckpt = load(ck, JobConfig(algorithm="gd", workers=1, rounds=1000, round_timeout=0.5).server_config())
     assert ckpt.state.round == k and ckpt.metrics_lines == k + 1 == len(_lines(metrics))
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_psrv_run_resumes_after_ctrl_c(tmp_path: Path) -> None:
+    """``psrv run --algorithm gd,laq --checkpoint-dir CK`` stopped by SIGINT while laq trains (gd has
+    finished), then the same command with ``--resume CK``: gd keeps its summary (not run again), laq
+    goes on from its last checkpoint with new workers that rejoin, and its metrics file holds every
+    round once; the summary says done for both, with the rounds counted once."""
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    cmd = [*PSRV, "run", "--algorithm", "gd,laq", "--data", "digits", "--workers", str(M), "--rounds", "100",
+           "--round-timeout", "60", "--seed", "3", *LR, "--eval-every", "0", "--out", str(out),
+           "--checkpoint-every", "5"]  # fmt: skip
+    laq_metrics = out / "laq" / "metrics.jsonl"
+    first = subprocess.Popen([*cmd, "--checkpoint-dir", str(ck)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        _wait(lambda: len(_lines(laq_metrics)) >= 12, 240, "laq's round 12", poll=0.01)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=60)
+    finally:
+        _stop(first)
+    assert first.returncode == 130, err
+    gd, laq = json.loads((out / "summary.json").read_text())
+    assert gd["status"] == "done" and laq["status"] == "interrupted" and laq["rounds"] < 100
+    saved = _saved_round(ck / "laq")
+    assert 10 <= saved + 1 <= laq["rounds"]
+    gd_model = (out / "gd" / "model.npy").read_bytes()
+
+    second = subprocess.run([*cmd, "--resume", str(ck)], capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "gd  finished before (--resume)" in second.stderr
+    gd2, laq2 = json.loads((out / "summary.json").read_text())
+    assert gd2 == gd and (out / "gd" / "model.npy").read_bytes() == gd_model  # kept, not trained again
+    records = _lines(laq_metrics)
+    assert [r["round"] for r in records] == list(range(100))  # the rounds before the checkpoint kept, once
+    assert laq2["status"] == "done" and laq2["rounds"] == 100 and laq2["rejoins"] == M
+    assert laq2["uploads"] == sum(r["uploads"] for r in records)
+    assert laq2["worker_exit_codes"] == [0] * M and (out / "laq" / "model.npy").exists()
+    assert [r["algorithm"] for r in json.loads((out / "manifest.json").read_text())["runs"]] == ["gd", "laq"]
