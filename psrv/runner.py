@@ -367,6 +367,12 @@ def resume_plan(
             plan.append((None, load(ck, full)))
         except CheckpointError as exc:
             raise ResumeError(f"{config.algorithm}: {exc}") from None
+    if all(kept is None and ckpt is None for kept, ckpt in plan):  # a wrong DIR would start everything over
+        names = ",".join(c.algorithm for c in configs)
+        raise ResumeError(
+            f"nothing to resume: no {Path(directory)}/<algorithm>/{FILE} for {names} and no finished run of this job "
+            f"in {summary_path}; run without --resume to start over"
+        )
     return plan
 
 

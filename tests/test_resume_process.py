@@ -1,6 +1,7 @@
 """Checkpoint and resume with real processes: ``start-server --checkpoint-dir`` killed with SIGKILL
 and started again with ``--resume`` on the same port, its worker processes (not restarted)
-reconnecting by themselves and rejoining; SIGTERM makes a checkpoint and stops the server with a one-line message."""
+reconnecting by themselves and rejoining; SIGTERM makes a checkpoint and stops the server with a one-line
+message; ``psrv run --resume`` goes on after a Ctrl-C.
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from psrv.checkpoint import load
+from psrv.cli import main
 from psrv.options import JobConfig
 
 PSRV = [sys.executable, "-m", "psrv"]
@@ -216,3 +219,18 @@ def test_psrv_run_resumes_after_ctrl_c(tmp_path: Path) -> None:
     assert laq2["uploads"] == sum(r["uploads"] for r in records)
     assert laq2["worker_exit_codes"] == [0] * M and (out / "laq" / "model.npy").exists()
     assert [r["algorithm"] for r in json.loads((out / "manifest.json").read_text())["runs"]] == ["gd", "laq"]
+
+
+def test_psrv_run_resume_with_nothing_to_resume_is_refused(tmp_path: Path) -> None:
+    """A --resume DIR without checkpoints of these algorithms (a wrong DIR) is refused before anything
+    starts or is cleared, rather than starting every algorithm over."""
+    out = tmp_path / "out"
+    (out / "gd").mkdir(parents=True)
+    (out / "gd" / "metrics.jsonl").write_text('{"round": 0}\n')
+    result = CliRunner().invoke(main, ["run", "--algorithm", "gd", "--data", "digits", "--rounds", "5", "--out",
+                                       str(out), "--resume", str(tmp_path / "nowhere")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert "--resume: nothing to resume" in line and "checkpoint.npz for gd" in line
+    assert "Traceback" not in result.output
+    assert (out / "gd" / "metrics.jsonl").read_text() == '{"round": 0}\n'  # nothing cleared
