@@ -1,7 +1,7 @@
 """Checkpoint and resume with real processes: ``start-server --checkpoint-dir`` killed with SIGKILL
 and started again with ``--resume`` on the same port, its worker processes (not restarted)
 reconnecting by themselves and rejoining; SIGTERM makes a checkpoint and stops the server with a one-line
-message; ``psrv run --resume`` goes on after a Ctrl-C.
+message; ``psrv run --resume`` goes on after a Ctrl-C."""
 
 from __future__ import annotations
 
