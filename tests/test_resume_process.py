@@ -151,23 +151,23 @@ def test_kill_9_the_server_and_resume(algorithm: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.process
 def test_sigterm_checkpoints_and_stops(tmp_path: Path) -> None:
-    """SIGTERM: the server finishes the round in progress, checkpoints it and exits 1 with one line
-    naming the round and the checkpoint; the checkpoint holds that round and the metrics' lines."""
+    """SIGTERM while training: the server finishes the round in progress, checkpoints it and exits 1
+    with one line naming the round and the checkpoint; the checkpoint holds that round and the
+    metrics' lines."""
     port = _free_port()
     ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
-    job = ["--algorithm", "gd", "--workers", "1", "--rounds", "1000", "--round-timeout", "0.5"]
+    job = ["--algorithm", "gd", "--workers", "1", "--rounds", "100000", "--round-timeout", "60"]
     server = subprocess.Popen(
         [*PSRV, "start-server", *job, "--host", "127.0.0.1", "--port", str(port), "--checkpoint-dir", str(ck),
          "--checkpoint-every", "0", "--metrics", str(metrics)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     worker = subprocess.Popen(
-        [*PSRV, "start-worker", "--server", f"127.0.0.1:{port}", "--worker-id", "w0", "--data", "digits",
-         "--crash-after", "3"],
+        [*PSRV, "start-worker", "--server", f"127.0.0.1:{port}", "--worker-id", "w0", "--data", "digits"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        _wait(lambda: len(_lines(metrics)) >= 5, 120, "five rounds")  # w0 gone: a round every 0.5 s
+        _wait(lambda: len(_lines(metrics)) >= 5, 120, "five rounds")
         assert not (ck / "checkpoint.npz").exists()  # --checkpoint-every 0: none yet
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=20)
@@ -177,7 +177,7 @@ def test_sigterm_checkpoints_and_stops(tmp_path: Path) -> None:
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("Error:")]
     assert len(lines) == 1 and "Traceback" not in err and "stopped by SIGTERM after round" in lines[0], err
     k = int(lines[0].split("after round ")[1].split(";")[0])
-    ckpt = load(ck, JobConfig(algorithm="gd", workers=1, rounds=1000, round_timeout=0.5).server_config())
+    ckpt = load(ck, JobConfig(algorithm="gd", workers=1, rounds=100000, round_timeout=60).server_config())
     assert ckpt.state.round == k and ckpt.metrics_lines == k + 1 == len(_lines(metrics))
 
 
