@@ -175,6 +175,15 @@ def main(verbose: int) -> None:
     default=False,
     help="Start the workers even if they do not seem to fit the available memory (MemAvailable).",
 )
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Continue a run made with --checkpoint-dir DIR that stopped (same options and --out): an algorithm "
+    "that finished keeps its summary, one with DIR/<algorithm>/checkpoint.npz goes on from it (new workers "
+    "rejoin; its metrics.jsonl is continued), one without starts over.",
+)
 def run(
     eval_every: int | None,
     target_accuracy: float | None,
@@ -185,6 +194,7 @@ def run(
     register_timeout: float | None,
     start_timeout: float | None,
     no_memory_check: bool,
+    resume: str | None,
     **kw: Any,
 ) -> None:
     """Train on this machine: one server and M worker processes over loopback gRPC.
@@ -220,10 +230,18 @@ def run(
         configs = [job.server_config(**timeouts) for job in jobs]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    path = summary_json or str(Path(out) / "summary.json")
+    plan: list[tuple[Any, Any]] = [(None, None)] * len(jobs)  # per job: (kept summary, checkpoint)
+    if resume is not None:  # read before anything is cleared
+        checkpoint_dir = resume if checkpoint_dir is None else checkpoint_dir  # go on checkpointing there
+        try:
+            plan = rn.resume_plan(resume, configs, dc, path, (train.n_features, train.n_classes))
+        except rn.ResumeError as exc:
+            raise click.UsageError(f"--resume: {exc}") from None
     # after the checks that make nothing
     check_outputs(dirs={"--out": out, "--checkpoint-dir": checkpoint_dir}, files={"--summary-json": summary_json})
-    path = summary_json or str(Path(out) / "summary.json")
-    _clear_run_dir(Path(out), [job.algorithm for job in jobs], path)
+    fresh = [job.algorithm for job, (kept, ckpt) in zip(jobs, plan, strict=True) if kept is None and ckpt is None]
+    _clear_run_dir(Path(out), fresh, path)
     manifest = rn.write_manifest(out, [], dc, device)  # lists each run once it has finished
     summaries: list[dict[str, Any]] = []
     finished: list[Any] = []
@@ -242,7 +260,12 @@ def run(
     interrupted = False
     with _stop_signals(received):
         try:
-            for job, config in zip(jobs, configs, strict=True):
+            for job, config, (kept, ckpt) in zip(jobs, configs, plan, strict=True):
+                if kept is not None:  # --resume: finished before
+                    click.echo(f"{job.algorithm:>8}  finished before (--resume): summary kept", err=True)
+                    keep(kept, config)
+                    continue
+                ck_every = checkpoint_every if checkpoint_every is not None else ckpt.every if ckpt else 10
                 with click.progressbar(
                     length=config.rounds,
                     label=f"{job.algorithm:>8}",
@@ -267,8 +290,9 @@ def run(
                             targets=targets,
                             device=device,
                             checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / job.algorithm,
-                            checkpoint_every=10 if checkpoint_every is None else checkpoint_every,
+                            checkpoint_every=ck_every,
                             tls=tls,
+                            resume=ckpt,
                         )
                     except rn.RunFailed as exc:
                         summary = exc.summary

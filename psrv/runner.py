@@ -6,6 +6,7 @@ command a user runs on a real host, and are always stopped, also on error or Ctr
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import subprocess
 import sys
@@ -196,6 +197,7 @@ def run_local(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 10,
     tls: bool = False,
+    resume: Any = None,
 ) -> dict[str, Any]:
     """Run one job end to end; returns the summary (``status`` "done"; the model is in ``out_dir``).
 
@@ -207,7 +209,10 @@ def run_local(
     server's state is saved there every ``checkpoint_every`` rounds and after the last
     (:mod:`psrv.checkpoint`; ``start-server --resume`` continues it). ``tls``: make a test
     CA, certificates and tokens in ``out_dir/tls`` (:mod:`psrv.certs`) and run over mutual TLS with
-    per-worker tokens, the workers started with the ``--tls-*`` and ``--token-file`` options..
+    per-worker tokens, the workers started with the ``--tls-*`` and ``--token-file`` options.
+    ``resume`` (a :class:`psrv.checkpoint.Checkpoint` of this job, :func:`resume_plan`): the server
+    goes on from it, its workers (started afresh) rejoin, and ``out_dir/metrics.jsonl`` is continued
+    after the checkpoint's lines (their records count towards ``targets`` and reach ``on_round``).
 
     A job that cannot finish raises :class:`RunFailed` (a worker that exits before registration
     ends the wait at once; ``config.register_timeout`` bounds it otherwise), Ctrl-C raises
@@ -217,7 +222,8 @@ def run_local(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in JOB_OUTPUTS:  # a reused folder never mixes an earlier job's files with this one's
-        (out / name).unlink(missing_ok=True)
+        if resume is None or name != "metrics.jsonl":  # a resumed job continues its metrics
+            (out / name).unlink(missing_ok=True)
     procs: list[subprocess.Popen] = []
     logs: list[Any] = []
     sink = server = watcher = None
@@ -225,11 +231,7 @@ def run_local(
     try:
         evaluator = Evaluator(config.task, dict(config.task_options), dc, device)
         # the server owns the job: the shape of the data it loaded, and the ids of the workers it starts
-        config = replace(
-            config,
-            task_shape=config.task_shape or (evaluator.train.n_features, evaluator.train.n_classes),
-            worker_ids=config.worker_ids or tuple(worker_ids(config.num_workers)),
-        )
+        config = owned_config(config, evaluator.train.n_features, evaluator.train.n_classes)
         costs = [report.CostToReach(key, target) for key, target in (targets or {}).items()]
 
         def round_closed(record: dict[str, Any]) -> None:
@@ -238,12 +240,16 @@ def run_local(
             if on_round is not None:
                 on_round(record)
 
+        keep = None if resume is None else resume.metrics_lines
+        for record in _kept_records(out / "metrics.jsonl", keep):  # the rounds before the checkpoint
+            round_closed(record)
         sink = MetricsSink(
             out / "metrics.jsonl",
             evaluator=evaluator if eval_every > 0 else None,
             eval_every=eval_every,
             on_round=round_closed,
             overwrite=True,  # the run folder is this command's: a reused --out is replaced (see README)
+            keep_lines=keep,  # resumed: continued after the checkpoint's lines
         )
         checkpointer = None
         if checkpoint_dir is not None:
@@ -253,6 +259,9 @@ def run_local(
         ps = ParameterServer(config, checkpointer or sink, keep_rows=checkpointer is not None)
         if checkpointer is not None:
             checkpointer.attach(ps.engine, ps.counter)
+        if resume is not None:
+            ps.engine.restore(resume.state)
+            resume.restore_counter(ps.counter)
         pki = certs.make_test_pki(out / "tls", [f"w{i}" for i in range(config.num_workers)]) if tls else None
         server, port = create_server(ps, "127.0.0.1:0", security=None if pki is None else pki.server_security())
         env = lifeline.child_env()
@@ -296,6 +305,84 @@ def run_local(
             server.stop(grace=None)
         if sink is not None:
             sink.close()
+
+
+def owned_config(config: ServerConfig, n_features: int, n_classes: int) -> ServerConfig:
+    """The job as this launcher's server runs it: it owns the task's shape (of the data it loaded)
+    and the ids of the workers it starts."""
+    return replace(
+        config,
+        task_shape=config.task_shape or (n_features, n_classes),
+        worker_ids=config.worker_ids or tuple(worker_ids(config.num_workers)),
+    )
+
+
+def _kept_records(path: Path, keep: int | None) -> list[dict[str, Any]]:
+    """The first ``keep`` records of a metrics file a resumed job continues (none when ``keep`` is
+    None; the file's own check, :class:`psrv.files.LineLog`, refuses one that is too short)."""
+    if not keep:
+        return []
+    records = []
+    with contextlib.suppress(OSError), open(path, encoding="utf-8") as f:
+        for line, _ in zip(f, range(keep), strict=False):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+class ResumeError(ValueError):
+    """``psrv run --resume`` cannot go on (one line)."""
+
+
+def resume_plan(
+    directory: str | Path, configs: list[ServerConfig], dc: DataConfig, summary_path: str | Path, shape: tuple[int, int]
+) -> list[tuple[dict[str, Any] | None, Any]]:
+    """For each job of a ``psrv run --resume DIR``: (its summary, None) when it finished before --
+    a "done" summary of the same job in the previous ``summary_path`` --, else (None, its checkpoint
+    ``DIR/<algorithm>/checkpoint.npz``), or (None, None) when it has none (it starts over).
+    :class:`ResumeError` for a checkpoint that cannot be read or was made by another job."""
+    from psrv.checkpoint import FILE, CheckpointError, load
+
+    previous: Any = None
+    with contextlib.suppress(OSError, ValueError):
+        previous = json.loads(Path(summary_path).read_text())
+    previous = [previous] if isinstance(previous, dict) else previous if isinstance(previous, list) else []
+    plan: list[tuple[dict[str, Any] | None, Any]] = []
+    for config in configs:
+        full = owned_config(config, *shape)
+        want = _job_identity(config_manifest(full, dc))
+        done = [
+            s for s in previous
+            if isinstance(s, dict) and s.get("status") == "done" and s.get("algorithm") == config.algorithm
+            and isinstance(s.get("config"), dict) and _job_identity(s["config"]) == want
+        ]  # fmt: skip
+        if done:
+            plan.append((done[0], None))
+            continue
+        ck = Path(directory) / config.algorithm
+        if not (ck / FILE).exists():
+            plan.append((None, None))
+            continue
+        try:
+            plan.append((None, load(ck, full)))
+        except CheckpointError as exc:
+            raise ResumeError(f"{config.algorithm}: {exc}") from None
+    if all(kept is None and ckpt is None for kept, ckpt in plan):  # a wrong DIR would start everything over
+        names = ",".join(c.algorithm for c in configs)
+        raise ResumeError(
+            f"nothing to resume: no {Path(directory)}/<algorithm>/{FILE} for {names} and no finished run of this job "
+            f"in {summary_path}; run without --resume to start over"
+        )
+    return plan
+
+
+def _job_identity(manifest: dict[str, Any]) -> Any:
+    """What makes two runs the same job: the server's configuration less what a resume may change
+    (:data:`psrv.checkpoint.MAY_CHANGE`), and the data."""
+    from psrv.checkpoint import MAY_CHANGE
+
+    server = {k: v for k, v in (manifest.get("server") or {}).items() if k not in MAY_CHANGE}
+    return json.dumps([server, manifest.get("data")], sort_keys=True)
 
 
 def _unfinished(

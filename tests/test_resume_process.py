@@ -1,6 +1,7 @@
 """Checkpoint and resume with real processes: ``start-server --checkpoint-dir`` killed with SIGKILL
-and started again with ``--resume``, its workers restarted under their ids (they re-register and
-rejoin); SIGTERM makes a checkpoint and stops the server with a one-line message."""
+and started again with ``--resume`` on the same port, its worker processes (not restarted)
+reconnecting by themselves and rejoining; SIGTERM makes a checkpoint and stops the server with a one-line
+message; ``psrv run --resume`` goes on after a Ctrl-C."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from psrv.checkpoint import load
+from psrv.cli import main
 from psrv.options import JobConfig
 
 PSRV = [sys.executable, "-m", "psrv"]
@@ -48,16 +52,22 @@ def _worker(port: int, i: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _saved_round(directory: Path) -> int:
+    """The round of ``directory``'s checkpoint (read without a job to check it against)."""
+    with np.load(directory / "checkpoint.npz", allow_pickle=False) as z:
+        return json.loads(z["meta"].tobytes())["round"]
+
+
 def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _wait(cond, timeout: float, what: str) -> None:
+def _wait(cond, timeout: float, what: str, poll: float = 0.1) -> None:
     give_up = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > give_up:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(poll)
 
 
 def _stop(*procs: subprocess.Popen) -> None:
@@ -76,8 +86,7 @@ def _reference(job: list[str], tmp: Path, algorithm: str) -> dict:
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    config = _config(algorithm, rounds=40)
-    assert load(ck / algorithm, config).state.round == 29  # psrv run --checkpoint-dir: DIR/<algorithm>/
+    assert _saved_round(ck / algorithm) == 29  # psrv run --checkpoint-dir: DIR/<algorithm>/
     return json.loads((out / "summary.json").read_text())
 
 
@@ -85,13 +94,14 @@ def _reference(job: list[str], tmp: Path, algorithm: str) -> dict:
 @pytest.mark.process
 @pytest.mark.parametrize("algorithm", ["gd", "laq"])
 def test_kill_9_the_server_and_resume(algorithm: str, tmp_path: Path) -> None:
-    """30 rounds, a checkpoint every 5. Worker w1 exits after 12 rounds, so the server waits in
-    round 12 (a 60 s deadline): it is killed with SIGKILL there, with rounds 0..11 in its metrics
-    file and the checkpoint of round 9 on disk. A server started with --resume and the two workers
-    started again (same ids: they re-register and rejoin; LAQ's from their rows of the sum) finish
-    the run: the metrics file holds rounds 0..29, each once, and the final loss is within 1% of an
-    uninterrupted run with the same seed (measured: gd equal to the last bit; laq 1.813974 vs 1.813884,
-    34 uploads each)."""
+    """30 rounds, a checkpoint every 5. Once 8 rounds are written, worker w1 is frozen (SIGSTOP), so
+    the server waits in a round of 8 or more (a 60 s deadline) with w0's report in, and is killed
+    there with SIGKILL. A server started with --resume on the same port continues from its last
+    checkpoint; w1 is let go (SIGCONT) and both worker processes -- the same ones, never restarted --
+    find the server gone, reconnect by themselves, rejoin (LAQ's from their rows of the sum) and
+    finish the run: the metrics file holds rounds 0..29, each once, both workers exit 0, and the
+    final loss is within 1% of an uninterrupted run with the same seed (measured: gd equal to the
+    last bit; laq within 1e-4 relative)."""
     job = ["--algorithm", algorithm, "--workers", str(M), "--rounds", "30", "--round-timeout", "60", "--seed", "3",
            *LR, *OPTIONS[algorithm]]  # fmt: skip
     reference = _reference(job, tmp_path, algorithm)
@@ -103,23 +113,31 @@ def test_kill_9_the_server_and_resume(algorithm: str, tmp_path: Path) -> None:
     ck, metrics, summary = tmp_path / "ck", tmp_path / "metrics.jsonl", tmp_path / "summary.json"
     common = ["--checkpoint-every", "5", "--metrics", str(metrics), "--summary-json", str(summary)]
     server = _server(port, job, "--checkpoint-dir", str(ck), *common, log=tmp_path / "first.log")
-    workers = [_worker(port, 0), _worker(port, 1, "--crash-after", "12")]
+    # --retry-for: long enough for the server's restart; the first registration waits for the server too
+    workers = [_worker(port, i, "--retry-for", "120", "--connect-timeout", "120") for i in range(M)]
     try:
-        _wait(lambda: len(_lines(metrics)) >= 12 and workers[1].poll() is not None, 120, "round 12")
-        time.sleep(0.3)
-        assert server.poll() is None and len(_lines(metrics)) == 12  # stuck in round 12, waiting for w1
+        _wait(lambda: len(_lines(metrics)) >= 8, 120, "round 8", poll=0.005)  # rounds take ~30 ms
+        workers[1].send_signal(signal.SIGSTOP)
+        written = -1
+        while written != len(_lines(metrics)):  # the rounds w1 had reported close; then the server waits
+            written = len(_lines(metrics))
+            time.sleep(0.5)
+        assert server.poll() is None and 8 <= written < 30
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=10)
-    finally:
-        _stop(server, *workers)
-    assert load(ck, _config(algorithm)).state.round == 9
+        saved = load(ck, _config(algorithm)).state.round
+        assert saved == 5 * (written // 5) - 1  # the last checkpoint before the kill
 
-    server = _server(port, job, "--resume", str(ck), *common, log=tmp_path / "resumed.log")
-    workers = [_worker(port, i) for i in range(M)]
-    try:
+        server = _server(port, job, "--resume", str(ck), *common, log=tmp_path / "resumed.log")
+        workers[1].send_signal(signal.SIGCONT)
         assert server.wait(timeout=180) == 0, (tmp_path / "resumed.log").read_text()
+        codes = [w.wait(timeout=60) for w in workers]
     finally:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGCONT)
         _stop(server, *workers)
+    assert codes == [0] * M
     s = json.loads(summary.read_text())
     records = _lines(metrics)
     assert [r["round"] for r in records] == list(range(30))  # no round twice, none missing
@@ -133,23 +151,23 @@ def test_kill_9_the_server_and_resume(algorithm: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.process
 def test_sigterm_checkpoints_and_stops(tmp_path: Path) -> None:
-    """SIGTERM: the server finishes the round in progress, checkpoints it and exits 1 with one line
-    naming the round and the checkpoint; the checkpoint holds that round and the metrics' lines."""
+    """SIGTERM while training: the server finishes the round in progress, checkpoints it and exits 1
+    with one line naming the round and the checkpoint; the checkpoint holds that round and the
+    metrics' lines."""
     port = _free_port()
     ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
-    job = ["--algorithm", "gd", "--workers", "1", "--rounds", "1000", "--round-timeout", "0.5"]
+    job = ["--algorithm", "gd", "--workers", "1", "--rounds", "100000", "--round-timeout", "60"]
     server = subprocess.Popen(
         [*PSRV, "start-server", *job, "--host", "127.0.0.1", "--port", str(port), "--checkpoint-dir", str(ck),
          "--checkpoint-every", "0", "--metrics", str(metrics)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     worker = subprocess.Popen(
-        [*PSRV, "start-worker", "--server", f"127.0.0.1:{port}", "--worker-id", "w0", "--data", "digits",
-         "--crash-after", "3"],
+        [*PSRV, "start-worker", "--server", f"127.0.0.1:{port}", "--worker-id", "w0", "--data", "digits"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        _wait(lambda: len(_lines(metrics)) >= 5, 120, "five rounds")  # w0 gone: a round every 0.5 s
+        _wait(lambda: len(_lines(metrics)) >= 5, 120, "five rounds")
         assert not (ck / "checkpoint.npz").exists()  # --checkpoint-every 0: none yet
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=20)
@@ -159,5 +177,60 @@ def test_sigterm_checkpoints_and_stops(tmp_path: Path) -> None:
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("Error:")]
     assert len(lines) == 1 and "Traceback" not in err and "stopped by SIGTERM after round" in lines[0], err
     k = int(lines[0].split("after round ")[1].split(";")[0])
-    ckpt = load(ck, JobConfig(algorithm="gd", workers=1, rounds=1000, round_timeout=0.5).server_config())
+    ckpt = load(ck, JobConfig(algorithm="gd", workers=1, rounds=100000, round_timeout=60).server_config())
     assert ckpt.state.round == k and ckpt.metrics_lines == k + 1 == len(_lines(metrics))
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_psrv_run_resumes_after_ctrl_c(tmp_path: Path) -> None:
+    """``psrv run --algorithm gd,laq --checkpoint-dir CK`` stopped by SIGINT while laq trains (gd has
+    finished), then the same command with ``--resume CK``: gd keeps its summary (not run again), laq
+    goes on from its last checkpoint with new workers that rejoin, and its metrics file holds every
+    round once; the summary says done for both, with the rounds counted once."""
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    cmd = [*PSRV, "run", "--algorithm", "gd,laq", "--data", "digits", "--workers", str(M), "--rounds", "100",
+           "--round-timeout", "60", "--seed", "3", *LR, "--eval-every", "0", "--out", str(out),
+           "--checkpoint-every", "5"]  # fmt: skip
+    laq_metrics = out / "laq" / "metrics.jsonl"
+    first = subprocess.Popen([*cmd, "--checkpoint-dir", str(ck)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        _wait(lambda: len(_lines(laq_metrics)) >= 12, 240, "laq's round 12", poll=0.01)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=60)
+    finally:
+        _stop(first)
+    assert first.returncode == 130, err
+    gd, laq = json.loads((out / "summary.json").read_text())
+    assert gd["status"] == "done" and laq["status"] == "interrupted" and laq["rounds"] < 100
+    saved = _saved_round(ck / "laq")
+    assert 10 <= saved + 1 <= laq["rounds"]
+    gd_model = (out / "gd" / "model.npy").read_bytes()
+
+    second = subprocess.run([*cmd, "--resume", str(ck)], capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "gd  finished before (--resume)" in second.stderr
+    gd2, laq2 = json.loads((out / "summary.json").read_text())
+    assert gd2 == gd and (out / "gd" / "model.npy").read_bytes() == gd_model  # kept, not trained again
+    records = _lines(laq_metrics)
+    assert [r["round"] for r in records] == list(range(100))  # the rounds before the checkpoint kept, once
+    assert laq2["status"] == "done" and laq2["rounds"] == 100 and laq2["rejoins"] == M
+    assert laq2["uploads"] == sum(r["uploads"] for r in records)
+    assert laq2["worker_exit_codes"] == [0] * M and (out / "laq" / "model.npy").exists()
+    assert [r["algorithm"] for r in json.loads((out / "manifest.json").read_text())["runs"]] == ["gd", "laq"]
+
+
+def test_psrv_run_resume_with_nothing_to_resume_is_refused(tmp_path: Path) -> None:
+    """A --resume DIR without checkpoints of these algorithms (a wrong DIR) is refused before anything
+    starts or is cleared, rather than starting every algorithm over."""
+    out = tmp_path / "out"
+    (out / "gd").mkdir(parents=True)
+    (out / "gd" / "metrics.jsonl").write_text('{"round": 0}\n')
+    result = CliRunner().invoke(main, ["run", "--algorithm", "gd", "--data", "digits", "--rounds", "5", "--out",
+                                       str(out), "--resume", str(tmp_path / "nowhere")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert "--resume: nothing to resume" in line and "checkpoint.npz for gd" in line
+    assert "Traceback" not in result.output
+    assert (out / "gd" / "metrics.jsonl").read_text() == '{"round": 0}\n'  # nothing cleared
