@@ -1,12 +1,14 @@
 """docker-compose.yml and Dockerfile: first checked without an engine (the compose file parses, and
 every command and option it gives a container is one the psrv CLI accepts, parsed by click itself,
-with consistent workers, shards, ids, ports, rates and mounts), then for real
-(``test_compose_runs_from_local_wheels_on_shaped_links``, marked ``container``): scripts/compose_up.sh
-installs podman if needed, builds the image from a host wheelhouse with no network in the build and
-runs the compose file to completion on tc-shaped links; the run, psrv's byte counts and the wire
-counters of every container are checked. Opt-in (``PSRV_CONTAINER_TEST=1``): from a machine
-without podman it took 9.6 min on 2 loaded cores (3.5 min when quiet), about 1 min once podman,
-the base image and the image's layers are cached."""
+with consistent workers, shards, ids, data, ports, rates and mounts), then for real
+(``test_compose_runs_from_local_wheels_on_shaped_links``, marked ``container``, ``[plain]`` and
+``[tls]`` with docker-compose.tls.yml): scripts/compose_up.sh installs podman if needed, builds the
+image from a host wheelhouse with no network in the build (once for both) and runs the compose file
+to completion on tc-shaped links; the run, the TLS options, psrv's byte counts and the wire counters
+of every container are checked. Opt-in (``PSRV_CONTAINER_TEST=1``; CI runs ``-m container`` as its own
+step, bounded by ``PSRV_CONTAINER_TIMEOUT``): from a machine without podman the single run took
+9.6 min on 2 loaded cores (3.5 min when quiet); with podman, the base image and the image's layers
+cached, both runs take 2-3 min."""
 
 from __future__ import annotations
 
