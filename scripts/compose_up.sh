@@ -28,6 +28,9 @@
 #                    (default ~/.cache/psrv-containers)
 #   PSRV_COMPOSE_DIR where docker-compose.yml is run (default: the repository; a copy elsewhere
 #                    works too: the image is built here, `up` does not build)
+#   COMPOSE_FILE     compose files, ':'-separated (read by docker compose and podman-compose), e.g.
+#                    docker-compose.yml:docker-compose.tls.yml for mutual TLS and worker tokens, with
+#                    the credentials made first: psrv certs $PSRV_OUT/tls --workers 4 --host server
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${PSRV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/psrv-containers}
@@ -90,6 +93,11 @@ step_setup() {
         python3 -m venv "$CACHE/venv" && "$CACHE/venv/bin/pip" install -q podman-compose >&2 \
             || die "setup: pip install podman-compose failed"
     fi
+    # installed is not enough (an unprivileged container, no user namespaces): one container must run
+    local err smoke=$DEBPY
+    podman image exists python:3.11-slim && smoke=python:3.11-slim
+    err=$(podman run --rm --pull never --network none "$smoke" true 2>&1 >/dev/null) \
+        || die "setup: podman cannot run a container here: $(printf '%s\n' "$err" | tail -n 1)"
     say "setup: podman $(podman --version | awk '{print $3}'), base image $(base_image)"
 }
 
@@ -157,7 +165,15 @@ step_build() {
 
 step_up() {
     cd "$COMPOSE_DIR"
-    [ -f docker-compose.yml ] || die "up: no docker-compose.yml in $COMPOSE_DIR"
+    local files f out=${PSRV_OUT:-./psrv-out}
+    IFS=${COMPOSE_PATH_SEPARATOR:-:} read -ra files <<< "${COMPOSE_FILE:-docker-compose.yml}"
+    for f in "${files[@]}"; do
+        [ -f "$f" ] || die "up: no $f in $COMPOSE_DIR"
+        # the TLS override reads the credentials from /out/tls: made on the host first
+        if grep -q '/out/tls/' "$f" && [ ! -f "$out/tls/ca.crt" ]; then
+            die "up: $f needs $out/tls: psrv certs $out/tls --workers 4 --host server"
+        fi
+    done
     trap 'compose down -t 2 >/dev/null 2>&1 || true' EXIT
     trap 'exit 130' INT TERM
     say "up: project $PROJECT in $COMPOSE_DIR"

@@ -1,12 +1,14 @@
 """docker-compose.yml and Dockerfile: first checked without an engine (the compose file parses, and
 every command and option it gives a container is one the psrv CLI accepts, parsed by click itself,
-with consistent workers, shards, ids, ports, rates and mounts), then for real
-(``test_compose_runs_from_local_wheels_on_shaped_links``, marked ``container``): scripts/compose_up.sh
-installs podman if needed, builds the image from a host wheelhouse with no network in the build and
-runs the compose file to completion on tc-shaped links; the run, psrv's byte counts and the wire
-counters of every container are checked. Opt-in (``PSRV_CONTAINER_TEST=1``): from a machine
-without podman it took 9.6 min on 2 loaded cores (3.5 min when quiet), about 1 min once podman,
-the base image and the image's layers are cached."""
+with consistent workers, shards, ids, data, ports, rates and mounts), then for real
+(``test_compose_runs_from_local_wheels_on_shaped_links``, marked ``container``, ``[plain]`` and
+``[tls]`` with docker-compose.tls.yml): scripts/compose_up.sh installs podman if needed, builds the
+image from a host wheelhouse with no network in the build (once for both) and runs the compose file
+to completion on tc-shaped links; the run, the TLS options, psrv's byte counts and the wire counters
+of every container are checked. Opt-in (``PSRV_CONTAINER_TEST=1``; CI runs ``-m container`` as its own
+step, bounded by ``PSRV_CONTAINER_TIMEOUT``): from a machine without podman the single run took
+9.6 min on 2 loaded cores (3.5 min when quiet); with podman, the base image and the image's layers
+cached, both runs take 2-3 min."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +85,9 @@ def test_workers_shards_and_addresses_are_consistent(compose: dict[str, Any]) ->
     assert shards == sorted(f"{i}/{m}" for i in range(m))
     ids = [_option(c, "--worker-id") for c in workers.values()]
     assert len(set(ids)) == m
+    # the server owns the shape (the workers' data) and lets only these ids into its slots
+    assert sorted(_option(server, "--worker-ids").split(",")) == sorted(ids)
+    assert {_option(c, "--data") for c in workers.values()} == {_option(server, "--data")}
     for c in workers.values():
         assert _option(c, "--server") == f"server:{port}"
     for path in ("--metrics", "--summary-json", "--model-out"):
@@ -201,37 +208,37 @@ def _remove_project(engine: str, project: str, env: dict[str, str]) -> None:
         run("network", "rm", "-f", *nets)
 
 
-@pytest.mark.slow
-@pytest.mark.root
-@pytest.mark.container
-def test_compose_runs_from_local_wheels_on_shaped_links(tmp_path: Path) -> None:
-    """scripts/compose_up.sh end to end: podman (installed if missing), the image built from a host
-    wheelhouse with no network in the build, docker-compose.yml run to completion with 4 workers at
-    their default rates (w0, w1 100mbit; w2, w3 1mbit up / 10mbit down), gd so that every worker
-    uploads its dense gradient each round and the 1mbit uplinks set the pace."""
+class _Budget:
+    """One time limit for all container tests of a session (``PSRV_CONTAINER_TIMEOUT`` seconds, default
+    1200): every step gets at most what is left of it, and a step still running then is killed with its
+    process group (the script's EXIT trap takes the compose project down), so the tests cannot hang."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self, cap: float) -> float:
+        left = self.end - time.monotonic()
+        if left < 30:
+            pytest.fail(f"the container tests' time ({_TIMEOUT_VAR}) is spent")
+        return min(cap, left)
+
+
+_TIMEOUT_VAR = "PSRV_CONTAINER_TIMEOUT"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], _Budget]:
+    """podman (installed if missing) and psrv's image built from a host wheelhouse with no network in the
+    build, once for the module; skips when opted out, not root, or podman cannot be installed or run."""
     if os.environ.get("PSRV_CONTAINER_TEST", "") != "1":
         pytest.skip("opt-in, minutes on a machine without podman: PSRV_CONTAINER_TEST=1 runs it")
     if os.geteuid() != 0:
         pytest.skip("needs root: rootful podman, and tc (NET_ADMIN) inside the containers")
+    budget = _Budget(float(os.environ.get(_TIMEOUT_VAR, "1200")))
+    logs = tmp_path_factory.mktemp("image")
     engine = os.environ.get("PSRV_ENGINE", "podman")
-    project = f"psrvtest{os.getpid()}"
-    out = tmp_path / "out"
-    out.mkdir()
-    shutil.copy(ROOT / "docker-compose.yml", tmp_path / "docker-compose.yml")
-    env = {
-        **os.environ,
-        "PSRV_ENGINE": engine,
-        "PSRV_PROJECT": project,
-        "PSRV_COMPOSE_DIR": str(tmp_path),
-        "PSRV_OUT": str(out),
-        "PSRV_ROUNDS": str(_ROUNDS),
-        "PSRV_ALGORITHM": "gd",
-    }
-    for name in ("W0", "W1", "W2", "W3", "SERVER"):  # the file's default rates, whatever this shell has set
-        env.pop(f"{name}_RATE_UP", None)
-        env.pop(f"{name}_RATE_DOWN", None)
-
-    setup = _step("setup", env, tmp_path / "setup.log", 900)
+    env = {**os.environ, "PSRV_ENGINE": engine}
+    setup = _step("setup", env, logs / "setup.log", budget.left(900))
     if setup.returncode != 0:
         pytest.skip(f"no container engine here: {_last_line(setup.stdout)}")
     if shutil.which(engine) is None:
@@ -239,17 +246,83 @@ def test_compose_runs_from_local_wheels_on_shaped_links(tmp_path: Path) -> None:
     conf = Path(env.get("PSRV_CACHE") or Path.home() / ".cache" / "psrv-containers") / "containers.conf"
     if engine == "podman" and conf.exists():
         env.setdefault("CONTAINERS_CONF", str(conf))  # as the script does: runc, ulimits this host can give
-    wheels = _step("wheels", env, tmp_path / "wheels.log", 900)
+    wheels = _step("wheels", env, logs / "wheels.log", budget.left(900))
     if wheels.returncode != 0:
         pytest.skip(f"no package index for the wheelhouse: {_last_line(wheels.stdout)}")
-    build = _step("build", env, tmp_path / "build.log", 900)
+    build = _step("build", env, logs / "build.log", budget.left(900))
     assert build.returncode == 0, build.stdout[-3000:]
+    return env, budget
+
+
+def _entrypoint_lines(log: str) -> dict[str, str]:
+    """Each container's ``psrv entrypoint: ...`` line (podman-compose ``[w0]   | text``, docker ``w0-1  | text``)."""
+    found = {}
+    for line in log.splitlines():
+        m = re.match(r"^\[?([\w.-]+?)(?:-\d+)?\]?\s*\|\s*psrv entrypoint: (.*)$", line)
+        if m:
+            found[m.group(1)] = m.group(2)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.container
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_compose_runs_from_local_wheels_on_shaped_links(
+    image: tuple[dict[str, str], _Budget], tmp_path: Path, tls: bool
+) -> None:
+    """scripts/compose_up.sh end to end: docker-compose.yml run to completion in the image built from
+    local wheels, with 4 workers at their default rates (w0, w1 100mbit; w2, w3 1mbit up / 10mbit down),
+    gd so that every worker uploads its dense gradient each round and the 1mbit uplinks set the pace;
+    ``tls``: with docker-compose.tls.yml over it (mutual TLS and worker tokens from `psrv certs` run on
+    the host into the mounted out folder, as README says)."""
+    base_env, budget = image
+    engine = base_env["PSRV_ENGINE"]
+    project = f"psrvtest{os.getpid()}{'tls' if tls else ''}"
+    out = tmp_path / "out"
+    out.mkdir()
+    files = ["docker-compose.yml", *(["docker-compose.tls.yml"] if tls else [])]
+    for f in files:
+        shutil.copy(ROOT / f, tmp_path / f)
+    env = {
+        **base_env,
+        "PSRV_PROJECT": project,
+        "PSRV_COMPOSE_DIR": str(tmp_path),
+        "PSRV_OUT": str(out),
+        "PSRV_ROUNDS": str(_ROUNDS),
+        "PSRV_ALGORITHM": "gd",
+        "COMPOSE_FILE": ":".join(files),
+        "COMPOSE_PATH_SEPARATOR": ":",
+    }
+    for name in ("W0", "W1", "W2", "W3", "SERVER"):  # the file's default rates, whatever this shell has set
+        env.pop(f"{name}_RATE_UP", None)
+        env.pop(f"{name}_RATE_DOWN", None)
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    ids = [_option(s["command"], "--worker-id") for s in services.values() if s["command"][0] == "worker"]
+    if tls:
+        certs = subprocess.run(
+            [sys.executable, "-m", "psrv", "certs", str(out / "tls"), "--workers", ",".join(ids), "--host", "server"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert certs.returncode == 0, certs.stderr
     try:
-        up = _step("up", env, tmp_path / "up.log", 600)
+        up = _step("up", env, tmp_path / "up.log", budget.left(600))
     finally:
         _remove_project(engine, project, env)
     log = _ANSI.sub("", up.stdout)
     assert up.returncode == 0, log[-4000:]
+
+    # the credentials reached every container (the entrypoint names the options it appended) and the
+    # server listened with TLS: start-server warns about a non-loopback address only without it
+    lines = _entrypoint_lines(log)
+    assert sorted(lines) == sorted(["server", *ids]), log[-4000:]
+    plaintext = "without TLS" in log
+    assert plaintext != tls, log[-4000:]
+    for name, line in lines.items():
+        want = {"--tls-cert", "--tls-key", "--tls-client-ca", "--worker-tokens"} if name == "server" else {
+            "--tls-ca", "--tls-cert", "--tls-key", "--token-file"}  # fmt: skip
+        added = set(line.partition("PSRV_EXTRA_ARGS: ")[2].split())
+        assert added == (want if tls else set()), line
 
     # the run: every round done, every worker uploaded every round, the loss went down
     summary = json.loads((out / "summary.json").read_text())
@@ -301,3 +374,12 @@ def test_compose_runs_from_local_wheels_on_shaped_links(tmp_path: Path) -> None:
             busy = sum(r["bytes"] for r in upload[wid]) * 8 / c["rate_up"]
             wall = summary["wall_time"]
             assert 0.5 * wall <= busy <= wall + burst * 8 / c["rate_up"], (wid, busy, wall)
+
+
+def test_entrypoint_names_the_options_it_appends_not_their_values() -> None:
+    """What the container test reads from each log line: PSRV_EXTRA_ARGS' options, never a path or value."""
+    extra = entrypoint.extra_args({"PSRV_EXTRA_ARGS": "--tls-ca /out/tls/ca.crt --token-file='/out/a b' -v"})
+    assert extra == ["--tls-ca", "/out/tls/ca.crt", "--token-file=/out/a b", "-v"]
+    assert entrypoint.option_names(extra) == ["--tls-ca", "--token-file", "-v"]
+    log = "[server] | psrv entrypoint: eth0 up none, down none; PSRV_EXTRA_ARGS: --tls-cert\nw0-1  | psrv entrypoint: x"
+    assert _entrypoint_lines(log) == {"server": "eth0 up none, down none; PSRV_EXTRA_ARGS: --tls-cert", "w0": "x"}

@@ -51,6 +51,12 @@ def extra_args(env: Mapping[str, str]) -> list[str]:
     return shlex.split(env.get("PSRV_EXTRA_ARGS", ""))
 
 
+def option_names(args: Sequence[str]) -> list[str]:
+    """The options among ``args`` (``--tls-cert``, ...), not their values: what the entrypoint says it
+    added from ``PSRV_EXTRA_ARGS`` without printing paths or anything secret a value might hold."""
+    return [a.split("=", 1)[0] for a in args if a.startswith("-")]
+
+
 def apply_shaping(env: Mapping[str, str]) -> tuple[shaping.Shaped, shaping.LinkRates]:
     rates = shaping.rates_from_env(env)
     dev = env.get(shaping.ENV_IFACE) or "eth0"
@@ -80,14 +86,17 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    cmd = command(argv[0], [*argv[1:], *extra_args(env)], verbose=env.get("PSRV_VERBOSE", "") not in ("", "0"))
+    extra = extra_args(env)
+    cmd = command(argv[0], [*argv[1:], *extra], verbose=env.get("PSRV_VERBOSE", "") not in ("", "0"))
     try:
         shaped, rates = apply_shaping(env)
     except shaping.ShapingError as exc:
         print(f"psrv entrypoint: {exc}", file=sys.stderr)
         return 2
+    added = f"; PSRV_EXTRA_ARGS: {' '.join(option_names(extra))}" if extra else ""
     print(
-        f"psrv entrypoint: {shaped.iface} up {shaping.format_rate(rates.up)}, down {shaping.format_rate(rates.down)}",
+        f"psrv entrypoint: {shaped.iface} up {shaping.format_rate(rates.up)}, down {shaping.format_rate(rates.down)}"
+        f"{added}",
         file=sys.stderr,
         flush=True,
     )
