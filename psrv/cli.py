@@ -555,6 +555,13 @@ def check_port_free(host: str, port: int) -> None:
 @click.option(
     "--byzantine", type=float, default=0.0, hidden=True, metavar="SCALE", help="Fault injection: upload -SCALE x grad."
 )
+@click.option(
+    "--gossip-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Decentralized runs (--algorithm dsgd): serve the neighbours' gossip here (port 0: any free one); "
+    "--server is then the run's coordinator.",
+)
 def start_worker(
     server_address: str,
     worker_id: str,
@@ -563,6 +570,7 @@ def start_worker(
     retry_for: float,
     crash_after: int | None,
     byzantine: float,
+    gossip_listen: str | None,
     **kw: Any,
 ) -> None:
     """Run one worker: register with the server and train until it says done."""
@@ -606,7 +614,12 @@ def start_worker(
         security=security,
     )
     try:
-        result = run_worker(cfg)
+        if gossip_listen is not None:
+            from worker.gossip import run_gossip_worker
+
+            result = run_gossip_worker(cfg, gossip_listen)
+        else:
+            result = run_worker(cfg)
     except DataError as exc:
         raise click.UsageError(str(exc)) from None
     except Exception as exc:  # grpc.RpcError and friends: say what the server said
