@@ -452,6 +452,25 @@ def start_server(
         sink = MetricsSink(metrics, overwrite=overwrite_metrics, keep_lines=keep)  # resumed: continued, not replaced
     except files.OutputError as exc:
         raise OutputPathError(str(exc)) from None
+    if config.algorithm == "dsgd":  # decentralized: a coordinator, no parameter server (psrv.mesh)
+        from psrv.mesh import serve_mesh
+
+        if checkpoint_dir is not None or security.tls:
+            sink.close()
+            raise click.UsageError("dsgd runs without --checkpoint-dir/--resume and TLS (not supported yet)")
+        try:
+            summary, theta = serve_mesh(config, sink, f"{host}:{port}")
+        except (ValueError, RuntimeError) as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            sink.close()
+        summary["config"] = config_manifest(config, None)
+        if model_out:
+            files.atomic_save_npy(model_out, theta)
+        if summary_json:
+            report.write_json(summary_json, summary)
+        click.echo(json.dumps(summary))
+        return
     checkpointer = None
     if checkpoint_dir is not None:
         from psrv.checkpoint import Checkpointer

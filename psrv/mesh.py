@@ -400,6 +400,26 @@ def create_mesh_server(coord: MeshCoordinator, address: str = "127.0.0.1:0") -> 
     return server, port
 
 
+def serve_mesh(config: ServerConfig, sink: MetricsSink | None, address: str) -> tuple[dict[str, Any], np.ndarray]:
+    """``psrv start-server --algorithm dsgd``: coordinate one run on ``address`` (workers start with
+    ``psrv start-worker --gossip-listen HOST:PORT``); the summary and the average model. SIGTERM
+    fails the run."""
+    import signal
+    import sys
+
+    coord = MeshCoordinator(config, sink)
+    server, bound = create_mesh_server(coord, address)
+    print(f"psrv dsgd coordinator listening on {address.rpartition(':')[0]}:{bound}; waiting for "
+          f"{config.num_workers} workers (start-worker --gossip-listen HOST:PORT)", file=sys.stderr)  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda signum, _frame: coord.fail(f"terminated by {signal.Signals(signum).name}"))
+    try:
+        summary = coord.run()
+    finally:
+        server.stop(grace=1.0)
+    assert coord.theta is not None
+    return summary, coord.theta
+
+
 # ---------------------------------------------------------------------------------- psrv run
 def run_mesh_local(
     config: ServerConfig,

@@ -218,6 +218,9 @@ def run_local(
     if getattr(make_algorithm(config.algorithm, config.options, config.compressor), "decentralized", False):
         from psrv.mesh import run_mesh_local  # dsgd: a coordinator and gossiping workers (no checkpoint, no TLS yet)
 
+        if tls or checkpoint_dir is not None:
+            why = f"{config.algorithm} runs without --tls and --checkpoint-dir (not supported yet)"
+            raise RunFailed(why, {"algorithm": config.algorithm, "rounds": 0, "status": "failed", "error": why})
         return run_mesh_local(config, dc, out_dir, on_round=on_round, targets=targets, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
