@@ -4,14 +4,18 @@ training, and every link's counter shows exactly its neighbour traffic."""
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from psrv import data, decentralized, meshrpc
+from psrv.cli import main
 from psrv.engine import ServerConfig
 from psrv.mesh import MeshCoordinator, create_mesh_server
 from psrv.tasks import make_task
@@ -163,3 +167,43 @@ def test_missing_worker_fails_the_run_naming_it(digits: data.Dataset) -> None:
 def test_coordinator_only_runs_dsgd() -> None:
     with pytest.raises(ValueError, match="not a decentralized"):
         MeshCoordinator(ServerConfig(algorithm="gd", num_workers=2))
+
+
+# ------------------------------------------------------------------ the command line
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--algorithm", "dsgd", "-o", "topology=star"], "topology=ring|torus|exponential|full"),
+        (["--algorithm", "dsgd", "-o", "topology=7"], "unknown topology 7"),
+        (["--algorithm", "gd", "-o", "topology=ring"], "unknown option 'topology'"),
+        (["--algorithm", "dsgd", "--compressor", "topk"], "not supported"),
+    ],
+)
+def test_bad_dsgd_options_are_one_line(tmp_path: Path, args: list[str], said: str) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", "--data", "digits", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not out.exists()
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert said in line
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_psrv_run_dsgd_on_a_ring(tmp_path: Path) -> None:
+    """`psrv run --algorithm dsgd -o topology=ring`: worker processes gossip on loopback; the summary
+    counts the coordinator's bytes apart from every link's."""
+    out = tmp_path / "out"
+    args = ["run", "--algorithm", "dsgd", "-o", "topology=ring", "--lr", "1", "--data", "digits", "--workers", "3"]
+    result = CliRunner().invoke(main, [*args, "--rounds", "20", "--round-timeout", "60", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["topology"] == "ring" and summary["worker_exit_codes"] == [0] * 3
+    assert summary["accuracy"] > 0.8
+    d = summary["dim"]
+    assert {(s, t) for s, t, _ in summary["link_bytes"]} == {(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)}
+    assert all(b > 20 * 4 * d for _, _, b in summary["link_bytes"])  # a model per link and round
+    assert summary["barrier_bytes"] < 20 * 4 * d / 8  # the coordinator: no model during training
+    records = [json.loads(x) for x in (out / "dsgd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == list(range(20)) and "accuracy" in records[-1]
+    assert (out / "dsgd" / "model.npy").exists()
