@@ -67,6 +67,7 @@ class _Report:
     disagreement: float
     links: list[mpb.LinkBytes]
     nbytes: int
+    at: float = 0.0  # time.monotonic() when it arrived
 
 
 @dataclass
@@ -190,7 +191,7 @@ class MeshCoordinator:
             if req.worker_id in got:
                 raise MeshError("ALREADY_EXISTS", f"worker {req.worker_id!r} already reported round {k}")
             loss = req.loss if req.HasField("loss") else None
-            got[req.worker_id] = _Report(loss, req.disagreement, list(req.links), nbytes)
+            got[req.worker_id] = _Report(loss, req.disagreement, list(req.links), nbytes, time.monotonic())
             self._cond.notify_all()
             if not self._cond.wait_for(lambda: s.closed >= k or s.phase == "failed", timeout=max(0.0, wait)):
                 raise MeshError("DEADLINE_EXCEEDED", f"round {k} has not closed")
@@ -256,7 +257,7 @@ class MeshCoordinator:
                 s.closed = k
                 self._cond.notify_all()
                 now = time.monotonic()
-                record = self._record(k, s.reports.pop(k), now - last, now - started)
+                record = self._record(k, s.reports.pop(k), last, now - last, now - started)
                 last = now
             final = k == cfg.rounds - 1
             if final:
@@ -288,7 +289,9 @@ class MeshCoordinator:
             "without a worker (its neighbours wait for its model)"
         )
 
-    def _record(self, k: int, got: dict[str, _Report], round_time: float, elapsed: float) -> dict[str, Any]:
+    def _record(
+        self, k: int, got: dict[str, _Report], opened: float, round_time: float, elapsed: float
+    ) -> dict[str, Any]:
         ids = self.order
         index = {w: i for i, w in enumerate(ids)}
         reports = [got[w] for w in ids]
@@ -312,7 +315,18 @@ class MeshCoordinator:
             "loss": math.fsum(losses) if len(losses) == len(reports) else None,
             "disagreement": float(np.mean([r.disagreement for r in reports])),
             "round_time": round_time,
+            "slowest_wait": max(r.at for r in reports) - opened,
             "elapsed": elapsed,
+            # latency: from the previous round's close to this worker's report (its step and its gossip)
+            "workers": [
+                {
+                    "id": w,
+                    "status": "gossip",
+                    "bytes": sum(int(link.sent) for link in r.links),
+                    "latency": r.at - opened,
+                }
+                for w, r in zip(ids, reports, strict=True)
+            ],
         }
 
     def summary(self) -> dict[str, Any]:

@@ -171,10 +171,10 @@ def run_gossip_worker(
         ids = [p[0] for p in peers]
         result = WorkerResult(cfg.worker_id, reply.worker_index)
         log.info(
-            "worker %s joined the %s as %d with neighbours %s",
+            "worker %s registered as %d in the %s mesh; neighbours %s",
             cfg.worker_id,
-            reply.topology,
             reply.worker_index,
+            reply.topology,
             ", ".join(ids),
         )
         for k in range(reply.rounds):
