@@ -207,3 +207,15 @@ def test_psrv_run_dsgd_on_a_ring(tmp_path: Path) -> None:
     records = [json.loads(x) for x in (out / "dsgd" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(20)) and "accuracy" in records[-1]
     assert (out / "dsgd" / "model.npy").exists()
+
+
+def test_cluster_workers_gossip_on_their_namespace_address() -> None:
+    from psrv.cluster.config import ClusterConfig
+    from psrv.cluster.run import worker_argv
+    from psrv.options import JobConfig
+
+    dsgd = ClusterConfig(job=JobConfig(algorithm="dsgd", workers=3, options={"topology": 0.0}))
+    argv = worker_argv(dsgd, 1, "10.0.0.1:50051", "10.0.0.12")
+    assert argv[argv.index("--gossip-listen") + 1] == f"10.0.0.12:{dsgd.port}"
+    gd = ClusterConfig(job=JobConfig(algorithm="gd", workers=3))
+    assert "--gossip-listen" not in worker_argv(gd, 1, "10.0.0.1:50051", "10.0.0.12")
