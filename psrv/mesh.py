@@ -10,7 +10,9 @@ model x_bar can be evaluated and its consensus distance reported; those bytes ar
 (``final_bytes``).
 
 Per-round records (``metrics.jsonl``): ``loss`` (sum of the workers' f_i at their own models),
-``bytes_up`` / ``bytes_down`` (the coordinator's Barrier messages of the round), ``gossip_bytes``
+``bytes_up`` / ``bytes_down`` (all the workers sent / received: gossip and Barrier messages, so
+they compare with a parameter server's uplink and downlink), ``coordinator_bytes_up`` /
+``coordinator_bytes_down`` (the coordinator's Barrier messages of the round), ``gossip_bytes``
 (every Exchange message of the round), ``links`` ([src, dst, bytes] per directed link, as the sender
 counted it; ``links_received`` as the receivers did), ``disagreement`` (mean over workers of
 sum_j w_ij ||x_j - x_i||^2 of the half-steps), ``round_time``, ``elapsed``.
@@ -307,8 +309,11 @@ class MeshCoordinator:
             "uploads": 0,  # no model reaches the coordinator
             "skips": 0,
             "payload_bits": 0,
-            "bytes_up": up,
-            "bytes_down": down,
+            # what the workers sent / received in all: their gossip and their Barrier messages
+            "bytes_up": sum(b for _, _, b in sent) + up,
+            "bytes_down": sum(b for _, _, b in received) + down,
+            "coordinator_bytes_up": up,
+            "coordinator_bytes_down": down,
             "gossip_bytes": sum(b for _, _, b in sent),
             "links": sent,
             "links_received": received,
@@ -349,10 +354,13 @@ class MeshCoordinator:
             "skips": 0,
             "payload_bits": 0,
             "upload_bytes": 0,
+            # what the workers sent / received in all: gossip and their messages to the coordinator
+            "bytes_up": gossip + self.counter.total("up"),
+            "bytes_down": sum(b for r in rs for _, _, b in r["links_received"]) + self.counter.total("down"),
             # the coordinator's own traffic: Join, Barrier and (once, after training) Finish
-            "bytes_up": self.counter.total("up"),
-            "bytes_down": self.counter.total("down"),
-            "barrier_bytes": sum(r["bytes_up"] + r["bytes_down"] for r in rs),
+            "coordinator_bytes_up": self.counter.total("up"),
+            "coordinator_bytes_down": self.counter.total("down"),
+            "barrier_bytes": sum(r["coordinator_bytes_up"] + r["coordinator_bytes_down"] for r in rs),
             "final_bytes": self.counter.bytes.get(("up", "Finish"), 0),
             "gossip_bytes": gossip,
             "link_bytes": [[s, d, b] for (s, d), b in sorted(per_link.items())],

@@ -119,14 +119,16 @@ def test_no_model_through_coordinator_and_per_link_bytes(digits: data.Dataset) -
     for r in records:
         # the coordinator: ~50 bytes of barrier per worker and round; all of them together carry
         # less than an eighth of ONE model (4 d bytes), where a parameter server carries 2 n models
-        assert r["bytes_up"] + r["bytes_down"] < 4 * d / 8
+        assert r["coordinator_bytes_up"] + r["coordinator_bytes_down"] < 4 * d / 8
+        assert r["bytes_up"] == r["gossip_bytes"] + r["coordinator_bytes_up"]  # the workers' totals
         # every directed edge of the ring, and nothing else, carried one model of d float32 values
         assert {(s, t) for s, t, _ in r["links"]} == edges
         assert all(4 * d < b < 4 * d + 64 for _, _, b in r["links"])
         assert sorted(r["links"]) == sorted(r["links_received"])  # what i sent j is what j received from i
         assert r["gossip_bytes"] == sum(b for _, _, b in r["links"])
     # all the coordinator ever carried: Join, Barrier and the final models (once, after training)
-    assert summary["bytes_up"] - summary["final_bytes"] < rounds * 4 * d / 8 + 4096
+    assert summary["coordinator_bytes_up"] - summary["final_bytes"] < rounds * 4 * d / 8 + 4096
+    assert summary["bytes_up"] == summary["gossip_bytes"] + summary["coordinator_bytes_up"]
     assert summary["final_bytes"] >= n * 8 * d  # the final models, float64
     assert summary["gossip_bytes"] > 2 * n * rounds * 4 * d
     for r in results:  # each worker's own count: 2 neighbours, one model each per round

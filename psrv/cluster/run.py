@@ -259,7 +259,9 @@ def _summarize(
     host_rows = []
     for name, h in topo.hosts.items():
         if name == SERVER:
-            exit_code, sent, received = server_exit, summary["bytes_down"], summary["bytes_up"]
+            # a dsgd coordinator's own bytes (its summary's bytes_up/down are the workers' gossip and all)
+            sent = summary.get("coordinator_bytes_down", summary["bytes_down"])
+            exit_code, received = server_exit, summary.get("coordinator_bytes_up", summary["bytes_up"])
         else:
             res = outputs.worker_result(out, int(name[1:]))
             exit_code = worker_exits[int(name[1:])]
