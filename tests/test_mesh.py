@@ -131,8 +131,16 @@ def test_no_model_through_coordinator_and_per_link_bytes(digits: data.Dataset) -
     assert summary["bytes_up"] == summary["gossip_bytes"] + summary["coordinator_bytes_up"]
     assert summary["final_bytes"] >= n * 8 * d  # the final models, float64
     assert summary["gossip_bytes"] > 2 * n * rounds * 4 * d
-    for r in results:  # each worker's own count: 2 neighbours, one model each per round
-        assert r.bytes_up == r.bytes_down == sum(b for s, _, b in summary["link_bytes"] if s == r.index)
+    for r in results:  # each worker's own count: its gossip (2 neighbours, a model each per round) ...
+        gossip_sent = sum(b for s, _, b in summary["link_bytes"] if s == r.index)
+        gossip_received = sum(b for _, t, b in summary["link_bytes"] if t == r.index)
+        assert gossip_sent == gossip_received
+        assert 2 * rounds * 4 * d < gossip_sent < 2 * rounds * (4 * d + 32)  # float32 values, a small header
+        # ... and its coordinator messages: Join, a Barrier a round (tens of bytes), the final model
+        assert 8 * d < r.bytes_up - gossip_sent < 8 * d + 100 * rounds + 500
+        assert 0 < r.bytes_down - gossip_received < 100 * rounds + 500
+    assert sum(r.bytes_up for r in results) == summary["bytes_up"]
+    assert sum(r.bytes_down for r in results) == summary["bytes_down"]
 
 
 def test_join_refuses_strangers_and_bad_shapes(digits: data.Dataset) -> None:

@@ -108,13 +108,13 @@ def advertised(listen: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _join(coord: meshrpc.Caller, req: mpb.JoinRequest, cfg: WorkerConfig) -> mpb.JoinResponse:
-    """Join, repeating while the others have not joined yet or the coordinator is not up yet."""
+def _join(coord: meshrpc.Caller, req: mpb.JoinRequest, cfg: WorkerConfig) -> tuple[mpb.JoinResponse, int, int]:
+    """Join, repeating while the others have not joined yet or the coordinator is not up yet; the
+    reply and the bytes of the call that got it (sent, received)."""
     deadline = time.monotonic() + cfg.connect_timeout
     while True:
         try:
-            reply, _, _ = coord.call("Join", req, timeout=max(1.0, min(cfg.rpc_timeout, 10.0)))
-            return reply
+            return coord.call("Join", req, timeout=max(1.0, min(cfg.rpc_timeout, 10.0)))
         except grpc.RpcError as exc:
             if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                 raise
@@ -154,7 +154,7 @@ def run_gossip_worker(
             n_features=ds.n_features,
             n_classes=ds.n_classes,
         )
-        reply = _join(coord, join, cfg)
+        reply, join_up, join_down = _join(coord, join, cfg)
         conf = reply.config
         algo = make_algorithm(conf.algorithm, dict(conf.options), conf.compressor)
         task = make_task(conf.task, ds.n_features, ds.n_classes, device=cfg.device, **dict(conf.task_options))
@@ -169,7 +169,8 @@ def run_gossip_worker(
             channels.append(ch)
             peers.append((p.worker_id, p.weight, meshrpc.Caller(ch, meshrpc.GOSSIP_SERVICE)))
         ids = [p[0] for p in peers]
-        result = WorkerResult(cfg.worker_id, reply.worker_index)
+        # bytes_up / bytes_down: everything this worker sent / received, gossip and coordinator
+        result = WorkerResult(cfg.worker_id, reply.worker_index, bytes_up=join_up, bytes_down=join_down)
         log.info(
             "worker %s registered as %d in the %s mesh; neighbours %s",
             cfg.worker_id,
@@ -209,16 +210,18 @@ def run_gossip_worker(
                 worker_id=cfg.worker_id, round=k, loss=float(loss), links=links, disagreement=disagreement
             )
             try:
-                coord.call("Barrier", barrier, timeout=max(4 * cfg.rpc_timeout, 60.0))
+                _, up, down = coord.call("Barrier", barrier, timeout=max(4 * cfg.rpc_timeout, 60.0))
             except grpc.RpcError as exc:
                 raise GossipError(f"round {k}: the coordinator at {cfg.server}: {exc.details()}") from None
+            result.bytes_up, result.bytes_down = result.bytes_up + up, result.bytes_down + down
             result.rounds += 1
-            result.uploads += len(ids)
-        coord.call(
+            result.uploads += len(ids)  # models sent to neighbours
+        _, up, down = coord.call(
             "Finish",
             mpb.FinishRequest(worker_id=cfg.worker_id, params=codec.tensor_to_proto(x)),
             timeout=cfg.rpc_timeout,
         )
+        result.bytes_up, result.bytes_down = result.bytes_up + up, result.bytes_down + down
         result.final_params = x
         return result
     finally:
