@@ -229,3 +229,16 @@ def test_cluster_workers_gossip_on_their_namespace_address() -> None:
     assert argv[argv.index("--gossip-listen") + 1] == f"10.0.0.12:{dsgd.port}"
     gd = ClusterConfig(job=JobConfig(algorithm="gd", workers=3))
     assert "--gossip-listen" not in worker_argv(gd, 1, "10.0.0.1:50051", "10.0.0.12")
+
+
+@pytest.mark.parametrize("name", ["mesh_pb2.py", "mesh_pb2.pyi"])
+def test_generated_mesh_code_is_fresh(tmp_path: Path, name: str) -> None:
+    """psrv/v1/mesh_pb2* is what the pinned grpcio-tools makes of protos/psrv/v1/mesh.proto:
+    python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. protos/psrv/v1/mesh.proto"""
+    from grpc_tools import protoc
+
+    root = Path(__file__).resolve().parents[1]
+    proto = root / "protos" / "psrv" / "v1" / "mesh.proto"
+    assert protoc.main(["protoc", f"-I{root / 'protos'}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
+                        str(proto)]) == 0  # fmt: skip
+    assert (tmp_path / "psrv" / "v1" / name).read_text() == (root / "psrv" / "v1" / name).read_text()
