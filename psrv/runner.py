@@ -216,7 +216,7 @@ def run_local(
     job's metrics (whole lines, the rounds done) and no model. Every worker process is gone when
     this returns or raises, and each dies with this process (:mod:`psrv.lifeline`)."""
     if getattr(make_algorithm(config.algorithm, config.options, config.compressor), "decentralized", False):
-        from psrv.mesh import run_mesh_local  # dsgd: a coordinator and gossiping workers (no checkpoint, no TLS yet)
+        from psrv.meshrun import run_mesh_local  # dsgd: a coordinator and gossiping workers (no checkpoint, no TLS yet)
 
         if tls or checkpoint_dir is not None:
             why = f"{config.algorithm} runs without --tls and --checkpoint-dir (not supported yet)"
