@@ -476,6 +476,25 @@ def start_server(
         sink = MetricsSink(metrics, overwrite=overwrite_metrics, keep_lines=keep)  # resumed: continued, not replaced
     except files.OutputError as exc:
         raise OutputPathError(str(exc)) from None
+    if config.algorithm == "dsgd":  # decentralized: a coordinator, no parameter server (psrv.mesh)
+        from psrv.mesh import serve_mesh
+
+        if checkpoint_dir is not None or security.tls:
+            sink.close()
+            raise click.UsageError("dsgd runs without --checkpoint-dir/--resume and TLS (not supported yet)")
+        try:
+            summary, theta = serve_mesh(config, sink, f"{host}:{port}")
+        except (ValueError, RuntimeError) as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            sink.close()
+        summary["config"] = config_manifest(config, None)
+        if model_out:
+            files.atomic_save_npy(model_out, theta)
+        if summary_json:
+            report.write_json(summary_json, summary)
+        click.echo(json.dumps(summary))
+        return
     checkpointer = None
     if checkpoint_dir is not None:
         from psrv.checkpoint import Checkpointer
@@ -579,6 +598,13 @@ def check_port_free(host: str, port: int) -> None:
 @click.option(
     "--byzantine", type=float, default=0.0, hidden=True, metavar="SCALE", help="Fault injection: upload -SCALE x grad."
 )
+@click.option(
+    "--gossip-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Decentralized runs (--algorithm dsgd): serve the neighbours' gossip here (port 0: any free one); "
+    "--server is then the run's coordinator.",
+)
 def start_worker(
     server_address: str,
     worker_id: str,
@@ -587,6 +613,7 @@ def start_worker(
     retry_for: float,
     crash_after: int | None,
     byzantine: float,
+    gossip_listen: str | None,
     **kw: Any,
 ) -> None:
     """Run one worker: register with the server and train until it says done."""
@@ -630,7 +657,12 @@ def start_worker(
         security=security,
     )
     try:
-        result = run_worker(cfg)
+        if gossip_listen is not None:
+            from worker.gossip import run_gossip_worker
+
+            result = run_gossip_worker(cfg, gossip_listen)
+        else:
+            result = run_worker(cfg)
     except DataError as exc:
         raise click.UsageError(str(exc)) from None
     except Exception as exc:  # grpc.RpcError and friends: say what the server said

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+#: options whose value may be a name: KEY -> the names, each standing for its index (options travel as
+#: numbers). ``-o topology=ring`` is ``-o topology=0`` (psrv.decentralized.TOPOLOGIES, kept equal by a test)
+NAMED_VALUES: dict[str, tuple[str, ...]] = {"topology": ("ring", "torus", "exponential", "full")}
+
 
 def parse_key_values(items: Iterable[str]) -> dict[str, float]:
-    """``["a=1", "b=2.5"]`` -> ``{"a": 1.0, "b": 2.5}``; anything else is a ``ValueError``."""
+    """``["a=1", "b=2.5"]`` -> ``{"a": 1.0, "b": 2.5}``; anything else is a ``ValueError``. A key of
+    :data:`NAMED_VALUES` also takes one of its names (``topology=ring`` -> 0.0)."""
     out: dict[str, float] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        names = NAMED_VALUES.get(key.strip().rpartition(".")[2], ())  # ALGORITHM.KEY too
+        if sep and value.strip() in names:
+            out[key.strip()] = float(names.index(value.strip()))
+            continue
         try:
             if not sep or not key.strip():
                 raise ValueError
             out[key.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"expected KEY=NUMBER, got {item!r}") from None
+            hint = f" (or {key.strip()}={'|'.join(names)})" if names else ""
+            raise ValueError(f"expected KEY=NUMBER{hint}, got {item!r}") from None
     return out
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from psrv import __version__, certs, lifeline, report
+from psrv.algorithms import make_algorithm
 from psrv.files import atomic_save_npy, atomic_write_json
 from psrv.metrics import MetricsSink
 from psrv.options import DataConfig, worker_argv, worker_id, worker_ids
@@ -219,6 +220,13 @@ def run_local(
     :class:`RunInterrupted`; both carry the partial summary, and ``out_dir`` then holds only this
     job's metrics (whole lines, the rounds done) and no model. Every worker process is gone when
     this returns or raises, and each dies with this process (:mod:`psrv.lifeline`)."""
+    if getattr(make_algorithm(config.algorithm, config.options, config.compressor), "decentralized", False):
+        from psrv.meshrun import run_mesh_local  # dsgd: a coordinator and gossiping workers (no checkpoint, no TLS yet)
+
+        if tls or checkpoint_dir is not None:
+            why = f"{config.algorithm} runs without --tls and --checkpoint-dir (not supported yet)"
+            raise RunFailed(why, {"algorithm": config.algorithm, "rounds": 0, "status": "failed", "error": why})
+        return run_mesh_local(config, dc, out_dir, on_round=on_round, targets=targets, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in JOB_OUTPUTS:  # a reused folder never mixes an earlier job's files with this one's

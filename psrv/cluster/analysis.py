@@ -80,6 +80,8 @@ def totals(summary: Mapping[str, Any], hosts: Sequence[Mapping[str, Any]]) -> di
     workers = [h for h in hosts if h["host"] != SERVER]
     server = next(h for h in hosts if h["host"] == SERVER)
     msg_up, msg_down = int(summary["bytes_up"]), int(summary["bytes_down"])
+    if "coordinator_bytes_down" in summary:  # dsgd: every byte once, at its sender (workers: gossip too)
+        msg_down = int(summary["coordinator_bytes_down"])
     wire_up, wire_down = _sum(workers, "wire_tx_bytes"), server.get("wire_tx_bytes")
     out: dict[str, Any] = {
         "message_bytes": msg_up + msg_down,

@@ -61,8 +61,9 @@ def server_argv(cfg: ClusterConfig, host_ip: str, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def worker_argv(cfg: ClusterConfig, index: int, server_address: str) -> list[str]:
-    """``start-worker`` and its arguments (the data's options, built in :mod:`psrv.options`)."""
+def worker_argv(cfg: ClusterConfig, index: int, server_address: str, host_ip: str | None = None) -> list[str]:
+    """``start-worker`` and its arguments (the data's options, built in :mod:`psrv.options`); a dsgd
+    worker also serves its neighbours on ``host_ip`` (its namespace's address), port ``cfg.port``."""
     args = [
         "start-worker",
         "--server", server_address,
@@ -74,6 +75,8 @@ def worker_argv(cfg: ClusterConfig, index: int, server_address: str) -> list[str
     ]  # fmt: skip
     if index in cfg.crash_after:
         args += ["--crash-after", str(cfg.crash_after[index])]
+    if cfg.job.algorithm == "dsgd" and host_ip is not None:
+        args += ["--gossip-listen", f"{host_ip}:{cfg.port}"]
     return args
 
 
@@ -120,7 +123,8 @@ def _run(cfg: ClusterConfig, topo: Topology, out: Path, logs: list[Any], say: Ca
     srv = _launch(cfg, topo, SERVER, srv_argv, out, logs)
     address = f"{server.ip}:{cfg.port}"
     workers = [
-        _launch(cfg, topo, w, [*worker_argv(cfg, i, address), *(pki.worker_argv(w) if pki else ())], out, logs)
+        _launch(cfg, topo, w, [*worker_argv(cfg, i, address, topo.hosts[w].ip), *(pki.worker_argv(w) if pki else ())],
+                out, logs)  # fmt: skip
         for i, w in enumerate(ids)
     ]
     say(f"server at {address}; {cfg.workers} workers started; {cfg.algorithm}, {cfg.rounds} rounds")
@@ -255,7 +259,9 @@ def _summarize(
     host_rows = []
     for name, h in topo.hosts.items():
         if name == SERVER:
-            exit_code, sent, received = server_exit, summary["bytes_down"], summary["bytes_up"]
+            # a dsgd coordinator's own bytes (its summary's bytes_up/down are the workers' gossip and all)
+            sent = summary.get("coordinator_bytes_down", summary["bytes_down"])
+            exit_code, received = server_exit, summary.get("coordinator_bytes_up", summary["bytes_up"])
         else:
             res = outputs.worker_result(out, int(name[1:]))
             exit_code = worker_exits[int(name[1:])]
