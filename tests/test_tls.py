@@ -451,7 +451,9 @@ def test_inspect_tap_command_on_tls(pki: Pki, make_server: Callable[..., Server]
 
 def test_unauthenticated_long_polls_do_not_harm_a_run(pki: Pki, make_server: Callable[..., Server]) -> None:
     """200 concurrent GetModel long polls without a token (TLS, so they do reach the server) are all
-    refused at once while two real workers train: none waits, the run completes."""
+    refused at once while two real workers train: none waits, the run completes. (On a loaded
+    machine some find gRPC's limit of calls at once full before the token check: refused too, and
+    a worker that meets that limit backs off and tries again.)"""
     server = make_server(
         ServerSecurity(str(pki.server_cert), str(pki.server_key), tokens=str(pki.tokens)),
         algorithm="gd", rounds=3, round_timeout=30,
@@ -465,7 +467,7 @@ def test_unauthenticated_long_polls_do_not_harm_a_run(pki: Pki, make_server: Cal
         codes = [c.exception().code() if c.exception() else None for c in calls]
     assert [r.rounds for r in results] == [3, 3], results
     assert summary["rounds"] == 3
-    assert codes == [Code.UNAUTHENTICATED] * 200
+    assert set(codes) <= {Code.UNAUTHENTICATED, Code.RESOURCE_EXHAUSTED} and len(codes) == 200
 
 
 # ------------------------------------------------------------------------------- the commands

@@ -376,12 +376,18 @@ class StreamRounds:
             self.stream.close(finished=self._finished)
 
 
+#: RESOURCE_EXHAUSTED for a limit that passes (calls at once, calls per second: others' load);
+#: the rest (id length, worker slots, model or message size) stays exhausted, so a worker exits
+_PASSING_LIMITS = ("Concurrent RPC limit", "per second", "--max-calls-per-worker", "--max-anonymous-calls")
+
+
 def _connection_lost(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.RpcError) and exc.code() in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-    )
+    """The server is out of reach, or too busy this moment: back off and try again."""
+    if not isinstance(exc, grpc.RpcError):
+        return False
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return any(text in (exc.details() or "") for text in _PASSING_LIMITS)
+    return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 def _recoverable(exc: BaseException) -> bool:
