@@ -263,7 +263,9 @@ def test_big_model_and_upload_round_trip_exactly(make_harness: Callable[..., Har
     n_features, n_classes = 1_199_999, 10
     dim = (n_features + 1) * n_classes  # 12e6 parameters: 48 MB as float32, above the 32 MiB stream threshold
     lr = 0.5  # a power of two: -lr * g is exact in float32
-    h = make_harness(algorithm="gd", options={"lr": lr}, num_workers=1, rounds=1, round_timeout=120.0, max_dim=20_000_000)
+    h = make_harness(
+        algorithm="gd", options={"lr": lr}, num_workers=1, rounds=1, round_timeout=120.0, max_dim=20_000_000
+    )
     h.register("w0", n_features=n_features, n_classes=n_classes)
     h.start()
     first = h.model("w0", 0)
