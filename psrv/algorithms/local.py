@@ -134,7 +134,7 @@ class _Local(AlgorithmBase):
         step = self.eta / info.share  # eta grad F_m = (eta / share_m) grad f_m
         total = None
         for k in range(self.local_steps):
-            g = grad if k == 0 else info.local_grad_at(y.astype(theta.dtype, copy=False))
+            g = grad if k == 0 else info.local_grad_at(y)  # float64: local steps lose nothing
             d = self._direction(state, np.asarray(g, dtype=np.float64).reshape(-1), info, ctx)
             total = d.copy() if total is None else total + d
             if k + 1 < self.local_steps:
