@@ -324,3 +324,15 @@ def test_simulation_matches_the_real_stack() -> None:
     assert all(r.digest_mismatches == 0 for r in results)
     theta, _, _ = simulate("scaffold", {**SLOW, "sample": 5}, 12, f32=True)
     np.testing.assert_allclose(ps.theta, theta, rtol=1e-5, atol=1e-6)
+
+
+def test_plot_curves_of_a_sampled_run_use_the_evaluated_loss() -> None:
+    """With client sampling no round has every worker's loss: the plot takes the evaluated one."""
+    from psrv.plots import curves
+
+    records = [
+        {"round": 0, "loss": None, "bytes_up": 10, "elapsed": 0.1},
+        {"round": 1, "loss": None, "train_loss": 2.0, "bytes_up": 10, "elapsed": 0.2},
+        {"round": 2, "loss": 1.5, "train_loss": 1.6, "bytes_up": 10, "elapsed": 0.3},
+    ]
+    assert curves(records) == {"round": [1, 2], "loss": [2.0, 1.5], "bytes_up": [20, 30], "elapsed": [0.2, 0.3]}
