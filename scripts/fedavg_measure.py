@@ -47,9 +47,11 @@ def run_one(algorithm: str, options: dict, split: str, alpha: float, args: argpa
         seed=args.seed,
     )
     accuracy: list[float] = []
+    traffic: list[tuple[int, int]] = []  # (bytes up, bytes down) of every round (ps.records keeps a tail)
 
     def on_round(rec: dict) -> None:
         accuracy.append(float(task.accuracy(ps.theta, test.X, test.y)))
+        traffic.append((rec["bytes_up"], rec["bytes_down"]))
 
     ps = ParameterServer(cfg, MetricsSink(on_round=on_round))
     started = time.monotonic()
@@ -57,9 +59,8 @@ def run_one(algorithm: str, options: dict, split: str, alpha: float, args: argpa
     wall = time.monotonic() - started
     hit = next((k for k, a in enumerate(accuracy) if a >= args.target), None)
     upto = len(accuracy) if hit is None else hit + 1
-    recs = list(ps.records)[:upto]
-    up = sum(r["bytes_up"] for r in recs)
-    down = sum(r["bytes_down"] for r in recs)
+    up = sum(u for u, _ in traffic[:upto])
+    down = sum(d for _, d in traffic[:upto])
     return {
         "algorithm": algorithm,
         "options": options,
