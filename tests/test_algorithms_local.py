@@ -180,13 +180,16 @@ def simulate(
     f32: bool = False,
     losses: list | None = None,
     start: tuple | None = None,
+    shards: list | None = None,
 ):
     """The engine's round for a full-batch run on the heterogeneous least squares: select, step (or
     observe), sum the uploads, ``theta -= lr * aggregate``. ``f32``: workers see the model in
     float32, as over the wire. ``start``: (theta, aggregate, states) to start from (default: zeros
-    and ``init``). Returns the final (theta, aggregate, states)."""
+    and ``init``); ``shards``: the workers' data (default the ten blocks). Returns the final
+    (theta, aggregate, states)."""
     algo = make_algorithm(name, {"batch": 0, **options})
-    M, N, d = M_HETERO, len(HETERO), LIN.dim
+    shards = SHARDS if shards is None else shards
+    M, N, d = len(shards), sum(len(sh) for sh in shards), LIN.dim
     if start is None:
         theta, aggregate, states = np.zeros(d), np.zeros(d), [algo.init(d) for _ in range(M)]
     else:
@@ -198,7 +201,7 @@ def simulate(
         chosen = algo.select(view, server_rng) if algo.selects else frozenset(range(M))
         x = theta.astype(np.float32) if f32 else theta.copy()
         total = np.zeros(d)
-        for m, sh in enumerate(SHARDS):
+        for m, sh in enumerate(shards):
 
             def grad(z, sh=sh):
                 return LIN.local_loss_grad(z, sh.X, sh.y, N, M)[1]
@@ -253,7 +256,7 @@ def test_fedavg_fixed_point_is_biased_scaffold_is_not() -> None:
     assert _dist(scaffold) < 1e-9
     # SCAFFOLD's fixed point: x*, c_m = grad F_m(x*), c = 0 (one more round moves nothing)
     for m, sh in enumerate(SHARDS):
-        g = LIN.local_loss_grad(X_STAR, sh.X, sh.y, len(HETERO), M_HETERO)[1] / 0.1  # grad F_m = grad f_m / share
+        g = LIN.local_loss_grad(X_STAR, sh.X, sh.y, len(HETERO), M_HETERO)[1] * M_HETERO  # grad F_m = M grad f_m
         np.testing.assert_allclose(states[m].c_m, g, rtol=0, atol=1e-7 * np.linalg.norm(g) + 1e-9)
 
 
@@ -302,7 +305,7 @@ def test_scaffold_server_c_is_the_mean_of_the_workers_control_variates(sample: i
         c_next = [algo.server_c(s, info) for s in states]
         for c in c_next[1:]:
             np.testing.assert_array_equal(c, c_next[0])  # every worker derives the same c
-        mean_c_m = sum(0.1 * s.c_m for s in states)
+        mean_c_m = sum(s.c_m for s in states) / M_HETERO
         np.testing.assert_allclose(c_next[0], mean_c_m, rtol=1e-9, atol=1e-12)
         if q == 1.0:
             np.testing.assert_array_equal(c_next[0], aggregate)  # full participation: c is the aggregate
@@ -336,3 +339,18 @@ def test_plot_curves_of_a_sampled_run_use_the_evaluated_loss() -> None:
         {"round": 2, "loss": 1.5, "train_loss": 1.6, "bytes_up": 10, "elapsed": 0.3},
     ]
     assert curves(records) == {"round": [1, 2], "loss": [2.0, 1.5], "bytes_up": [20, 30], "elapsed": [0.2, 0.3]}
+
+
+def test_scaffold_c_stays_the_mean_with_sampling_and_unequal_shards() -> None:
+    """SCAFFOLD's unweighted form makes the derived c exact however the shards differ in size:
+    shards of 20 .. 110 rows, 3 of 6 sampled per round."""
+    cuts = np.cumsum([20, 50, 110, 60, 90])
+    shards = [
+        data.Dataset(X, y, 0, "uneven") for X, y in zip(np.split(HETERO.X, cuts), np.split(HETERO.y, cuts), strict=True)
+    ]
+    M = len(shards)
+    algo = make_algorithm("scaffold", {**SLOW, "batch": 0, "sample": 3})
+    for rounds in (3, 9):
+        _, aggregate, states = simulate("scaffold", {**SLOW, "sample": 3}, rounds, shards=shards)
+        c = algo.server_c(states[0], RoundInfo(rounds, M, aggregate=aggregate))
+        np.testing.assert_allclose(c, sum(s.c_m for s in states) / M, rtol=1e-9, atol=1e-12)

@@ -30,20 +30,22 @@ server optimizer's step), S the round's sampled workers and ``s = |S|``.
   ``g^r = sum_{m in S} u_m`` (``g^0 = 0``), and ``x^{r+1} = x^r - gamma g^{r+1}``. ``beta = 1`` is
   ``local-sgd`` bit for bit.
 - ``scaffold`` (S. P. Karimireddy, S. Kale, M. Mohri, S. J. Reddi, S. U. Stich, A. T. Suresh,
-  "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", ICML 2020, Algorithm 1):
-  local direction ``grad F_m(y; xi) - c_m + c``; the worker's control variate is updated with the
+  "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", ICML 2020, Algorithm 1), in
+  the paper's unweighted form: ``f = (1/M) sum_m F_m`` with ``F_m = M f_m`` (the data weights stay
+  inside f_m) and ``u_m = (1/s) (x^r - y_m^K) / (eta K)`` (``share_m`` of the formulas above becomes
+  1/M). Local direction ``grad F_m(y; xi) - c_m + c``; the worker's control variate is updated with the
   paper's **option II**, ``c_m <- c_m - c + (x - y_m^K)/(K eta)``, using the delta the server
   actually received (decoded, so a compressed upload keeps the invariant below). The server's
   ``c <- c + (1/M) sum_{m in S} (c_m^+ - c_m)`` (the paper's ``|S|/N`` scaling of the mean).
 
-  What travels: with option II the change ``c_m^+ - c_m = u_m / ((M/s) share_m) - c`` is a function
-  of the uploaded delta and of ``c``, both of which the server (and every worker's replica) has, so
-  psrv uploads the delta alone and derives c: with equal shares (or full participation)
-  ``c^{r+1} = (1 - s/M) c^r + (s/M) g^{r+1}``, where ``g^{r+1}`` is the round's aggregate (the model
-  step). Each worker computes this from the aggregate its replica receives every round (the
-  ``replica`` downlink is forced), so the invariant ``c = sum_m share_m c_m`` holds exactly with full
-  participation or equal shards; with sampling and unequal shards it holds in expectation (psrv uses
-  the expected share s/M of the sampled workers). SCAFFOLD's upload costs FedAvg's, not twice it.
+  What travels: with option II the change ``c_m^+ - c_m = s u_m - c`` is a function of the uploaded
+  delta and of ``c``, both of which the server (and every worker's replica) has, so psrv uploads the
+  delta alone and derives c: ``c^{r+1} = c^r + (1/M) sum_{m in S} (s u_m - c^r) = (1 - s/M) c^r +
+  (s/M) g^{r+1}``, where ``g^{r+1} = sum_{m in S} u_m`` is the round's aggregate (the model step).
+  Each worker computes this from the aggregate its replica receives every round (the ``replica``
+  downlink is forced), so ``c = (1/M) sum_m c_m`` holds exactly, with or without sampling, whatever
+  the shard sizes (up to rounding; a worker that rejoins restarts with ``c_m = 0``, which the
+  invariant then no longer includes). SCAFFOLD's upload costs FedAvg's, not twice it.
 
 Client sampling (``-o sample=s``, 0 = every worker): the server draws s of the M workers uniformly
 without replacement each round from its seeded rng (``--seed``; :class:`psrv.algorithms.selection`'s
@@ -125,13 +127,17 @@ class _Local(AlgorithmBase):
     def _context(self, state: Any, info: RoundInfo) -> Any:
         return None
 
+    def weight(self, info: RoundInfo) -> float:
+        """The weight of worker m in the average: its data share n_m / N (McMahan et al.)."""
+        return info.share
+
     def _local(self, state: Any, grad: np.ndarray, info: RoundInfo, ctx: Any) -> np.ndarray:
         """K local steps from theta; the upload ``(M/s) (1/K) sum_k direction_k`` (float64)."""
-        if info.theta is None or info.local_grad_at is None or not info.share > 0:
+        if info.theta is None or info.local_grad_at is None or not self.weight(info) > 0:
             raise ValueError(f"{self.name} needs the model, a local gradient oracle and the data share")
         theta = info.theta
         y = np.asarray(theta, dtype=np.float64).copy()
-        step = self.eta / info.share  # eta grad F_m = (eta / share_m) grad f_m
+        step = self.eta / self.weight(info)  # eta grad F_m = (eta / w_m) grad f_m
         total = None
         for k in range(self.local_steps):
             g = grad if k == 0 else info.local_grad_at(y)  # float64: local steps lose nothing
@@ -226,16 +232,20 @@ class Scaffold(_Local):
         """An unsampled round: bring ``c`` up to date, compute nothing else."""
         return ScaffoldState(state.c_m, self.server_c(state, info), info.round, state.memory)
 
+    def weight(self, info: RoundInfo) -> float:
+        """1/M: the paper's unweighted average of F_m = M f_m (exact c under sampling, see the module doc)."""
+        return 1.0 / info.num_workers
+
     def _context(self, state: ScaffoldState, info: RoundInfo) -> Any:
         c = self.server_c(state, info)
-        return c, info.share * (c - state.c_m)
+        return c, (c - state.c_m) / info.num_workers
 
     def _direction(self, state: ScaffoldState, grad: np.ndarray, info: RoundInfo, ctx: Any) -> np.ndarray:
-        return grad + ctx[1]  # share_m (grad F_m - c_m + c)
+        return grad + ctx[1]  # (grad F_m - c_m + c) / M
 
     def _after(self, state: ScaffoldState, memory: Any, sent: Any, info: RoundInfo, ctx: Any) -> ScaffoldState:
         c = ctx[0]
-        weight = info.share * info.num_workers / self.sampled(info.num_workers)
+        weight = 1.0 / self.sampled(info.num_workers)
         received = to_dense(sent) / weight  # (x - y_m^K) / (K eta) as the server got it
         return ScaffoldState(state.c_m - c + received, c, info.round, memory)
 
