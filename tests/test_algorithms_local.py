@@ -354,3 +354,18 @@ def test_scaffold_c_stays_the_mean_with_sampling_and_unequal_shards() -> None:
         _, aggregate, states = simulate("scaffold", {**SLOW, "sample": 3}, rounds, shards=shards)
         c = algo.server_c(states[0], RoundInfo(rounds, M, aggregate=aggregate))
         np.testing.assert_allclose(c, sum(s.c_m for s in states) / M, rtol=1e-9, atol=1e-12)
+
+
+def test_compressed_both_ways_with_sampling() -> None:
+    """top-k deltas with error feedback up, EF21-P's compressed model down, half the workers a round."""
+    opts = {"lr": 0.1, "local_steps": 3, "ratio": 0.1, "sample": 2}
+    ps, summary, results, thetas, pushed, _ = _train(
+        "local-sgd", opts, compressor="topk", rounds=6, down_compressor="topk:ratio=0.2"
+    )
+    assert {rec["downlink"] for rec in ps.records} == {"compressed"}
+    assert all(r.digest_mismatches == 0 for r in results)
+    assert summary["uploads"] == 2 * 6 and all(len(pushed[k]) == 2 for k in range(6))
+    for k in range(1, 6):
+        step = sum(to_dense(p) for p in pushed[k].values())
+        np.testing.assert_allclose(thetas[k], thetas[k - 1] - 0.1 * step, rtol=0, atol=1e-12)
+    assert DIGITS_LOSS(ps.theta) < DIGITS_LOSS(np.zeros_like(ps.theta))
