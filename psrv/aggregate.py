@@ -191,6 +191,23 @@ class Aggregator:
             self.payloads[worker] = compact(payload)
             self.peaks[worker] = new_peak
 
+    def forget(self, worker: int) -> None:
+        """Drop ``worker``'s stored contribution ("replace" only): ``total -= stored``, stored = 0.
+        For rules whose aggregate is the round's uploads alone (``Algorithm.round_only``)."""
+        old = self.payloads[worker] if self.absorb == "replace" else None
+        if old is None:
+            return
+        if old.kind in _SPARSE_KINDS:
+            idx, vals = support(old)
+            self.total[idx] -= vals
+        else:
+            for start in range(0, self.dim, BLOCK):
+                stop = min(self.dim, start + BLOCK)
+                self.total[start:stop] -= decode_block(old, start, stop)
+        self.payloads[worker] = None
+        self.peaks[worker] = 0.0
+        self.bound = math.inf  # recomputed when needed (retighten)
+
     def settle(self) -> None:
         """Called when a round closes, after its last upload: ``total`` is already the sum (a robust
         rule recomputes it here, :class:`psrv.robust.RobustAggregator`)."""

@@ -180,6 +180,12 @@ class ServerConfig:
         why = refusal(parse_aggregate(self.aggregate), algorithm)  # ValueError on a bad rule
         if why:
             raise ValueError(why)
+        if algorithm.round_only and parse_aggregate(self.aggregate).robust:
+            raise ValueError(f"--aggregate {self.aggregate} cannot run with {self.algorithm}, whose aggregate is the "
+                             "sampled workers' uploads of the round alone; use --aggregate mean")  # fmt: skip
+        if algorithm.needs_aggregate and (self.downlink == "dense" or self.down_compressor):
+            raise ValueError(f"{self.algorithm} needs the exact replica downlink (its workers use the server's "
+                             "aggregate); drop --downlink dense / --down-compressor")  # fmt: skip
         if self.down_compressor:
             DownCompressor(self.down_compressor)  # ValueError on a bad name or option
 
@@ -842,6 +848,8 @@ class RoundEngine:
         densely every round, goes dense after round 1, and a lazy rule whose first rounds upload
         much stays on updates instead of paying a snapshot to come back."""
         s, mode = self.state, self.config.downlink
+        if self.algorithm.needs_aggregate:  # FedAvg-M, SCAFFOLD: workers need the exact aggregate
+            return "replica"
         if mode != "auto":
             return "replica" if mode == "replica" else "dense"
         if not s.update_costs:  # round 0: nobody holds a replica, so replicas start from a snapshot
@@ -1020,6 +1028,12 @@ class RoundEngine:
                     w.responsive, w.gone = False, f"missed {w.misses} deadlines in a row"
                     log.warning("worker %s missed %d deadlines; no longer waiting for it", w.worker_id, w.misses)
         self._absorb_reported()  # every slot has reported now: the rest, in slot order
+        if self.algorithm.round_only:  # the aggregate is this round's uploads alone (client sampling)
+            if self._open.before is None and self._updates_possible:
+                self._open.before = s.aggregator.total.copy()
+            for w in ordered:
+                if reports[w.slot].status != "upload":
+                    s.aggregator.forget(w.slot)
         s.aggregator.settle()  # a robust rule (--aggregate) computes the round's aggregate now
         self._record_change(self._open.before, ordered)
         self._open.before = self._open.relayed = None

@@ -16,15 +16,17 @@ def load_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def curves(records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
     """Per-round series: round, loss, cumulative uplink message bytes, elapsed seconds.
-    Rounds without a complete loss (a worker missed the deadline or was not asked) are left out."""
+    A round without a complete loss (a worker missed the deadline or was not asked: selection and
+    client sampling) takes the evaluated training loss where there is one, else it is left out."""
     out: dict[str, list[float]] = {"round": [], "loss": [], "bytes_up": [], "elapsed": []}
     total = 0
     for r in records:
         total += r["bytes_up"]
-        if r.get("loss") is None:
+        loss = r["loss"] if r.get("loss") is not None else r.get("train_loss")
+        if loss is None:
             continue
         out["round"].append(r["round"])
-        out["loss"].append(r["loss"])
+        out["loss"].append(loss)
         out["bytes_up"].append(total)
         out["elapsed"].append(r["elapsed"])
     return out

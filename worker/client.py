@@ -210,6 +210,7 @@ class _Gradients:
 
     def __init__(self, task: Any, ds: data.Dataset, mb: codec.ModelMessage, batch: int, rng: np.random.Generator):
         self.task, self.num_workers, self.evals = task, mb.num_workers, 0
+        self.ds, self.mb, self.batch, self.rng = ds, mb, batch, rng
         if 0 < batch < len(ds):
             rows = rng.choice(len(ds), batch, replace=False)
             self.X, self.y, self.total = ds.X[rows], ds.y[rows], mb.total_samples * batch / len(ds)
@@ -222,6 +223,12 @@ class _Gradients:
 
     def grad_at(self, theta: np.ndarray) -> np.ndarray:
         return self.loss_grad(theta)[1]
+
+    def local_grad_at(self, theta: np.ndarray) -> np.ndarray:
+        """The gradient at ``theta`` on a fresh minibatch (a local step of psrv.algorithms.local)."""
+        fresh = _Gradients(self.task, self.ds, self.mb, self.batch, self.rng)
+        self.evals += 1
+        return fresh.loss_grad(theta)[1]
 
 
 class Downlink:
@@ -536,15 +543,21 @@ class _Job:
                     result.final_params = np.array(exact, dtype=np.float64)
                     break
                 selected = mb.selected
+                # the previous round's aggregate, exact from the replica (FedAvg-M's g^r, SCAFFOLD's c)
+                aggregate = down.replica.total if down.replica is not None and down.down is None else None
                 if selected is not None and self.reply.worker_index not in selected:
                     rounds.report(k, None, "not_selected", None, conf.zstd, None)  # computes nothing
-                    self.pending = (self.state, False)
+                    seen = RoundInfo(k, mb.num_workers, share=len(ds) / mb.total_samples, aggregate=aggregate)
+                    self.pending = (algo.observe(self.state, seen), False)
                 else:
                     grads = _Gradients(task, ds, mb, batch, rng)
                     loss, grad = grads.loss_grad(theta)
                     if cfg.byzantine:  # fault injection: a byzantine worker (psrv.robust's adversary)
                         grad = -cfg.byzantine * grad
-                    info = RoundInfo(k, mb.num_workers, tuple(recent_step_sq), theta, grads.grad_at)
+                    info = RoundInfo(
+                        k, mb.num_workers, tuple(recent_step_sq), theta, grads.grad_at,
+                        grads.local_grad_at, len(ds) / mb.total_samples, aggregate,
+                    )  # fmt: skip
                     decision = algo.step(self.state, grad, info, rng)
                     result.grad_evals += grads.evals
                     # only server-side selection uses L_m, and the bound costs an eigendecomposition

@@ -30,13 +30,18 @@ class RoundInfo:
 
     ``theta`` is the broadcast model; ``grad_at(x)`` evaluates the worker's gradient at
     another point on the SAME minibatch (and counts as a gradient evaluation), which the
-    stochastic lazy rule needs (SASG/LASG eq. 6)."""
+    stochastic lazy rule needs (SASG/LASG eq. 6). The local-update methods (:mod:`psrv.algorithms.local`)
+    use ``local_grad_at(x)`` (the gradient at x on a FRESH minibatch, counted), ``share`` (n_m / N)
+    and ``aggregate`` (the previous round's aggregate, from the worker's replica; None without one)."""
 
     round: int
     num_workers: int
     recent_step_sq: tuple[float, ...] = ()
     theta: np.ndarray | None = None
     grad_at: Callable[[np.ndarray], np.ndarray] | None = None
+    local_grad_at: Callable[[np.ndarray], np.ndarray] | None = None
+    share: float = 0.0
+    aggregate: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,11 @@ class AlgorithmBase:
       and workers report their smoothness bound L_m with their first upload.
     - ``compressor``: the uplink compressor, if the algorithm has one (named in summaries).
     - ``ef``: uploads carry error feedback (the worker keeps what the server did not apply).
+    - ``round_only``: the aggregate is this round's uploads alone: at the close the server drops the
+      stored contribution of every worker that did not upload (client sampling in FedAvg).
+    - ``needs_aggregate``: workers need the previous round's aggregate (FedAvg-M's g^r, SCAFFOLD's c),
+      so the server keeps the exact replica downlink (no dense or compressed broadcasts).
+    - :meth:`observe`: what a worker that is not selected does with its state (nothing, by default).
     """
 
     name: str = ""
@@ -114,6 +124,12 @@ class AlgorithmBase:
     tracks_theta_hat: ClassVar[bool] = False
     compressor: Any = None
     ef: bool = False
+    round_only: ClassVar[bool] = False
+    needs_aggregate: ClassVar[bool] = False
+
+    def observe(self, state: Any, info: RoundInfo) -> Any:
+        """The state of a worker the server did not select this round (it computes nothing)."""
+        return state
 
     @property
     def compressor_name(self) -> str:
