@@ -123,8 +123,14 @@ def _run(cfg: ClusterConfig, topo: Topology, out: Path, logs: list[Any], say: Ca
     srv = _launch(cfg, topo, SERVER, srv_argv, out, logs)
     address = f"{server.ip}:{cfg.port}"
     workers = [
-        _launch(cfg, topo, w, [*worker_argv(cfg, i, address, topo.hosts[w].ip), *(pki.worker_argv(w) if pki else ())],
-                out, logs)  # fmt: skip
+        _launch(
+            cfg,
+            topo,
+            w,
+            [*worker_argv(cfg, i, address, topo.hosts[w].ip), *(pki.worker_argv(w) if pki else ())],
+            out,
+            logs,
+        )  # fmt: skip
         for i, w in enumerate(ids)
     ]
     say(f"server at {address}; {cfg.workers} workers started; {cfg.algorithm}, {cfg.rounds} rounds")
