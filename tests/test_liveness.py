@@ -228,7 +228,9 @@ class _Run:
 
     def __init__(self, tmp: Path, port: int = 0, **config: Any) -> None:
         self.tmp = tmp
-        self.ps = ParameterServer(ServerConfig(**{"register_timeout": 120.0, "start_timeout": 60.0, **config}))
+        self.ps = ParameterServer(
+            ServerConfig(**{"register_timeout": 120.0, "start_timeout": 60.0, "record_tail": 1000, **config})
+        )
         self.server, self.port = create_server(self.ps, f"127.0.0.1:{port}")
         self.address = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
