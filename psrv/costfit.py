@@ -10,9 +10,10 @@ times each call at the client, takes the median of the repeats per size, and fit
 
 * P is the *wire bytes* of a message: the serialized gRPC message (what psrv counts as bytes up),
   the quantity psrv's compressors produce. Time is seconds of wall clock per call (unit "s").
-* Least squares on *relative* residuals ((fit - t) / t), so that a 100-byte probe and a 4 MB one
-  count alike (plain least squares would fit only the big ones and leave c0 to chance); c0 is kept
-  >= 0 (refit through the origin if it comes out negative).
+* Least absolute *relative* residuals ((fit - t) / t, by iteratively reweighted least squares), so
+  that a 100-byte probe and a 4 MB one count alike (plain least squares would fit only the big ones
+  and leave c0 to chance) and a disturbed median moves the fit little; c0 is kept >= 0 (the line
+  goes through the origin if it would come out negative).
 * P_max of the packet model is not fitted freely (for sizes well above it the model is affine with
   slope c1 / P_max, so it is weakly determined): each candidate (default :data:`P_MAX_CANDIDATES`,
   or ``--p-max``) is fitted and the one with the smallest residuals is kept.
@@ -76,14 +77,28 @@ class Fit:
         return out
 
 
-def _lstsq_rel(x: np.ndarray, t: np.ndarray) -> tuple[float, float]:
-    """(c0, c1) minimizing sum(((c1 x + c0) - t) / t)^2, with c0 >= 0."""
-    w = 1.0 / t
-    a = np.stack([x * w, w], axis=1)
-    (c1, c0), *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
+def _wls(x: np.ndarray, t: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(c0, c1) minimizing sum(w * ((c1 x + c0 - t) / t)^2), with c0 >= 0."""
+    r = np.sqrt(w) / t
+    a = np.stack([x * r, r], axis=1)
+    (c1, c0), *_ = np.linalg.lstsq(a, np.sqrt(w), rcond=None)
     if c0 < 0:  # an overhead below zero is noise: through the origin instead
-        c1, c0 = float(np.sum(x * w) / np.sum((x * w) ** 2)), 0.0
+        xr = x * r
+        c1, c0 = float(np.sum(xr * np.sqrt(w)) / np.sum(xr**2)), 0.0
     return float(c0), float(c1)
+
+
+def _fit_rel(x: np.ndarray, t: np.ndarray, iterations: int = 30) -> tuple[float, float]:
+    """(c0, c1) minimizing the sum of |relative residuals| (least absolute deviations, by
+    iteratively reweighted least squares), with c0 >= 0: a size whose median was disturbed (another
+    process, a retransmission) moves the fit less than under squares."""
+    w = np.ones_like(t)
+    c0, c1 = _wls(x, t, w)
+    for _ in range(iterations):
+        rel = np.abs((c1 * x + c0 - t) / t)
+        w = 1.0 / np.maximum(rel, 1e-4)
+        c0, c1 = _wls(x, t, w)
+    return c0, c1
 
 
 def _checked(sizes: Sequence[float], seconds: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +124,7 @@ def _scored(model: str, c0: float, c1: float, p_max: int | None, x: np.ndarray, 
 def fit_affine(sizes: Sequence[float], seconds: Sequence[float]) -> Fit:
     """The affine model ``c1 * P + c0`` (Khirirat et al. 2021, Section 2.2) by relative least squares."""
     x, t = _checked(sizes, seconds)
-    return _scored("affine", *_lstsq_rel(x, t), None, x, t)
+    return _scored("affine", *_fit_rel(x, t), None, x, t)
 
 
 def fit_packet(sizes: Sequence[float], seconds: Sequence[float], p_max: int | Sequence[int] = P_MAX_CANDIDATES) -> Fit:
@@ -124,7 +139,7 @@ def fit_packet(sizes: Sequence[float], seconds: Sequence[float], p_max: int | Se
         packets = np.ceil(x / p)
         if len(np.unique(packets)) < 2:
             continue  # every size is one packet: c1 is not determined
-        fits.append(_scored("packet", *_lstsq_rel(packets, t), int(p), x, t))
+        fits.append(_scored("packet", *_fit_rel(packets, t), int(p), x, t))
     if not fits:
         raise FitError(f"every size fits in one packet of {max(candidates)} bytes: probe bigger sizes")
     return min(fits, key=lambda f: f.rms_rel)
@@ -211,12 +226,12 @@ def measure(
 ) -> list[Row]:
     """Call ``probe(payload_bytes)`` (which returns the wire bytes it sent and the seconds the call
     took) ``repeat`` times per size: each repeat goes through the sizes in a fresh random order (so
-    drift spreads over all sizes), after ``warmup`` calls of the largest size (connection, TCP and
-    HTTP/2 windows). ``counter``: read around each call, the interface bytes and packets it cost."""
+    drift spreads over all sizes), after ``warmup`` calls (the first of the largest size: connection, TCP
+    and HTTP/2 windows). ``counter``: read around each call, the interface bytes and packets it cost."""
     if repeat < 1 or not sizes:
         raise ValueError("need repeat >= 1 and at least one size")
-    for _ in range(warmup):
-        probe(max(sizes))
+    for i in range(warmup):
+        probe(max(sizes) if i == 0 else min(sizes))
     rows = {n: Row(n, 0, [], [], []) for n in sizes}
     rng = random.Random(seed)
     for _ in range(repeat):
@@ -243,7 +258,7 @@ def fit_json(best: Fit, fits: dict[str, Fit], rows: Sequence[Row], **extra: Any)
     """The file ``psrv fit-cost --out`` writes (see the module docstring)."""
     out = best.to_json()
     out["fits"] = {name: f.to_json() for name, f in fits.items()}
-    out["fit_method"] = "least squares on relative residuals, c0 >= 0; packet P_max: best of the candidates"
+    out["fit_method"] = "least absolute relative residuals (IRLS), c0 >= 0; packet P_max: best of the candidates"
     out["measurements"] = [r.to_json() for r in rows]
     out.update(extra)
     return out
