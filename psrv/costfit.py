@@ -10,10 +10,13 @@ times each call at the client, takes the median of the repeats per size, and fit
 
 * P is the *wire bytes* of a message: the serialized gRPC message (what psrv counts as bytes up),
   the quantity psrv's compressors produce. Time is seconds of wall clock per call (unit "s").
-* Least absolute *relative* residuals ((fit - t) / t, by iteratively reweighted least squares), so
-  that a 100-byte probe and a 4 MB one count alike (plain least squares would fit only the big ones
-  and leave c0 to chance) and a disturbed median moves the fit little; c0 is kept >= 0 (the line
-  goes through the origin if it would come out negative).
+* Least absolute *relative* residuals ((fit - t) / t, by iteratively reweighted least squares), each
+  size weighted by the stretch of log(size) it stands for: a 100-byte probe and a 4 MB one count
+  alike (plain least squares would fit only the big ones and leave c0 to chance), each decade of
+  sizes counts alike, and a disturbed time moves the fit little; c0 is kept >= 0 (the line goes
+  through the origin if it would come out negative).
+* Per size, the median of the repeats (``stat="min"``: the fastest, for a loaded machine where
+  interference only ever adds time).
 * P_max of the packet model is not fitted freely (for sizes well above it the model is affine with
   slope c1 / P_max, so it is weakly determined): each candidate (default :data:`P_MAX_CANDIDATES`,
   or ``--p-max``) is fitted and the one with the smallest residuals is kept.
@@ -88,16 +91,28 @@ def _wls(x: np.ndarray, t: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     return float(c0), float(c1)
 
 
+def log_density_weights(sizes: np.ndarray) -> np.ndarray:
+    """A weight per size proportional to the stretch of log(size) it stands for (mean 1), so each
+    decade of sizes counts alike however densely it was probed (e.g. the sizes around packet
+    boundaries)."""
+    order = np.argsort(sizes)
+    lx = np.log(np.maximum(sizes[order], 1.0))
+    w = np.gradient(lx) if len(lx) > 2 else np.ones_like(lx)
+    w = np.maximum(w, 1e-3 * max(float(w.max()), 1e-12))
+    out = np.empty_like(w)
+    out[order] = w / w.mean()
+    return out
+
+
 def _fit_rel(x: np.ndarray, t: np.ndarray, iterations: int = 30) -> tuple[float, float]:
-    """(c0, c1) minimizing the sum of |relative residuals| (least absolute deviations, by
-    iteratively reweighted least squares), with c0 >= 0: a size whose median was disturbed (another
-    process, a retransmission) moves the fit less than under squares."""
-    w = np.ones_like(t)
-    c0, c1 = _wls(x, t, w)
+    """(c0, c1) minimizing the sum of |relative residuals| weighted by :func:`log_density_weights`
+    (least absolute deviations, by iteratively reweighted least squares), with c0 >= 0: a size
+    whose time was disturbed (another process) moves the fit less than under squares."""
+    base = log_density_weights(x)
+    c0, c1 = _wls(x, t, base)
     for _ in range(iterations):
         rel = np.abs((c1 * x + c0 - t) / t)
-        w = 1.0 / np.maximum(rel, 1e-4)
-        c0, c1 = _wls(x, t, w)
+        c0, c1 = _wls(x, t, base / np.maximum(rel, 1e-4))
     return c0, c1
 
 
@@ -191,11 +206,16 @@ class Row:
     def median(self) -> float:
         return statistics.median(self.seconds)
 
+    def value(self, stat: str = "median") -> float:
+        """The row's time: the ``median`` or the ``min`` of its calls."""
+        return min(self.seconds) if stat == "min" else self.median
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "payload_bytes": self.payload_bytes,
             "wire_bytes": self.wire_bytes,
             "seconds_median": self.median,
+            "seconds_min": min(self.seconds),
             "seconds": self.seconds,
         }
         if self.iface_bytes:
@@ -250,30 +270,35 @@ def measure(
     return [rows[n] for n in sorted(rows)]
 
 
-def fit_rows(rows: Sequence[Row], p_max: int | Sequence[int] = P_MAX_CANDIDATES) -> tuple[Fit, dict[str, Fit]]:
-    return fit_both([r.wire_bytes for r in rows], [r.median for r in rows], p_max)
+def fit_rows(
+    rows: Sequence[Row], p_max: int | Sequence[int] = P_MAX_CANDIDATES, stat: str = "median"
+) -> tuple[Fit, dict[str, Fit]]:
+    return fit_both([r.wire_bytes for r in rows], [r.value(stat) for r in rows], p_max)
 
 
 def fit_json(best: Fit, fits: dict[str, Fit], rows: Sequence[Row], **extra: Any) -> dict[str, Any]:
     """The file ``psrv fit-cost --out`` writes (see the module docstring)."""
     out = best.to_json()
     out["fits"] = {name: f.to_json() for name, f in fits.items()}
-    out["fit_method"] = "least absolute relative residuals (IRLS), c0 >= 0; packet P_max: best of the candidates"
+    out["fit_method"] = (
+        "least absolute relative residuals (IRLS), weighted per log-size, c0 >= 0; packet P_max: best of the candidates"
+    )
     out["measurements"] = [r.to_json() for r in rows]
     out.update(extra)
     return out
 
 
-def residual_table(rows: Sequence[Row], fits: dict[str, Fit]) -> str:
-    """Measured medians next to each fit's prediction and relative residual."""
+def residual_table(rows: Sequence[Row], fits: dict[str, Fit], stat: str = "median") -> str:
+    """Measured times (``stat`` of the repeats) next to each fit's prediction and relative residual."""
     names = list(fits)
-    head = f"{'payload':>9} {'wire B':>9} {'median s':>10}" + "".join(f" {n + ' s':>10} {'resid':>7}" for n in names)
+    head = f"{'payload':>9} {'wire B':>9} {stat + ' s':>10}" + "".join(f" {n + ' s':>10} {'resid':>7}" for n in names)
     lines = [head]
     for r in rows:
-        line = f"{r.payload_bytes:>9} {r.wire_bytes:>9} {r.median:>10.6f}"
+        t = r.value(stat)
+        line = f"{r.payload_bytes:>9} {r.wire_bytes:>9} {t:>10.6f}"
         for n in names:
             p = float(fits[n].predict(r.wire_bytes))
-            line += f" {p:>10.6f} {100 * (p - r.median) / r.median:>6.1f}%"
+            line += f" {p:>10.6f} {100 * (p - t) / t:>6.1f}%"
         lines.append(line)
     return "\n".join(lines)
 
@@ -288,7 +313,7 @@ def describe(fit: Fit) -> str:
     return f"{fit.model}: {form}{rate}; r2 {fit.r2:.4f}, RMS relative residual {100 * fit.rms_rel:.1f}%"
 
 
-def plot(rows: Sequence[Row], fits: dict[str, Fit], path: str, title: str = "") -> None:
+def plot(rows: Sequence[Row], fits: dict[str, Fit], path: str, title: str = "", stat: str = "median") -> None:
     """Measured vs fitted, like Khirirat et al. (2021), Figure 3: time per message against its
     wire bytes (left, log-log, with each fit), and the bytes counted per message (right)."""
     import matplotlib
@@ -297,11 +322,11 @@ def plot(rows: Sequence[Row], fits: dict[str, Fit], path: str, title: str = "") 
     import matplotlib.pyplot as plt
 
     wire = np.array([r.wire_bytes for r in rows], dtype=float)
-    med = np.array([r.median for r in rows])
+    med = np.array([r.value(stat) for r in rows])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in rows:
         ax.scatter([r.wire_bytes] * len(r.seconds), r.seconds, s=6, color="0.75", zorder=1)
-    ax.scatter(wire, med, s=18, color="C0", label="measured (median)", zorder=3)
+    ax.scatter(wire, med, s=18, color="C0", label=f"measured ({stat})", zorder=3)
     grid = np.unique(np.concatenate([np.geomspace(wire.min(), wire.max(), 400), wire]))
     for i, f in enumerate(fits.values()):
         ax.plot(grid, f.predict(grid), color=f"C{i + 1}", label=describe(f).split(";")[0], zorder=2)

@@ -51,6 +51,13 @@ def _sizes(text: str | None) -> list[int] | None:
 @click.option("--link", default="", help="A description of the link, kept in the file (e.g. '10mbit tbf').")
 @click.option("--worker-id", default="", help="Probe as this worker (needed when the server checks credentials).")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds one probe may take.")
+@click.option(
+    "--stat",
+    type=click.Choice(["median", "min"]),
+    default="median",
+    show_default=True,
+    help="Each size's time from its repeats (min: for a loaded machine, where interference only adds time).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Order of the sizes in each repeat.")
 @worker_tls_options
 def fit_cost(
@@ -67,6 +74,7 @@ def fit_cost(
     link: str,
     worker_id: str,
     timeout: float,
+    stat: str,
     seed: int,
     **kw: Any,
 ) -> None:
@@ -128,14 +136,14 @@ def fit_cost(
     finally:
         prober.close()
     try:
-        best, fits = costfit.fit_rows(rows, list(p_max) or costfit.P_MAX_CANDIDATES)
+        best, fits = costfit.fit_rows(rows, list(p_max) or costfit.P_MAX_CANDIDATES, stat)
     except costfit.FitError as exc:
         raise click.ClickException(f"cannot fit: {exc}") from None
-    click.echo(costfit.residual_table(rows, fits))
+    click.echo(costfit.residual_table(rows, fits, stat))
     for f in fits.values():
         click.echo(("* " if f is best else "  ") + costfit.describe(f))
-    out = costfit.fit_json(best, fits, rows, server=server_address, repeat=repeat, link=link, iface=iface)
+    out = costfit.fit_json(best, fits, rows, server=server_address, repeat=repeat, stat=stat, link=link, iface=iface)
     report.write_json(out_path, out)
     if plot_path:
-        costfit.plot(rows, fits, plot_path, title=f"{server_address} {link}".strip())
+        costfit.plot(rows, fits, plot_path, title=f"{server_address} {link}".strip(), stat=stat)
     click.echo(json.dumps({k: out[k] for k in ("model", "c0", "c1", "p_max_bytes") if k in out}))

@@ -218,7 +218,7 @@ def test_fit_on_a_shaped_10mbit_link_predicts_other_sizes(tmp_path: Path) -> Non
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    check = script.fit_and_check(10_000_000, tmp_path, max_bytes=1_000_000, repeat=3, timeout=120.0)
+    check = script.fit_and_check(10_000_000, tmp_path, max_bytes=1_000_000, repeat=5, timeout=120.0)
     assert check["fit"]["c1"] > 0
     big = [r for r in check["holdout"]["best"] if r["wire_bytes"] >= 10 * costfit.TCP_MSS]
     assert len(big) >= 3
