@@ -345,16 +345,6 @@ def plot(rows: Sequence[Row], fits: dict[str, Fit], path: str, title: str = "", 
     plt.close(fig)
 
 
-def holdout_errors(fit: Fit, rows: Sequence[Row]) -> list[dict[str, float]]:
-    """For sizes not used in the fit: measured median, prediction and relative error."""
-    out = []
-    for r in rows:
-        p = float(fit.predict(r.wire_bytes))
-        out.append({"wire_bytes": r.wire_bytes, "measured_s": r.median, "predicted_s": p,
-                    "rel_error": (p - r.median) / r.median})  # fmt: skip
-    return out
-
-
 def holdout_sizes(max_bytes: int, min_bytes: int = 64, points: int = 6) -> list[int]:
     """Sizes between those of :func:`default_sizes` (geometric midpoints), for checking a fit."""
     logs = np.geomspace(min_bytes, max_bytes, 14)
