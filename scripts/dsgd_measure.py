@@ -60,10 +60,7 @@ def main() -> None:
     x0 = task.init_params(np.random.default_rng(args.seed)).astype(np.float64)
     msg = exchange_bytes(task.dim)
     rows = []
-    print(
-        f"{'method':16} {'gap':>5} {'rounds':>7} {'MB/round all':>12} {'MB up/link':>10} "
-        f"{'MB server link':>14} {'acc':>6}"
-    )
+    print(f"{'method':16} {'gap':>5} {'rounds':>7} {'MB all':>8} {'MB up/link':>10} {'MB server link':>14} {'acc':>6}")
     for topo in args.topologies.split(","):
         W = decentralized.mixing_matrix(topo, n)
         degree = [int(np.count_nonzero(W[i])) - 1 for i in range(n)]
@@ -84,26 +81,29 @@ def main() -> None:
         hit = len(acc) if acc[-1] >= args.target else None
         R = hit or args.rounds
         if topo == "full":  # PSGD through a server: each worker uploads one model and receives one
-            name, per_worker_up, server_link = "gd (PSGD)", msg, 2 * n * msg
-        else:
-            name, per_worker_up, server_link = f"dsgd {topo}", msg * max(degree), 0
-        total_round = n * per_worker_up if topo == "full" else msg * sum(degree)
+            name, link, server_link = "gd (PSGD)", msg, 2 * n * msg
+            total_round = 2 * n * msg
+        else:  # each worker sends its half-step to each neighbour and receives theirs
+            name, link, server_link = f"dsgd {topo}", msg * max(degree), 0
+            total_round = msg * sum(degree)
         row = {
             "method": name,
             "topology": topo,
             "spectral_gap": decentralized.spectral_gap(W),
             "rounds_to_target": hit,
             "accuracy": acc,
+            "message_bytes": msg,
             "bytes_per_round_all_links": total_round,
-            "bytes_up_per_link_to_target": per_worker_up * R,
+            "bytes_up_per_worker_link_to_target": link * R,  # = down: every link carries as much each way
             "bytes_server_link_to_target": server_link * R,
+            "bytes_all_to_target": total_round * R,
             "consensus_distance": decentralized.consensus_distance(X),
             "wall_s": time.monotonic() - started,
         }
         rows.append(row)
         print(
             f"{name:16} {row['spectral_gap']:5.3f} {hit if hit else '>' + str(args.rounds):>7} "
-            f"{total_round / 1e6:12.2f} {per_worker_up * R / 1e6:10.1f} {server_link * R / 1e6:14.1f} {acc[-1]:6.3f}",
+            f"{total_round * R / 1e6:8.1f} {link * R / 1e6:10.1f} {server_link * R / 1e6:14.1f} {acc[-1]:6.3f}",
             flush=True,
         )
     if args.json:
