@@ -11,7 +11,7 @@ reports the first round at which it reaches ``--target``. Bytes are those of the
 one dense float32 upload and one broadcast per worker per round (what ``psrv run --algorithm gd``
 sends after round 0). Check a row with the command it prints (``psrv run ... --rounds R``).
 
-    python scripts/dsgd_measure.py --task mlp --workers 8 --lr 0.5 --rounds 300 --target 0.88
+    python scripts/dsgd_measure.py --task mlp --workers 8 --lr 1.0 --rounds 300 --target 0.90 [--split dirichlet:0.1]
 """
 
 from __future__ import annotations
