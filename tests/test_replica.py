@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from psrv import codec, data
-from psrv.algorithms import ALGORITHMS, option_defaults
+from psrv.algorithms import ALGORITHMS, make_algorithm, option_defaults
 from psrv.engine import Broadcast, RoundEngine
 from psrv.payload import Payload, to_dense
 from psrv.replica import AggregateChange, Replica, apply_change, changed_indices, state_digest, take_step
@@ -147,7 +147,8 @@ def test_stale_or_missing_replicas_get_a_snapshot() -> None:
 
 
 # ------------------------------------------------------------------------------ the whole stack
-NAMES = sorted(ALGORITHMS)
+# every algorithm the parameter server's rounds run (dsgd runs on the gossip mesh: tests/test_mesh.py)
+NAMES = sorted(n for n in ALGORITHMS if not getattr(make_algorithm(n), "decentralized", False))
 OPTIONS = {"lr": 0.05, "batch": 20}
 TAKES_BATCH = {n for n in NAMES if "batch" in option_defaults(n)}
 
