@@ -170,11 +170,11 @@ def test_named_option_tables_match() -> None:
 
 def test_bad_options_are_clear() -> None:
     with pytest.raises(ValueError, match="packet cost model needs p_max"):
-        make_compressor("cat", cost=2.0)
+        make_compressor("cat", cost=2.0, p_max=0.0)
     with pytest.raises(ValueError, match="cat base must be one of"):
         make_compressor("cat", base=7.0)
     with pytest.raises(ValueError, match="C\\(1\\) = .* <= 0"):
-        make_compressor("cat", cost=1.0, c0=-1e6).compress(np.ones(10), np.random.default_rng(0))
+        make_compressor("cat", cost=1.0, c0=-1e6, c1=1.0).compress(np.ones(10), np.random.default_rng(0))
     with pytest.raises(ValueError, match="alistarh: base must be topk or sq"):
         make_compressor("alistarh", base=2.0)
 
@@ -221,3 +221,31 @@ def test_stochastic_base_is_unbiased_at_the_tuned_budget() -> None:
     assert np.abs(mean - g).max() < 0.2 * np.abs(g).max()
     assert math.isclose(optimal_probabilities(g, T).sum(), T, rel_tol=1e-9)
     assert Stochastic(k=T).budget_for(200) == T and SQ(k=T).k_for(200) == T
+
+
+def test_cat_in_a_lazy_run_with_error_feedback() -> None:
+    """sasg (lazy skip rule, top-k with error feedback) with a CAT-tuned upload: the skip rule still
+    applies, each upload's size follows its own T, and the model learns."""
+    from psrv import data
+    from psrv.server import ParameterServer, ServerConfig
+    from tests.helpers.threaded import run_in_threads
+    from worker.client import load_training_data
+
+    M = 2
+    config = ServerConfig(
+        algorithm="sasg",
+        compressor="cat",
+        options={"lr": 0.2, "cost": 1.0, "c0": 3000.0, "c1": 1.0},
+        num_workers=M,
+        rounds=12,
+        round_timeout=20.0,
+    )
+    train, _ = load_training_data("digits", 0.2, 0)
+    ps = ParameterServer(config)
+    summary, results = run_in_threads(ps, [data.shard(train, i, M) for i in range(M)])
+    assert summary["skips"] > 0 and summary["uploads"] > 0
+    assert summary["uploads"] + summary["skips"] == M * 12
+    assert summary["last_round_loss"] < np.log(10) - 0.1
+    entry_bits = 32 + 10  # d = 650: ceil(log2 650) = 10 index bits + a float32 value
+    bits = [w["bits"] for r in ps.engine.state.records for w in r["workers"] if w["status"] == "upload"]
+    assert all(b % entry_bits == 0 for b in bits) and len(set(bits)) > 1, bits

@@ -48,13 +48,17 @@ class Cat:
     """``--compressor cat -o base=topk|sq|stochastic -o cost=payload|affine|packet -o c0=.. -o c1=..
     -o p_max=BYTES -o size=payload_bits|wire_bytes -o every=S`` (or ``-o cost_file=FIT.json``).
     Each call tunes T on the vector it is given (every ``every`` calls; in between the last T is
-    reused, the hybrid mode of Appendix H) and compresses with the base compressor at that T."""
+    reused, the hybrid mode of Appendix H) and compresses with the base compressor at that T.
+    Defaults: base=topk, the packet model of Experiment 2 (§6) in bits, every=1. ``p_max`` is in
+    bytes; c0 and c1 are in cost units (c1 per packet, or per size unit for the affine model)."""
 
     base: float = 0.0
-    cost: float = 0.0
-    c0: float = 0.0
-    c1: float = 1.0
-    p_max: float = 0.0
+    # default: the packet model of the paper's Experiment 2 (c1 = 576 bytes a packet, c0 = 64 bytes,
+    # P_max = 512 bytes), costs counted in bits (size = payload_bits)
+    cost: float = 2.0
+    c0: float = 512.0
+    c1: float = 4608.0
+    p_max: float = 512.0
     size: float = 0.0
     every: float = 1.0
     name: str = "cat"
