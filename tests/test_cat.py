@@ -249,3 +249,15 @@ def test_cat_in_a_lazy_run_with_error_feedback() -> None:
     entry_bits = 32 + 10  # d = 650: ceil(log2 650) = 10 index bits + a float32 value
     bits = [w["bits"] for r in ps.engine.state.records for w in r["workers"] if w["status"] == "upload"]
     assert all(b % entry_bits == 0 for b in bits) and len(set(bits)) > 1, bits
+
+
+def test_sq_payload_takes_the_step_of_eq9() -> None:
+    """lr * Q' = gamma_eq9 * Q_T(g) with lr = 1/L: gamma = sqrt(beta(T)) / (sqrt(T) L) (Lemma 3)."""
+    g = np.random.default_rng(5).standard_t(2, 400)
+    comp = make_compressor("cat", base=1.0)
+    p = comp.compress(g, np.random.default_rng(0))
+    T = len(p.indices)
+    q = payload.to_dense(SQ(k=T).compress(g, np.random.default_rng(0)))
+    np.testing.assert_allclose(payload.to_dense(p), math.sqrt(beta(g, T)) / math.sqrt(T) * q, rtol=1e-6)
+    plain = make_compressor("cat", base=1.0, eq9=0.0).compress(g, np.random.default_rng(0))
+    np.testing.assert_allclose(payload.to_dense(plain), q)

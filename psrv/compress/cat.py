@@ -4,6 +4,7 @@ around top-T, S+Q and stochastic sparsification."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,11 +35,17 @@ class _Tuning:
     history: list[int] = field(default_factory=list)
 
 
-def _compress_with(base: str, T: int, x: np.ndarray, rng: np.random.Generator) -> payload.Payload:
+def _compress_with(base: str, T: int, x: np.ndarray, rng: np.random.Generator, eq9: bool) -> payload.Payload:
     if base == "topk":
         return TopK(k=int(T)).compress(x, rng)
     if base == "sq":
-        return SQ(k=int(T)).compress(x, rng)
+        p = SQ(k=int(T)).compress(x, rng)
+        if eq9 and len(p.indices):
+            # eq. 9's step sqrt(beta(T)) / (sqrt(T) L) on ||g|| sign(g_j) is (1/L) times the mean magnitude
+            # of the top T entries on sign(g_j): with the server's lr = 1/L this payload takes eq. 9's step
+            mean = float(np.abs(np.asarray(x, dtype=np.float64)[p.indices]).sum()) / int(T)
+            p = dataclasses.replace(p, scale=float(np.float32(mean)))
+        return p
     return Stochastic(k=int(T)).compress(x, rng)
 
 
@@ -49,7 +56,9 @@ class Cat:
     -o p_max=BYTES -o size=payload_bits|wire_bytes -o every=S`` (or ``-o cost_file=FIT.json``).
     Each call tunes T on the vector it is given (every ``every`` calls; in between the last T is
     reused, the hybrid mode of Appendix H) and compresses with the base compressor at that T.
-    Defaults: base=topk, the packet model of Experiment 2 (§6) in bits, every=1. ``p_max`` is in
+    ``eq9=1`` (base sq): the payload's scale is the mean top-T magnitude, so a server step of lr = 1/L
+    is eq. 9's step size; ``eq9=0`` sends eq. 3's ``||g||``. Defaults: base=topk, the packet model of
+    Experiment 2 (§6) in bits, every=1. ``p_max`` is in
     bytes; c0 and c1 are in cost units (c1 per packet, or per size unit for the affine model)."""
 
     base: float = 0.0
@@ -61,6 +70,7 @@ class Cat:
     p_max: float = 512.0
     size: float = 0.0
     every: float = 1.0
+    eq9: float = 1.0
     name: str = "cat"
 
     def __post_init__(self) -> None:
@@ -88,7 +98,7 @@ class Cat:
 
     def compress(self, x: np.ndarray, rng: np.random.Generator) -> payload.Payload:
         x = np.asarray(x).reshape(-1)
-        return _compress_with(self.base_name, self.choose(x), x, rng)
+        return _compress_with(self.base_name, self.choose(x), x, rng, bool(self.eq9))
 
     def compressor_class(self, dim: int) -> CompressorClass:
         if self.base_name == "stochastic":  # T >= 1: omega <= d - 1 (Lemma 5: omega(T) >= T/d)
