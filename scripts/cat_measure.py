@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-rounds", type=int, default=100, help="target: gd's loss after this many rounds")
     ap.add_argument("--max-rounds", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="", help="run only the methods whose name contains one of these (comma-separated)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     cost = cost_model_from_dict(json.loads(Path(args.cost_file).read_text())) if args.cost_file else COSTS[args.cost]
@@ -130,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     target = gd["final_loss"]
     print(f"task {args.task} d={d} workers={args.workers} cost={cost} target loss {target:.5f} (gd, {args.target_rounds} rounds)")
     rows = []
+    wanted = [w for w in args.only.split(",") if w]
     for m in methods:
+        if wanted and not any(w in m["name"] for w in wanted):
+            continue
         r = run(m, X, y, args.workers, cost, target, args.max_rounds, args.seed)
         rows.append({"method": m["name"], **r})
         mark = "" if r["reached"] else f"  NOT reached (loss {r['final_loss']:.5f})"
