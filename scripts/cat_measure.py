@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-rounds", type=int, default=100, help="target: gd's loss after this many rounds")
     ap.add_argument("--max-rounds", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", default="", help="run only the methods whose name contains one of these (comma-separated)")
+    ap.add_argument(
+        "--only", default="", help="run only the methods whose name contains one of these (comma-separated)"
+    )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     cost = cost_model_from_dict(json.loads(Path(args.cost_file).read_text())) if args.cost_file else COSTS[args.cost]
@@ -129,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     gd = run(methods[0], X, y, args.workers, cost, -math.inf, args.target_rounds, args.seed)
     target = gd["final_loss"]
-    print(f"task {args.task} d={d} workers={args.workers} cost={cost} target loss {target:.5f} (gd, {args.target_rounds} rounds)")
+    print(
+        f"task {args.task} d={d} workers={args.workers} cost={cost}",
+        f"target loss {target:.5f} (gd, {args.target_rounds} rounds)",
+    )
     rows = []
     wanted = [w for w in args.only.split(",") if w]
     for m in methods:
@@ -140,8 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         mark = "" if r["reached"] else f"  NOT reached (loss {r['final_loss']:.5f})"
         print(f"{m['name']:32s} cost {r['cost']:14.6g}  rounds {r['rounds']:5d}  mean T {r['mean_T']:9.1f}{mark}")
     if args.json:
-        out = {"task": args.task, "d": d, "cost_model": vars(cost) if hasattr(cost, "__dict__") else str(cost),
-               "target": target, "target_rounds": args.target_rounds, "results": rows}
+        out = {
+            "task": args.task,
+            "d": d,
+            "cost_model": vars(cost) if hasattr(cost, "__dict__") else str(cost),
+            "target": target,
+            "target_rounds": args.target_rounds,
+            "results": rows,
+        }
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     return 0
 
