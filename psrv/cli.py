@@ -95,12 +95,17 @@ def check_outputs(
 LAZY_HELP = {
     "cluster": "Shaped multi-host runs on one machine: one network namespace per host (needs root).",
     "inspect": "Look at psrv's traffic on the wire: HTTP/2 frames, gRPC messages, bytes per field.",
+    "fit-cost": "Measure the link to a server and fit a cost model (affine, packet) to transmission times.",
 }
 
 
 @click.group(
     cls=LazyGroup,
-    lazy={"cluster": ("psrv.cluster.cli", "cluster"), "inspect": ("psrv.inspect.cli", "inspect")},
+    lazy={
+        "cluster": ("psrv.cluster.cli", "cluster"),
+        "inspect": ("psrv.inspect.cli", "inspect"),
+        "fit-cost": ("psrv.costfit_cli", "fit_cost"),
+    },
 )
 @click.version_option(package_name="psrv")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")

@@ -31,6 +31,7 @@ __all__ = [
     "BUILTINS",
     "REGRESSION_BUILTINS",
     "SPLITS",
+    "parse_split",
     "DataError",
     "Dataset",
     "builtin_task_hint",
@@ -397,6 +398,22 @@ def train_test_split(ds: Dataset, test_fraction: float, seed: int) -> tuple[Data
 SPLITS = ("iid", "noniid", "dirichlet", "contiguous")
 
 
+def parse_split(split: str, alpha: float = 0.5) -> tuple[str, float]:
+    """``(name, alpha)`` of a split spec: a name of ``SPLITS``, or ``dirichlet:ALPHA`` (ALPHA > 0) for a
+    Dirichlet split of another concentration than ``alpha``. ``DataError`` for anything else."""
+    name, sep, value = split.partition(":")
+    if name not in SPLITS or (sep and name != "dirichlet"):
+        raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}, dirichlet:ALPHA")
+    if sep:
+        try:
+            alpha = float(value)
+        except ValueError:
+            raise DataError(f"split {split!r}: ALPHA must be a number > 0, e.g. dirichlet:0.1") from None
+    if name == "dirichlet" and not (alpha > 0 and np.isfinite(alpha)):  # also NaN, inf
+        raise DataError(f"dirichlet alpha must be a finite number > 0, got {alpha}")
+    return name, alpha
+
+
 def shard_indices(
     n: int, labels: np.ndarray, num_shards: int, split: str, seed: int, alpha: float = 0.5
 ) -> list[np.ndarray]:
@@ -405,7 +422,8 @@ def shard_indices(
     - ``iid``: random permutation cut into near-equal pieces (sizes differ by <= 1).
     - ``noniid``: indices sorted by label (random tie-break), cut into near-equal
       contiguous pieces, so each shard sees one or two labels (pathological non-IID).
-    - ``dirichlet``: for each class, proportions over shards ~ Dirichlet(alpha) and the
+    - ``dirichlet`` (``dirichlet:ALPHA`` sets alpha; Hsu, Qi, Brown, arXiv:1909.06335): for each
+      class, proportions over shards ~ Dirichlet(alpha) and the
       class's samples are dealt out by a multinomial draw. Shards left empty then each
       take one random sample from the currently largest shard (which always has >= 2
       samples since ``n >= num_shards``), so every shard is non-empty.
@@ -423,8 +441,7 @@ def shard_indices(
         raise DataError(f"num_shards ({num_shards}) exceeds the number of samples ({n})")
     if labels.shape != (n,):
         raise DataError(f"labels must have shape ({n},), got {labels.shape}")
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    split, alpha = parse_split(split, alpha)
     if split == "contiguous":
         return list(np.array_split(np.arange(n, dtype=np.int64), num_shards))
     rng = np.random.default_rng(seed)
@@ -435,8 +452,6 @@ def shard_indices(
             order = order[np.argsort(labels[order], kind="stable")]
         return [np.sort(part) for part in np.array_split(order, num_shards)]
 
-    if not alpha > 0:
-        raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
     owner = np.empty(n, dtype=np.int64)
     for c in np.unique(labels):  # loop over classes, not samples
         idx = rng.permutation(np.flatnonzero(labels == c))
@@ -454,7 +469,7 @@ def shard_indices(
 
 def shard(ds: Dataset, index: int, num_shards: int, split: str = "iid", seed: int = 0, alpha: float = 0.5) -> Dataset:
     """Worker ``index``'s part of ``ds`` under ``shard_indices``."""
-    if ds.n_classes == 0 and split == "dirichlet":
+    if ds.n_classes == 0 and parse_split(split, alpha)[0] == "dirichlet":
         raise DataError(f"{ds.name}: the dirichlet split needs class labels; this is a regression dataset")
     parts = shard_indices(len(ds), ds.y, num_shards, split, seed, alpha)
     if not isinstance(index, Integral) or not 0 <= index < num_shards:

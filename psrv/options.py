@@ -48,6 +48,16 @@ def _algorithm_list(ctx: click.Context, param: click.Parameter, value: str) -> l
     return names
 
 
+def _split(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from psrv.data import DataError, parse_split  # imported when used: --help stays fast
+
+    try:
+        parse_split(value)
+    except DataError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 # ---------------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
 class DataConfig:
@@ -475,10 +485,12 @@ DATA_OPTIONS: dict[str, Callable[[Any], Any]] = {
     ),
     "split": click.option(
         "--split",
-        type=click.Choice(SPLITS),
+        metavar="|".join(SPLITS) + "|dirichlet:ALPHA",
         default="iid",
         show_default=True,
-        help="How the training data is cut into the workers' shards.",
+        callback=_split,
+        help="How the training data is cut into the workers' shards; dirichlet is Dirichlet(0.5) over each "
+        "class's shares, dirichlet:ALPHA another concentration (dirichlet:0.1: strongly skewed).",
     ),
     "test_fraction": click.option(
         "--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True

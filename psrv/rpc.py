@@ -293,6 +293,9 @@ class CountingStub:
     def Skip(self, request: pb.SkipRequest, **kwargs: Any) -> pb.SkipResponse:
         return self._unary("Skip", request, **kwargs)
 
+    def Probe(self, request: pb.ProbeRequest, **kwargs: Any) -> pb.ProbeResponse:
+        return self._unary("Probe", request, **kwargs)
+
     def GetModelStream(self, request: pb.GetModelRequest, **kwargs: Any) -> pb.GetModelResponse:
         """GetModel as a stream of pieces (raises :class:`psrv.stream.StreamError` on a bad stream)."""
         stream_request = pb.GetModelStreamRequest(worker_id=request.worker_id, round=request.round)

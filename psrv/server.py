@@ -62,6 +62,7 @@ class Servicer:
                                 max(lim.call_burst, 2 * engine.config.num_workers))  # fmt: skip
         self._configured = frozenset(engine.config.worker_ids)
         self.watchdog = Watchdog()
+        self.max_message_bytes = 0  # the largest message received (Probe says it), set by create_server
 
     def _charge(self, context: Any, worker_id: str) -> None:
         """Count one call (or a Rounds resync) against its caller's rate (README, "Limits"):
@@ -358,6 +359,13 @@ class Servicer:
         self._skip(req.worker_id, req.round, req, nbytes)
         return pb.SkipResponse(round=req.round)
 
+    def Probe(self, req: pb.ProbeRequest, nbytes: int, context: Any) -> pb.ProbeResponse:
+        """A link measurement (``psrv fit-cost``, :mod:`psrv.costfit`): charged and authorized like
+        any call, answered at once in any phase; the model is not touched."""
+        self._charge(context, req.worker_id)
+        self._authorize(context, req.worker_id)
+        return pb.ProbeResponse(received_bytes=nbytes, max_message_bytes=self.max_message_bytes)
+
     def _skip(self, worker_id: str, round_: int, req: pb.SkipRequest | pb.RoundsSkip, nbytes: int) -> None:
         loss = req.local_loss if req.HasField("local_loss") else None
         self.engine.skip(worker_id, round_, codec.skip_reason_from_proto(req), loss, nbytes)
@@ -487,7 +495,7 @@ def create_server(
     limits, m = ps.limits, ps.config.num_workers
     if max_message_bytes is None:
         max_message_bytes = limits.message_bytes(ps.engine.dim or ps.config.max_dim)
-    ps.max_message_bytes = max_message_bytes
+    ps.max_message_bytes = ps.servicer.max_message_bytes = max_message_bytes
     options = [
         ("grpc.max_send_message_length", rpc.MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", max_message_bytes),

@@ -45,13 +45,16 @@ def run_one(algorithm: str, options: dict, split: str, alpha: float, args: argpa
         rounds=args.rounds,
         round_timeout=60.0,
         seed=args.seed,
+        downlink="auto" if algorithm in ("scaffold", "fedavg-m") else args.downlink,  # they need the replicas
     )
     accuracy: list[float] = []
     traffic: list[tuple[int, int]] = []  # (bytes up, bytes down) of every round (ps.records keeps a tail)
+    forms: list[str] = []  # the downlink form of every round (dense / update)
 
     def on_round(rec: dict) -> None:
         accuracy.append(float(task.accuracy(ps.theta, test.X, test.y)))
         traffic.append((rec["bytes_up"], rec["bytes_down"]))
+        forms.append(rec.get("downlink", ""))
 
     ps = ParameterServer(cfg, MetricsSink(on_round=on_round))
     started = time.monotonic()
@@ -75,13 +78,16 @@ def run_one(algorithm: str, options: dict, split: str, alpha: float, args: argpa
         "best_accuracy": max(accuracy),
         "grad_evals": sum(r.grad_evals for r in results),
         "wall_s": wall,
+        "accuracy": accuracy,  # held-out accuracy after every round
+        "downlink": forms,
+        "traffic": traffic,  # (bytes up, bytes down) of every round: rounds and bytes to any other target
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="mnist")
-    p.add_argument("--task", default="logreg")
+    p.add_argument("--task", default="logreg", help="logreg (softmax regression) or mlp (784-512-10 ReLU)")
     p.add_argument("--workers", type=int, default=10)
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--target", type=float, default=0.85, help="test accuracy to reach")
@@ -92,6 +98,14 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.5, help="fedavg-m's beta")
     p.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration of the non-IID split")
     p.add_argument("--algorithms", default="sgd,local-sgd,scaffold,fedavg-m")
+    p.add_argument("--splits", default="iid,dirichlet")
+    p.add_argument("--samples", default="0,half", help="workers sampled per round: 0 (all), half (M/2) or a number")
+    p.add_argument(
+        "--downlink",
+        default="auto",
+        choices=("auto", "dense", "replica"),
+        help="broadcast form for sgd/local-sgd (scaffold, fedavg-m always take replica updates)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -108,8 +122,9 @@ def main() -> None:
     head = f"{'algorithm':10} {'split':16} {'s':>3} {'rounds':>7} {'MB up':>8} {'MB down':>8} {'kB up/link':>10} "
     head += f"{'kB down/link':>12} {'final acc':>9} {'wall s':>7}"
     print(head)
-    for split in ("iid", "dirichlet"):
-        for sample in (0, args.workers // 2):
+    samples = [args.workers // 2 if v == "half" else int(v) for v in args.samples.split(",")]
+    for split in args.splits.split(","):
+        for sample in samples:
             for name in args.algorithms.split(","):
                 opts = dict(per_algo[name])
                 if sample:

@@ -16,6 +16,7 @@ from psrv.data import (
     load,
     load_builtin,
     load_file,
+    parse_split,
     shard,
     shard_indices,
     train_test_split,
@@ -119,6 +120,18 @@ def test_dirichlet_skew_and_nonempty(mnist: Dataset) -> None:
     assert classes(skewed) < classes(flat) == 10
 
 
+def test_dirichlet_alpha_in_the_split_name(mnist: Dataset) -> None:
+    """``dirichlet:ALPHA`` (the --split value) is the Dirichlet split of that concentration, whatever alpha says."""
+    named = shard_indices(len(mnist), mnist.y, 10, "dirichlet:0.1", seed=4)
+    given = shard_indices(len(mnist), mnist.y, 10, "dirichlet", seed=4, alpha=0.1)
+    default = shard_indices(len(mnist), mnist.y, 10, "dirichlet", seed=4)  # alpha 0.5
+    for a, b in zip(named, given, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(named, default, strict=True))
+    assert parse_split("dirichlet:0.1", alpha=7.0) == ("dirichlet", 0.1)
+    assert parse_split("iid") == ("iid", 0.5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -127,7 +140,12 @@ def test_dirichlet_skew_and_nonempty(mnist: Dataset) -> None:
         ({"split": "random"}, "unknown split 'random'"),
         ({"index": 4}, "out of range"),
         ({"index": -1}, "out of range"),
-        ({"split": "dirichlet", "alpha": 0.0}, "alpha must be > 0"),
+        ({"split": "dirichlet", "alpha": 0.0}, "alpha must be a finite number > 0"),
+        ({"split": "dirichlet:0"}, "alpha must be a finite number > 0"),
+        ({"split": "dirichlet:nan"}, "alpha must be a finite number > 0"),
+        ({"split": "dirichlet:inf"}, "alpha must be a finite number > 0"),
+        ({"split": "dirichlet:x"}, "ALPHA must be a number"),
+        ({"split": "iid:0.1"}, "unknown split 'iid:0.1'"),
     ],
 )
 def test_shard_errors(kwargs: dict, match: str) -> None:

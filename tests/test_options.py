@@ -166,3 +166,18 @@ def test_liveness_options_reach_the_server_through_its_command_line() -> None:
     assert server_job.server_config() == config
     default, _ = _job_from(("start-server",), ["--algorithm", "gd"])
     assert (default.min_workers, default.quorum_wait) == (1, None) and "--min-workers" not in default.argv()
+
+
+def test_split_takes_a_dirichlet_concentration() -> None:
+    """`--split dirichlet:0.1` reaches the workers' command line as given (they parse it in
+    psrv.data.shard); a malformed one is a one-line usage error naming the flag."""
+    _, dc = _job_from(("run",), ["--split", "dirichlet:0.1"])
+    argv = dc.argv()
+    assert argv[argv.index("--split") + 1] == "dirichlet:0.1"
+    for bad, said in [
+        ("dirichlet:0", "finite number > 0"),
+        ("dirichlet:", "ALPHA must be"),
+        ("iid:2", "unknown split"),
+    ]:
+        result = CliRunner().invoke(main, ["run", "--split", bad])
+        assert result.exit_code == 2 and "--split" in result.output and said in result.output, result.output

@@ -465,3 +465,19 @@ class RoundsResponse(_message.Message):
     model_piece: GetModelStreamResponse
     rejected: RoundsRejected
     def __init__(self, model: _Optional[_Union[GetModelResponse, _Mapping]] = ..., model_piece: _Optional[_Union[GetModelStreamResponse, _Mapping]] = ..., rejected: _Optional[_Union[RoundsRejected, _Mapping]] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("worker_id", "payload")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    payload: bytes
+    def __init__(self, worker_id: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class ProbeResponse(_message.Message):
+    __slots__ = ("received_bytes", "max_message_bytes")
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    received_bytes: int
+    max_message_bytes: int
+    def __init__(self, received_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
