@@ -7,7 +7,15 @@ from collections.abc import Iterable
 
 #: options whose value may be a name: KEY -> the names, each standing for its index (options travel as
 #: numbers). ``-o topology=ring`` is ``-o topology=0`` (psrv.decentralized.TOPOLOGIES, kept equal by a test)
-NAMED_VALUES: dict[str, tuple[str, ...]] = {"topology": ("ring", "torus", "exponential", "full")}
+NAMED_VALUES: dict[str, tuple[str, ...]] = {
+    "topology": ("ring", "torus", "exponential", "full"),
+    # the cat / alistarh compressors (psrv.cat.BASES, COST_MODELS, SIZE_UNITS, kept equal by a test)
+    "base": ("topk", "sq", "stochastic"),
+    "cost": ("payload", "affine", "packet"),
+    "size": ("payload_bits", "wire_bytes"),
+}
+#: ``cost_file=PATH``: a cost model JSON (psrv.cat.cost_options_from_file) expanded to cat's options
+FILE_KEYS = ("cost_file",)
 
 
 def parse_key_values(items: Iterable[str]) -> dict[str, float]:
@@ -17,6 +25,13 @@ def parse_key_values(items: Iterable[str]) -> dict[str, float]:
     for item in items:
         key, sep, value = item.partition("=")
         names = NAMED_VALUES.get(key.strip().rpartition(".")[2], ())  # ALGORITHM.KEY too
+        if sep and key.strip().rpartition(".")[2] in FILE_KEYS:
+            from psrv.cat import cost_options_from_file
+
+            prefix = key.strip().rpartition(".")[0]
+            for k, v in cost_options_from_file(value.strip()).items():
+                out[f"{prefix}.{k}" if prefix else k] = v
+            continue
         if sep and value.strip() in names:
             out[key.strip()] = float(names.index(value.strip()))
             continue
