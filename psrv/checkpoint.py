@@ -311,3 +311,27 @@ class Checkpointer:
             self.engine.fail(f"terminated by {reason}")
             return
         self.stop_reason = reason
+
+
+def checkpointed_server(
+    config: ServerConfig,
+    sink: Any,
+    directory: str | Path | None,
+    every: int,
+    resume: Checkpoint | None = None,
+    limits: Any = None,
+) -> tuple[Any, Checkpointer | None]:
+    """A :class:`~psrv.server.ParameterServer` that saves its state to ``directory`` every
+    ``every`` rounds (None: no checkpoints; accumulating rules then keep no per-worker rows) and
+    continues ``resume`` (a loaded checkpoint) when given: the server and its
+    :class:`Checkpointer` (None without a directory). ``sink`` gets every closed round either way."""
+    from psrv.server import ParameterServer  # the transport, only for the runs that build one
+
+    checkpointer = None if directory is None else Checkpointer(directory, every, sink)
+    ps = ParameterServer(config, checkpointer or sink, limits, keep_rows=checkpointer is not None)
+    if checkpointer is not None:
+        checkpointer.attach(ps.engine, ps.counter)
+    if resume is not None:
+        ps.engine.restore(resume.state)
+        resume.restore_counter(ps.counter)
+    return ps, checkpointer

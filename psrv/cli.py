@@ -444,7 +444,7 @@ def start_server(
     from psrv import files, report
     from psrv.metrics import MetricsSink
     from psrv.runner import config_manifest
-    from psrv.server import ParameterServer, create_server
+    from psrv.server import create_server
     from psrv.tls import is_loopback
 
     security = pop_server_security(kw)
@@ -500,18 +500,11 @@ def start_server(
             report.write_json(summary_json, summary)
         click.echo(json.dumps(summary))
         return
-    checkpointer = None
-    if checkpoint_dir is not None:
-        from psrv.checkpoint import Checkpointer
+    from psrv.checkpoint import checkpointed_server
 
-        checkpointer = Checkpointer(checkpoint_dir, 10 if checkpoint_every is None else checkpoint_every, sink)
     try:
-        ps = ParameterServer(config, checkpointer or sink, limits, keep_rows=checkpointer is not None)
-        if checkpointer is not None:
-            checkpointer.attach(ps.engine, ps.counter)
-        if ckpt is not None:
-            ps.engine.restore(ckpt.state)
-            ckpt.restore_counter(ps.counter)
+        every = 10 if checkpoint_every is None else checkpoint_every
+        ps, checkpointer = checkpointed_server(config, sink, checkpoint_dir, every, ckpt, limits)
         server, bound = create_server(ps, f"{host}:{port}", security=security)
     except (ValueError, RuntimeError) as exc:
         sink.close()

@@ -21,6 +21,7 @@ import numpy as np
 
 from psrv import __version__, certs, lifeline, report
 from psrv.algorithms import make_algorithm
+from psrv.checkpoint import checkpointed_server
 from psrv.files import atomic_save_npy, atomic_write_json
 from psrv.metrics import MetricsSink
 from psrv.options import DataConfig, worker_argv, worker_id, worker_ids
@@ -259,17 +260,7 @@ def run_local(
             overwrite=True,  # the run folder is this command's: a reused --out is replaced (see README)
             keep_lines=keep,  # resumed: continued after the checkpoint's lines
         )
-        checkpointer = None
-        if checkpoint_dir is not None:
-            from psrv.checkpoint import Checkpointer
-
-            checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, sink)
-        ps = ParameterServer(config, checkpointer or sink, keep_rows=checkpointer is not None)
-        if checkpointer is not None:
-            checkpointer.attach(ps.engine, ps.counter)
-        if resume is not None:
-            ps.engine.restore(resume.state)
-            resume.restore_counter(ps.counter)
+        ps, _ = checkpointed_server(config, sink, checkpoint_dir, checkpoint_every, resume)
         pki = certs.make_test_pki(out / "tls", [f"w{i}" for i in range(config.num_workers)]) if tls else None
         server, port = create_server(ps, "127.0.0.1:0", security=None if pki is None else pki.server_security())
         env = lifeline.child_env()
