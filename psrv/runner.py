@@ -261,13 +261,13 @@ def run_local(
             keep_lines=keep,  # resumed: continued after the checkpoint's lines
         )
         ps, _ = checkpointed_server(config, sink, checkpoint_dir, checkpoint_every, resume)
-        pki = certs.make_test_pki(out / "tls", [f"w{i}" for i in range(config.num_workers)]) if tls else None
+        pki = certs.make_test_pki(out / "tls", worker_ids(config.num_workers)) if tls else None
         server, port = create_server(ps, "127.0.0.1:0", security=None if pki is None else pki.server_security())
         env = lifeline.child_env()
         for i in range(config.num_workers):
             log_file = open(out / f"worker{i}.log", "w")
             logs.append(log_file)
-            extra = (*(worker_extra or {}).get(i, ()), *(pki.worker_argv(f"w{i}") if pki else ()))
+            extra = (*(worker_extra or {}).get(i, ()), *(pki.worker_argv(worker_id(i)) if pki else ()))
             cmd = worker_argv(f"127.0.0.1:{port}", i, config.num_workers, dc, extra, device=device)
             # its own process group: a terminal's Ctrl-C reaches this process, which stops the workers
             procs.append(

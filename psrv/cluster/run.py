@@ -117,7 +117,7 @@ def _run(cfg: ClusterConfig, topo: Topology, out: Path, logs: list[Any], say: Ca
     cap_proc = _start_capture(topo, out) if cfg.capture else None
 
     started = time.monotonic()
-    ids = [f"w{i}" for i in range(cfg.workers)]
+    ids = worker_ids(cfg.workers)
     pki = certs.make_test_pki(out / "tls", ids, hosts=[server.ip]) if cfg.tls else None
     srv_argv = [*server_argv(cfg, server.ip, out), *(pki.server_argv() if pki else ())]
     srv = _launch(cfg, topo, SERVER, srv_argv, out, logs)
