@@ -169,10 +169,12 @@ def _groups(runs: Sequence[Run]) -> dict[tuple[tuple[str, str], ...], list[Run]]
 
 
 def _slug(group: tuple[tuple[str, str], ...], several: bool) -> str:
+    """File-name prefix of a group's plots ("" when the experiment has one group): the link, then
+    the grid's k=v."""
     if not several:
         return ""
-    text = "__".join(f"{k}={v}" for k, v in group if not (k == "link" and v == "loopback"))
-    return (re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-") or "loopback") + "__"
+    text = "__".join(v if k == "link" else f"{k}={v}" for k, v in group)
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-") + "__"
 
 
 def _title(group: tuple[tuple[str, str], ...]) -> str:
@@ -286,8 +288,8 @@ def _draw(ax: Any, band: Band, xkey: str, color: Any, label: str, positive: bool
         xs, mean, lo, hi = ([v[i] for i in keep] for v in (xs, mean, lo, hi))
     if not xs:
         return False
-    marker = "o" if len(xs) <= 12 else None
-    ax.plot(xs, mean, color=color, label=label, lw=1.8, marker=marker, ms=3)
+    few = len(xs) <= 12  # markers on every point, else on the last (where the run ended)
+    ax.plot(xs, mean, color=color, label=label, lw=1.8, marker="o", ms=3 if few else 4, markevery=None if few else [-1])
     if band.seeds > 1:
         ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
     return True
@@ -316,7 +318,7 @@ def _curve_figure(
     if log_y:  # a loss that moves less than a decade reads better on a linear axis
         values = [v for b in bands.values() for v in b.mean if v > 0]
         log_y = bool(values) and max(values) > 10 * min(values)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.4))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.4), layout="constrained")
     flat = list(axes.flat)
     for ax, (xkey, (xlabel, log_x)) in zip(flat, X_AXES.items(), strict=False):
         drew = False
@@ -336,7 +338,6 @@ def _curve_figure(
     handles, labels = flat[0].get_legend_handles_labels()
     legend_ax.legend(handles, labels, loc="center", fontsize=12, title=_band_note(bands.values()), frameon=False)
     fig.suptitle(title, fontsize=13)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -346,7 +347,7 @@ def _gradnorm_figure(path: Path, by_label: dict[str, list[Run]], colors: dict[st
     if not bands:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
     for ax, xkey in zip(axes, ("iteration", "uploads", "payload_bits"), strict=True):
         for lb, band in bands.items():
             _draw(ax, band, xkey, colors[lb], lb, True)
@@ -358,7 +359,6 @@ def _gradnorm_figure(path: Path, by_label: dict[str, list[Run]], colors: dict[st
         ax.grid(True, which="major", alpha=0.35)
     axes[0].legend(title=_band_note(bands.values()), fontsize=9, title_fontsize=8)
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -392,7 +392,9 @@ def _uploads_figure(path: Path, by_label: dict[str, list[Run]], colors: dict[str
         return None
     ids = sorted({w for d in per_label.values() for w in d}, key=_worker_key)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(7.0, min(16.0, 0.35 * len(ids) * len(per_label) + 3)), 4.6))
+    fig, ax = plt.subplots(
+        figsize=(max(7.0, min(16.0, 0.35 * len(ids) * len(per_label) + 3)), 4.6), layout="constrained"
+    )
     seeds = max(len(v) for d in per_label.values() for v in d.values())
     if len(ids) <= 40:
         width = 0.8 / len(per_label)
@@ -415,7 +417,6 @@ def _uploads_figure(path: Path, by_label: dict[str, list[Run]], colors: dict[str
     ax.legend(title=note, fontsize=9, title_fontsize=8)
     ax.grid(True, axis="y", alpha=0.35)
     ax.set_title(title + " — uploads per worker (LAQ Proposition 1)", fontsize=11)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -451,6 +452,16 @@ def render(exp_dir: str | Path) -> list[Path]:
         out3 = _gradnorm_figure(plots / f"{prefix}gradnorm.png", det, colors, title) if det else None
         out4 = _uploads_figure(plots / f"{prefix}uploads_per_worker.png", by_label, colors, title)
         written += [p for p in (out, out2, out3, out4) if p is not None]
+    return written + write_tables(root, runs)
+
+
+def write_tables(exp_dir: str | Path, runs: Sequence[Run] | None = None) -> list[Path]:
+    """Write ``EXP/tables/<name>.md`` and ``.csv`` (see :func:`tables`); return the paths."""
+    root = Path(exp_dir)
+    runs = load_runs(root) if runs is None else runs
+    config = experiment_config(root)
+    order = method_order(runs, config)
+    written = []
     for tname, text in _all_tables(runs, order, baseline_label(order, config)).items():
         (root / "tables").mkdir(parents=True, exist_ok=True)
         written.append(atomic_write_text(root / "tables" / f"{tname}.md", text["md"]))
