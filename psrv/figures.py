@@ -1,6 +1,6 @@
-"""Paper-style plots and tables of an experiment folder (``psrv experiment``; layout in
-docs/experiments.md): one line per method label, mean and spread over seeds, one figure per grid
-point and link.
+"""Paper-style plots and tables of an experiment folder (written by ``psrv experiment``:
+runs/<run_id>/spec.json, summary.json, <algorithm>/metrics.jsonl): one line per method label, mean
+and spread over seeds, one figure per grid point and link.
 
 The figures follow Sun et al., "Communication-Efficient Distributed Learning via Lazily Aggregated
 Quantized Gradients" (NeurIPS 2019): the objective (or the residual f(θ^k) − f*, log axis) against
@@ -413,7 +413,8 @@ def _uploads_figure(path: Path, by_label: dict[str, list[Run]], colors: dict[str
             ax.step(range(len(mean)), mean, where="mid", color=colors[lb], label=lb, lw=1.8)
         ax.set_xlabel("workers, sorted by uploads")
     ax.set_ylabel("uploads over the run")
-    note = f"mean over {seeds} seeds; bar: min–max" if seeds > 1 else "one seed"
+    spread = "; error bar: min–max" if len(ids) <= 40 else ""
+    note = f"mean over {seeds} seeds{spread}" if seeds > 1 else "one seed"
     ax.legend(title=note, fontsize=9, title_fontsize=8)
     ax.grid(True, axis="y", alpha=0.35)
     ax.set_title(title + " — uploads per worker (LAQ Proposition 1)", fontsize=11)
