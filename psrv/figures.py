@@ -80,8 +80,11 @@ class Run:
 
     @property
     def fstar(self) -> float | None:
-        f = self.spec.get("fstar")
-        return float(f) if isinstance(f, int | float) and math.isfinite(f) else None
+        """f* of the run: the summary's (a solved "auto") or the spec's; None when neither is a number."""
+        for f in (self.summary.get("fstar"), self.spec.get("fstar")):
+            if isinstance(f, int | float) and not isinstance(f, bool) and math.isfinite(f):
+                return float(f)
+        return None
 
     @property
     def group(self) -> tuple[tuple[str, str], ...]:

@@ -190,7 +190,7 @@ def test_residual_groups_single_seed_and_missing_fields(tmp_path: Path) -> None:
     a run without metrics, an unfinished run: all handled."""
     e = tmp_path / "exp"
     recs = records(12, [1, 2, 4], 50, 1.0)
-    write_run(e, "A", 0, recs, fstar=0.001)
+    write_run(e, "A", 0, recs, summary={"fstar": 0.001})  # f* solved ("auto"): in the summary
     write_run(e, "A", 0, [{k: v for k, v in r.items() if k not in ("train_loss", "accuracy")} for r in recs], "10mbit")
     d = write_run(e, "C", 0, recs, summary={"uploads": 9, "payload_bits": 900, "rounds": 12}, fstar=0.001)
     (d / "c" / "metrics.jsonl").unlink()  # the table keeps its summary numbers
