@@ -168,7 +168,7 @@ def _groups(runs: Sequence[Run]) -> dict[tuple[tuple[str, str], ...], list[Run]]
     out: dict[tuple[tuple[str, str], ...], list[Run]] = {}
     for r in runs:
         out.setdefault(r.group, []).append(r)
-    return out
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][0] != ("link", "loopback"), kv[0])))  # loopback first
 
 
 def _slug(group: tuple[tuple[str, str], ...], several: bool) -> str:
