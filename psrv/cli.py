@@ -97,6 +97,8 @@ LAZY_HELP = {
     "cluster": "Shaped multi-host runs on one machine: one network namespace per host (needs root).",
     "inspect": "Look at psrv's traffic on the wire: HTTP/2 frames, gRPC messages, bytes per field.",
     "fit-cost": "Measure the link to a server and fit a cost model (affine, packet) to transmission times.",
+    "experiment": "Run a grid of methods x seeds x links x settings from a TOML config into one results folder.",
+    "report": "Re-render an experiment folder's tables, plots and report.md from its saved runs.",
 }
 
 
@@ -106,6 +108,8 @@ LAZY_HELP = {
         "cluster": ("psrv.cluster.cli", "cluster"),
         "inspect": ("psrv.inspect.cli", "inspect"),
         "fit-cost": ("psrv.costfit_cli", "fit_cost"),
+        "experiment": ("psrv.experiment_cli", "experiment"),
+        "report": ("psrv.experiment_cli", "report"),
     },
 )
 @click.version_option(package_name="psrv")
