@@ -286,6 +286,7 @@ def expand(exp: Experiment) -> list[Run]:
     import click
 
     from psrv.options import pop_data
+    from psrv.stopping import CONVEX_TASKS
 
     targets, fstar = _stop_targets(exp.stop)
     other = {k: v for k, v in exp.grid.items() if k not in ("seeds", "links")}
@@ -330,9 +331,14 @@ def expand(exp: Experiment) -> list[Run]:
                 with click.Context(command) as ctx:  # what psrv run would say, before anything runs
                     command.parse_args(ctx, list(argv[3:] if cluster else argv[2:]))
                     kw = dict(ctx.params)
-                _job_config(kw, pop_data(kw))  # and its job's options (-o, -t, --compressor, ...)
+                task = _job_config(kw, pop_data(kw)).task  # and its job's options (-o, -t, --compressor, ...)
             except click.ClickException as exc:
                 raise ConfigError(f"run {run_id}: {exc.format_message()}") from None
+            if fstar == "auto" and "residual" in targets and task not in CONVEX_TASKS:
+                raise ConfigError(
+                    f'[stop].fstar: "auto" is solved only for the convex tasks ({", ".join(CONVEX_TASKS)}); '
+                    f"task {task!r} needs a number (fstar = F)"
+                )
             runs.append(Run(run_id, m.label, m.algorithm, seed, link, point, argv, targets,
                             fstar if "residual" in targets else None))  # fmt: skip
     ids = [r.run_id for r in runs]
