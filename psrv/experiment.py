@@ -633,15 +633,18 @@ def to_toml(data: dict[str, Any]) -> str:
         if isinstance(v, list):
             return "[" + ", ".join(val(x) for x in v) + "]"
         if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
+            return "{ " + ", ".join(f"{key(k)} = {val(x)}" for k, x in v.items()) + " }"
         return json.dumps(str(v))
+
+    def key(k: str) -> str:
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
 
     lines = [f"{k} = {val(data[k])}" for k in ("name", "description", "out", "baseline") if k in data]
     for table in ("run", "stop", "grid"):
         if data.get(table):
-            lines += ["", f"[{table}]", *(f"{k} = {val(v)}" for k, v in data[table].items())]
+            lines += ["", f"[{table}]", *(f"{key(k)} = {val(v)}" for k, v in data[table].items())]
     for m in data.get("method", []):
-        lines += ["", "[[method]]", *(f"{k} = {val(v)}" for k, v in m.items())]
+        lines += ["", "[[method]]", *(f"{key(k)} = {val(v)}" for k, v in m.items())]
     return "\n".join(lines) + "\n"
 
 
