@@ -455,12 +455,14 @@ def _adopt_cluster(run: Run, folder: Path) -> None:
     """``psrv cluster run``'s outputs in the per-run layout: <algorithm>/metrics.jsonl and a summary
     with "status": "done" (it has no stopping rules: "stopped_by": "rounds")."""
     src = folder / "cluster"
-    summary = json.loads((src / "summary.json").read_text())
+    result = json.loads((src / "summary.json").read_text())
     (folder / run.algorithm).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "metrics.jsonl", folder / run.algorithm / "metrics.jsonl")
-    with contextlib.suppress(OSError):
-        shutil.copyfile(src / "manifest.json", folder / "manifest.json")
+    # the server's summary (rounds, uploads, bits, bytes, final loss) at the top, as psrv run has it;
+    # the cluster's own (links, hosts' wire counters, timing) under "cluster"
+    summary = {**result.get("server", {}), "cluster": {k: v for k, v in result.items() if k != "server"}}
     summary.setdefault("algorithm", run.algorithm)
+    summary["worker_exit_codes"] = result.get("worker_exit_codes")
     summary.update(status="done", stopped_by="rounds", stop_round=None)
     atomic_write_json(folder / "summary.json", summary)
 
