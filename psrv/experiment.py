@@ -38,6 +38,7 @@ STOP_KEYS = {"loss_residual", "residual", "loss", "train_loss", "accuracy", "fst
 #: `psrv run` options an experiment sets itself (per run), never the config
 RESERVED = {"out", "summary-json", "resume", "algorithm", "stop-at", "fstar", "help", "seed"}
 LOOPBACK = "loopback"
+RUN_SUMMARY = "run-summary.json"  # what the child psrv run wrote
 
 
 class ConfigError(ValueError):
@@ -440,8 +441,8 @@ def finished(folder: Path) -> dict[str, Any] | None:
 
 def child_argv(run: Run, folder: Path, tensorboard: str | None) -> list[str]:
     args = [sys.executable, "-m", "psrv", *run.argv[1:]]
-    if run.link == LOOPBACK:
-        args += ["--out", str(folder)]
+    if run.link == LOOPBACK:  # its summary goes to RUN_SUMMARY: summary.json is the experiment's, written last
+        args += ["--out", str(folder), "--summary-json", str(folder / RUN_SUMMARY)]
         if run.fstar is not None:
             args += ["--fstar", repr(float(run.fstar)) if not isinstance(run.fstar, str) else run.fstar]
         if tensorboard is not None:
@@ -451,9 +452,9 @@ def child_argv(run: Run, folder: Path, tensorboard: str | None) -> list[str]:
     return args
 
 
-def _adopt_cluster(run: Run, folder: Path) -> None:
-    """``psrv cluster run``'s outputs in the per-run layout: <algorithm>/metrics.jsonl and a summary
-    with "status": "done" (it has no stopping rules: "stopped_by": "rounds")."""
+def _adopt_cluster(run: Run, folder: Path) -> dict[str, Any]:
+    """``psrv cluster run``'s outputs in the per-run layout: <algorithm>/metrics.jsonl, and the summary
+    to write, "status": "done" (it has no stopping rules: "stopped_by": "rounds")."""
     src = folder / "cluster"
     result = json.loads((src / "summary.json").read_text())
     (folder / run.algorithm).mkdir(parents=True, exist_ok=True)
@@ -464,7 +465,7 @@ def _adopt_cluster(run: Run, folder: Path) -> None:
     summary.setdefault("algorithm", run.algorithm)
     summary["worker_exit_codes"] = result.get("worker_exit_codes")
     summary.update(status="done", stopped_by="rounds", stop_round=None)
-    atomic_write_json(folder / "summary.json", summary)
+    return summary
 
 
 def execute(exp: Experiment, tensorboard: str | None = None, echo: Any = print) -> dict[str, list[str]]:
@@ -504,16 +505,15 @@ def execute(exp: Experiment, tensorboard: str | None = None, echo: Any = print) 
                         proc.wait()
                     raise
             wall = time.monotonic() - started
-            if rc == 0 and run.link != LOOPBACK:
-                with contextlib.suppress(OSError, ValueError):
-                    _adopt_cluster(run, folder)
-            summary = finished(folder)
-            if rc != 0 or summary is None:
+            summary = None
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                summary = _adopt_cluster(run, folder) if run.link != LOOPBACK else _read(folder / RUN_SUMMARY)
+            if rc != 0 or not isinstance(summary, dict) or summary.get("status") != "done":
                 status["failed"].append(run.run_id)
                 echo(f"[{i}/{n}] {run.run_id}: FAILED (exit {rc}): {_why(folder)}")
                 continue
             summary.update(run_id=run.run_id, finished_at=_now(), process_wall_s=round(wall, 3))
-            atomic_write_json(folder / "summary.json", summary)  # still "done": written last, whole
+            atomic_write_json(folder / "summary.json", summary)  # "done": written last, whole
             stop = "" if summary.get("stopped_by") in (None, "rounds") else (
                 f", stopped by {summary['stopped_by']} at round {summary.get('stop_round')}")  # fmt: skip
             status["done"].append(run.run_id)
@@ -524,11 +524,16 @@ def execute(exp: Experiment, tensorboard: str | None = None, echo: Any = print) 
     return status
 
 
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
 def _why(folder: Path) -> str:
-    with contextlib.suppress(OSError, ValueError):
-        s = json.loads((folder / "summary.json").read_text())
-        if isinstance(s, dict) and s.get("error"):
-            return str(s["error"])[:300]
+    for name in ("summary.json", RUN_SUMMARY):
+        with contextlib.suppress(OSError, ValueError):
+            s = _read(folder / name)
+            if isinstance(s, dict) and s.get("error"):
+                return str(s["error"])[:300]
     with contextlib.suppress(OSError):
         lines = [x for x in (folder / "run.log").read_text(errors="replace").splitlines() if x.strip()]
         if lines:
