@@ -309,15 +309,15 @@ def expand(exp: Experiment) -> list[Run]:
                             raise ConfigError(f"{where}.{key}: must be a table, e.g. {key} = {{ name = 1 }}")
                         tables[_dash(key)].update(value)
                         continue
-                    # [run] may hold psrv run's own options (eval_every) that a cluster link drops
-                    args += _option_argv(key, value, where, params[False] | p if where == "[run]" else p)
+                    if cluster and where == "[run]" and _dash(key) not in p and _dash(key) in params[False]:
+                        continue  # psrv run's own (eval_every, register_timeout): psrv cluster run has none
+                    args += _option_argv(key, value, where, p)
             for key, table in tables.items():
                 args += _option_argv(key, table, "[run]", p) if table else []
             if cluster:
                 if targets:
                     raise ConfigError(f"[grid].links: {link!r} runs psrv cluster run, which has no stopping rules; "
                                       "drop [stop] or use links = [\"loopback\"]")  # fmt: skip
-                args = [a for a in _without(args, ("eval-every", "target-accuracy", "target-loss"))]
                 argv = ["psrv", "cluster", "run", "--algorithm", m.algorithm, "--seed", str(seed), *args,
                         "--rate", link]  # fmt: skip
             else:
@@ -354,19 +354,6 @@ def _command(cluster: bool) -> Any:
     else:
         from psrv.cli import run
     return run
-
-
-def _without(args: list[str], names: tuple[str, ...]) -> list[str]:
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-            continue
-        if a.startswith("--") and a[2:] in names:
-            skip = True
-            continue
-        out.append(a)
-    return out
 
 
 # ---------------------------------------------------------------------------------- f*

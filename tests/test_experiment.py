@@ -77,6 +77,8 @@ def _one_line_error(tmp_path: Path, text: str) -> str:
         ('[stop]\nloss_residual = 1e-6\n[[method]]\nlabel = "a"\nalgorithm = "gd"\n', "[stop].fstar"),
         ('[stop]\nlos = 1\n[[method]]\nlabel = "a"\nalgorithm = "gd"\n', "[stop].los"),
         ('[run]\nrounds = [1, 2]\n[[method]]\nlabel = "a"\nalgorithm = "gd"\n', "[run].rounds"),
+        ('[grid]\nlinks = ["10mbit"]\n[stop]\nloss = 1\n[[method]]\nlabel = "a"\nalgorithm = "gd"\n', "stopping rules"),
+        ('[grid]\nlinks = ["10xbit"]\n[[method]]\nlabel = "a"\nalgorithm = "gd"\n', "'--rate'"),
         (
             '[run]\ntask = "mlp"\n[stop]\nloss_residual = 1e-6\nfstar = "auto"\n[[method]]\nlabel = "a"\n'
             'algorithm = "gd"\n',
@@ -101,6 +103,11 @@ def test_grid_expands_methods_by_seeds_and_settings_and_flags_override(tmp_path:
     assert tomllib.loads(to_toml(exp.raw)) == exp.raw  # experiment.toml: the resolved config, read back whole
     with pytest.raises(ConfigError, match="--methods: no \\[\\[method\\]\\] labelled 'X'"):
         load(_config(tmp_path, text), methods="X")
+    # a shaped link runs psrv cluster run: psrv run's own [run] options (eval_every, register_timeout) stay out
+    shaped = load(_config(tmp_path, SMALL.format(rounds=5, loss=1.0).replace("loss = 1.0", "")), links="10mbit/20mbit")
+    assert shaped.runs[0].argv[:4] == ["psrv", "cluster", "run", "--algorithm"]
+    assert shaped.runs[0].argv[-2:] == ["--rate", "10mbit/20mbit"] and "--eval-every" not in shaped.runs[0].argv
+    assert shaped.runs[0].run_id == "GD__seed0__10mbit-20mbit"
     res = CliRunner().invoke(
         main, ["experiment", str(_config(tmp_path, text)), "--dry-run", "--out", str(tmp_path / "o")]
     )
