@@ -568,6 +568,10 @@ def rows(exp_dir: Path, name: str) -> list[dict[str, Any]]:
         )
         for k, v in (spec.get("grid") or {}).items():
             row[f"grid.{k}"] = v
+        totals = (summary.get("cluster") or {}).get("totals") or {}
+        for k in ("wire_bytes_up", "wire_bytes_down"):  # a shaped link: bytes on the wire, headers included
+            if k in totals:
+                row[k] = totals[k]
         out.append(row)
     return out
 
