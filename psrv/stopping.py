@@ -66,10 +66,13 @@ class StopRule:
         return None
 
 
-def solve_fstar(task_name: str, task_options: dict[str, Any], dc: Any, tol: float = 1e-12) -> float:
+def solve_fstar(
+    task_name: str, task_options: dict[str, Any], dc: Any, tol: float = 1e-12, evaluator: Any = None
+) -> float:
     """f* = min f(θ) of the full training objective of a convex task (logreg, linreg) on the run's
     own split, by L-BFGS from θ = 0 with the exact gradient (``local_loss_grad`` of one worker holding
-    every sample). :class:`StopRuleError` for a task that is not convex."""
+    every sample; ``evaluator``: a :class:`psrv.runner.Evaluator` of that task and data already
+    loaded). :class:`StopRuleError` for a task that is not convex."""
     if task_name not in CONVEX_TASKS:
         raise StopRuleError(
             f"f* = auto is solved only for the convex tasks ({', '.join(CONVEX_TASKS)}); task {task_name!r} "
@@ -80,7 +83,7 @@ def solve_fstar(task_name: str, task_options: dict[str, Any], dc: Any, tol: floa
 
     from psrv.runner import Evaluator
 
-    ev = Evaluator(task_name, dict(task_options), dc)
+    ev = evaluator if evaluator is not None else Evaluator(task_name, dict(task_options), dc)
     X, y, n = ev.train.X, ev.train.y, len(ev.train)
 
     def fg(theta: Any) -> tuple[float, Any]:

@@ -138,8 +138,8 @@ def test_fstar_auto_is_the_minimum_of_the_training_objective() -> None:
     from psrv.stopping import solve_fstar
 
     dc = DataConfig(data="digits")
-    fstar = solve_fstar("logreg", {"l2": 0.01}, dc)
     ev = Evaluator("logreg", {"l2": 0.01}, dc)
+    fstar = solve_fstar("logreg", {"l2": 0.01}, dc, evaluator=ev)
     X, y, n = ev.train.X, ev.train.y, len(ev.train)
     assert fstar < ev.task.loss(np.zeros(ev.task.dim), X, y)
     # strongly convex (l2 0.01): f(θ) - f* >= ||∇f(θ)||² / (2 L) would fail for a f* above the minimum; below
