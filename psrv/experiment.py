@@ -646,23 +646,6 @@ def to_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fallback_tables(exp_dir: Path) -> dict[str, str]:
-    """Mean over seeds per label (and link): used when psrv.figures is not there."""
-    table = rows(exp_dir, "")
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in table:
-        groups.setdefault((r["label"], r["link"]), []).append(r)
-    keys = ["rounds", "uploads", "payload_bits", "bytes_up", "bytes_down", "final_loss", "accuracy"]
-    lines = ["| method | link | runs | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
-    for (label, link), rs in groups.items():
-        cells = []
-        for k in keys:
-            vals = [r[k] for r in rs if isinstance(r.get(k), int | float)]
-            cells.append(f"{sum(vals) / len(vals):.4g}" if vals else "-")
-        lines.append(f"| {label} | {link} | {len(rs)} | " + " | ".join(cells) + " |")
-    return {"summary": "\n".join(lines)}
-
-
 def render_report(exp_dir: str | Path, echo: Any = print) -> Path:
     """Plots and tables (:mod:`psrv.figures`), results.csv/sqlite and ``report.md``, from the saved
     runs only (nothing reruns)."""
@@ -673,16 +656,10 @@ def render_report(exp_dir: str | Path, echo: Any = print) -> Path:
         raise ConfigError(f"{exp_dir}: not an experiment folder (no readable experiment.toml: {exc})") from None
     name = raw.get("name", exp_dir.name)
     write_results(exp_dir, name)
-    images: list[Path] = []
-    try:
-        from psrv import figures
-    except ImportError:
-        figures = None  # type: ignore[assignment]
-    if figures is not None:
-        images = [Path(p) for p in figures.render(exp_dir) if str(p).endswith(".png")]
-        tables = figures.tables(exp_dir)
-    else:
-        tables = _fallback_tables(exp_dir)
+    from psrv import figures
+
+    images = [Path(p) for p in figures.render(exp_dir) if str(p).endswith(".png")]
+    tables = figures.tables(exp_dir)
     parts = [f"# {name}", ""]
     if raw.get("description"):
         parts += [raw["description"], ""]
