@@ -252,7 +252,7 @@ class RayLauncher(Launcher):
         ray = self.ray
         if not self._connected:
             if not ray.is_initialized():
-                kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
+                kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
                 if self.address_ is None:
                     kw["num_cpus"] = max(os.cpu_count() or 1, math.ceil(workers * self.cpus))
                 try:

@@ -1,0 +1,121 @@
+"""psrv.launch: the launcher of ``psrv run``'s worker processes (local subprocesses, or Ray actors).
+
+The Ray tests share one local single-node Ray cluster (module scope: starting Ray takes ~10 s) and
+skip without Ray (``pip install 'psrv[ray]'``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from psrv.cli import main
+from psrv.launch import LauncherError, LocalLauncher, import_ray
+from psrv.runner import DataConfig, RunFailed, run_local
+from psrv.server import ServerConfig
+from tests.helpers.timeouts import PATIENT
+
+DIGITS = DataConfig(data="digits", test_fraction=0.2, seed=3)
+#: what must be the same whoever launched the workers (wall times, addresses, logs differ)
+SAME = ("rounds", "uploads", "skips", "payload_bits", "upload_bytes", "final_loss", "accuracy", "worker_exit_codes")
+
+
+def _config(workers: int = 3, rounds: int = 20) -> ServerConfig:
+    return ServerConfig(algorithm="laq", options={"lr": 0.05}, num_workers=workers, rounds=rounds, seed=3, **PATIENT)
+
+
+def _per_worker(out: Path) -> list[list]:
+    """Each round's per-worker statuses (who uploaded, who skipped) from a run's metrics."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [[(w["id"], w["status"], w["bits"]) for w in r.get("workers", [])] for r in records]
+
+
+# ------------------------------------------------------------------------------- without Ray
+def test_launcher_ray_without_ray_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(LauncherError, match=r"pip install 'psrv\[ray\]'"):
+        import_ray()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", "--launcher", "ray", "--rounds", "2", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "--launcher ray needs Ray, which is not installed; pip install 'psrv[ray]'" in result.output
+    assert "Traceback" not in result.output and not out.exists()  # refused before anything was made
+
+
+def test_ray_options_need_launcher_ray(tmp_path: Path) -> None:
+    for extra in (["--ray-address", "10.0.0.1:6379"], ["--ray-cpus-per-worker", "0.5"]):
+        result = CliRunner().invoke(main, ["run", "--rounds", "2", "--out", str(tmp_path / "o"), *extra])
+        assert result.exit_code == 2 and f"{extra[0]} is for --launcher ray" in result.output
+
+
+# ------------------------------------------------------------------------------- on a local Ray cluster
+@pytest.fixture(scope="module")
+def ray_cluster() -> str:
+    """A local single-node Ray cluster for the module; its GCS address (for ``--ray-address``)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_ray_run_gives_the_local_summary(ray_cluster: str, tmp_path: Path) -> None:
+    """The same job, workers as local subprocesses and as Ray actors (``psrv run --launcher ray
+    --ray-address``, through the command line): the same rounds, uploads, bits, loss and per-worker
+    decisions; the worker logs come back."""
+    local = run_local(_config(), DIGITS, tmp_path / "local")
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "psrv", "run", "--algorithm", "laq", "--lr", "0.05", "--workers", "3"]
+    cmd += ["--rounds", "20", "--seed", "3", "--data", "digits", "--test-fraction", "0.2", "--out", str(out)]
+    cmd += ["--register-timeout", "900", "--round-timeout", "120", "--launcher", "ray", "--ray-address", ray_cluster]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    remote = json.loads((out / "summary.json").read_text())
+    assert remote["status"] == "done" and remote["rounds"] == 20
+    assert {k: remote[k] for k in SAME} == {k: local[k] for k in SAME}
+    assert 0 < remote["uploads"] < 60  # LAQ skipped some uploads: the comparison is not trivial
+    assert _per_worker(out / "laq") == _per_worker(tmp_path / "local")
+    for i in range(3):
+        assert '"rounds": 20' in (out / "laq" / f"worker{i}.log").read_text()  # the worker's own last line
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_ray_worker_that_dies_fails_the_run_in_one_line(ray_cluster: str, tmp_path: Path) -> None:
+    """A worker process that exits before registration (a bad option) under a Ray actor: the run
+    fails at once naming the worker, its code and its last log line, and the actors' CPUs are free."""
+    import ray
+
+    from psrv.launch import RayLauncher
+
+    with pytest.raises(RunFailed) as failed, RayLauncher() as launcher:
+        run_local(_config(workers=2, rounds=3), DIGITS, tmp_path / "bad", worker_extra={1: ("--bogus",)},
+                  launcher=launcher)  # fmt: skip
+    reason = str(failed.value)
+    assert "worker w1 exited with code 2 before registration completed" in reason, reason
+    assert "No such option: --bogus" in reason and "\n" not in reason
+    assert "No such option: --bogus" in (tmp_path / "bad" / "worker1.log").read_text()
+    assert ray.is_initialized()  # the launcher did not shut down the cluster it did not start
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 4  # every actor was ended
+
+
+def test_local_launcher_starts_each_command_with_its_log(tmp_path: Path) -> None:
+    argvs = [[sys.executable, "-c", f"print('hello {i}'); raise SystemExit({i})"] for i in range(2)]
+    logs = [tmp_path / f"w{i}.log" for i in range(2)]
+    workers = LocalLauncher().start(argvs, logs)
+    try:
+        assert [p.wait(timeout=60) for p in workers.procs] == [0, 1]
+    finally:
+        workers.close()
+    assert [f.read_text() for f in logs] == ["hello 0\n", "hello 1\n"]
