@@ -101,8 +101,8 @@ def test_ray_worker_that_dies_fails_the_run_in_one_line(ray_cluster: str, tmp_pa
                   launcher=launcher)  # fmt: skip
     reason = str(failed.value)
     assert "worker w1 exited with code 2 before registration completed" in reason, reason
-    assert "No such option: --bogus" in reason and "\n" not in reason
-    assert "No such option: --bogus" in (tmp_path / "bad" / "worker1.log").read_text()
+    assert "No such option '--bogus'" in reason and "\n" not in reason
+    assert "No such option '--bogus'" in (tmp_path / "bad" / "worker1.log").read_text()
     assert ray.is_initialized()  # the launcher did not shut down the cluster it did not start
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
