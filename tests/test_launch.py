@@ -119,3 +119,29 @@ def test_local_launcher_starts_each_command_with_its_log(tmp_path: Path) -> None
     finally:
         workers.close()
     assert [f.read_text() for f in logs] == ["hello 0\n", "hello 1\n"]
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_ctrl_c_ends_the_ray_workers(ray_cluster: str, tmp_path: Path) -> None:
+    """Ctrl-C during a Ray-launched run: RunInterrupted with the rounds done, and every actor (so
+    every worker process) is gone, its CPUs back to the cluster."""
+    import _thread
+
+    import ray
+
+    from psrv.launch import RayLauncher
+    from psrv.runner import RunInterrupted
+
+    def on_round(record: dict) -> None:
+        if record["round"] == 1:
+            _thread.interrupt_main()  # as a terminal's Ctrl-C does
+
+    with pytest.raises(RunInterrupted) as stopped, RayLauncher() as launcher:
+        run_local(_config(workers=2, rounds=500), DIGITS, tmp_path / "run", on_round=on_round, launcher=launcher)
+    assert stopped.value.summary["status"] == "interrupted" and 2 <= stopped.value.summary["rounds"] < 500
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 4
+    assert all((tmp_path / "run" / f"worker{i}.log").exists() for i in range(2))
