@@ -53,6 +53,19 @@ def test_ray_options_need_launcher_ray(tmp_path: Path) -> None:
         assert result.exit_code == 2 and f"{extra[0]} is for --launcher ray" in result.output
 
 
+def test_files_on_the_command_line_are_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray node gets the files a worker's command names (certificates, tokens), not flags, not
+    the interpreter, not a name that is no file here, not one past the size limit."""
+    import psrv.launch as launch
+
+    (tmp_path / "w0.token").write_text("secret")
+    (tmp_path / "big.csv").write_bytes(b"x" * 100)
+    monkeypatch.setattr(launch, "SHIP_LIMIT", 99)
+    argv = [sys.executable, "-m", "psrv", "start-worker", "--token-file", str(tmp_path / "w0.token"), "--data"]
+    argv += [str(tmp_path / "big.csv"), "--worker-id", "w0", "--tls-ca", str(tmp_path / "missing.crt")]
+    assert launch._shipped_files(argv) == {5: ("w0.token", b"secret")}
+
+
 # ------------------------------------------------------------------------------- on a local Ray cluster
 @pytest.fixture(scope="module")
 def ray_cluster() -> str:
@@ -145,3 +158,13 @@ def test_ctrl_c_ends_the_ray_workers(ray_cluster: str, tmp_path: Path) -> None:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 4
     assert all((tmp_path / "run" / f"worker{i}.log").exists() for i in range(2))
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_ray_refuses_more_cpus_than_the_cluster_has(ray_cluster: str) -> None:
+    from psrv.launch import RayLauncher
+
+    with RayLauncher(cpus=2.0) as launcher, pytest.raises(LauncherError) as refused:
+        launcher.connect(3)
+    assert "need 6 CPUs but the Ray cluster has 4; pass --ray-cpus-per-worker 1.3" in str(refused.value)
