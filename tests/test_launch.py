@@ -84,13 +84,18 @@ def test_ray_run_gives_the_local_summary(ray_cluster: str, tmp_path: Path) -> No
     """The same job, workers as local subprocesses and as Ray actors (``psrv run --launcher ray
     --ray-address``, through the command line): the same rounds, uploads, bits, loss and per-worker
     decisions; the worker logs come back."""
-    local = run_local(_config(), DIGITS, tmp_path / "local")
     out = tmp_path / "ray"
     cmd = [sys.executable, "-m", "psrv", "run", "--algorithm", "laq", "--lr", "0.05", "--workers", "3"]
     cmd += ["--rounds", "20", "--seed", "3", "--data", "digits", "--test-fraction", "0.2", "--out", str(out)]
     cmd += ["--register-timeout", "900", "--round-timeout", "120", "--launcher", "ray", "--ray-address", ray_cluster]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # the two runs side by side (their own servers and ports): the test waits for the slower, not both
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as remote_run:
+        try:
+            local = run_local(_config(), DIGITS, tmp_path / "local")
+            _, stderr = remote_run.communicate(timeout=600)
+        finally:
+            remote_run.kill()
+    assert remote_run.returncode == 0, stderr[-2000:]
     remote = json.loads((out / "summary.json").read_text())
     assert remote["status"] == "done" and remote["rounds"] == 20
     assert {k: remote[k] for k in SAME} == {k: local[k] for k in SAME}
@@ -151,13 +156,13 @@ def test_ctrl_c_ends_the_ray_workers(ray_cluster: str, tmp_path: Path) -> None:
             _thread.interrupt_main()  # as a terminal's Ctrl-C does
 
     with pytest.raises(RunInterrupted) as stopped, RayLauncher() as launcher:
-        run_local(_config(workers=2, rounds=500), DIGITS, tmp_path / "run", on_round=on_round, launcher=launcher)
+        run_local(_config(workers=1, rounds=500), DIGITS, tmp_path / "run", on_round=on_round, launcher=launcher)
     assert stopped.value.summary["status"] == "interrupted" and 2 <= stopped.value.summary["rounds"] < 500
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 4
-    assert all((tmp_path / "run" / f"worker{i}.log").exists() for i in range(2))
+    assert (tmp_path / "run" / "worker0.log").exists()
 
 
 @pytest.mark.slow
