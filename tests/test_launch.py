@@ -85,13 +85,13 @@ def test_ray_run_gives_the_local_summary(ray_cluster: str, tmp_path: Path) -> No
     --ray-address``, through the command line): the same rounds, uploads, bits, loss and per-worker
     decisions; the worker logs come back."""
     out = tmp_path / "ray"
-    cmd = [sys.executable, "-m", "psrv", "run", "--algorithm", "laq", "--lr", "0.05", "--workers", "3"]
+    cmd = [sys.executable, "-m", "psrv", "run", "--algorithm", "laq", "--lr", "0.05", "--workers", "2"]
     cmd += ["--rounds", "20", "--seed", "3", "--data", "digits", "--test-fraction", "0.2", "--out", str(out)]
     cmd += ["--register-timeout", "900", "--round-timeout", "120", "--launcher", "ray", "--ray-address", ray_cluster]
     # the two runs side by side (their own servers and ports): the test waits for the slower, not both
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as remote_run:
         try:
-            local = run_local(_config(), DIGITS, tmp_path / "local")
+            local = run_local(_config(workers=2), DIGITS, tmp_path / "local")
             _, stderr = remote_run.communicate(timeout=600)
         finally:
             remote_run.kill()
@@ -99,9 +99,9 @@ def test_ray_run_gives_the_local_summary(ray_cluster: str, tmp_path: Path) -> No
     remote = json.loads((out / "summary.json").read_text())
     assert remote["status"] == "done" and remote["rounds"] == 20
     assert {k: remote[k] for k in SAME} == {k: local[k] for k in SAME}
-    assert 0 < remote["uploads"] < 60  # LAQ skipped some uploads: the comparison is not trivial
+    assert 0 < remote["uploads"] < 40  # LAQ skipped some uploads: the comparison is not trivial
     assert _per_worker(out / "laq") == _per_worker(tmp_path / "local")
-    for i in range(3):
+    for i in range(2):
         assert '"rounds": 20' in (out / "laq" / f"worker{i}.log").read_text()  # the worker's own last line
 
 
