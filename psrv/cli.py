@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from psrv.launch_options import launcher_options, pop_launcher
 from psrv.options import (
     check_job_data,
     checkpoint_options,
@@ -214,6 +215,7 @@ def main(verbose: int) -> None:
     metavar="DIR",
     help="Also write per-round scalars to DIR/<algorithm> for TensorBoard (needs the tensorboard extra).",
 )
+@launcher_options
 def run(
     eval_every: int | None,
     target_accuracy: float | None,
@@ -245,12 +247,13 @@ def run(
         raise click.BadParameter("nothing to train; pass --rounds 1 or more", param_hint="--rounds")
     dc = pop_data(kw)
     device = pop_device(kw)
+    launcher = pop_launcher(kw, device)  # --launcher ray without Ray installed: a usage error here
     checkpoint_dir, checkpoint_every = pop_checkpoint(kw)
     jobs = jobs_from_cli(kw, dc.data)
     train, test, dim = check_job_data(jobs[0], dc, device)  # a bad --data, or a task that fails on it, fails here
     nbytes, workers = rn.data_bytes(train, test), jobs[0].workers
     try:  # more workers than samples, or than memory holds: refused before anything starts
-        available = None if no_memory_check else rn.mem_available()
+        available = None if no_memory_check or getattr(launcher, "address_", None) else rn.mem_available()
         rn.check_capacity(workers, len(train), rn.worker_memory(nbytes, dim), available)
     except rn.CapacityError as exc:
         raise click.UsageError(str(exc)) from None
@@ -274,6 +277,10 @@ def run(
             raise click.UsageError(f"--resume: {exc}") from None
     # after the checks that make nothing
     check_outputs(dirs={"--out": out, "--checkpoint-dir": checkpoint_dir}, files={"--summary-json": summary_json})
+    try:  # a Ray launcher connects (or starts its cluster) once for all the jobs (before --out is cleared)
+        launcher.connect(workers)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
     fresh = [job.algorithm for job, (kept, ckpt) in zip(jobs, plan, strict=True) if kept is None and ckpt is None]
     _clear_run_dir(Path(out), fresh, path)
     manifest = rn.write_manifest(out, [], dc, device)  # lists each run once it has finished
@@ -292,7 +299,7 @@ def run(
 
     received: list[int] = []
     interrupted = False
-    with _stop_signals(received):
+    with launcher, _stop_signals(received):
         try:
             for job, config, (kept, ckpt) in zip(jobs, configs, plan, strict=True):
                 if kept is not None:  # --resume: finished before
@@ -332,6 +339,7 @@ def run(
                             tls=tls,
                             resume=ckpt,
                             stop=None if not stops else StopRule(stops, fstar_value),
+                            launcher=launcher,
                         )
                     except rn.RunFailed as exc:
                         summary = exc.summary

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from psrv import __version__, certs, lifeline, report
+from psrv import __version__, certs, report
 from psrv.algorithms import make_algorithm
 from psrv.checkpoint import checkpointed_server
 from psrv.files import atomic_save_npy, atomic_write_json
+from psrv.launch import Launcher, LocalLauncher, Workers
 from psrv.metrics import MetricsSink
 from psrv.options import DataConfig, worker_argv, worker_id, worker_ids
 from psrv.server import ParameterServer, ServerConfig, create_server
@@ -201,6 +202,7 @@ def run_local(
     tls: bool = False,
     resume: Any = None,
     stop: Any = None,
+    launcher: Launcher | None = None,
 ) -> dict[str, Any]:
     """Run one job end to end; returns the summary (``status`` "done"; the model is in ``out_dir``).
 
@@ -219,6 +221,8 @@ def run_local(
     ``stop`` (a :class:`psrv.stopping.StopRule`; needs ``eval_every`` > 0): the job ends cleanly after
     the first evaluated round that meets it; the summary says ``stopped_by`` (the rule, or "rounds")
     and ``stop_round`` (None when it ran every round).
+    ``launcher`` (:mod:`psrv.launch`; default :class:`~psrv.launch.LocalLauncher`): where the server
+    binds, the address its workers dial and how their processes start (``psrv run --launcher``).
 
     A job that cannot finish raises :class:`RunFailed` (a worker that exits before registration
     ends the wait at once; ``config.register_timeout`` bounds it otherwise), Ctrl-C raises
@@ -237,8 +241,9 @@ def run_local(
     for name in JOB_OUTPUTS:  # a reused folder never mixes an earlier job's files with this one's
         if resume is None or name != "metrics.jsonl":  # a resumed job continues its metrics
             (out / name).unlink(missing_ok=True)
-    procs: list[subprocess.Popen] = []
-    logs: list[Any] = []
+    launcher = launcher or LocalLauncher()
+    procs: list[Any] = []
+    workers: Workers | None = None
     sink = server = watcher = None
     ps: ParameterServer | None = None
     try:
@@ -270,20 +275,18 @@ def run_local(
             keep_lines=keep,  # resumed: continued after the checkpoint's lines
         )
         ps, _ = checkpointed_server(config, sink, checkpoint_dir, checkpoint_every, resume)
-        pki = certs.make_test_pki(out / "tls", worker_ids(config.num_workers)) if tls else None
-        server, port = create_server(ps, "127.0.0.1:0", security=None if pki is None else pki.server_security())
-        env = lifeline.child_env()
+        launcher.connect(config.num_workers)  # a Ray launcher: its cluster, and the address it binds
+        hosts = () if launcher.advertise_host == "127.0.0.1" else (launcher.advertise_host,)
+        pki = certs.make_test_pki(out / "tls", worker_ids(config.num_workers), hosts) if tls else None
+        server, port = create_server(
+            ps, f"{launcher.bind_host}:0", security=None if pki is None else pki.server_security()
+        )
+        argvs = []
         for i in range(config.num_workers):
-            log_file = open(out / f"worker{i}.log", "w")
-            logs.append(log_file)
             extra = (*(worker_extra or {}).get(i, ()), *(pki.worker_argv(worker_id(i)) if pki else ()))
-            cmd = worker_argv(f"127.0.0.1:{port}", i, config.num_workers, dc, extra, device=device)
-            # its own process group: a terminal's Ctrl-C reaches this process, which stops the workers
-            procs.append(
-                subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env, process_group=0
-                )
-            )
+            argvs.append(worker_argv(launcher.address(port), i, config.num_workers, dc, extra, device=device))
+        workers = launcher.start(argvs, [out / f"worker{i}.log" for i in range(config.num_workers)])
+        procs = workers.procs
         watcher = _WorkerWatch(ps, procs, out)
         summary = ps.run()
         atomic_save_npy(out / "model.npy", ps.theta)
@@ -309,8 +312,8 @@ def run_local(
         if watcher is not None:
             watcher.stop()
         _kill_all(procs)
-        for f in logs:
-            f.close()
+        if workers is not None:
+            workers.close()
         if server is not None:
             server.stop(grace=None)
         if sink is not None:
