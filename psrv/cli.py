@@ -186,7 +186,7 @@ def main(verbose: int) -> None:
     default=None,
     help="Worker processes; with fewer than --workers each hosts its share as virtual workers (one thread, "
     "state and stream each; one connection per process) [default: one per worker up to the CPU cores, "
-    "else one per core].",
+    "else cores - 1, at least 1].",
 )
 @click.option(
     "--resume",
@@ -414,14 +414,6 @@ def plot(run_dir: str, out_path: str | None) -> None:
 @job_options
 @server_options
 @checkpoint_options
-@click.option(
-    "--processes",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Worker processes; with fewer than --workers each hosts its share as virtual workers (one thread, "
-    "state and stream each; one connection per process) [default: one per worker up to the CPU cores, "
-    "else one per core].",
-)
 @click.option(
     "--resume",
     type=click.Path(file_okay=False),

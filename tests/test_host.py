@@ -204,7 +204,8 @@ def test_capacity_counts_hosts_not_workers() -> None:
     rn.check_capacity(1000, 48000, per_process, 24 * 2**30, processes=2, per_host=per_host)  # 2 hosts fit
     with pytest.raises(rn.CapacityError, match="in 2 processes"):
         rn.check_capacity(1000, 48000, per_process, 2**30, processes=2, per_host=per_host)
-    assert rn.default_processes(1000, cores=2) == 2 and rn.default_processes(3, cores=8) == 3
+    assert rn.default_processes(1000, cores=2) == 1 and rn.default_processes(3, cores=8) == 3
+    assert rn.default_processes(2, cores=2) == 2 and rn.default_processes(100, cores=16) == 15
 
 
 def test_start_worker_host_options_are_checked() -> None:
@@ -218,3 +219,39 @@ def test_start_worker_host_options_are_checked() -> None:
     r = runner.invoke(main, ["start-worker", "--server", "127.0.0.1:1", "--shard", "1/8"])
     assert r.exit_code == 2 and "--worker-id" in r.output
     assert isinstance(main, click.Group)
+
+
+def test_a_host_over_mutual_tls_gives_each_worker_its_credentials(tmp_path: Path) -> None:
+    """With per-worker certificates and tokens (``{id}`` in the paths) each logical worker runs on
+    its own channel and Rounds stream and is authorized as itself; HostRounds, one caller's
+    credentials for several workers, is refused by a server that checks credentials."""
+    import grpc
+
+    from psrv import rpc
+    from psrv.certs import make_test_pki
+    from psrv.tls import ClientSecurity
+    from psrv.v1 import psrv_pb2 as pb
+
+    ids = ["w0", "w1", "w2"]
+    pki = make_test_pki(tmp_path / "pki", ids)
+    ps = ParameterServer(_config(3, rounds=3))
+    server, port = create_server(ps, security=pki.server_security())
+    summary: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: summary.update(ps.run()), daemon=True)
+    thread.start()
+    try:
+        security = ClientSecurity(ca=str(pki.ca), cert=str(pki.worker_cert("{id}")), key=str(pki.worker_key("{id}")),
+                                  token_file=str(pki.worker_token("{id}")))  # fmt: skip
+        with pki.client_security("w0").channel(f"127.0.0.1:{port}") as channel:
+            call = rpc.CountingStub(channel).HostRounds(iter([pb.HostRoundsRequest(open=pb.HostRoundsOpen(
+                workers=[pb.RoundsOpen(worker_id="w0")])).SerializeToString()]))  # fmt: skip
+            with pytest.raises(grpc.RpcError) as err:
+                next(iter(call))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "Rounds stream" in err.value.details()
+        base = WorkerConfig(server=f"127.0.0.1:{port}", worker_id="", data="digits", security=security)
+        out = run_host(host_configs(base, range(3), 3, ids))
+        thread.join(60)
+    finally:
+        server.stop(None)
+    assert not out.errors and summary["rounds"] == 3
+    assert [r.rounds for r in out.results] == [3, 3, 3]
