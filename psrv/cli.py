@@ -231,6 +231,8 @@ def run(
     train, test, dim = check_job_data(jobs[0], dc, device)  # a bad --data, or a task that fails on it, fails here
     nbytes, workers = rn.data_bytes(train, test), jobs[0].workers
     processes = min(processes or rn.default_processes(workers), workers)
+    if any(j.algorithm == "dsgd" for j in jobs):  # decentralized: a process per worker (psrv.meshrun)
+        processes = workers
     logical = -(-workers // processes)
     try:  # more workers than samples, or than memory holds: refused before anything starts
         available = None if no_memory_check else rn.mem_available()
