@@ -258,3 +258,33 @@ def test_a_host_over_mutual_tls_gives_each_worker_its_credentials(tmp_path: Path
         server.stop(None)
     assert not out.errors and summary["rounds"] == 3
     assert [r.rounds for r in out.results] == [3, 3, 3]
+
+
+def test_host_rounds_refuses_malformed_streams() -> None:
+    """HostRounds: the first message must be `open`; unknown or repeated workers are refused."""
+    import grpc
+
+    from psrv import rpc
+    from psrv.v1 import psrv_pb2 as pb
+
+    ps = ParameterServer(_config(2, rounds=1))
+    server, port = create_server(ps)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = rpc.CountingStub(channel)
+
+            def status(*msgs: Any) -> tuple[grpc.StatusCode, str]:
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.HostRounds(iter([m.SerializeToString() for m in msgs])))
+                return err.value.code(), err.value.details()
+
+            report = pb.HostRoundsRequest(report=pb.HostRoundsReport(worker_id="w0"))
+            code, why = status(report)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "must be `open`" in why
+            twice = pb.HostRoundsOpen(workers=[pb.RoundsOpen(worker_id="w0"), pb.RoundsOpen(worker_id="w0")])
+            code, why = status(pb.HostRoundsRequest(open=twice))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "twice" in why
+            code, _ = status(pb.HostRoundsRequest(open=pb.HostRoundsOpen(workers=[pb.RoundsOpen(worker_id="w0")])))
+            assert code == grpc.StatusCode.NOT_FOUND  # not registered
+    finally:
+        server.stop(None)
