@@ -240,8 +240,6 @@ def run(
         rn.check_capacity(workers, len(train), rn.worker_memory(nbytes, dim), available, processes, per_host)
     except rn.CapacityError as exc:
         raise click.UsageError(str(exc)) from None
-    click.echo(f"{workers} worker(s) in {processes} process(es), up to {logical} each (--processes to change)",
-               err=True)  # fmt: skip
     register_default, start_default = rn.startup_timeouts(workers, nbytes, dim)
     timeouts = {
         "register_timeout": register_default if register_timeout is None else register_timeout,
@@ -261,6 +259,8 @@ def run(
             raise click.UsageError(f"--resume: {exc}") from None
     # after the checks that make nothing
     check_outputs(dirs={"--out": out, "--checkpoint-dir": checkpoint_dir}, files={"--summary-json": summary_json})
+    click.echo(f"{workers} worker(s) in {processes} process(es), up to {logical} each (--processes to change)",
+               err=True)  # fmt: skip
     fresh = [job.algorithm for job, (kept, ckpt) in zip(jobs, plan, strict=True) if kept is None and ckpt is None]
     _clear_run_dir(Path(out), fresh, path)
     manifest = rn.write_manifest(out, [], dc, device)  # lists each run once it has finished
