@@ -187,6 +187,14 @@ def main(verbose: int) -> None:
     help="Start the workers even if they do not seem to fit the available memory (MemAvailable).",
 )
 @click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes; with fewer than --workers each hosts its share as virtual workers (one thread, "
+    "state and stream each; one connection per process) [default: one per worker up to the CPU cores, "
+    "else cores - 1, at least 1].",
+)
+@click.option(
     "--resume",
     type=click.Path(file_okay=False),
     default=None,
@@ -226,6 +234,7 @@ def run(
     register_timeout: float | None,
     start_timeout: float | None,
     no_memory_check: bool,
+    processes: int | None,
     resume: str | None,
     stop_at: tuple[str, ...],
     fstar: str | None,
@@ -252,9 +261,14 @@ def run(
     jobs = jobs_from_cli(kw, dc.data)
     train, test, dim = check_job_data(jobs[0], dc, device)  # a bad --data, or a task that fails on it, fails here
     nbytes, workers = rn.data_bytes(train, test), jobs[0].workers
+    processes = min(processes or rn.default_processes(workers), workers)
+    if any(j.algorithm == "dsgd" for j in jobs):  # decentralized: a process per worker (psrv.meshrun)
+        processes = workers
+    logical = -(-workers // processes)
     try:  # more workers than samples, or than memory holds: refused before anything starts
         available = None if no_memory_check or getattr(launcher, "address_", None) else rn.mem_available()
-        rn.check_capacity(workers, len(train), rn.worker_memory(nbytes, dim), available)
+        per_host = rn.host_memory(nbytes, dim, logical)
+        rn.check_capacity(workers, len(train), rn.worker_memory(nbytes, dim), available, processes, per_host)
     except rn.CapacityError as exc:
         raise click.UsageError(str(exc)) from None
     register_default, start_default = rn.startup_timeouts(workers, nbytes, dim)
@@ -281,6 +295,8 @@ def run(
         launcher.connect(workers)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+    click.echo(f"{workers} worker(s) in {processes} process(es), up to {logical} each (--processes to change)",
+               err=True)  # fmt: skip
     fresh = [job.algorithm for job, (kept, ckpt) in zip(jobs, plan, strict=True) if kept is None and ckpt is None]
     _clear_run_dir(Path(out), fresh, path)
     manifest = rn.write_manifest(out, [], dc, device)  # lists each run once it has finished
@@ -340,6 +356,7 @@ def run(
                             resume=ckpt,
                             stop=None if not stops else StopRule(stops, fstar_value),
                             launcher=launcher,
+                            processes=processes,
                         )
                     except rn.RunFailed as exc:
                         summary = exc.summary
@@ -659,13 +676,20 @@ def check_port_free(host: str, port: int) -> None:
 
 @main.command("start-worker")
 @click.option("--server", "server_address", required=True, help="HOST:PORT of the parameter server.")
-@click.option("--worker-id", required=True)
+@click.option(
+    "--worker-id",
+    default=None,
+    help="The worker's id (required for one worker); with --shard A-B/M, optionally the hosted workers' ids as a "
+    "comma list [default: w<A>..w<B>, the ids `psrv run` gives].",
+)
 @data_options
 @click.option(
     "--shard",
     default=None,
     metavar="I/M",
-    help="Use shard I of M of the data (omit when the file is this worker's own).",
+    help="Use shard I of M of the data (omit when the file is this worker's own). A-B/M: host the logical "
+    "workers of shards A..B (virtual workers: one process, each worker its own id, state and report; "
+    "credential paths may contain {id}).",
 )
 @click.option(
     "--connect-timeout",
@@ -697,7 +721,7 @@ def check_port_free(host: str, port: int) -> None:
 )
 def start_worker(
     server_address: str,
-    worker_id: str,
+    worker_id: str | None,
     shard: str | None,
     connect_timeout: float,
     retry_for: float,
@@ -723,12 +747,20 @@ def start_worker(
     device = pop_device(kw)
     index = num = None
     if shard is not None:
+        from worker.host import parse_shard_range
+
         try:
-            index, num = (int(x) for x in shard.split("/"))
-            if not 0 <= index < num:
-                raise ValueError
-        except ValueError:
-            raise click.BadParameter(f"expected I/M with 0 <= I < M, got {shard!r}", param_hint="--shard") from None
+            shards, num = parse_shard_range(shard)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--shard") from None
+        if "-" in shard.split("/")[0]:  # virtual workers: a host of logical workers
+            if gossip_listen is not None:
+                raise click.UsageError("--gossip-listen runs one worker: pass --shard I/M, not a range")
+            return _start_host(server_address, worker_id, shards, num, connect_timeout, retry_for, dc, device,
+                               security, crash_after)  # fmt: skip
+        index = shards[0]
+    if worker_id is None:
+        raise click.UsageError("Missing option '--worker-id' (or --shard A-B/M to host several workers).")
     cfg = WorkerConfig(
         server=server_address,
         worker_id=worker_id,
@@ -763,6 +795,56 @@ def start_worker(
         hint = explain(text or "", security) if callable(details) else ""
         raise click.ClickException(f"worker {worker_id}: {text}{hint}") from None
     click.echo(json.dumps({k: v for k, v in vars(result).items() if k != "final_params"}))
+
+
+def _start_host(
+    server: str,
+    ids_spec: str | None,
+    shards: range,
+    num: int,
+    connect_timeout: float,
+    retry_for: float,
+    dc: Any,
+    device: str,
+    security: Any,
+    crash_after: int | None,
+) -> None:
+    """``start-worker --shard A-B/M``: the logical workers of shards A..B in this process
+    (:mod:`worker.host`); one JSON line per worker; exit 1 naming those that failed."""
+    from psrv.data import DataError
+    from psrv.options import worker_id as default_id
+    from worker.client import WorkerConfig
+    from worker.host import host_configs, run_host
+
+    ids = [default_id(i) for i in shards] if ids_spec is None else [w.strip() for w in ids_spec.split(",")]
+    if len(ids) != len(shards) or len(set(ids)) != len(ids) or not all(ids):
+        raise click.BadParameter(f"{len(shards)} distinct ids for --shard's {len(shards)} workers, comma-separated",
+                                 param_hint="--worker-id")  # fmt: skip
+    base = WorkerConfig(
+        server=server,
+        worker_id=ids[0],
+        data=dc.data,
+        split=dc.split,
+        seed=dc.seed,
+        test_fraction=dc.test_fraction,
+        connect_timeout=connect_timeout,
+        retry_for=retry_for,
+        crash_after=crash_after,
+        regression=dc.regression,
+        device=device,
+        security=security,
+    )
+    try:
+        out = run_host(host_configs(base, shards, num, ids))
+    except DataError as exc:
+        raise click.UsageError(str(exc)) from None
+    for result in out.results:
+        if result is not None:
+            click.echo(json.dumps({k: v for k, v in vars(result).items() if k != "final_params"}))
+    if out.errors:
+        first = next(iter(out.errors.items()))
+        more = f" (and {len(out.errors) - 1} more)" if len(out.errors) > 1 else ""
+        raise click.ClickException(f"worker {first[0]}: {first[1]}{more}")
 
 
 @main.command("certs")

@@ -410,6 +410,10 @@ class RoundEngine:
         self._sink = sink
         self._encode = encode or (lambda b: b)
         self._cond = threading.Condition()
+        # what a worker waiting for a broadcast waits on (same lock): woken when a round is published or
+        # the phase changes (:meth:`_wake`), not by every report -- with M streams waiting, a wake-up per
+        # report would be M^2 per round (docs/scale.md)
+        self._published = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
         self._open = _OpenRound()
         self._ready: set[str] = set()  # workers that have asked for a model: warmed up
         self._done_served: set[str] = set()
@@ -487,7 +491,7 @@ class RoundEngine:
                 for slot, ws in enumerate(sorted(s.workers.values(), key=lambda x: natural_key(x.worker_id))):
                     ws.slot = slot
                 s.phase = "training"
-            self._cond.notify_all()
+            self._wake()
             return Registered(index)
 
     def _rejoin(self, w: WorkerState, num_samples: int, shape: tuple[int, int]) -> int:
@@ -517,7 +521,7 @@ class RoundEngine:
         w.responsive, w.misses, w.gone = True, 0, ""
         s.rejoins += 1
         log.warning("worker %s rejoined as %d (round %d); it gets a snapshot", w.worker_id, w.index, s.round)
-        self._cond.notify_all()
+        self._wake()
         return w.index
 
     def _check_id(self, worker_id: str) -> None:
@@ -585,9 +589,13 @@ class RoundEngine:
         it holds none) gets a snapshot instead."""
         return self.serve(worker_id, round_, timeout, replica_round).data
 
-    def serve(self, worker_id: str, round_: int, timeout: float, replica_round: int | None = None) -> Served:
+    def serve(
+        self, worker_id: str, round_: int, timeout: float, replica_round: int | None = None, count: bool = True
+    ) -> Served:
         """:meth:`wait_model`, saying what was served: a transport that keeps one stream per worker
-        learns the worker's replica round from it (``form`` dense: none; else ``round``)."""
+        learns the worker's replica round from it (``form`` dense: none; else ``round``). ``count``
+        False: the bytes are not booked to the worker's downlink (a broadcast that several workers
+        of one host share is booked once, :meth:`count_down`)."""
         s = self.state
         with self._cond:
             w = self.worker(worker_id)
@@ -595,7 +603,7 @@ class RoundEngine:
             self._cond.notify_all()
             if s.phase in ("training", "registering") and round_ > s.round + 1 and s.round >= 0:
                 raise OutOfRange(f"round {round_} is ahead of the server (round {s.round})")
-            ready = self._cond.wait_for(  # a restored engine has no open round until the next one is published
+            ready = self._published.wait_for(  # a restored engine has no open round until the next one is published
                 lambda: s.phase in ("done", "failed") or (s.round >= round_ and self._open.broadcast is not None),
                 timeout=timeout,
             )
@@ -612,9 +620,17 @@ class RoundEngine:
             if s.phase == "done":
                 self._done_served.add(w.worker_id)
                 self._cond.notify_all()
-            else:
+            elif count:
                 self._open.down[w.slot] = self._open.down.get(w.slot, 0) + _size(data)
             return Served(data, b.round, form, b.done)
+
+    def count_down(self, worker_id: str, round_: int, nbytes: int) -> None:
+        """Book ``nbytes`` sent down in round ``round_`` to ``worker_id`` (while that round is open)."""
+        with self._cond:
+            b = self._open.broadcast
+            if self.state.phase == "training" and b is not None and b.round == round_:
+                slot = self.worker(worker_id).slot
+                self._open.down[slot] = self._open.down.get(slot, 0) + nbytes
 
     def connected(self, worker_id: str) -> int:
         """A worker opened its one connection (a Rounds stream): it is live again; returns the
@@ -818,7 +834,7 @@ class RoundEngine:
             )
         self._open = _OpenRound(broadcast, self._encode(broadcast), selected, started=time.monotonic())
         s.round = round_
-        self._cond.notify_all()
+        self._wake()
 
     def _snapshot(self) -> Any:
         """This round's whole replicated state, encoded once per round when first asked for. Lock held."""
@@ -929,6 +945,11 @@ class RoundEngine:
     def _ordered(self) -> list[WorkerState]:
         return sorted(self.state.workers.values(), key=lambda w: w.slot)
 
+    def _wake(self) -> None:
+        """Wake every waiter: those of :attr:`_cond` and the workers waiting for a broadcast. Lock held."""
+        self._cond.notify_all()
+        self._published.notify_all()
+
     def _all_reported(self) -> bool:
         waiting = [w for w in self.state.workers.values() if w.responsive]
         return bool(waiting) and all(w.slot in self._open.reports for w in waiting)
@@ -967,7 +988,7 @@ class RoundEngine:
             f"after waiting {wait:g} s (--quorum-wait) for rejoins; gone: {gone}"
         )
         log.error("%s", s.error)
-        self._cond.notify_all()
+        self._wake()
 
     def _raise_if_failed(self) -> None:
         if self.state.phase == "failed":
@@ -986,7 +1007,7 @@ class RoundEngine:
                     f"only {len(s.workers)} of {cfg.num_workers} workers registered within {cfg.register_timeout:g} s"
                     f"{refused}",
                 )
-                self._cond.notify_all()
+                self._wake()
             self._raise_if_failed()
             # round 0's deadline starts once every worker has asked for the model, i.e. has finished
             # its start-up, so a slow start is not mistaken for a missed round (bounded wait); after
@@ -1083,7 +1104,7 @@ class RoundEngine:
                 f"round {k}: the model left the {self.config.broadcast_dtype} range (|theta| > {top:.4g} or NaN); "
                 "it is not published"
             )
-            self._cond.notify_all()
+            self._wake()
             raise RuntimeError(s.error)
 
     def summary(self) -> dict[str, Any]:
@@ -1133,7 +1154,7 @@ class RoundEngine:
             self.state = state
             self.resumed = True
             self._open = _OpenRound()  # no round open: reports for state.round are refused
-            self._cond.notify_all()
+            self._wake()
 
     def wait_registered(self, count: int, timeout: float) -> bool:
         """Block until at least ``count`` workers have registered (False on timeout)."""
@@ -1150,7 +1171,7 @@ class RoundEngine:
         """Abort the run: waiting requests and the round loop give up with ``reason``."""
         with self._cond:
             self.state.phase, self.state.error = "failed", reason
-            self._cond.notify_all()
+            self._wake()
 
 
 def _size(encoded: Any) -> int:
