@@ -9,6 +9,7 @@ matplotlib, scikit-learn, mlxtend) are imported inside the commands that use the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import importlib
 import json
@@ -329,7 +330,6 @@ def run(
                     file=sys.stderr,
                     item_show_func=lambda r: f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "",
                 ) as bar:
-
                     tb = None if tensorboard is None else _tensorboard_writer(Path(tensorboard) / job.algorithm)
 
                     def on_round(record: dict[str, Any], bar=bar, tb=tb) -> None:
@@ -745,28 +745,10 @@ def start_worker(
     security = pop_client_security(kw)
     dc = pop_data(kw)
     device = pop_device(kw)
-    index = num = None
-    if shard is not None:
-        from worker.host import parse_shard_range
-
-        try:
-            shards, num = parse_shard_range(shard)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--shard") from None
-        if "-" in shard.split("/")[0]:  # virtual workers: a host of logical workers
-            if gossip_listen is not None:
-                raise click.UsageError("--gossip-listen runs one worker: pass --shard I/M, not a range")
-            return _start_host(server_address, worker_id, shards, num, connect_timeout, retry_for, dc, device,
-                               security, crash_after)  # fmt: skip
-        index = shards[0]
-    if worker_id is None:
-        raise click.UsageError("Missing option '--worker-id' (or --shard A-B/M to host several workers).")
     cfg = WorkerConfig(
         server=server_address,
-        worker_id=worker_id,
+        worker_id=worker_id or "",
         data=dc.data,
-        shard=index,
-        num_shards=num,
         split=dc.split,
         seed=dc.seed,
         test_fraction=dc.test_fraction,
@@ -778,6 +760,20 @@ def start_worker(
         device=device,
         security=security,
     )
+    if shard is not None:
+        from worker.host import parse_shard_range
+
+        try:
+            shards, num = parse_shard_range(shard)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--shard") from None
+        if "-" in shard.split("/")[0]:  # virtual workers: a host of logical workers
+            if gossip_listen is not None:
+                raise click.UsageError("--gossip-listen runs one worker: pass --shard I/M, not a range")
+            return _start_host(cfg, worker_id, shards, num)
+        cfg = dataclasses.replace(cfg, shard=shards[0], num_shards=num)
+    if worker_id is None:
+        raise click.UsageError("Missing option '--worker-id' (or --shard A-B/M to host several workers).")
     try:
         if gossip_listen is not None:
             from worker.gossip import run_gossip_worker
@@ -797,43 +793,18 @@ def start_worker(
     click.echo(json.dumps({k: v for k, v in vars(result).items() if k != "final_params"}))
 
 
-def _start_host(
-    server: str,
-    ids_spec: str | None,
-    shards: range,
-    num: int,
-    connect_timeout: float,
-    retry_for: float,
-    dc: Any,
-    device: str,
-    security: Any,
-    crash_after: int | None,
-) -> None:
+def _start_host(base: Any, ids_spec: str | None, shards: range, num: int) -> None:
     """``start-worker --shard A-B/M``: the logical workers of shards A..B in this process
-    (:mod:`worker.host`); one JSON line per worker; exit 1 naming those that failed."""
+    (:mod:`worker.host`), each ``base`` with its own id and shard; one JSON line per worker; exit 1
+    naming those that failed."""
     from psrv.data import DataError
     from psrv.options import worker_id as default_id
-    from worker.client import WorkerConfig
     from worker.host import host_configs, run_host
 
     ids = [default_id(i) for i in shards] if ids_spec is None else [w.strip() for w in ids_spec.split(",")]
     if len(ids) != len(shards) or len(set(ids)) != len(ids) or not all(ids):
         raise click.BadParameter(f"{len(shards)} distinct ids for --shard's {len(shards)} workers, comma-separated",
                                  param_hint="--worker-id")  # fmt: skip
-    base = WorkerConfig(
-        server=server,
-        worker_id=ids[0],
-        data=dc.data,
-        split=dc.split,
-        seed=dc.seed,
-        test_fraction=dc.test_fraction,
-        connect_timeout=connect_timeout,
-        retry_for=retry_for,
-        crash_after=crash_after,
-        regression=dc.regression,
-        device=device,
-        security=security,
-    )
     try:
         out = run_host(host_configs(base, shards, num, ids))
     except DataError as exc:
