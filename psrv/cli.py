@@ -38,7 +38,13 @@ from psrv.options import (
     server_options,
 )
 from psrv.stopping import StopRule
-from psrv.tls_options import pop_client_security, pop_server_security, server_tls_options, worker_tls_options
+from psrv.tls_options import (
+    check_worker_security,
+    pop_client_security,
+    pop_server_security,
+    server_tls_options,
+    worker_tls_options,
+)
 
 
 class LazyGroup(click.Group):
@@ -774,6 +780,9 @@ def start_worker(
         cfg = dataclasses.replace(cfg, shard=shards[0], num_shards=num)
     if worker_id is None:
         raise click.UsageError("Missing option '--worker-id' (or --shard A-B/M to host several workers).")
+    if security.templated:  # --tls-cert pki/workers/{id}.crt: this worker's own files
+        cfg = dataclasses.replace(cfg, security=security.for_worker(worker_id))
+        check_worker_security(cfg.security)
     try:
         if gossip_listen is not None:
             from worker.gossip import run_gossip_worker
@@ -805,8 +814,12 @@ def _start_host(base: Any, ids_spec: str | None, shards: range, num: int) -> Non
     if len(ids) != len(shards) or len(set(ids)) != len(ids) or not all(ids):
         raise click.BadParameter(f"{len(shards)} distinct ids for --shard's {len(shards)} workers, comma-separated",
                                  param_hint="--worker-id")  # fmt: skip
+    cfgs = host_configs(base, shards, num, ids)
+    if base.security.templated:  # each worker's own credential files, read and checked before any starts
+        for cfg in cfgs:
+            check_worker_security(cfg.security)
     try:
-        out = run_host(host_configs(base, shards, num, ids))
+        out = run_host(cfgs)
     except DataError as exc:
         raise click.UsageError(str(exc)) from None
     for result in out.results:

@@ -31,7 +31,7 @@ import hmac
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +361,16 @@ class ClientSecurity:
     key: str | None = None
     server_name: str | None = None
     token_file: str | None = None
+
+    @property
+    def templated(self) -> bool:
+        """Whether a path holds ``{id}``: one file per logical worker of a host (``--tls-cert
+        pki/workers/{id}.crt``), filled in by :meth:`for_worker`."""
+        return any(isinstance(v, str) and "{id}" in v for v in vars(self).values())
+
+    def for_worker(self, worker_id: str) -> ClientSecurity:
+        """These credentials with ``{id}`` in every path replaced by ``worker_id``."""
+        return replace(self, **{k: v.replace("{id}", worker_id) for k, v in vars(self).items() if isinstance(v, str)})
 
     def check(self) -> None:
         """Read and check every file now (a one-line :class:`SecurityError` naming the option)."""

@@ -535,3 +535,25 @@ def test_compose_tls_override_gives_each_service_its_credentials() -> None:
         want = pki.server_argv() if role == "server" else pki.worker_argv(args[args.index("--worker-id") + 1])
         assert extra == want
         assert entrypoint.command(role, [*args, *extra])[-len(extra) :] == extra
+
+
+def test_id_templates_fill_in_each_workers_own_files(pki: Pki) -> None:
+    """``--tls-cert pki/workers/{id}.crt`` (a host of logical workers, ``psrv run --tls`` with
+    virtual workers): each worker's paths are its own, and a template is not a file click checks."""
+    template = pki.client_security("{id}")
+    assert template.templated and not pki.client_security("w0").templated
+    assert template.for_worker("w1") == pki.client_security("w1")
+
+
+@pytest.mark.parametrize("shard", ["0-2/3", "2/3"])
+def test_a_missing_templated_file_is_one_usage_line_naming_the_option(pki: Pki, shard: str) -> None:
+    """Workers w0 and w1 have files, w5 does not: start-worker refuses before it connects anywhere,
+    for a host of logical workers and for a single worker alike."""
+    ids = "w0,w1,w5" if "-" in shard else "w5"
+    res = CliRunner().invoke(
+        main,
+        ["start-worker", "--server", "127.0.0.1:9", "--shard", shard, "--worker-id", ids, *pki.worker_argv("{id}")],
+    )
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error:") and "--tls-" in last and "w5" in last, res.output

@@ -61,16 +61,7 @@ def host_configs(base: WorkerConfig, shards: range, num_shards: int, ids: Sequen
         raise ValueError(f"{len(ids)} worker ids for {len(shards)} shards")
     out = []
     for wid, index in zip(ids, shards, strict=True):
-        security = base.security
-        if security is not None:
-            security = dataclasses.replace(
-                security,
-                **{
-                    f.name: getattr(security, f.name).replace("{id}", wid)
-                    for f in dataclasses.fields(security)
-                    if isinstance(getattr(security, f.name), str)
-                },
-            )
+        security = None if base.security is None else base.security.for_worker(wid)
         out.append(dataclasses.replace(base, worker_id=wid, shard=index, num_shards=num_shards, security=security))
     return out
 
