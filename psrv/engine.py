@@ -367,6 +367,8 @@ class _OpenRound:
     snapshot: Any = None  # the transport's encoding of this round's snapshot, made when first asked for
     snapshots: int = 0  # snapshots served this round
     started: float = 0.0
+    by_slot: dict[int, WorkerState] | None = None  # the workers by slot, made when first needed this round
+    waiting_for: WorkerState | None = None  # a live worker that had not reported at the last look
 
 
 class RoundSink(Protocol):
@@ -409,7 +411,12 @@ class RoundEngine:
         self._dtype_max = float(np.finfo(np.dtype(config.broadcast_dtype)).max)  # what the model can hold
         self._sink = sink
         self._encode = encode or (lambda b: b)
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        # serve()'s long polls wait on their own condition (same lock), woken when a round is published
+        # or the run ends, not by every report and model request: M waiting threads woken by each of a
+        # round's 2M notifications cost O(M^2) wake-ups a round (docs/capacity.md)
+        self._published = threading.Condition(lock)
         self._open = _OpenRound()
         self._ready: set[str] = set()  # workers that have asked for a model: warmed up
         self._done_served: set[str] = set()
@@ -594,7 +601,7 @@ class RoundEngine:
             self._cond.notify_all()
             if s.phase in ("training", "registering") and round_ > s.round + 1 and s.round >= 0:
                 raise OutOfRange(f"round {round_} is ahead of the server (round {s.round})")
-            ready = self._cond.wait_for(  # a restored engine has no open round until the next one is published
+            ready = self._published.wait_for(  # a restored engine has no open round until the next one is published
                 lambda: s.phase in ("done", "failed") or (s.round >= round_ and self._open.broadcast is not None),
                 timeout=timeout,
             )
@@ -818,6 +825,7 @@ class RoundEngine:
         self._open = _OpenRound(broadcast, self._encode(broadcast), selected, started=time.monotonic())
         s.round = round_
         self._cond.notify_all()
+        self._published.notify_all()
 
     def _snapshot(self) -> Any:
         """This round's whole replicated state, encoded once per round when first asked for. Lock held."""
@@ -923,18 +931,31 @@ class RoundEngine:
         return frozenset(self.algorithm.select(view, s.rng))
 
     def _worker_at(self, slot: int) -> WorkerState:
-        return next(w for w in self.state.workers.values() if w.slot == slot)
+        if self._open.by_slot is None:  # once a round, not a scan of the workers per upload
+            self._open.by_slot = {w.slot: w for w in self.state.workers.values()}
+        return self._open.by_slot[slot]
 
     def _ordered(self) -> list[WorkerState]:
         return sorted(self.state.workers.values(), key=lambda w: w.slot)
 
     def _all_reported(self) -> bool:
+        o = self._open
+        w = o.waiting_for  # a live worker that had not reported at the last look: O(1) while it still has not
+        if w is not None and w.responsive and w.slot not in o.reports:
+            return False
         waiting = [w for w in self.state.workers.values() if w.responsive]
-        return bool(waiting) and all(w.slot in self._open.reports for w in waiting)
+        late = [w for w in waiting if w.slot not in o.reports]
+        o.waiting_for = late[-1] if late else None
+        return bool(waiting) and not late
 
     def _short(self) -> bool:
         """Fewer live (responsive) workers than ``min_workers``."""
-        return sum(w.responsive for w in self.state.workers.values()) < self.config.min_workers
+        need = self.config.min_workers
+        for w in self.state.workers.values():  # stops at the min_workers-th live one, not O(M) every wake-up
+            need -= w.responsive
+            if need <= 0:
+                return False
+        return need > 0
 
     def _wait_round(self, k: int) -> None:
         """Wait until every live worker has reported round ``k`` or its deadline has passed; below
@@ -967,6 +988,7 @@ class RoundEngine:
         )
         log.error("%s", s.error)
         self._cond.notify_all()
+        self._published.notify_all()
 
     def _raise_if_failed(self) -> None:
         if self.state.phase == "failed":
@@ -986,6 +1008,7 @@ class RoundEngine:
                     f"{refused}",
                 )
                 self._cond.notify_all()
+                self._published.notify_all()
             self._raise_if_failed()
             # round 0's deadline starts once every worker has asked for the model, i.e. has finished
             # its start-up, so a slow start is not mistaken for a missed round (bounded wait); after
@@ -1079,6 +1102,7 @@ class RoundEngine:
                 "it is not published"
             )
             self._cond.notify_all()
+            self._published.notify_all()
             raise RuntimeError(s.error)
 
     def summary(self) -> dict[str, Any]:
@@ -1129,6 +1153,7 @@ class RoundEngine:
             self.resumed = True
             self._open = _OpenRound()  # no round open: reports for state.round are refused
             self._cond.notify_all()
+            self._published.notify_all()
 
     def wait_registered(self, count: int, timeout: float) -> bool:
         """Block until at least ``count`` workers have registered (False on timeout)."""
@@ -1140,6 +1165,7 @@ class RoundEngine:
         with self._cond:
             self.state.phase, self.state.error = "failed", reason
             self._cond.notify_all()
+            self._published.notify_all()
 
 
 def _size(encoded: Any) -> int:

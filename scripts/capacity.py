@@ -37,6 +37,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,13 @@ def machine_busy() -> float:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     return (sum(v) - v[3] - v[4]) / TICK
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path.home() / ".local/bin/py-spy")
+    if not Path(found).exists():
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    return found
 
 
 def free_port() -> int:
@@ -105,6 +113,7 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
     skip = codec.rounds_skip("lazy_rule", 0.5).SerializeToString()
     arrivals: dict[int, float] = {}  # round -> first arrival of its broadcast
     marks: dict[int, tuple[float, float, float, float]] = {}
+    spy: list[subprocess.Popen] = []
     me = os.getpid()
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
@@ -157,6 +166,14 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
                     arrivals[k] = time.monotonic()
                     if k in (args.warmup, args.rounds - 1):
                         marks[k] = (time.monotonic(), proc_cpu(args.server_pid), proc_cpu(me), machine_busy())
+                    if k == args.warmup and args.spy_out:  # py-spy the server over the measured rounds only
+                        spy.append(subprocess.Popen(
+                            [py_spy(), "record", "--nonblocking", "-r", "250", "-f", "raw", "-p",
+                             str(args.server_pid), "-o", args.spy_out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        ))  # fmt: skip
+                    if k == args.rounds - 1 and spy:
+                        spy[0].send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
                 if model.done:
                     break
                 up = k == 0 or rng.random() < args.upload_fraction
@@ -167,6 +184,11 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
 
         t0 = time.monotonic()
         uploads = await asyncio.gather(*(worker(m, w) for m, w in enumerate(ids)))
+    for p in spy:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
     a, b = marks[args.warmup], marks[args.rounds - 1]
     n = args.rounds - 1 - args.warmup
     return {
@@ -222,9 +244,8 @@ def run_one(algorithm: str, workers: int, shape: tuple[int, int], args: argparse
          "--rounds", str(args.rounds), "--host", "127.0.0.1", "--port", str(port), "--shape", f"{shape[0]},{shape[1]}",
          "--round-timeout", "120", "--register-timeout", str(args.timeout), "--metrics", str(tmp / f"{tag}.jsonl"),
          "--overwrite-metrics", "--summary-json", str(tmp / f"{tag}.summary.json")],
-        cwd=HERE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=args.code, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    spy = None
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -238,14 +259,10 @@ def run_one(algorithm: str, workers: int, shape: tuple[int, int], args: argparse
                "--algorithms", algorithm, "--workers", str(workers), "--shapes", f"{shape[0]},{shape[1]}",
                "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--upload-fraction",
                str(args.fraction[algorithm])]  # fmt: skip
-        gen = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
-            spy = subprocess.Popen(
-                ["py-spy", "record", "--nonblocking", "-r", "250", "-f", "raw", "-p", str(server.pid),
-                 "-o", str(args.profile / f"{tag}.raw"), "-d", str(args.profile_seconds)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            cmd += ["--spy-out", str(args.profile / f"{tag}.raw")]
+        gen = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = gen.communicate(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -256,21 +273,21 @@ def run_one(algorithm: str, workers: int, shape: tuple[int, int], args: argparse
         server.wait(timeout=60)
         result = json.loads(out.strip().splitlines()[-1])
     finally:
-        for p in (spy, server):
-            if p is not None and p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL) if p is server else p.kill()
-                p.wait()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
         log.close()
     rows = [json.loads(x) for x in (tmp / f"{tag}.jsonl").read_text().splitlines()]
+    measured = rows[args.warmup :]
     window = sorted(r["round_time"] for r in rows if args.warmup <= r["round"] < args.rounds - 1)
     result.update(
         algorithm=algorithm,
         workers=workers,
         dim=(shape[0] + 1) * shape[1],
         median_round_ms=1e3 * window[len(window) // 2],
-        skips=sum(r["skips"] for r in rows[args.warmup :]) / max(1, sum(len(r["workers"]) for r in rows[args.warmup :])),
+        skips=sum(r["skips"] for r in measured) / max(1, sum(len(r["workers"]) for r in measured)),
     )
-    if spy is not None and (args.profile / f"{tag}.raw").exists():
+    if args.profile and (args.profile / f"{tag}.raw").exists():
         result["profile"] = split_profile(args.profile / f"{tag}.raw", result["server_cpu_ms"])
     return result
 
@@ -281,16 +298,17 @@ def main() -> None:
     ap.add_argument("--algorithms", nargs="+", default=["laq", "sasg"], choices=sorted(DEFAULT_FRACTION))
     ap.add_argument("--shapes", nargs="+", default=["784,10"], help="F,C: logreg shapes (d = (F + 1) * C)")
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5, help="rounds left out at the start (round 0: every worker uploads)")
+    ap.add_argument("--warmup", type=int, default=5, help="rounds left out first (round 0: all upload)")
     ap.add_argument("--upload-fraction", action="append", default=[], metavar="ALG=P",
                     help=f"probability that a worker uploads in a round (default {DEFAULT_FRACTION})")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take")
     ap.add_argument("--profile", type=Path, help="py-spy the server into this directory and split its CPU")
-    ap.add_argument("--profile-seconds", type=int, default=8)
+    ap.add_argument("--code", type=Path, default=HERE, help="the psrv checkout the server runs (default: this one)")
     ap.add_argument("--json", type=Path, help="also write every row here")
     ap.add_argument("--keep", type=Path, help="keep the server logs and metrics here")
     ap.add_argument("--loadgen", help=argparse.SUPPRESS)
     ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--spy-out", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rounds < args.warmup + 3:
@@ -308,7 +326,10 @@ def main() -> None:
         args.fraction[alg] = float(p)
     tmp = args.keep or Path(tempfile.mkdtemp(prefix="psrv-capacity-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    print(f"{args.rounds} rounds, measured from round {args.warmup} to {args.rounds - 1}; upload fraction {args.fraction}")
+    print(
+        f"server: {args.code.resolve()}; {args.rounds} rounds, measured from round {args.warmup} to "
+        f"{args.rounds - 1}; uploads {args.fraction}"
+    )
     head = f"{'algorithm':<9} {'d':>9} {'M':>5} {'round ms':>9} {'median':>7} {'server CPU ms':>13} "
     head += f"{'per worker':>10} {'loadgen CPU':>11} {'busy cores':>10} {'skips':>6}"
     print(head, flush=True)
