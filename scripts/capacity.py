@@ -3,7 +3,7 @@ CPU per round against the number of workers M (issue 14, "Server capacity, measu
 
     python scripts/capacity.py                                   # LAQ and SASG, M = 10, 100, 1000, d = 7,850
     python scripts/capacity.py --workers 10 100 --shapes 99999,10 --rounds 20   # d = 1e6
-    python scripts/capacity.py --workers 1000 --algorithms laq --profile /tmp/cap   # py-spy on the server
+    python scripts/capacity.py --workers 1000 --algorithms laq --profile /tmp/cap   # profile the server
 
 Each row is one run, bounded in time (``--timeout``): a real ``psrv start-server`` process (the
 server as users run it: gRPC, engine, metrics file) and one load-generator process that plays M
@@ -22,9 +22,10 @@ nothing and the figures are the server's:
   process and of the load generator per round. ``machine busy`` is the whole machine's CPU
   (``/proc/stat``) over the same window, in cores: other people's processes share it, so the
   server's CPU per round is the figure that depends least on the load.
-- ``--profile DIR``: py-spy (``pip install py-spy``) samples the server during the window (raw
-  stacks, idle waits dropped) and the script splits the server's CPU into gRPC machinery, the
-  engine's report paths, round close, metrics, broadcast encoding and the rest.
+- ``--profile DIR``: the server runs under yappi (``pip install yappi``; CPU clock, every Python
+  thread), profiling only the measured window, and the script splits the profiled CPU into the
+  engine's parts, the servicer, gRPC's Python layer and the rest. yappi slows the server (its
+  CPU per round is not the unprofiled one; use the shares), and sees no gRPC C-core thread.
 
 The shape is given as F,C (features, classes: logreg, d = (F + 1)·C): 784,10 is the default task
 (logreg on MNIST, d = 7,850); 99999,10 is d = 1e6.
@@ -37,7 +38,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -67,13 +67,6 @@ def machine_busy() -> float:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     return (sum(v) - v[3] - v[4]) / TICK
-
-
-def py_spy() -> str:
-    found = shutil.which("py-spy") or str(Path.home() / ".local/bin/py-spy")
-    if not Path(found).exists():
-        raise SystemExit("--profile needs py-spy: pip install py-spy")
-    return found
 
 
 def free_port() -> int:
@@ -113,7 +106,6 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
     skip = codec.rounds_skip("lazy_rule", 0.5).SerializeToString()
     arrivals: dict[int, float] = {}  # round -> first arrival of its broadcast
     marks: dict[int, tuple[float, float, float, float]] = {}
-    spy: list[subprocess.Popen] = []
     me = os.getpid()
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
@@ -166,14 +158,8 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
                     arrivals[k] = time.monotonic()
                     if k in (args.warmup, args.rounds - 1):
                         marks[k] = (time.monotonic(), proc_cpu(args.server_pid), proc_cpu(me), machine_busy())
-                    if k == args.warmup and args.spy_out:  # py-spy the server over the measured rounds only
-                        spy.append(subprocess.Popen(
-                            [py_spy(), "record", "--nonblocking", "-r", "250", "-f", "raw", "-p",
-                             str(args.server_pid), "-o", args.spy_out],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                        ))  # fmt: skip
-                    if k == args.rounds - 1 and spy:
-                        spy[0].send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+                    if args.profiled and k in (args.warmup, args.rounds - 1):  # the server's profiler: start, stop
+                        os.kill(args.server_pid, signal.SIGUSR1 if k == args.warmup else signal.SIGUSR2)
                 if model.done:
                     break
                 up = k == 0 or rng.random() < args.upload_fraction
@@ -184,11 +170,6 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
 
         t0 = time.monotonic()
         uploads = await asyncio.gather(*(worker(m, w) for m, w in enumerate(ids)))
-    for p in spy:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
     a, b = marks[args.warmup], marks[args.rounds - 1]
     n = args.rounds - 1 - args.warmup
     return {
@@ -204,43 +185,76 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- one run
-IDLE_LEAVES = ("wait (threading.py", "_wait_once", "poll", "_get (queue", "get (queue.py", "select", "sleep")
-PARTS = [  # first match wins, looked for anywhere in the stack (innermost psrv frame decides)
-    ("metrics record", ("_close_round", "round_closed (psrv/metrics.py", "MetricsSink")),
-    ("broadcast encode", ("_publish", "broadcast_to_wire", "_snapshot")),
-    ("engine report (skip/push)", ("skip (psrv/engine.py", "push (psrv/engine.py", "_absorb_reported")),
-    ("engine serve (wait + wake-ups)", ("serve (psrv/engine.py",)),
-    ("servicer (decode, count, limits)", ("psrv/server.py", "psrv/rpc.py", "psrv/codec.py", "psrv/limits.py")),
+#: where the server's profiled CPU goes: (part, functions whose own time counts there), first match wins
+PARTS = [
+    ("engine: serve (long poll, snapshot)", ("RoundEngine.serve", "RoundEngine._snapshot")),
+    (
+        "engine: skip/push, absorb",
+        ("RoundEngine.skip", "RoundEngine.push", "._absorb", "._accept"),
+    ),
+    ("engine: round close + metrics record", ("RoundEngine._close_round", "psrv/metrics.py:MetricsSink", "json/")),
+    ("engine: publish + broadcast encode", ("RoundEngine._publish", "psrv/codec.py:broadcast")),
+    ("engine: other", ("psrv/engine.py",)),
+    ("servicer: stream loop, decode, count", ("psrv/server.py", "psrv/rpc.py", "psrv/codec.py", "psrv/stream.py")),
+    ("servicer: limits, byte counter", ("psrv/limits.py", "psrv/metrics.py:ByteCounter")),
+    ("gRPC Python (grpc/_server.py, _common, cygrpc calls)", ("grpc/",)),
+    ("threading, queue, locks (incl. GIL hand-offs)", ("threading.py", "queue.py", "_thread.", "lock")),
 ]
 
 
-def split_profile(raw: Path, cpu_ms: float) -> dict[str, float]:
-    """py-spy raw stacks (``a;b;c N``) of the server, idle waits dropped, scaled to ``cpu_ms``."""
+def yappi_server(out: str, argv: list[str]) -> None:
+    """``psrv ARGV`` under yappi (CPU clock, every thread): SIGUSR1 starts it, SIGUSR2 stops it and
+    writes the functions' own CPU (``tsub``) and inclusive CPU (``ttot``) of the window to ``out``."""
+    import yappi
+
+    yappi.set_clock_type("cpu")
+
+    def start(*_: Any) -> None:
+        yappi.clear_stats()
+        yappi.start(builtins=True, profile_threads=True)
+
+    def stop(*_: Any) -> None:
+        yappi.stop()
+        rows = [[f"{st.module}:{st.name}", st.tsub, st.ttot, st.ncall] for st in yappi.get_func_stats()]
+        Path(out).write_text(json.dumps(rows))
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+    from psrv.cli import main
+
+    main(argv, prog_name="psrv")
+
+
+def split_profile(path: Path) -> dict[str, float]:
+    """Shares of the profiled CPU (functions' own time), by :data:`PARTS`: a function counts in the
+    first part one of whose keys its ``module:name`` contains."""
     shares: Counter[str] = Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        frames = stack.split(";")
-        leaf = frames[-1]
-        if any(x in leaf for x in IDLE_LEAVES) or "wait_for" in leaf:
-            continue
-        part = "gRPC machinery (grpc/_server, cygrpc)"
-        for name, keys in PARTS:
-            if any(any(key in fr for key in keys) for fr in frames):
-                part = name
+    for name, tsub, _ttot, _n in json.loads(path.read_text()):
+        part = "other (builtins, numpy, protobuf, ...)"
+        for label, keys in PARTS:
+            if any(key in name for key in keys):
+                part = label
                 break
-        shares[part] += int(n)
-    total = sum(shares.values()) or 1
-    return {k: cpu_ms * v / total for k, v in shares.most_common()}
+        shares[part] += tsub
+    total = sum(shares.values()) or 1.0
+    return {k: v / total for k, v in shares.most_common()}
 
 
 def run_one(algorithm: str, workers: int, shape: tuple[int, int], args: argparse.Namespace, tmp: Path) -> dict:
     port = free_port()
     tag = f"{algorithm}-{workers}-{shape[0]}x{shape[1]}"
     log = (tmp / f"{tag}.server.log").open("w")
+    server_cmd = [sys.executable, "-m", "psrv"]
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        server_cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--yappi-server",
+            str(args.profile / f"{tag}.json"),
+        ]
     server = subprocess.Popen(
-        [sys.executable, "-m", "psrv", "start-server", "--algorithm", algorithm, "--workers", str(workers),
+        [*server_cmd, "start-server", "--algorithm", algorithm, "--workers", str(workers),
          "--rounds", str(args.rounds), "--host", "127.0.0.1", "--port", str(port), "--shape", f"{shape[0]},{shape[1]}",
          "--round-timeout", "120", "--register-timeout", str(args.timeout), "--metrics", str(tmp / f"{tag}.jsonl"),
          "--overwrite-metrics", "--summary-json", str(tmp / f"{tag}.summary.json")],
@@ -260,8 +274,7 @@ def run_one(algorithm: str, workers: int, shape: tuple[int, int], args: argparse
                "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--upload-fraction",
                str(args.fraction[algorithm])]  # fmt: skip
         if args.profile:
-            args.profile.mkdir(parents=True, exist_ok=True)
-            cmd += ["--spy-out", str(args.profile / f"{tag}.raw")]
+            cmd += ["--profiled"]
         gen = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = gen.communicate(timeout=args.timeout)
@@ -287,12 +300,15 @@ def run_one(algorithm: str, workers: int, shape: tuple[int, int], args: argparse
         median_round_ms=1e3 * window[len(window) // 2],
         skips=sum(r["skips"] for r in measured) / max(1, sum(len(r["workers"]) for r in measured)),
     )
-    if args.profile and (args.profile / f"{tag}.raw").exists():
-        result["profile"] = split_profile(args.profile / f"{tag}.raw", result["server_cpu_ms"])
+    if args.profile:
+        result["profile"] = split_profile(args.profile / f"{tag}.json")
     return result
 
 
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--yappi-server":
+        yappi_server(sys.argv[2], sys.argv[3:])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", nargs="+", type=int, default=[10, 100, 1000])
     ap.add_argument("--algorithms", nargs="+", default=["laq", "sasg"], choices=sorted(DEFAULT_FRACTION))
@@ -302,13 +318,13 @@ def main() -> None:
     ap.add_argument("--upload-fraction", action="append", default=[], metavar="ALG=P",
                     help=f"probability that a worker uploads in a round (default {DEFAULT_FRACTION})")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take")
-    ap.add_argument("--profile", type=Path, help="py-spy the server into this directory and split its CPU")
+    ap.add_argument("--profile", type=Path, help="run the server under yappi, keep its profiles here, split its CPU")
     ap.add_argument("--code", type=Path, default=HERE, help="the psrv checkout the server runs (default: this one)")
     ap.add_argument("--json", type=Path, help="also write every row here")
     ap.add_argument("--keep", type=Path, help="keep the server logs and metrics here")
     ap.add_argument("--loadgen", help=argparse.SUPPRESS)
     ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--spy-out", help=argparse.SUPPRESS)
+    ap.add_argument("--profiled", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rounds < args.warmup + 3:
@@ -345,8 +361,8 @@ def main() -> None:
                     f"{r['machine_busy_cores']:>10.2f} {r['skips']:>6.1%}",
                     flush=True,
                 )
-                for part, ms in r.get("profile", {}).items():
-                    print(f"    {part:<40} {ms:8.2f} ms/round")
+                for part, share in r.get("profile", {}).items():
+                    print(f"    {part:<55} {share:6.1%}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
