@@ -73,7 +73,9 @@ def load_worker_data(cfg: WorkerConfig) -> data.Dataset:
     train, _ = load_training_data(cfg.data, cfg.test_fraction, cfg.seed, cfg.regression)
     if cfg.num_shards is None:
         return train
-    return data.shard(train, cfg.shard or 0, cfg.num_shards, cfg.split, cfg.seed)
+    shard = data.shard(train, cfg.shard or 0, cfg.num_shards, cfg.split, cfg.seed)
+    shard.X.setflags(write=False)  # this worker's own copy, never changed: tasks may keep derived forms of it
+    return shard
 
 
 @dataclass
