@@ -60,6 +60,7 @@ from psrv.inspect.pcapfile import read_packets  # noqa: E402
 from psrv.inspect.tcpip import parse_tcp  # noqa: E402
 
 PORT = 50051
+WALL_CODE = [HERE]  # the checkout the wall-time runs start (--wall-code)
 H2_TYPES = {
     0: "DATA",
     1: "HEADERS",
@@ -404,7 +405,7 @@ def local_run(
             f"{i}/{workers}",
         )
     ps = {
-        name: subprocess.Popen(cmd, cwd=HERE, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        name: subprocess.Popen(cmd, cwd=WALL_CODE[0], stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT)
         for name, cmd in procs.items()
     }
     spies: list[subprocess.Popen] = []
@@ -547,7 +548,8 @@ def wall(args: argparse.Namespace, tmp: Path) -> str:
     w, r, warm = args.wall_workers, args.wall_rounds, 20
     cores = os.cpu_count() or 1
     lines = [f"{w} workers, {r} rounds, steady state = rounds {warm + 1}..{r - warm}; {cores} cores"]
-    for algo, transport in [(a, t) for t in args.wall_transports.split(",") for a in ("laq", "gd")]:
+    lines[0] += f"; code {WALL_CODE[0]}"
+    for algo, transport in [(a, t) for t in args.wall_transports.split(",") for a in args.wall_algorithms.split(",")]:
         res = local_run(algo, w, r, tmp / f"wall-{algo}-{transport}", warm, transport=transport)
         cw = sum(v for k, v in res["cpu_ms"].items() if k != "server")
         ours = cw + res["cpu_ms"]["server"]
@@ -561,6 +563,8 @@ def wall(args: argparse.Namespace, tmp: Path) -> str:
         )
     g = gradient_alone(w)
     lines.append(f"full local gradient of one shard alone (torch, 1 thread): {g:.2f} ms")
+    if args.skip_spy:
+        return "\n".join(lines)
     res = local_run("laq", w, r, tmp / "wall-spy", warm, ("server", "w0"))
     lines.append(f"laq under py-spy (server and w0 sampled at 1 kHz, on-CPU stacks): {res['wall_ms']:.1f} ms per round")
     for name, parts in (("w0", WORKER_PARTS), ("server", SERVER_PARTS)):
@@ -583,10 +587,14 @@ def main() -> None:
     ap.add_argument("--wall-rounds", type=int, default=200)
     ap.add_argument("--wall-workers", type=int, default=10)
     ap.add_argument("--wall-transports", default="stream,unary", help="Transports of the wall-time runs.")
+    ap.add_argument("--wall-algorithms", default="laq,gd", help="Algorithms of the wall-time runs.")
+    ap.add_argument("--wall-code", type=Path, default=HERE, help="The checkout the wall-time runs start.")
+    ap.add_argument("--skip-spy", action="store_true", help="No py-spy run (where py-spy cannot attach).")
     ap.add_argument("--skip-bytes", action="store_true")
     ap.add_argument("--skip-wall", action="store_true")
     ap.add_argument("--keep", default=None, help="Keep captures, logs and profiles in this directory.")
     args = ap.parse_args()
+    WALL_CODE[0] = args.wall_code
     codes = dict(c.split("=", 1) for c in args.code) or {"head": str(HERE)}
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="psrv-idle-"))
     tmp.mkdir(parents=True, exist_ok=True)
