@@ -15,7 +15,8 @@ nothing and the figures are the server's:
   ``--upload-fraction`` (drawn from a seeded generator per worker and round, the same for every
   M), else it skips (``lazy_rule``). LAQ: a random float32 innovation quantized by psrv's LAQ
   quantizer (the algorithm's default 4 bits); SASG: psrv's top-k (ratio 1%) of a random float32
-  vector. Made once per run and sent as they are (worker and round implied by the stream).
+  vector. Four of them made once per run, one drawn per upload and sent as it is (worker and round
+  implied by the stream).
 - measured between the first arrival of round ``--warmup``'s broadcast and that of the last
   round's (``rounds - 1``), so registration, round 0's snapshots and the final broadcast are
   outside: wall time per round, and the CPU (utime + stime, ``/proc/PID/stat``) of the server
@@ -53,6 +54,7 @@ sys.path.insert(0, str(HERE))
 
 DEFAULT_FRACTION = {"laq": 0.03, "sasg": 0.1}
 TICK = os.sysconf("SC_CLK_TCK")
+PAYLOADS = 4  # different precomputed uploads per run
 
 
 def proc_cpu(pid: int) -> float:
@@ -76,7 +78,7 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------------------- load generator
-def _payload(algorithm: str, dim: int) -> bytes:
+def _payload(algorithm: str, dim: int, seed: int) -> bytes:
     """One upload as the Rounds stream's ``push`` field (worker and round left to the stream)."""
     import numpy as np
 
@@ -84,7 +86,7 @@ def _payload(algorithm: str, dim: int) -> bytes:
     from psrv.compress import make_compressor
     from psrv.compress.laq import quantize
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(dim, dtype=np.float32) * np.float32(1e-3)
     if algorithm == "laq":
         p = quantize(x, np.zeros(dim, dtype=np.float32), 4)
@@ -102,7 +104,9 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
 
     f, c = args.shape
     dim = (f + 1) * c
-    push = _payload(args.algorithm, dim)
+    # a few different uploads, drawn per upload: a replacing rule (SASG) whose worker sent the same
+    # vector again would leave the aggregate as it was, and its broadcast empty
+    pushes = [_payload(args.algorithm, dim, seed) for seed in range(PAYLOADS)]
     skip = codec.rounds_skip("lazy_rule", 0.5).SerializeToString()
     arrivals: dict[int, float] = {}  # round -> first arrival of its broadcast
     marks: dict[int, tuple[float, float, float, float]] = {}
@@ -164,7 +168,7 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 up = k == 0 or rng.random() < args.upload_fraction
                 uploads += up
-                await q.put(push if up else skip)
+                await q.put(rng.choice(pushes) if up else skip)
             await q.put(None)
             return uploads
 
@@ -180,7 +184,7 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
         "machine_busy_cores": (b[3] - a[3]) / (b[0] - a[0]),
         "uploads": sum(uploads),
         "run_s": time.monotonic() - t0,
-        "push_bytes": len(push),
+        "push_bytes": len(pushes[0]),
     }
 
 
