@@ -535,6 +535,9 @@ def gradient_alone(workers: int, repeat: int = 300) -> float:
     torch.set_num_threads(1)
     ds = load_worker_data(WorkerConfig(server="", worker_id="w0", shard=0, num_shards=workers))
     task = make_task("logreg", ds.n_features, ds.n_classes)
+    rows = ds.X.view()
+    rows.setflags(write=False)  # as a worker holds its shard (worker/client.py _Job): logreg may go sparse
+    ds = type(ds)(rows, ds.y, ds.n_classes, ds.name)
     theta = np.zeros(task.dim)
     for _ in range(20):
         task.local_loss_grad(theta, ds.X, ds.y, len(ds) * workers, workers)
