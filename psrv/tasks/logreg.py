@@ -140,9 +140,12 @@ class LogReg(ZeroInit):
         W, b = t[:k].view(self.n_classes, self.n_features), t[k:]
         csr = sparse_rows(X)
         if csr is None:
-            with warnings.catch_warnings():  # a read-only X: torch warns that it cannot protect it; it is only read
-                warnings.simplefilter("ignore", UserWarning)
+            if X.flags.writeable:
                 Xt = torch.from_numpy(X)
+            else:
+                with warnings.catch_warnings():  # torch warns that it cannot protect a read-only X; it is only read
+                    warnings.simplefilter("ignore", UserWarning)
+                    Xt = torch.from_numpy(X)
             logits = torch.addmm(b, Xt, W.T)
         else:
             logits = torch.from_numpy(csr @ theta[:k].reshape(self.n_classes, self.n_features).T).add_(b)
