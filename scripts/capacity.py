@@ -19,10 +19,11 @@ nothing and the figures are the server's:
   implied by the stream).
 - measured between the first arrival of round ``--warmup``'s broadcast and that of the last
   round's (``rounds - 1``), so registration, round 0's snapshots and the final broadcast are
-  outside: wall time per round, and the CPU (utime + stime, ``/proc/PID/stat``) of the server
-  process and of the load generator per round. ``machine busy`` is the whole machine's CPU
-  (``/proc/stat``) over the same window, in cores: other people's processes share it, so the
-  server's CPU per round is the figure that depends least on the load.
+  outside: wall time per round, and the CPU (the on-CPU time of all threads,
+  ``/proc/PID/task/*/schedstat``) of the server process and of the load generator per round.
+  ``machine busy`` is the whole machine's CPU (``/proc/stat``) over the same window, in cores:
+  other people's processes share it, so the server's CPU per round is the figure that depends
+  least on the load.
 - ``--profile DIR``: the server runs under yappi (``pip install yappi``; CPU clock, every Python
   thread), profiling only the measured window, and the script splits the profiled CPU into the
   engine's parts, the servicer, gRPC's Python layer and the rest. yappi slows the server (its
@@ -53,22 +54,28 @@ HERE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(HERE))
 
 DEFAULT_FRACTION = {"laq": 0.03, "sasg": 0.1}
-TICK = os.sysconf("SC_CLK_TCK")
 PAYLOADS = 4  # different precomputed uploads per run
 
 
 def proc_cpu(pid: int) -> float:
-    """utime + stime of process ``pid`` (all its threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """CPU seconds of process ``pid`` so far: the on-CPU time of each of its threads (``schedstat``,
+    nanoseconds; ``/proc/PID/stat``'s utime + stime count in 10 ms ticks, too coarse for a few
+    rounds at M = 10). A thread that has exited takes its time with it: the server's do not exit."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError):  # the thread ended meanwhile
+            pass
+    return total / 1e9
 
 
 def machine_busy() -> float:
     """CPU seconds the whole machine has been busy (all cores: not idle, not iowait)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v) - v[3] - v[4]) / TICK
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
