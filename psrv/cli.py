@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from psrv.launch_options import launcher_options, pop_launcher
 from psrv.options import (
     check_job_data,
     checkpoint_options,
@@ -35,6 +36,7 @@ from psrv.options import (
     pop_server_options,
     server_options,
 )
+from psrv.stopping import StopRule
 from psrv.tls_options import pop_client_security, pop_server_security, server_tls_options, worker_tls_options
 
 
@@ -96,6 +98,8 @@ LAZY_HELP = {
     "cluster": "Shaped multi-host runs on one machine: one network namespace per host (needs root).",
     "inspect": "Look at psrv's traffic on the wire: HTTP/2 frames, gRPC messages, bytes per field.",
     "fit-cost": "Measure the link to a server and fit a cost model (affine, packet) to transmission times.",
+    "experiment": "Run a grid of methods x seeds x links x settings from a TOML config into one results folder.",
+    "report": "Re-render an experiment folder's tables, plots and report.md from its saved runs.",
 }
 
 
@@ -105,6 +109,8 @@ LAZY_HELP = {
         "cluster": ("psrv.cluster.cli", "cluster"),
         "inspect": ("psrv.inspect.cli", "inspect"),
         "fit-cost": ("psrv.costfit_cli", "fit_cost"),
+        "experiment": ("psrv.experiment_cli", "experiment"),
+        "report": ("psrv.experiment_cli", "report"),
     },
 )
 @click.version_option(package_name="psrv")
@@ -181,6 +187,14 @@ def main(verbose: int) -> None:
     help="Start the workers even if they do not seem to fit the available memory (MemAvailable).",
 )
 @click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes; with fewer than --workers each hosts its share as virtual workers (one thread, "
+    "state and stream each; one connection per process) [default: one per worker up to the CPU cores, "
+    "else cores - 1, at least 1].",
+)
+@click.option(
     "--resume",
     type=click.Path(file_okay=False),
     default=None,
@@ -189,6 +203,27 @@ def main(verbose: int) -> None:
     "that finished keeps its summary, one with DIR/<algorithm>/checkpoint.npz goes on from it (new workers "
     "rejoin; its metrics.jsonl is continued), one without starts over.",
 )
+@click.option(
+    "--stop-at",
+    multiple=True,
+    metavar="loss=X|residual=X|accuracy=X",
+    help="End each job at the first evaluated round (--eval-every) where the training loss <= X, the loss "
+    "residual f - f* <= X (needs --fstar) or the test accuracy >= X (repeatable: the first one met).",
+)
+@click.option(
+    "--fstar",
+    default=None,
+    metavar="F|auto",
+    help="f* for --stop-at residual=X: a number, or auto (solved by L-BFGS; logreg and linreg).",
+)
+@click.option(
+    "--tensorboard",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Also write per-round scalars to DIR/<algorithm> for TensorBoard (needs the tensorboard extra).",
+)
+@launcher_options
 def run(
     eval_every: int | None,
     target_accuracy: float | None,
@@ -199,7 +234,11 @@ def run(
     register_timeout: float | None,
     start_timeout: float | None,
     no_memory_check: bool,
+    processes: int | None,
     resume: str | None,
+    stop_at: tuple[str, ...],
+    fstar: str | None,
+    tensorboard: str | None,
     **kw: Any,
 ) -> None:
     """Train on this machine: one server and M worker processes over loopback gRPC.
@@ -217,13 +256,19 @@ def run(
         raise click.BadParameter("nothing to train; pass --rounds 1 or more", param_hint="--rounds")
     dc = pop_data(kw)
     device = pop_device(kw)
+    launcher = pop_launcher(kw, device)  # --launcher ray without Ray installed: a usage error here
     checkpoint_dir, checkpoint_every = pop_checkpoint(kw)
     jobs = jobs_from_cli(kw, dc.data)
     train, test, dim = check_job_data(jobs[0], dc, device)  # a bad --data, or a task that fails on it, fails here
     nbytes, workers = rn.data_bytes(train, test), jobs[0].workers
+    processes = min(processes or rn.default_processes(workers), workers)
+    if any(j.algorithm == "dsgd" for j in jobs):  # decentralized: a process per worker (psrv.meshrun)
+        processes = workers
+    logical = -(-workers // processes)
     try:  # more workers than samples, or than memory holds: refused before anything starts
-        available = None if no_memory_check else rn.mem_available()
-        rn.check_capacity(workers, len(train), rn.worker_memory(nbytes, dim), available)
+        available = None if no_memory_check or getattr(launcher, "address_", None) else rn.mem_available()
+        per_host = rn.host_memory(nbytes, dim, logical)
+        rn.check_capacity(workers, len(train), rn.worker_memory(nbytes, dim), available, processes, per_host)
     except rn.CapacityError as exc:
         raise click.UsageError(str(exc)) from None
     register_default, start_default = rn.startup_timeouts(workers, nbytes, dim)
@@ -235,6 +280,7 @@ def run(
         configs = [job.server_config(**timeouts) for job in jobs]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    stops, fstar_value = _stop_options(stop_at, fstar, eval_every, jobs[0], dc, tensorboard)
     path = summary_json or str(Path(out) / "summary.json")
     plan: list[tuple[Any, Any]] = [(None, None)] * len(jobs)  # per job: (kept summary, checkpoint)
     if resume is not None:  # read before anything is cleared
@@ -245,6 +291,12 @@ def run(
             raise click.UsageError(f"--resume: {exc}") from None
     # after the checks that make nothing
     check_outputs(dirs={"--out": out, "--checkpoint-dir": checkpoint_dir}, files={"--summary-json": summary_json})
+    try:  # a Ray launcher connects (or starts its cluster) once for all the jobs (before --out is cleared)
+        launcher.connect(workers)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{workers} worker(s) in {processes} process(es), up to {logical} each (--processes to change)",
+               err=True)  # fmt: skip
     fresh = [job.algorithm for job, (kept, ckpt) in zip(jobs, plan, strict=True) if kept is None and ckpt is None]
     _clear_run_dir(Path(out), fresh, path)
     manifest = rn.write_manifest(out, [], dc, device)  # lists each run once it has finished
@@ -263,7 +315,7 @@ def run(
 
     received: list[int] = []
     interrupted = False
-    with _stop_signals(received):
+    with launcher, _stop_signals(received):
         try:
             for job, config, (kept, ckpt) in zip(jobs, configs, plan, strict=True):
                 if kept is not None:  # --resume: finished before
@@ -278,8 +330,12 @@ def run(
                     item_show_func=lambda r: f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "",
                 ) as bar:
 
-                    def on_round(record: dict[str, Any], bar=bar) -> None:
+                    tb = None if tensorboard is None else _tensorboard_writer(Path(tensorboard) / job.algorithm)
+
+                    def on_round(record: dict[str, Any], bar=bar, tb=tb) -> None:
                         bar.update(1, record)
+                        if tb is not None:
+                            tb(record)
 
                     every = max(1, config.rounds // 100) if eval_every is None else eval_every
                     targets = {
@@ -298,12 +354,20 @@ def run(
                             checkpoint_every=ck_every,
                             tls=tls,
                             resume=ckpt,
+                            stop=None if not stops else StopRule(stops, fstar_value),
+                            launcher=launcher,
+                            processes=processes,
                         )
                     except rn.RunFailed as exc:
                         summary = exc.summary
                     except rn.RunInterrupted as exc:
                         keep(exc.summary, config)
                         raise
+                    finally:
+                        if tb is not None:
+                            tb.close()
+                if stops:
+                    summary.update(stop=stops, fstar=fstar_value)
                 if summary["status"] != "done":
                     click.echo(f"Error: {job.algorithm} failed: {summary['error']}", err=True)
                 keep(summary, config)
@@ -327,6 +391,51 @@ def run(
             click.echo(f"plot: {plots.plot_run_dir(out)}")
     if unfinished:
         sys.exit(1)
+
+
+def _stop_options(
+    stop_at: tuple[str, ...], fstar: str | None, eval_every: int | None, job: Any, dc: Any, tensorboard: str | None
+) -> tuple[dict[str, float], float | None]:
+    """The checked ``--stop-at`` targets and f* (``--fstar auto`` solved here), and ``--tensorboard``'s
+    package, before anything runs."""
+    from psrv import stopping
+
+    if tensorboard is not None:
+        from psrv.tboard import TensorBoardMissing, check_available
+
+        try:
+            check_available()
+        except TensorBoardMissing as exc:
+            raise click.UsageError(str(exc)) from None
+    try:
+        stops = stopping.parse_stop(stop_at)
+    except stopping.StopRuleError as exc:
+        raise click.BadParameter(str(exc), param_hint="--stop-at") from None
+    if stops and eval_every == 0:
+        raise click.BadParameter("--stop-at needs evaluations; pass --eval-every 1 or more", param_hint="--eval-every")
+    value: float | None = None
+    if fstar is not None and fstar != "auto":
+        try:
+            value = float(fstar)
+        except ValueError:
+            raise click.BadParameter(f"{fstar!r} is neither a number nor auto", param_hint="--fstar") from None
+    if "residual" in stops:
+        if fstar is None:
+            raise click.BadParameter("--stop-at residual=X needs --fstar F (or --fstar auto)", param_hint="--fstar")
+        if fstar == "auto":
+            config = job.server_config()
+            try:
+                value = stopping.solve_fstar(config.task, dict(config.task_options), dc)
+            except stopping.StopRuleError as exc:
+                raise click.BadParameter(str(exc), param_hint="--fstar") from None
+            click.echo(f"f* = {value:.12g} (L-BFGS on the full training objective)", err=True)
+    return stops, value
+
+
+def _tensorboard_writer(log_dir: Path) -> Any:
+    from psrv.tboard import RoundWriter
+
+    return RoundWriter(log_dir)
 
 
 def _clear_run_dir(out: Path, algorithms: list[str], summary: str) -> None:
@@ -567,13 +676,20 @@ def check_port_free(host: str, port: int) -> None:
 
 @main.command("start-worker")
 @click.option("--server", "server_address", required=True, help="HOST:PORT of the parameter server.")
-@click.option("--worker-id", required=True)
+@click.option(
+    "--worker-id",
+    default=None,
+    help="The worker's id (required for one worker); with --shard A-B/M, optionally the hosted workers' ids as a "
+    "comma list [default: w<A>..w<B>, the ids `psrv run` gives].",
+)
 @data_options
 @click.option(
     "--shard",
     default=None,
     metavar="I/M",
-    help="Use shard I of M of the data (omit when the file is this worker's own).",
+    help="Use shard I of M of the data (omit when the file is this worker's own). A-B/M: host the logical "
+    "workers of shards A..B (virtual workers: one process, each worker its own id, state and report; "
+    "credential paths may contain {id}).",
 )
 @click.option(
     "--connect-timeout",
@@ -605,7 +721,7 @@ def check_port_free(host: str, port: int) -> None:
 )
 def start_worker(
     server_address: str,
-    worker_id: str,
+    worker_id: str | None,
     shard: str | None,
     connect_timeout: float,
     retry_for: float,
@@ -631,12 +747,20 @@ def start_worker(
     device = pop_device(kw)
     index = num = None
     if shard is not None:
+        from worker.host import parse_shard_range
+
         try:
-            index, num = (int(x) for x in shard.split("/"))
-            if not 0 <= index < num:
-                raise ValueError
-        except ValueError:
-            raise click.BadParameter(f"expected I/M with 0 <= I < M, got {shard!r}", param_hint="--shard") from None
+            shards, num = parse_shard_range(shard)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--shard") from None
+        if "-" in shard.split("/")[0]:  # virtual workers: a host of logical workers
+            if gossip_listen is not None:
+                raise click.UsageError("--gossip-listen runs one worker: pass --shard I/M, not a range")
+            return _start_host(server_address, worker_id, shards, num, connect_timeout, retry_for, dc, device,
+                               security, crash_after)  # fmt: skip
+        index = shards[0]
+    if worker_id is None:
+        raise click.UsageError("Missing option '--worker-id' (or --shard A-B/M to host several workers).")
     cfg = WorkerConfig(
         server=server_address,
         worker_id=worker_id,
@@ -671,6 +795,56 @@ def start_worker(
         hint = explain(text or "", security) if callable(details) else ""
         raise click.ClickException(f"worker {worker_id}: {text}{hint}") from None
     click.echo(json.dumps({k: v for k, v in vars(result).items() if k != "final_params"}))
+
+
+def _start_host(
+    server: str,
+    ids_spec: str | None,
+    shards: range,
+    num: int,
+    connect_timeout: float,
+    retry_for: float,
+    dc: Any,
+    device: str,
+    security: Any,
+    crash_after: int | None,
+) -> None:
+    """``start-worker --shard A-B/M``: the logical workers of shards A..B in this process
+    (:mod:`worker.host`); one JSON line per worker; exit 1 naming those that failed."""
+    from psrv.data import DataError
+    from psrv.options import worker_id as default_id
+    from worker.client import WorkerConfig
+    from worker.host import host_configs, run_host
+
+    ids = [default_id(i) for i in shards] if ids_spec is None else [w.strip() for w in ids_spec.split(",")]
+    if len(ids) != len(shards) or len(set(ids)) != len(ids) or not all(ids):
+        raise click.BadParameter(f"{len(shards)} distinct ids for --shard's {len(shards)} workers, comma-separated",
+                                 param_hint="--worker-id")  # fmt: skip
+    base = WorkerConfig(
+        server=server,
+        worker_id=ids[0],
+        data=dc.data,
+        split=dc.split,
+        seed=dc.seed,
+        test_fraction=dc.test_fraction,
+        connect_timeout=connect_timeout,
+        retry_for=retry_for,
+        crash_after=crash_after,
+        regression=dc.regression,
+        device=device,
+        security=security,
+    )
+    try:
+        out = run_host(host_configs(base, shards, num, ids))
+    except DataError as exc:
+        raise click.UsageError(str(exc)) from None
+    for result in out.results:
+        if result is not None:
+            click.echo(json.dumps({k: v for k, v in vars(result).items() if k != "final_params"}))
+    if out.errors:
+        first = next(iter(out.errors.items()))
+        more = f" (and {len(out.errors) - 1} more)" if len(out.errors) > 1 else ""
+        raise click.ClickException(f"worker {first[0]}: {first[1]}{more}")
 
 
 @main.command("certs")

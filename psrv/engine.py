@@ -411,12 +411,11 @@ class RoundEngine:
         self._dtype_max = float(np.finfo(np.dtype(config.broadcast_dtype)).max)  # what the model can hold
         self._sink = sink
         self._encode = encode or (lambda b: b)
-        lock = threading.RLock()
-        self._cond = threading.Condition(lock)
-        # serve()'s long polls wait on their own condition (same lock), woken when a round is published
-        # or the run ends, not by every report and model request: M waiting threads woken by each of a
-        # round's 2M notifications cost O(M^2) wake-ups a round (docs/capacity.md)
-        self._published = threading.Condition(lock)
+        self._cond = threading.Condition()
+        # what a worker waiting for a broadcast waits on (same lock): woken when a round is published or
+        # the phase changes (:meth:`_wake`), not by every report -- with M streams waiting, a wake-up per
+        # report would be M^2 per round (docs/scale.md)
+        self._published = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
         self._open = _OpenRound()
         self._ready: set[str] = set()  # workers that have asked for a model: warmed up
         self._done_served: set[str] = set()
@@ -428,6 +427,7 @@ class RoundEngine:
             except EngineError as exc:
                 raise ValueError(str(exc)) from None
         self._connections: dict[str, int] = {}  # worker -> the number of its current connection (see connected)
+        self.stopped_by: str | None = None  # a stopping rule that ended the job early (stop_after_round)
 
     # ------------------------------------------------------------------ views
     @property
@@ -493,7 +493,7 @@ class RoundEngine:
                 for slot, ws in enumerate(sorted(s.workers.values(), key=lambda x: natural_key(x.worker_id))):
                     ws.slot = slot
                 s.phase = "training"
-            self._cond.notify_all()
+            self._wake()
             return Registered(index)
 
     def _rejoin(self, w: WorkerState, num_samples: int, shape: tuple[int, int]) -> int:
@@ -523,7 +523,7 @@ class RoundEngine:
         w.responsive, w.misses, w.gone = True, 0, ""
         s.rejoins += 1
         log.warning("worker %s rejoined as %d (round %d); it gets a snapshot", w.worker_id, w.index, s.round)
-        self._cond.notify_all()
+        self._wake()
         return w.index
 
     def _check_id(self, worker_id: str) -> None:
@@ -591,9 +591,13 @@ class RoundEngine:
         it holds none) gets a snapshot instead."""
         return self.serve(worker_id, round_, timeout, replica_round).data
 
-    def serve(self, worker_id: str, round_: int, timeout: float, replica_round: int | None = None) -> Served:
+    def serve(
+        self, worker_id: str, round_: int, timeout: float, replica_round: int | None = None, count: bool = True
+    ) -> Served:
         """:meth:`wait_model`, saying what was served: a transport that keeps one stream per worker
-        learns the worker's replica round from it (``form`` dense: none; else ``round``)."""
+        learns the worker's replica round from it (``form`` dense: none; else ``round``). ``count``
+        False: the bytes are not booked to the worker's downlink (a broadcast that several workers
+        of one host share is booked once, :meth:`count_down`)."""
         s = self.state
         with self._cond:
             w = self.worker(worker_id)
@@ -618,9 +622,17 @@ class RoundEngine:
             if s.phase == "done":
                 self._done_served.add(w.worker_id)
                 self._cond.notify_all()
-            else:
+            elif count:
                 self._open.down[w.slot] = self._open.down.get(w.slot, 0) + _size(data)
             return Served(data, b.round, form, b.done)
+
+    def count_down(self, worker_id: str, round_: int, nbytes: int) -> None:
+        """Book ``nbytes`` sent down in round ``round_`` to ``worker_id`` (while that round is open)."""
+        with self._cond:
+            b = self._open.broadcast
+            if self.state.phase == "training" and b is not None and b.round == round_:
+                slot = self.worker(worker_id).slot
+                self._open.down[slot] = self._open.down.get(slot, 0) + nbytes
 
     def connected(self, worker_id: str) -> int:
         """A worker opened its one connection (a Rounds stream): it is live again; returns the
@@ -824,8 +836,7 @@ class RoundEngine:
             )
         self._open = _OpenRound(broadcast, self._encode(broadcast), selected, started=time.monotonic())
         s.round = round_
-        self._cond.notify_all()
-        self._published.notify_all()
+        self._wake()
 
     def _snapshot(self) -> Any:
         """This round's whole replicated state, encoded once per round when first asked for. Lock held."""
@@ -938,6 +949,11 @@ class RoundEngine:
     def _ordered(self) -> list[WorkerState]:
         return sorted(self.state.workers.values(), key=lambda w: w.slot)
 
+    def _wake(self) -> None:
+        """Wake every waiter: those of :attr:`_cond` and the workers waiting for a broadcast. Lock held."""
+        self._cond.notify_all()
+        self._published.notify_all()
+
     def _all_reported(self) -> bool:
         o = self._open
         w = o.waiting_for  # a live worker that had not reported at the last look: O(1) while it still has not
@@ -987,8 +1003,7 @@ class RoundEngine:
             f"after waiting {wait:g} s (--quorum-wait) for rejoins; gone: {gone}"
         )
         log.error("%s", s.error)
-        self._cond.notify_all()
-        self._published.notify_all()
+        self._wake()
 
     def _raise_if_failed(self) -> None:
         if self.state.phase == "failed":
@@ -1007,8 +1022,7 @@ class RoundEngine:
                     f"only {len(s.workers)} of {cfg.num_workers} workers registered within {cfg.register_timeout:g} s"
                     f"{refused}",
                 )
-                self._cond.notify_all()
-                self._published.notify_all()
+                self._wake()
             self._raise_if_failed()
             # round 0's deadline starts once every worker has asked for the model, i.e. has finished
             # its start-up, so a slow start is not mistaken for a missed round (bounded wait); after
@@ -1019,6 +1033,7 @@ class RoundEngine:
             )
             first = s.round + 1  # 0, or the round after a restored checkpoint's
         started = time.monotonic() - s.totals.elapsed  # a resumed run goes on from its training time
+        last = cfg.rounds
         for k in range(first, cfg.rounds):
             with self._cond:
                 self._publish(k)
@@ -1031,9 +1046,12 @@ class RoundEngine:
                 t0 = time.monotonic()
                 self._sink.round_closed(record, s.theta, k == cfg.rounds - 1)
                 started += time.monotonic() - t0  # evaluation and logging are not training time
+            if self.stopped_by is not None:  # a stopping rule was met in this round (the sink asked)
+                last = k + 1
+                break
         with self._cond:
             s.phase = "done"
-            self._publish(cfg.rounds, done=True)
+            self._publish(last, done=True)
             # serve the final model to every worker before summing up
             responsive = {w.worker_id for w in s.workers.values() if w.responsive}
             self._cond.wait_for(lambda: responsive <= self._done_served, timeout=cfg.done_grace)
@@ -1101,8 +1119,7 @@ class RoundEngine:
                 f"round {k}: the model left the {self.config.broadcast_dtype} range (|theta| > {top:.4g} or NaN); "
                 "it is not published"
             )
-            self._cond.notify_all()
-            self._published.notify_all()
+            self._wake()
             raise RuntimeError(s.error)
 
     def summary(self) -> dict[str, Any]:
@@ -1152,20 +1169,24 @@ class RoundEngine:
             self.state = state
             self.resumed = True
             self._open = _OpenRound()  # no round open: reports for state.round are refused
-            self._cond.notify_all()
-            self._published.notify_all()
+            self._wake()
 
     def wait_registered(self, count: int, timeout: float) -> bool:
         """Block until at least ``count`` workers have registered (False on timeout)."""
         with self._cond:
             return self._cond.wait_for(lambda: len(self.state.workers) >= count, timeout=timeout)
 
+    def stop_after_round(self, reason: str) -> None:
+        """End the job cleanly after the round being closed (called from the sink's ``round_closed``):
+        the final model is served as after the last round and the workers exit 0. ``reason`` (e.g.
+        "loss_residual") is kept in :attr:`stopped_by`."""
+        self.stopped_by = reason
+
     def fail(self, reason: str) -> None:
         """Abort the run: waiting requests and the round loop give up with ``reason``."""
         with self._cond:
             self.state.phase, self.state.error = "failed", reason
-            self._cond.notify_all()
-            self._published.notify_all()
+            self._wake()
 
 
 def _size(encoded: Any) -> int:

@@ -233,6 +233,34 @@ def worker_argv(
     )
 
 
+def host_argv(
+    address: str,
+    shards: range,
+    num_workers: int,
+    dc: DataConfig,
+    extra: Sequence[str] = (),
+    verbose: bool = False,
+    device: str = "cpu",
+) -> list[str]:
+    """The ``start-worker`` command of a process hosting the logical workers ``shards`` of
+    ``num_workers`` (virtual workers; ids ``w<i>``, shard i); one worker: :func:`worker_argv`."""
+    if len(shards) == 1:
+        return worker_argv(address, shards[0], num_workers, dc, extra, verbose, device)
+    spec = f"{shards[0]}-{shards[-1]}/{num_workers}"
+    return psrv_argv(
+        "start-worker", "--server", address, "--shard", spec, *dc.argv(), *device_argv(device), *extra, verbose=verbose
+    )
+
+
+def host_blocks(num_workers: int, processes: int | None) -> list[range]:
+    """The workers of each of ``processes`` worker processes: consecutive blocks of near-equal
+    size (None, or as many as workers: one worker per process)."""
+    p = num_workers if processes is None else max(1, min(processes, num_workers))
+    size, rest = divmod(num_workers, p)
+    starts = [i * size + min(i, rest) for i in range(p + 1)]
+    return [range(starts[i], starts[i + 1]) for i in range(p)]
+
+
 def server_argv(job: JobConfig, extra: Sequence[str] = (), verbose: bool = False) -> list[str]:
     """The ``start-server`` command of ``job``."""
     return psrv_argv("start-server", *job.argv(), *extra, verbose=verbose)

@@ -164,6 +164,8 @@ def _parse_rounds_request(data: bytes) -> Received:
 
 
 def _request_parser(method: str, msg_type: type, raw: Collection[str]) -> Callable[[bytes], Received]:
+    if method == "HostRounds":  # parsed by protobuf (an error, as a StreamError, for the handler to raise)
+        return _parser(msg_type)
     if KINDS[method] == "bidi":
         return _parse_rounds_request
     if KINDS[method] == "client_stream":
@@ -332,10 +334,17 @@ class CountingStub:
         """Open this worker's Rounds stream (see :class:`RoundStream`)."""
         return RoundStream(self, open_)
 
+    def HostRounds(self, requests: Iterator[bytes]) -> Any:
+        """Open a HostRounds stream (:mod:`worker.host`): ``requests`` are serialized
+        HostRoundsRequests (counted "up" by the caller); the replies come parsed, counted "down"."""
+        return self._calls["HostRounds"](requests)
+
     def _deserializer(self, method: str, msg_type: type) -> Callable[[bytes], Any]:
         parse = {"server_stream": _piece_or_error, "bidi": _parse_rounds_response}.get(
             KINDS[method], msg_type.FromString
         )
+        if method == "HostRounds":  # a virtual workers' host (worker.host)
+            parse = msg_type.FromString
 
         def deserialize(data: bytes) -> Any:
             self.counter.add("down", method, len(data))

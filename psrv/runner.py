@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from psrv import __version__, certs, lifeline, report
+from psrv import __version__, certs, report
 from psrv.algorithms import make_algorithm
 from psrv.checkpoint import checkpointed_server
 from psrv.files import atomic_save_npy, atomic_write_json
+from psrv.launch import Launcher, LocalLauncher, Workers
 from psrv.metrics import MetricsSink
-from psrv.options import DataConfig, worker_argv, worker_id, worker_ids
+from psrv.options import DataConfig, host_argv, host_blocks, worker_id, worker_ids
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.tasks import make_task
 
@@ -126,6 +127,34 @@ def worker_memory(nbytes: int, dim: int) -> int:
     return WORKER_FOOTPRINT + nbytes + 16 * 8 * dim
 
 
+#: private memory each further logical worker of a host adds besides its model-sized vectors (its thread,
+#: torch model, algorithm state and queues; measured: ~0.6 MiB each for logreg on mnist, docs/scale.md)
+LOGICAL_WORKER_FOOTPRINT = 2 * 2**20
+
+
+def host_memory(nbytes: int, dim: int, logical: int) -> int:
+    """Estimated peak private memory of one process hosting ``logical`` virtual workers: one worker
+    process (:func:`worker_memory`: the data loaded once), the shards it cuts from the data (at
+    most the data again), and per further logical worker :data:`LOGICAL_WORKER_FOOTPRINT` and its
+    model-sized vectors."""
+    if logical <= 1:
+        return worker_memory(nbytes, dim)
+    return worker_memory(nbytes, dim) + nbytes + (logical - 1) * (LOGICAL_WORKER_FOOTPRINT + 16 * 8 * dim)
+
+
+def default_processes(workers: int, cores: int | None = None) -> int:
+    """Worker processes ``psrv run`` starts for ``workers`` workers: one per worker up to the cores
+    this process may use (as before virtual workers); more workers than cores share ``cores - 1``
+    processes (at least one) as virtual workers, leaving a core to the server, whose one process
+    takes every worker's reports. A process costs ~230 MiB and torch's and the data's start-up;
+    measured on 2 cores (docs/scale.md), 100 workers start in 51 s / 0.87 GiB in one process, 93 s /
+    1.34 GiB in two, 150 s / 2.23 GiB in four."""
+    import os
+
+    cores = cores or len(os.sched_getaffinity(0))
+    return workers if workers <= cores else max(1, cores - 1)
+
+
 def mem_available() -> int | None:
     """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is no such file)."""
     try:
@@ -138,10 +167,28 @@ def mem_available() -> int | None:
     return None
 
 
-def check_capacity(workers: int, n_train: int, per_worker: int, available: int | None) -> None:
+def check_capacity(
+    workers: int,
+    n_train: int,
+    per_worker: int,
+    available: int | None,
+    processes: int | None = None,
+    per_host: int = 0,
+) -> None:
     """:class:`CapacityError` unless ``workers`` worker processes fit: each needs at least one
     training sample, and together about ``workers * per_worker`` bytes of the ``available``
-    (None: not checked)."""
+    (None: not checked). With ``processes`` < ``workers`` (virtual workers): ``processes *
+    per_host`` bytes (:func:`host_memory`)."""
+    if processes is not None and processes < workers:
+        check_capacity(workers, n_train, 0, None)
+        need = processes * per_host
+        if available is not None and need > available:
+            raise CapacityError(
+                f"--workers {workers} in {processes} processes would need about {need / 2**30:.1f} GiB "
+                f"({per_host / 2**20:.0f} MiB per process) but {available / 2**30:.1f} GiB is available; "
+                "pass fewer --workers or --processes (or --no-memory-check)"
+            )
+        return
     if workers > n_train:
         raise CapacityError(
             f"--workers {workers} is more than the {n_train} training samples (each worker needs one at least); "
@@ -200,6 +247,9 @@ def run_local(
     checkpoint_every: int = 10,
     tls: bool = False,
     resume: Any = None,
+    stop: Any = None,
+    launcher: Launcher | None = None,
+    processes: int | None = None,
 ) -> dict[str, Any]:
     """Run one job end to end; returns the summary (``status`` "done"; the model is in ``out_dir``).
 
@@ -215,6 +265,14 @@ def run_local(
     ``resume`` (a :class:`psrv.checkpoint.Checkpoint` of this job, :func:`resume_plan`): the server
     goes on from it, its workers (started afresh) rejoin, and ``out_dir/metrics.jsonl`` is continued
     after the checkpoint's lines (their records count towards ``targets`` and reach ``on_round``).
+    ``stop`` (a :class:`psrv.stopping.StopRule`; needs ``eval_every`` > 0): the job ends cleanly after
+    the first evaluated round that meets it; the summary says ``stopped_by`` (the rule, or "rounds")
+    and ``stop_round`` (None when it ran every round).
+    ``launcher`` (:mod:`psrv.launch`; default :class:`~psrv.launch.LocalLauncher`): where the server
+    binds, the address its workers dial and how their processes start (``psrv run --launcher``).
+    ``processes``: the workers run as virtual workers in that many processes (consecutive blocks,
+    :func:`psrv.options.host_blocks`; each logs to ``workers<A>-<B>.log``); None: one process per
+    worker (``worker<i>.log``), as also with ``worker_extra`` (fault injection is per process).
 
     A job that cannot finish raises :class:`RunFailed` (a worker that exits before registration
     ends the wait at once; ``config.register_timeout`` bounds it otherwise), Ctrl-C raises
@@ -233,8 +291,9 @@ def run_local(
     for name in JOB_OUTPUTS:  # a reused folder never mixes an earlier job's files with this one's
         if resume is None or name != "metrics.jsonl":  # a resumed job continues its metrics
             (out / name).unlink(missing_ok=True)
-    procs: list[subprocess.Popen] = []
-    logs: list[Any] = []
+    launcher = launcher or LocalLauncher()
+    procs: list[Any] = []
+    workers: Workers | None = None
     sink = server = watcher = None
     ps: ParameterServer | None = None
     try:
@@ -243,7 +302,12 @@ def run_local(
         config = owned_config(config, evaluator.train.n_features, evaluator.train.n_classes)
         costs = [report.CostToReach(key, target) for key, target in (targets or {}).items()]
 
+        stop_round: list[int] = []
+
         def round_closed(record: dict[str, Any]) -> None:
+            if stop is not None and not stop_round and ps is not None and (why := stop.check(record)):
+                ps.engine.stop_after_round(why)  # the engine ends the job after this round
+                stop_round.append(record["round"])
             for cost in costs:  # worked out as rounds close: the server keeps only the last few records
                 cost.add(record)
             if on_round is not None:
@@ -261,26 +325,32 @@ def run_local(
             keep_lines=keep,  # resumed: continued after the checkpoint's lines
         )
         ps, _ = checkpointed_server(config, sink, checkpoint_dir, checkpoint_every, resume)
-        pki = certs.make_test_pki(out / "tls", worker_ids(config.num_workers)) if tls else None
-        server, port = create_server(ps, "127.0.0.1:0", security=None if pki is None else pki.server_security())
-        env = lifeline.child_env()
-        for i in range(config.num_workers):
-            log_file = open(out / f"worker{i}.log", "w")
-            logs.append(log_file)
-            extra = (*(worker_extra or {}).get(i, ()), *(pki.worker_argv(worker_id(i)) if pki else ()))
-            cmd = worker_argv(f"127.0.0.1:{port}", i, config.num_workers, dc, extra, device=device)
-            # its own process group: a terminal's Ctrl-C reaches this process, which stops the workers
-            procs.append(
-                subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env, process_group=0
-                )
-            )
-        watcher = _WorkerWatch(ps, procs, out)
+        launcher.connect(config.num_workers)  # a Ray launcher: its cluster, and the address it binds
+        hosts = () if launcher.advertise_host == "127.0.0.1" else (launcher.advertise_host,)
+        pki = certs.make_test_pki(out / "tls", worker_ids(config.num_workers), hosts) if tls else None
+        server, port = create_server(
+            ps, f"{launcher.bind_host}:0", security=None if pki is None else pki.server_security()
+        )
+        argvs = []
+        names: list[tuple[str, Path]] = []  # per process: who it runs, its log
+        for block in host_blocks(config.num_workers, None if worker_extra else processes):
+            i = block[0]
+            one = len(block) == 1
+            name = worker_id(i) if one else f"{worker_id(i)}..{worker_id(block[-1])}"
+            names.append((name, out / (f"worker{i}.log" if one else f"workers{i}-{block[-1]}.log")))
+            ids = worker_id(i) if one else "{id}"  # a host's workers: their own credentials, by id
+            extra = (*(worker_extra or {}).get(i, ()), *(pki.worker_argv(ids) if pki else ()))
+            argvs.append(host_argv(launcher.address(port), block, config.num_workers, dc, extra, device=device))
+        workers = launcher.start(argvs, [log for _, log in names])
+        procs = workers.procs
+        watcher = _WorkerWatch(ps, procs, out, names)
         summary = ps.run()
         atomic_save_npy(out / "model.npy", ps.theta)
         summary.update(evaluator.final(ps.theta))
         for cost in costs:
             summary[f"to_{cost.key}"] = cost.reached
+        summary["stopped_by"] = ps.engine.stopped_by or "rounds"
+        summary["stop_round"] = stop_round[0] if stop_round else None
         summary["config"] = config_manifest(config, dc)
         summary["worker_exit_codes"] = _wait_all(procs, max(30.0, 2 * config.done_grace))
         summary["status"] = "done"
@@ -298,8 +368,8 @@ def run_local(
         if watcher is not None:
             watcher.stop()
         _kill_all(procs)
-        for f in logs:
-            f.close()
+        if workers is not None:
+            workers.close()
         if server is not None:
             server.stop(grace=None)
         if sink is not None:
@@ -424,8 +494,17 @@ class _WorkerWatch:
     registration completes (registration needs every one), or every one exits with an error while
     training. ``reason`` is the one line it gave (None if it did not)."""
 
-    def __init__(self, ps: ParameterServer, procs: list[subprocess.Popen], out: Path, poll: float = 0.2) -> None:
+    def __init__(
+        self,
+        ps: ParameterServer,
+        procs: list[subprocess.Popen],
+        out: Path,
+        names: list[tuple[str, Path]] | None = None,
+        poll: float = 0.2,
+    ) -> None:
         self.ps, self.procs, self.out, self.poll = ps, procs, out, poll
+        #: per process: the worker(s) it runs and its log
+        self.names = names or [(worker_id(i), out / f"worker{i}.log") for i in range(len(procs))]
         self.reason: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="psrv-worker-watch", daemon=True)
@@ -448,10 +527,10 @@ class _WorkerWatch:
                 dead = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
                 if dead:
                     i, code = dead[0]
-                    log = self.out / f"worker{i}.log"
+                    who, log = self.names[i]
                     said = _last_line(log)
                     self._fail(
-                        f"worker {worker_id(i)} exited with code {code} before registration completed"
+                        f"worker {who} exited with code {code} before registration completed"
                         + (f": {said}" if said else "")
                         + f" (see {log})"
                     )

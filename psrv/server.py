@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from psrv import codec, memory, rpc, stream, tls
 from psrv.engine import AlreadyExists, EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
+from psrv.hostrounds import host_rounds
 from psrv.limits import CallLimiter, LimitExceeded, RateLimiter, TransportLimits, Watchdog, host_of
 from psrv.metrics import ByteCounter
 from psrv.v1 import psrv_pb2 as pb
@@ -123,6 +124,7 @@ class Servicer:
         out["GetModelStream"] = self._get_model_stream
         out["PushStream"] = self._push_stream
         out["Rounds"] = self._rounds
+        out["HostRounds"] = lambda requests, context: host_rounds(self, requests, context)  # virtual workers
         return out
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[[rpc.Received, grpc.ServicerContext], bytes]:

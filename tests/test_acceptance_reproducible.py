@@ -27,13 +27,13 @@ def _run(tmp: Path, algorithm: str, options: dict[str, float], compressor: str =
         algorithm=algorithm,
         compressor=compressor,
         options=options,
-        num_workers=4,
+        num_workers=3,  # registering in any of 6 orders (each worker process: ~2.5 s of CPU, mostly importing torch)
         rounds=12,
         seed=5,
         **PATIENT,  # a passed deadline would make the two runs differ
     )
     summary = run_local(cfg, DIGITS, tmp)
-    assert summary["deadline_misses"] == 0 and summary["worker_exit_codes"] == [0] * 4
+    assert summary["deadline_misses"] == 0 and summary["worker_exit_codes"] == [0] * 3
     records = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
     per_worker = [[(w["id"], w["status"], w["bits"]) for w in r["workers"]] for r in records]
     return np.load(tmp / "model.npy"), [[r[k] for k in KEYS] for r in records] + per_worker

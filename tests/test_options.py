@@ -100,7 +100,7 @@ def test_start_server_runs_one_algorithm() -> None:
 def test_reused_out_folder_plots_only_this_runs_algorithms(tmp_path: Path) -> None:
     from psrv.plots import run_metrics
 
-    common = ["run", "--data", "digits", "--workers", "2", "--rounds", "3", "--out", str(tmp_path)]
+    common = ["run", "--data", "digits", "--workers", "1", "--rounds", "3", "--out", str(tmp_path)]  # one worker each
     for more in (["--algorithm", "gd,laq"], ["--algorithm", "topk-ef", "-o", "topk-ef.ratio=0.05"]):
         result = CliRunner().invoke(main, [*common, *more])
         assert result.exit_code == 0, result.output

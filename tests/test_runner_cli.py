@@ -91,7 +91,7 @@ def test_more_workers_than_training_samples_is_refused(tmp_path: Path) -> None:
 
 def test_more_workers_than_memory_holds_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rn, "mem_available", lambda: 2**30)  # a machine with 1 GiB free
-    line = _refused(tmp_path, "--workers", "300")
+    line = _refused(tmp_path, "--workers", "300", "--processes", "300")  # one process per worker
     assert "--workers 300 would need about" in line and "1.0 GiB is available" in line
     found = re.search(r"\((\d+) MiB per worker process\).* pass --workers (\d+) or fewer", line)
     per, fit = int(found[1]), int(found[2])

@@ -15,11 +15,13 @@ its model comes as a snapshot). Past ``retry_for`` it gives up with :class:`Serv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -402,18 +404,37 @@ def _recoverable(exc: BaseException) -> bool:
     return isinstance(exc, stream.StreamError) or (isinstance(exc, grpc.RpcError) and exc.code() in _RECOVERABLE)
 
 
-def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> WorkerResult:
+_threads_set: int | None = None
+
+
+def _limit_threads(n: int) -> None:
+    global _threads_set
+    import torch
+
+    torch.set_num_threads(n)
+    # numpy's BLAS too: its idle threads spin after every call (a third of a worker's CPU at d = 1e7)
+    threadpoolctl.threadpool_limits(n, user_api="blas")
+    _threads_set = n
+
+
+def run_worker(
+    cfg: WorkerConfig,
+    dataset: data.Dataset | None = None,
+    channel: grpc.Channel | None = None,
+    rounds: Callable[[rpc.CountingStub, WorkerConfig], Any] | None = None,
+) -> WorkerResult:
     """Register, then train until the server sends the final model; reconnect whenever the server
-    is lost (see the module's docstring). Raises ``ValueError`` for a malformed server address,
+    is lost (see the module's docstring). ``channel``: a channel to ``cfg.server`` that this worker
+    shares with others (the logical workers of one process, :mod:`worker.host`); it is used as it
+    is, for every connection, and not closed here. ``rounds(stub, cfg)``: the transport of the rounds
+    when the server asks for streams (default :class:`StreamRounds`; a host's workers share one
+    stream, :class:`worker.host.HostedRounds`). Raises ``ValueError`` for a malformed server address,
     :class:`ServerLost` when the server stays out of reach, ``grpc.RpcError`` for what retrying
     cannot fix (the run failed, the server refuses this worker or its data)."""
     check_address(cfg.server)
     memory.tune_malloc()  # malloc set up for big messages (psrv.memory)
-    import torch
-
-    torch.set_num_threads(cfg.torch_threads)
-    # numpy's BLAS too: its idle threads spin after every call (a third of a worker's CPU at d = 1e7)
-    threadpoolctl.threadpool_limits(cfg.torch_threads, user_api="blas")
+    if _threads_set != cfg.torch_threads:  # once per process (the logical workers of a host share it)
+        _limit_threads(cfg.torch_threads)
     ds = dataset if dataset is not None else load_worker_data(cfg)
     request = pb.RegisterRequest(
         worker_id=cfg.worker_id, num_samples=len(ds), n_features=ds.n_features, n_classes=ds.n_classes
@@ -423,17 +444,19 @@ def run_worker(cfg: WorkerConfig, dataset: data.Dataset | None = None) -> Worker
     job: _Job | None = None
     while True:
         security = cfg.security or tls.ClientSecurity()
-        with security.channel(cfg.server, rpc.channel_options() + rpc.keepalive_options()) as channel:
-            if job is None and security.ca is not None:  # a refused certificate: fail now, saying why
-                tls.check_handshake(channel, cfg.server, security)
-            stub = rpc.CountingStub(channel, counter)
+        own = channel is None
+        opened = security.channel(cfg.server, rpc.channel_options() + rpc.keepalive_options()) if own else None
+        with opened if own else contextlib.nullcontext(channel) as conn:
+            if own and job is None and security.ca is not None:  # a refused certificate: fail now, saying why
+                tls.check_handshake(conn, cfg.server, security)
+            stub = rpc.CountingStub(conn, counter)
             try:
                 if job is None:
                     timeout = max(1.0, min(cfg.rpc_timeout, retry.left(cfg.connect_timeout)))
                     job = _Job(cfg, ds, stub.Register(request, timeout=timeout))
                 else:
                     job.register_again(stub, request, max(1.0, min(cfg.rpc_timeout, retry.left(cfg.retry_for))))
-                return job.run(stub, retry)
+                return job.run(stub, retry, rounds)
             except (grpc.RpcError, stream.StreamError) as exc:
                 if job is None:
                     if not _connection_lost(exc):
@@ -509,15 +532,14 @@ class _Job:
         self.result.reconnects += 1
         log.warning("worker %s registered again with the server at %s", self.cfg.worker_id, self.cfg.server)
 
-    def run(self, stub: rpc.CountingStub, retry: _Retry) -> WorkerResult:
+    def run(self, stub: rpc.CountingStub, retry: _Retry, make_rounds: Callable[..., Any] | None = None) -> WorkerResult:
         """Rounds on this connection until the final model; the result."""
         cfg, conf, ds, task, algo, down, result = (
             self.cfg, self.conf, self.ds, self.task, self.algo, self.down, self.result
         )  # fmt: skip
         rng, batch, wants_smoothness = self.rng, self.algo.batch, self.algo.tracks_theta_hat
-        rounds = (
-            StreamRounds(stub, cfg) if conf.round_transport == pb.ROUND_TRANSPORT_STREAM else UnaryRounds(stub, cfg)
-        )
+        streams = conf.round_transport == pb.ROUND_TRANSPORT_STREAM
+        rounds = (make_rounds or StreamRounds)(stub, cfg) if streams else UnaryRounds(stub, cfg)
         try:
             while True:
                 mb, rejected = rounds.model(down.request(self.k), task.dim)

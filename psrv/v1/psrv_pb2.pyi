@@ -466,6 +466,36 @@ class RoundsResponse(_message.Message):
     rejected: RoundsRejected
     def __init__(self, model: _Optional[_Union[GetModelResponse, _Mapping]] = ..., model_piece: _Optional[_Union[GetModelStreamResponse, _Mapping]] = ..., rejected: _Optional[_Union[RoundsRejected, _Mapping]] = ...) -> None: ...
 
+class HostRoundsOpen(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[RoundsOpen]
+    def __init__(self, workers: _Optional[_Iterable[_Union[RoundsOpen, _Mapping]]] = ...) -> None: ...
+
+class HostRoundsReport(_message.Message):
+    __slots__ = ("worker_id", "report")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    report: RoundsRequest
+    def __init__(self, worker_id: _Optional[str] = ..., report: _Optional[_Union[RoundsRequest, _Mapping]] = ...) -> None: ...
+
+class HostRoundsRequest(_message.Message):
+    __slots__ = ("open", "report")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    open: HostRoundsOpen
+    report: HostRoundsReport
+    def __init__(self, open: _Optional[_Union[HostRoundsOpen, _Mapping]] = ..., report: _Optional[_Union[HostRoundsReport, _Mapping]] = ...) -> None: ...
+
+class HostRoundsResponse(_message.Message):
+    __slots__ = ("worker_ids", "response")
+    WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    response: RoundsResponse
+    def __init__(self, worker_ids: _Optional[_Iterable[str]] = ..., response: _Optional[_Union[RoundsResponse, _Mapping]] = ...) -> None: ...
+
 class ProbeRequest(_message.Message):
     __slots__ = ("worker_id", "payload")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,337 @@
+"""Virtual workers: one process hosts many logical workers (``psrv start-worker --shard A-B/M``).
+
+Each logical worker is the worker of :func:`worker.client.run_worker` -- its own id, shard,
+algorithm state (error-feedback memories, clocks, control variates), random stream
+(:func:`worker.client.worker_rng`: from its shard, so the same seed gives the same run however
+the workers are spread over processes), byte counts and credentials -- and a separate
+participant on the wire: its own Register, its own Rounds stream, its own uploads and skip
+notices. What the workers of one host share is the process (Python, torch, gRPC: the ~230 MiB a
+worker process costs before its data), the training data (loaded once, each worker keeps its
+shard's rows) and, where their credentials are the same, one gRPC channel (one TCP connection,
+one HTTP/2 stream per logical worker on it). Every broadcast still travels once per logical
+worker (each on its own stream), so the byte counts are those of separate processes.
+
+Each logical worker runs in a thread of its own; the GIL serializes their Python, torch releases
+it while it computes. A worker that is not selected in a round (client sampling, ``-o sample=``)
+reports ``not_selected`` without computing (:class:`worker.client._Job`), so it costs only the
+broadcast's decoding. Measured figures: docs/scale.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from psrv import codec, data, memory, rpc, stream, tls
+from psrv.v1 import psrv_pb2 as pb
+from worker.client import WorkerConfig, WorkerResult, check_address, load_training_data, run_worker
+
+log = logging.getLogger("psrv.worker.host")
+
+__all__ = ["HostResult", "host_configs", "load_host_data", "parse_shard_range", "run_host"]
+
+
+def parse_shard_range(spec: str) -> tuple[range, int]:
+    """``--shard``: ``I/M`` (one worker, shard I of M) or ``A-B/M`` (shards A..B of M, both
+    included: B-A+1 logical workers); ``ValueError`` (one line) otherwise."""
+    try:
+        part, total = spec.split("/")
+        num = int(total)
+        first, _, last = part.partition("-")
+        lo, hi = int(first), int(last) if last else int(first)
+        if not 0 <= lo <= hi < num:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"expected I/M with 0 <= I < M, or A-B/M with 0 <= A <= B < M, got {spec!r}") from None
+    return range(lo, hi + 1), num
+
+
+def host_configs(base: WorkerConfig, shards: range, num_shards: int, ids: Sequence[str]) -> list[WorkerConfig]:
+    """The configurations of the logical workers of one host: ``base`` with each one's id and shard;
+    credential paths containing ``{id}`` are filled in with the worker's id (``--tls-cert
+    pki/workers/{id}.crt``: one certificate and token per logical worker)."""
+    if len(ids) != len(shards):
+        raise ValueError(f"{len(ids)} worker ids for {len(shards)} shards")
+    out = []
+    for wid, index in zip(ids, shards, strict=True):
+        security = base.security
+        if security is not None:
+            security = dataclasses.replace(
+                security,
+                **{
+                    f.name: getattr(security, f.name).replace("{id}", wid)
+                    for f in dataclasses.fields(security)
+                    if isinstance(getattr(security, f.name), str)
+                },
+            )
+        out.append(dataclasses.replace(base, worker_id=wid, shard=index, num_shards=num_shards, security=security))
+    return out
+
+
+def load_host_data(cfgs: Sequence[WorkerConfig]) -> list[data.Dataset]:
+    """Each logical worker's shard, the data set loaded and partitioned once for the host (every
+    worker of a run derives the same split from the seed, :func:`worker.client.load_worker_data`)."""
+    first = cfgs[0]
+    key = (first.data, first.test_fraction, first.seed, first.regression, first.split, first.num_shards)
+    for c in cfgs:
+        if (c.data, c.test_fraction, c.seed, c.regression, c.split, c.num_shards) != key:
+            raise ValueError("the logical workers of one host must share the data, seed, split and shard count")
+    train, _ = load_training_data(first.data, first.test_fraction, first.seed, first.regression)
+    if first.num_shards is None:
+        return [train] * len(cfgs)
+    if train.n_classes == 0 and data.parse_split(first.split)[0] == "dirichlet":
+        raise data.DataError(f"{train.name}: the dirichlet split needs class labels; this is a regression dataset")
+    parts = data.shard_indices(len(train), train.y, first.num_shards, first.split, first.seed)
+    return [train.subset(parts[c.shard or 0]) for c in cfgs]
+
+
+class _Generation:
+    """One HostRounds stream: opened once every live worker of the host has asked for its first
+    model on it (:meth:`HostStream.open`), ended when they have all finished or left, cancelled
+    when one of them fails (they reconnect together, each as a worker that lost the server)."""
+
+    def __init__(self, host: HostStream) -> None:
+        self.host = host
+        self.opens: dict[str, pb.RoundsOpen] = {}
+        self.queues: dict[str, queue.SimpleQueue] = {}
+        self.counters: dict[str, rpc.ByteCounter] = {}
+        self.finished: set[str] = set()
+        self.out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.call: Any = None
+        self.started = self.broken = self.ended = False
+
+    def start(self) -> None:
+        self.started = True
+        self.send(pb.HostRoundsRequest(open=pb.HostRoundsOpen(workers=list(self.opens.values()))).SerializeToString())
+        self.call = self.host.stub.HostRounds(self._requests())
+        threading.Thread(target=self._read, name="psrv-host-rounds", daemon=True).start()
+
+    def _requests(self) -> Iterator[bytes]:
+        while (item := self.out.get()) is not None:
+            yield item
+
+    def send(self, data: bytes, worker_id: str | None = None) -> None:
+        self.host.counter.add("up", "HostRounds", len(data))
+        if worker_id is not None:
+            self.counters[worker_id].add("up", "HostRounds", len(data))
+        self.out.put(data)
+
+    def _read(self) -> None:
+        error: BaseException = stream.StreamError("HostRounds: the server ended the stream before the final broadcast")
+        try:
+            for reply in self.call:
+                names = list(reply.worker_ids)
+                unknown = [w for w in names if w not in self.queues]
+                if unknown or not names:
+                    raise stream.StreamError(
+                        f"HostRounds: a message for {unknown or 'nobody'}, not this host's workers"
+                    )
+                self.counters[names[0]].add("down", "HostRounds", reply.ByteSize())  # a shared broadcast: once
+                kind = reply.response.WhichOneof("response")
+                body = reply.response.model if kind == "model" else reply.response.rejected
+                for w in names:
+                    self.queues[w].put((kind, body))
+        except (grpc.RpcError, stream.StreamError) as exc:
+            error = exc
+        with self.host.cond:
+            self.broken = True
+        for q in self.queues.values():
+            q.put(error)  # to a worker still waiting: the stream is gone (after its final broadcast: unread)
+
+    def close(self, worker_id: str, finished: bool) -> None:
+        """``worker_id`` is done with this stream: it had the final broadcast (``finished``), or it
+        failed or leaves, which ends the stream for all (they reconnect)."""
+        with self.host.cond:
+            if finished:
+                self.finished.add(worker_id)
+            elif self.call is not None and not self.broken:
+                self.broken = True
+                self.call.cancel()
+            self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        """Half-close once every worker of the stream has finished or left the host. Lock held."""
+        if (
+            self.started
+            and not self.ended
+            and all(w in self.finished or w not in self.host.members for w in self.opens)
+        ):
+            self.ended = True
+            self.out.put(None)
+
+
+class HostStream:
+    """The client's end of HostRounds for the logical workers ``members`` of one host (see
+    psrv.proto): their Rounds streams multiplexed on one stream of ``channel``."""
+
+    def __init__(self, channel: grpc.Channel, members: Sequence[str]) -> None:
+        self.counter = rpc.ByteCounter()  # the host's stream, every worker together
+        self.stub = rpc.CountingStub(channel, self.counter)
+        self.members = set(members)  # the workers still running (a stream opens once each has asked)
+        self.cond = threading.Condition()
+        self._gen: _Generation | None = None
+
+    def open(self, worker_id: str, request: pb.GetModelRequest, counter: rpc.ByteCounter) -> _Generation:
+        """Join the stream being opened (or the next, when the current one has started or broke)."""
+        with self.cond:
+            gen = self._gen
+            if gen is None or gen.started or gen.broken:
+                gen = self._gen = _Generation(self)
+            opened = pb.RoundsOpen(worker_id=worker_id, round=request.round)
+            if request.HasField("replica_round"):
+                opened.replica_round = request.replica_round
+            gen.opens[worker_id], gen.queues[worker_id], gen.counters[worker_id] = opened, queue.SimpleQueue(), counter
+            self._maybe_start()
+            return gen
+
+    def leave(self, worker_id: str) -> None:
+        """``worker_id``'s run has ended (finished or failed): the host's streams stop waiting for it."""
+        with self.cond:
+            self.members.discard(worker_id)
+            self._maybe_start()
+            for gen in (self._gen,):
+                if gen is not None:
+                    gen._maybe_end()
+
+    def _maybe_start(self) -> None:
+        gen = self._gen
+        if gen is not None and not gen.started and self.members <= gen.opens.keys():
+            gen.start()
+
+
+class HostedRounds:
+    """A logical worker's rounds on its host's HostRounds stream: the interface of
+    :class:`worker.client.StreamRounds`."""
+
+    def __init__(self, host: HostStream, cfg: WorkerConfig, counter: rpc.ByteCounter) -> None:
+        self.host, self.cfg, self.counter = host, cfg, counter
+        self.gen: _Generation | None = None
+        self._reported = True
+        self._finished = False
+
+    def _send(self, report: bytes) -> None:
+        assert self.gen is not None
+        head = pb.HostRoundsReport(worker_id=self.cfg.worker_id).SerializeToString()
+        self.gen.send(stream.field_bytes(_REPORT, head, stream.field_bytes(_INNER, report)), self.cfg.worker_id)
+
+    def model(self, request: pb.GetModelRequest, dim: int) -> tuple[codec.ModelMessage, str | None]:
+        if self.gen is None:
+            self.gen = self.host.open(self.cfg.worker_id, request, self.counter)
+        elif not self._reported:
+            self._send(pb.RoundsRequest(resync=pb.RoundsResync()).SerializeToString())
+        self._reported = False
+        rejected = None
+        inbox = self.gen.queues[self.cfg.worker_id]
+        while True:
+            item = inbox.get()
+            if isinstance(item, BaseException):
+                raise item
+            kind, body = item
+            if kind == "rejected":
+                rejected = body.reason
+            else:
+                model = codec.model_from_proto(body, dim)
+                self._finished = model.done
+                return model, rejected
+
+    def report(self, k: int, payload: Any, reason: str, loss: float | None, zstd: bool, smooth: float | None) -> None:
+        self._reported = True
+        if payload is None:
+            self._send(codec.rounds_skip(reason, loss).SerializeToString())
+        else:
+            upload = codec.upload_to_wire(self.cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smooth)
+            self._send(stream.field_bytes(rpc.PUSH, *upload.parts))
+
+    def close(self) -> None:
+        if self.gen is not None:
+            self.gen.close(self.cfg.worker_id, self._finished)
+
+
+#: field numbers: HostRoundsRequest.report, HostRoundsReport.report
+_REPORT = pb.HostRoundsRequest.DESCRIPTOR.fields_by_name["report"].number
+_INNER = pb.HostRoundsReport.DESCRIPTOR.fields_by_name["report"].number
+
+
+@dataclass
+class HostResult:
+    """The logical workers' results (in the order they were given); ``errors``: worker id -> the
+    one-line reason of each that failed."""
+
+    results: list[WorkerResult | None] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def _reason(exc: BaseException) -> str:
+    details = getattr(exc, "details", None)
+    text = details() if callable(details) else str(exc)
+    return " ".join(str(text or type(exc).__name__).split())[:300]
+
+
+def run_host(
+    cfgs: Sequence[WorkerConfig], datasets: Sequence[data.Dataset] | None = None, multiplex: bool = True
+) -> HostResult:
+    """Run the logical workers ``cfgs`` in this process, each in its own thread (see the module's
+    docstring), until every one has finished; workers with the same server and credentials share
+    one channel and, with ``multiplex`` and no credentials, one HostRounds stream (else each has
+    its own Rounds stream on the channel). ``datasets``: each worker's shard (default
+    :func:`load_host_data`). A worker that fails does not stop the others; its reason is in
+    ``errors``.
+
+    This is also the API for measuring a server against many workers from one process (e.g. M =
+    1,000 logical workers against an in-process server)."""
+    if not cfgs:
+        return HostResult()
+    ids = [c.worker_id for c in cfgs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("a worker id is given twice")
+    for c in cfgs:
+        check_address(c.server)
+    memory.tune_malloc()  # before the threads start (psrv.memory)
+    datasets = list(datasets) if datasets is not None else load_host_data(cfgs)
+    channels: dict[tuple[str, tls.ClientSecurity], grpc.Channel] = {}
+    for c in cfgs:
+        key = (c.server, c.security or tls.ClientSecurity())
+        if key not in channels:
+            channels[key] = key[1].channel(c.server, rpc.channel_options() + rpc.keepalive_options())
+            if key[1].ca is not None:  # a refused certificate: fail now, saying why
+                tls.check_handshake(channels[key], c.server, key[1])
+    out = HostResult(results=[None] * len(cfgs))
+    hosts: dict[tuple[str, tls.ClientSecurity], HostStream] = {}
+    if multiplex:
+        for key, channel in channels.items():
+            if key[1] == tls.ClientSecurity():  # one stream has one caller's credentials: only without any
+                hosts[key] = HostStream(channel, [c.worker_id for c in cfgs if (c.server, c.security or key[1]) == key])
+
+    def one(i: int, cfg: WorkerConfig) -> None:
+        key = (cfg.server, cfg.security or tls.ClientSecurity())
+        host = hosts.get(key)
+        rounds = None if host is None else (lambda stub, c: HostedRounds(host, c, stub.counter))
+        try:
+            out.results[i] = run_worker(cfg, datasets[i], channels[key], rounds)
+        except Exception as exc:  # noqa: BLE001 -- a worker's failure is reported, the others go on
+            out.errors[cfg.worker_id] = _reason(exc)
+            log.error("worker %s: %s", cfg.worker_id, out.errors[cfg.worker_id])
+        finally:
+            if host is not None:
+                host.leave(cfg.worker_id)
+
+    threads = [
+        threading.Thread(target=one, args=(i, c), name=f"psrv-worker-{c.worker_id}", daemon=True)
+        for i, c in enumerate(cfgs)
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for ch in channels.values():
+            ch.close()
+    return out
