@@ -62,7 +62,11 @@ def proc_cpu(pid: int) -> float:
     nanoseconds; ``/proc/PID/stat``'s utime + stime count in 10 ms ticks, too coarse for a few
     rounds at M = 10). A thread that has exited takes its time with it: the server's do not exit."""
     total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # it has exited
+        return 0.0
+    for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[0])
@@ -316,6 +320,72 @@ def run_one(algorithm: str, workers: int, shape: tuple[int, int], args: argparse
     return result
 
 
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (the worker processes ``psrv run`` started)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for tid in os.listdir(f"/proc/{p}/task"):
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                kids = []
+            out += kids
+            todo += kids
+    return out
+
+
+def run_real(algorithm: str, workers: int, args: argparse.Namespace, tmp: Path) -> dict:
+    """``psrv run --workers M`` as users start it (real workers, virtual ones when M is above the
+    cores; ``--processes``): the runner process holds the server; CPU of it and of its worker
+    processes between the end of round ``--warmup`` and of round ``rounds - 2``, from its metrics."""
+    out = tmp / f"run-{algorithm}-{workers}"
+    cmd = [sys.executable, "-m", "psrv", "run", "--algorithm", algorithm, "--workers", str(workers), "--rounds",
+           str(args.rounds), "--eval-every", "0", "--round-timeout", "120", "--out", str(out)]  # fmt: skip
+    if args.processes:
+        cmd += ["--processes", str(args.processes)]
+    log = (tmp / f"run-{algorithm}-{workers}.log").open("w")
+    runner = subprocess.Popen(cmd, cwd=args.code, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    metrics = out / algorithm / "metrics.jsonl"
+    marks = []
+    kids: list[int] = []
+    t0 = time.monotonic()
+    try:
+        for target in (args.warmup, args.rounds - 2):
+            while True:
+                done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+                if done > target:
+                    break
+                if runner.poll() is not None or time.monotonic() - t0 > args.timeout:
+                    raise SystemExit(f"psrv run failed or took longer than --timeout; see {log.name}")
+                time.sleep(0.01)
+            kids = kids or _children(runner.pid)  # the same processes at both marks
+            marks.append((time.monotonic(), proc_cpu(runner.pid), sum(proc_cpu(k) for k in kids), machine_busy()))
+        runner.wait(timeout=args.timeout)
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
+        log.close()
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    (a, b), n = marks, args.rounds - 2 - args.warmup
+    measured = rows[args.warmup + 1 : args.rounds - 1]
+    times = sorted(r["round_time"] for r in measured)
+    return {
+        "algorithm": algorithm,
+        "workers": workers,
+        "dim": 7850,
+        "wall_ms": 1e3 * (b[0] - a[0]) / n,
+        "median_round_ms": 1e3 * times[len(times) // 2],
+        "server_cpu_ms": 1e3 * (b[1] - a[1]) / n,
+        "loadgen_cpu_ms": 1e3 * (b[2] - a[2]) / n,  # here: the worker processes
+        "machine_busy_cores": (b[3] - a[3]) / (b[0] - a[0]),
+        "skips": sum(r["skips"] for r in measured) / max(1, sum(len(r["workers"]) for r in measured)),
+        "start_s": a[0] - t0,
+    }
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--yappi-server":
         yappi_server(sys.argv[2], sys.argv[3:])
@@ -330,6 +400,10 @@ def main() -> None:
                     help=f"probability that a worker uploads in a round (default {DEFAULT_FRACTION})")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds one run may take")
     ap.add_argument("--profile", type=Path, help="run the server under yappi, keep its profiles here, split its CPU")
+    ap.add_argument("--launch", choices=["loadgen", "run"], default="loadgen",
+                    help="loadgen: the asyncio load generator plays the workers; run: `psrv run` with real "
+                    "(virtual above the cores) workers on the default task, the server inside the runner")  # fmt: skip
+    ap.add_argument("--processes", type=int, help="--launch run: worker processes (psrv run --processes)")
     ap.add_argument("--code", type=Path, default=HERE, help="the psrv checkout the server runs (default: this one)")
     ap.add_argument("--json", type=Path, help="also write every row here")
     ap.add_argument("--keep", type=Path, help="keep the server logs and metrics here")
@@ -358,13 +432,18 @@ def main() -> None:
         f"{args.rounds - 1}; uploads {args.fraction}"
     )
     head = f"{'algorithm':<9} {'d':>9} {'M':>5} {'round ms':>9} {'median':>7} {'server CPU ms':>13} "
-    head += f"{'per worker':>10} {'loadgen CPU':>11} {'busy cores':>10} {'skips':>6}"
+    other = "workers CPU" if args.launch == "run" else "loadgen CPU"
+    head += f"{'per worker':>10} {other:>11} {'busy cores':>10} {'skips':>6}"
     print(head, flush=True)
     rows = []
     for shape in shapes:
         for algorithm in args.algorithms:
             for workers in args.workers:
-                r = run_one(algorithm, workers, shape, args, tmp)
+                r = (
+                    run_real(algorithm, workers, args, tmp)
+                    if args.launch == "run"
+                    else run_one(algorithm, workers, shape, args, tmp)
+                )
                 rows.append(r)
                 print(
                     f"{algorithm:<9} {r['dim']:>9,} {workers:>5} {r['wall_ms']:>9.1f} {r['median_round_ms']:>7.1f} "
