@@ -75,6 +75,17 @@ def proc_cpu(pid: int) -> float:
     return total / 1e9
 
 
+def proc_cpu_ticks(pid: int) -> float:
+    """utime + stime of process ``pid`` from ``/proc/PID/stat`` (10 ms ticks), threads that have
+    exited included (a worker process's threads come and go: their schedstat goes with them)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine has been busy (all cores: not idle, not iowait)."""
     with open("/proc/stat") as f:
@@ -361,7 +372,8 @@ def run_real(algorithm: str, workers: int, args: argparse.Namespace, tmp: Path) 
                     raise SystemExit(f"psrv run failed or took longer than --timeout; see {log.name}")
                 time.sleep(0.01)
             kids = kids or _children(runner.pid)  # the same processes at both marks
-            marks.append((time.monotonic(), proc_cpu(runner.pid), sum(proc_cpu(k) for k in kids), machine_busy()))
+            cpu = proc_cpu_ticks(runner.pid), sum(proc_cpu_ticks(k) for k in kids)
+            marks.append((time.monotonic(), *cpu, machine_busy()))
         runner.wait(timeout=args.timeout)
     finally:
         if runner.poll() is None:
