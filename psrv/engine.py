@@ -367,6 +367,8 @@ class _OpenRound:
     snapshot: Any = None  # the transport's encoding of this round's snapshot, made when first asked for
     snapshots: int = 0  # snapshots served this round
     started: float = 0.0
+    by_slot: dict[int, WorkerState] | None = None  # the workers by slot, made when first needed this round
+    waiting_for: WorkerState | None = None  # a live worker that had not reported at the last look
 
 
 class RoundSink(Protocol):
@@ -940,7 +942,9 @@ class RoundEngine:
         return frozenset(self.algorithm.select(view, s.rng))
 
     def _worker_at(self, slot: int) -> WorkerState:
-        return next(w for w in self.state.workers.values() if w.slot == slot)
+        if self._open.by_slot is None:  # once a round, not a scan of the workers per upload
+            self._open.by_slot = {w.slot: w for w in self.state.workers.values()}
+        return self._open.by_slot[slot]
 
     def _ordered(self) -> list[WorkerState]:
         return sorted(self.state.workers.values(), key=lambda w: w.slot)
@@ -951,12 +955,23 @@ class RoundEngine:
         self._published.notify_all()
 
     def _all_reported(self) -> bool:
+        o = self._open
+        w = o.waiting_for  # a live worker that had not reported at the last look: O(1) while it still has not
+        if w is not None and w.responsive and w.slot not in o.reports:
+            return False
         waiting = [w for w in self.state.workers.values() if w.responsive]
-        return bool(waiting) and all(w.slot in self._open.reports for w in waiting)
+        late = [w for w in waiting if w.slot not in o.reports]
+        o.waiting_for = late[-1] if late else None
+        return bool(waiting) and not late
 
     def _short(self) -> bool:
         """Fewer live (responsive) workers than ``min_workers``."""
-        return sum(w.responsive for w in self.state.workers.values()) < self.config.min_workers
+        need = self.config.min_workers
+        for w in self.state.workers.values():  # stops at the min_workers-th live one, not O(M) every wake-up
+            need -= w.responsive
+            if need <= 0:
+                return False
+        return need > 0
 
     def _wait_round(self, k: int) -> None:
         """Wait until every live worker has reported round ``k`` or its deadline has passed; below

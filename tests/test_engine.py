@@ -6,6 +6,7 @@ import copy
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -316,3 +317,46 @@ def test_accumulating_state_is_o_of_d_whatever_m() -> None:
                 assert state.aggregator.nbytes == 8 * d + M * 2 * (4 + 4)
     assert sizes["laq"][0] == sizes["laq"][1]
     assert sizes["sasg"][1] - sizes["sasg"][0] == (8 - 2) * 2 * (4 + 4)
+
+
+def test_a_waiting_long_poll_is_woken_by_the_publish_not_by_each_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half the workers report and wait for the next round while the other half report one by one:
+    each waiting long poll wakes about once (the publish), not once per later report (O(M^2)
+    wake-ups a round at scale; docs/capacity.md)."""
+    M, half = 24, 12
+    run = Run(M=M, rounds=2, algorithm="gd")
+    for m in range(M):
+        run.model(f"w{m}", 0)
+    wakes: dict[str, int] = {}
+    real_wait = threading.Condition.wait
+
+    def counting_wait(self: threading.Condition, timeout: float | None = None) -> bool:
+        name = threading.current_thread().name
+        wakes[name] = wakes.get(name, 0) + 1
+        return real_wait(self, timeout)
+
+    def poll(m: int) -> None:
+        run.engine.skip(f"w{m}", 0, "lazy_rule")
+        run.engine.wait_model(f"w{m}", 1, timeout=10.0)
+
+    monkeypatch.setattr(threading.Condition, "wait", counting_wait)
+    threads = [threading.Thread(target=poll, args=(m,), name=f"poll{m}") for m in range(half)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while sum(wakes.get(f"poll{m}", 0) for m in range(half)) < half and time.monotonic() < deadline:
+        time.sleep(0.01)  # until every poll is waiting for round 1
+    for m in range(half, M):
+        run.engine.skip(f"w{m}", 0, "lazy_rule")
+        time.sleep(0.005)  # the waiting polls get the chance to wake (they should not)
+    for t in threads:
+        t.join(timeout=30)
+    monkeypatch.undo()
+    for m in range(M):
+        run.engine.skip(f"w{m}", 1, "lazy_rule")  # round 1 closes at once, not at its deadline
+    for m in range(M):
+        run.model(f"w{m}", 2)  # the final broadcast
+    run.join()
+    waits = sum(n for name, n in wakes.items() if name.startswith("poll"))
+    assert run.records[0]["skips"] == M
+    assert waits <= 2 * half, f"{waits} waits of {half} long polls while {M - half} reports came in"

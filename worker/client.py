@@ -22,7 +22,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -33,7 +33,7 @@ from psrv import codec, data, memory, rpc, stream, tls
 from psrv.algorithms import RoundInfo, make_algorithm
 from psrv.replica import DownCompressor, Replica
 from psrv.server_opt import ServerOpt, make_server_opt
-from psrv.tasks import make_task
+from psrv.tasks import LogReg, make_task
 from psrv.triggers import StepHistory
 from psrv.v1 import psrv_pb2 as pb
 
@@ -479,6 +479,10 @@ class _Job:
         conf = self.conf = reply.config
         self.algo = make_algorithm(conf.algorithm, dict(conf.options), conf.compressor)
         self.task = make_task(conf.task, ds.n_features, ds.n_classes, device=cfg.device, **dict(conf.task_options))
+        if isinstance(self.task, LogReg):  # it only reads its rows: read-only, it may keep them sparse (its docstring)
+            rows = ds.X.view()
+            rows.setflags(write=False)
+            ds = self.ds = replace(ds, X=rows)
         # warm up (torch's lazy initialisation) while the others register, not inside round 0's deadline
         self.task.local_loss_grad(np.zeros(self.task.dim), ds.X[:2], ds.y[:2], len(ds), max(1, conf.num_workers))
         self.rng = worker_rng(conf.seed, cfg.shard, cfg.worker_id)

@@ -12,18 +12,50 @@ N = total training samples over all workers, M = number of workers, hence
 row-major) then b (n_classes). Computation is torch float64 on views of the numpy
 arrays (no copies for float64 C-contiguous input); the gradient is the closed form
 (softmax − onehot)ᵀ [X, 1] / N, not autograd, which is several times faster.
+
+Sparse data (at most ``SPARSE_DENSITY`` of X nonzero, e.g. MNIST's pixels: 19%) passed as a
+read-only array -- the caller's promise that it does not change, as a worker's view of its shard
+-- takes its two products with X in compressed sparse rows (scipy), kept per array while it lives:
+on a 400-row MNIST shard 0.6-0.75 ms instead of 1.2-1.3 ms of CPU per gradient, the same float64
+arithmetic in another summation order (equal to ~1e-17).
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from psrv.tasks.base import ZeroInit, check_shapes, check_split, l2_penalty, set_int_fields, set_l2
+
+#: the largest fraction of nonzeros at which the products with X go sparse (measured: 2.2x faster at 19%)
+SPARSE_DENSITY = 0.3
+_SPARSE_MIN_SIZE = 4096  # below this many entries the dense products cost less than the sparse call overhead
+_sparse_cache: dict[int, tuple[weakref.ref, Any]] = {}  # id(X) -> (X, its CSR form or None: dense is better)
+
+
+def sparse_rows(X: np.ndarray) -> Any:
+    """X as a scipy CSR matrix if it is read-only, sparse enough and big enough, else None; made once
+    per array (dropped with it). Only read-only arrays: the caller's promise that the values do not
+    change between calls (writes through another, writeable view of the same memory would go unseen)."""
+    if X.flags.writeable or X.size < _SPARSE_MIN_SIZE:
+        return None
+    key = id(X)
+    hit = _sparse_cache.get(key)
+    if hit is not None and hit[0]() is X:
+        return hit[1]
+    csr = None
+    if np.count_nonzero(X) <= SPARSE_DENSITY * X.size:
+        import scipy.sparse
+
+        csr = scipy.sparse.csr_matrix(X)
+    _sparse_cache[key] = (weakref.ref(X, lambda _ref, key=key: _sparse_cache.pop(key, None)), csr)
+    return csr
 
 
 @dataclass(frozen=True)
@@ -104,14 +136,28 @@ class LogReg(ZeroInit):
     ) -> float:
         """scale · Σ CE; if ``grad`` is given, adds scale · ∇(Σ CE) to it in place."""
         k = self.n_classes * self.n_features
-        t, Xt, yt = torch.from_numpy(theta), torch.from_numpy(X), torch.from_numpy(y)
+        t, yt = torch.from_numpy(theta), torch.from_numpy(y)
         W, b = t[:k].view(self.n_classes, self.n_features), t[k:]
-        logp = torch.log_softmax(torch.addmm(b, Xt, W.T), dim=1)
+        csr = sparse_rows(X)
+        if csr is None:
+            if X.flags.writeable:
+                Xt = torch.from_numpy(X)
+            else:
+                with warnings.catch_warnings():  # torch warns that it cannot protect a read-only X; it is only read
+                    warnings.simplefilter("ignore", UserWarning)
+                    Xt = torch.from_numpy(X)
+            logits = torch.addmm(b, Xt, W.T)
+        else:
+            logits = torch.from_numpy(csr @ theta[:k].reshape(self.n_classes, self.n_features).T).add_(b)
+        logp = torch.log_softmax(logits, dim=1)
         ce = float(F.nll_loss(logp, yt, reduction="sum")) * scale
         if grad is not None:
             r = logp.exp_()  # softmax, reusing the buffer
             r[torch.arange(len(yt)), yt] -= 1.0  # softmax − onehot
             g = torch.from_numpy(grad)
-            g[:k].view(self.n_classes, self.n_features).addmm_(r.T, Xt, alpha=scale)
+            if csr is None:
+                g[:k].view(self.n_classes, self.n_features).addmm_(r.T, Xt, alpha=scale)
+            else:  # (Xᵀ r)ᵀ: the transpose of CSR is CSC, whose product with a dense matrix is as fast
+                g[:k].view(self.n_classes, self.n_features).add_(torch.from_numpy(csr.T @ r.numpy()).T, alpha=scale)
             g[k:].add_(r.sum(dim=0), alpha=scale)
         return ce
