@@ -84,9 +84,8 @@ def table(exp: Path, model: CostModel) -> tuple[str, list[dict[str, Any]]]:
         for r in by_label.get(label, []):
             ratio = r["cost"] / mean[base] if mean.get(base) else float("nan")
             seed = f" (seed {r['seed']})" if len(by_label[label]) > 1 else ""
-            out.append(
-                f"| {label}{seed} | {r['stopped_by']} | {r['rounds']} | {r['uploads']} | {r['cost']:.4g} | {ratio:.3f} |"
-            )
+            cells = [f"{label}{seed}", r["stopped_by"], r["rounds"], r["uploads"], f"{r['cost']:.4g}", f"{ratio:.3f}"]
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(out), rows
 
 
