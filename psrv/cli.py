@@ -35,6 +35,7 @@ from psrv.options import (
     pop_server_options,
     server_options,
 )
+from psrv.stopping import StopRule
 from psrv.tls_options import pop_client_security, pop_server_security, server_tls_options, worker_tls_options
 
 
@@ -96,6 +97,8 @@ LAZY_HELP = {
     "cluster": "Shaped multi-host runs on one machine: one network namespace per host (needs root).",
     "inspect": "Look at psrv's traffic on the wire: HTTP/2 frames, gRPC messages, bytes per field.",
     "fit-cost": "Measure the link to a server and fit a cost model (affine, packet) to transmission times.",
+    "experiment": "Run a grid of methods x seeds x links x settings from a TOML config into one results folder.",
+    "report": "Re-render an experiment folder's tables, plots and report.md from its saved runs.",
 }
 
 
@@ -105,6 +108,8 @@ LAZY_HELP = {
         "cluster": ("psrv.cluster.cli", "cluster"),
         "inspect": ("psrv.inspect.cli", "inspect"),
         "fit-cost": ("psrv.costfit_cli", "fit_cost"),
+        "experiment": ("psrv.experiment_cli", "experiment"),
+        "report": ("psrv.experiment_cli", "report"),
     },
 )
 @click.version_option(package_name="psrv")
@@ -189,6 +194,26 @@ def main(verbose: int) -> None:
     "that finished keeps its summary, one with DIR/<algorithm>/checkpoint.npz goes on from it (new workers "
     "rejoin; its metrics.jsonl is continued), one without starts over.",
 )
+@click.option(
+    "--stop-at",
+    multiple=True,
+    metavar="loss=X|residual=X|accuracy=X",
+    help="End each job at the first evaluated round (--eval-every) where the training loss <= X, the loss "
+    "residual f - f* <= X (needs --fstar) or the test accuracy >= X (repeatable: the first one met).",
+)
+@click.option(
+    "--fstar",
+    default=None,
+    metavar="F|auto",
+    help="f* for --stop-at residual=X: a number, or auto (solved by L-BFGS; logreg and linreg).",
+)
+@click.option(
+    "--tensorboard",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Also write per-round scalars to DIR/<algorithm> for TensorBoard (needs the tensorboard extra).",
+)
 def run(
     eval_every: int | None,
     target_accuracy: float | None,
@@ -200,6 +225,9 @@ def run(
     start_timeout: float | None,
     no_memory_check: bool,
     resume: str | None,
+    stop_at: tuple[str, ...],
+    fstar: str | None,
+    tensorboard: str | None,
     **kw: Any,
 ) -> None:
     """Train on this machine: one server and M worker processes over loopback gRPC.
@@ -235,6 +263,7 @@ def run(
         configs = [job.server_config(**timeouts) for job in jobs]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    stops, fstar_value = _stop_options(stop_at, fstar, eval_every, jobs[0], dc, tensorboard)
     path = summary_json or str(Path(out) / "summary.json")
     plan: list[tuple[Any, Any]] = [(None, None)] * len(jobs)  # per job: (kept summary, checkpoint)
     if resume is not None:  # read before anything is cleared
@@ -278,8 +307,12 @@ def run(
                     item_show_func=lambda r: f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "",
                 ) as bar:
 
-                    def on_round(record: dict[str, Any], bar=bar) -> None:
+                    tb = None if tensorboard is None else _tensorboard_writer(Path(tensorboard) / job.algorithm)
+
+                    def on_round(record: dict[str, Any], bar=bar, tb=tb) -> None:
                         bar.update(1, record)
+                        if tb is not None:
+                            tb(record)
 
                     every = max(1, config.rounds // 100) if eval_every is None else eval_every
                     targets = {
@@ -298,12 +331,18 @@ def run(
                             checkpoint_every=ck_every,
                             tls=tls,
                             resume=ckpt,
+                            stop=None if not stops else StopRule(stops, fstar_value),
                         )
                     except rn.RunFailed as exc:
                         summary = exc.summary
                     except rn.RunInterrupted as exc:
                         keep(exc.summary, config)
                         raise
+                    finally:
+                        if tb is not None:
+                            tb.close()
+                if stops:
+                    summary.update(stop=stops, fstar=fstar_value)
                 if summary["status"] != "done":
                     click.echo(f"Error: {job.algorithm} failed: {summary['error']}", err=True)
                 keep(summary, config)
@@ -327,6 +366,51 @@ def run(
             click.echo(f"plot: {plots.plot_run_dir(out)}")
     if unfinished:
         sys.exit(1)
+
+
+def _stop_options(
+    stop_at: tuple[str, ...], fstar: str | None, eval_every: int | None, job: Any, dc: Any, tensorboard: str | None
+) -> tuple[dict[str, float], float | None]:
+    """The checked ``--stop-at`` targets and f* (``--fstar auto`` solved here), and ``--tensorboard``'s
+    package, before anything runs."""
+    from psrv import stopping
+
+    if tensorboard is not None:
+        from psrv.tboard import TensorBoardMissing, check_available
+
+        try:
+            check_available()
+        except TensorBoardMissing as exc:
+            raise click.UsageError(str(exc)) from None
+    try:
+        stops = stopping.parse_stop(stop_at)
+    except stopping.StopRuleError as exc:
+        raise click.BadParameter(str(exc), param_hint="--stop-at") from None
+    if stops and eval_every == 0:
+        raise click.BadParameter("--stop-at needs evaluations; pass --eval-every 1 or more", param_hint="--eval-every")
+    value: float | None = None
+    if fstar is not None and fstar != "auto":
+        try:
+            value = float(fstar)
+        except ValueError:
+            raise click.BadParameter(f"{fstar!r} is neither a number nor auto", param_hint="--fstar") from None
+    if "residual" in stops:
+        if fstar is None:
+            raise click.BadParameter("--stop-at residual=X needs --fstar F (or --fstar auto)", param_hint="--fstar")
+        if fstar == "auto":
+            config = job.server_config()
+            try:
+                value = stopping.solve_fstar(config.task, dict(config.task_options), dc)
+            except stopping.StopRuleError as exc:
+                raise click.BadParameter(str(exc), param_hint="--fstar") from None
+            click.echo(f"f* = {value:.12g} (L-BFGS on the full training objective)", err=True)
+    return stops, value
+
+
+def _tensorboard_writer(log_dir: Path) -> Any:
+    from psrv.tboard import RoundWriter
+
+    return RoundWriter(log_dir)
 
 
 def _clear_run_dir(out: Path, algorithms: list[str], summary: str) -> None:

@@ -421,6 +421,7 @@ class RoundEngine:
             except EngineError as exc:
                 raise ValueError(str(exc)) from None
         self._connections: dict[str, int] = {}  # worker -> the number of its current connection (see connected)
+        self.stopped_by: str | None = None  # a stopping rule that ended the job early (stop_after_round)
 
     # ------------------------------------------------------------------ views
     @property
@@ -996,6 +997,7 @@ class RoundEngine:
             )
             first = s.round + 1  # 0, or the round after a restored checkpoint's
         started = time.monotonic() - s.totals.elapsed  # a resumed run goes on from its training time
+        last = cfg.rounds
         for k in range(first, cfg.rounds):
             with self._cond:
                 self._publish(k)
@@ -1008,9 +1010,12 @@ class RoundEngine:
                 t0 = time.monotonic()
                 self._sink.round_closed(record, s.theta, k == cfg.rounds - 1)
                 started += time.monotonic() - t0  # evaluation and logging are not training time
+            if self.stopped_by is not None:  # a stopping rule was met in this round (the sink asked)
+                last = k + 1
+                break
         with self._cond:
             s.phase = "done"
-            self._publish(cfg.rounds, done=True)
+            self._publish(last, done=True)
             # serve the final model to every worker before summing up
             responsive = {w.worker_id for w in s.workers.values() if w.responsive}
             self._cond.wait_for(lambda: responsive <= self._done_served, timeout=cfg.done_grace)
@@ -1134,6 +1139,12 @@ class RoundEngine:
         """Block until at least ``count`` workers have registered (False on timeout)."""
         with self._cond:
             return self._cond.wait_for(lambda: len(self.state.workers) >= count, timeout=timeout)
+
+    def stop_after_round(self, reason: str) -> None:
+        """End the job cleanly after the round being closed (called from the sink's ``round_closed``):
+        the final model is served as after the last round and the workers exit 0. ``reason`` (e.g.
+        "loss_residual") is kept in :attr:`stopped_by`."""
+        self.stopped_by = reason
 
     def fail(self, reason: str) -> None:
         """Abort the run: waiting requests and the round loop give up with ``reason``."""

@@ -200,6 +200,7 @@ def run_local(
     checkpoint_every: int = 10,
     tls: bool = False,
     resume: Any = None,
+    stop: Any = None,
 ) -> dict[str, Any]:
     """Run one job end to end; returns the summary (``status`` "done"; the model is in ``out_dir``).
 
@@ -215,6 +216,9 @@ def run_local(
     ``resume`` (a :class:`psrv.checkpoint.Checkpoint` of this job, :func:`resume_plan`): the server
     goes on from it, its workers (started afresh) rejoin, and ``out_dir/metrics.jsonl`` is continued
     after the checkpoint's lines (their records count towards ``targets`` and reach ``on_round``).
+    ``stop`` (a :class:`psrv.stopping.StopRule`; needs ``eval_every`` > 0): the job ends cleanly after
+    the first evaluated round that meets it; the summary says ``stopped_by`` (the rule, or "rounds")
+    and ``stop_round`` (None when it ran every round).
 
     A job that cannot finish raises :class:`RunFailed` (a worker that exits before registration
     ends the wait at once; ``config.register_timeout`` bounds it otherwise), Ctrl-C raises
@@ -243,7 +247,12 @@ def run_local(
         config = owned_config(config, evaluator.train.n_features, evaluator.train.n_classes)
         costs = [report.CostToReach(key, target) for key, target in (targets or {}).items()]
 
+        stop_round: list[int] = []
+
         def round_closed(record: dict[str, Any]) -> None:
+            if stop is not None and not stop_round and ps is not None and (why := stop.check(record)):
+                ps.engine.stop_after_round(why)  # the engine ends the job after this round
+                stop_round.append(record["round"])
             for cost in costs:  # worked out as rounds close: the server keeps only the last few records
                 cost.add(record)
             if on_round is not None:
@@ -281,6 +290,8 @@ def run_local(
         summary.update(evaluator.final(ps.theta))
         for cost in costs:
             summary[f"to_{cost.key}"] = cost.reached
+        summary["stopped_by"] = ps.engine.stopped_by or "rounds"
+        summary["stop_round"] = stop_round[0] if stop_round else None
         summary["config"] = config_manifest(config, dc)
         summary["worker_exit_codes"] = _wait_all(procs, max(30.0, 2 * config.done_grace))
         summary["status"] = "done"
