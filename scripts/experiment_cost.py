@@ -12,7 +12,7 @@ c0 = 64 bytes, P_max = 512 bytes; cost in bits of payload_bits), ``10mbit`` = a 
 ``--cost-file FIT.json`` (``psrv fit-cost``'s output).
 
     python scripts/experiment_cost.py psrv-exp/cat-figure2                # Markdown table on stdout
-    python scripts/experiment_cost.py psrv-exp/cat-figure2 --cost 10mbit --json cost.json
+    python scripts/experiment_cost.py psrv-exp/cat-figure2 --cost 10mbit --json cost.json --plot cost.png
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def run_cost(run_dir: Path, model: CostModel) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     stop = summary.get("stop_round")
     field = "bits" if model.size == "payload_bits" else "bytes"
-    cost, uploads, rounds = 0.0, 0, 0
+    cost, uploads, rounds, curve = 0.0, 0, 0, []
     with open(run_dir / spec["algorithm"] / "metrics.jsonl") as f:
         for line in f:
             r = json.loads(line)
@@ -51,6 +51,8 @@ def run_cost(run_dir: Path, model: CostModel) -> dict[str, Any]:
                 if w.get("status") == "upload":
                     cost += float(model.of_size(w[field]))
                     uploads += 1
+            if r.get("train_loss") is not None:  # f(theta^{k+1}), after round k's uploads
+                curve.append((cost, float(r["train_loss"])))
     return {
         "label": spec["label"],
         "seed": spec["seed"],
@@ -58,10 +60,11 @@ def run_cost(run_dir: Path, model: CostModel) -> dict[str, Any]:
         "rounds": rounds,
         "uploads": uploads,
         "cost": cost,
+        "curve": curve,
     }
 
 
-def table(exp: Path, model: CostModel) -> tuple[str, list[dict[str, Any]]]:
+def table(exp: Path, model: CostModel) -> tuple[str, list[dict[str, Any]], list[str]]:
     runs = sorted(p.parent for p in (exp / "runs").glob("*/summary.json"))
     if not runs:
         raise SystemExit(f"{exp}: no finished runs (runs/*/summary.json)")
@@ -86,7 +89,28 @@ def table(exp: Path, model: CostModel) -> tuple[str, list[dict[str, Any]]]:
             seed = f" (seed {r['seed']})" if len(by_label[label]) > 1 else ""
             cells = [f"{label}{seed}", r["stopped_by"], r["rounds"], r["uploads"], f"{r['cost']:.4g}", f"{ratio:.3f}"]
             out.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(out), rows
+    return "\n".join(out), rows, order
+
+
+def plot(rows: list[dict[str, Any]], order: list[str], path: Path, xlabel: str) -> None:
+    """Training loss against the cumulative cost, one line per run (the axes of the paper's Figure 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for label in order:
+        for r in (r for r in rows if r["label"] == label and r["curve"]):
+            xs, ys = zip(*r["curve"], strict=True)
+            ax.plot(xs, ys, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("training loss f(theta)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,12 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost", default="exp2", choices=sorted(COSTS))
     ap.add_argument("--cost-file", type=Path, help="a fitted cost model (JSON) instead of --cost")
     ap.add_argument("--json", type=Path, help="also write the per-run rows here")
+    ap.add_argument("--plot", type=Path, help="also draw training loss against the cumulative cost (PNG)")
     args = ap.parse_args(argv)
     model = cost_model_from_dict(json.loads(args.cost_file.read_text())) if args.cost_file else COSTS[args.cost]
-    text, rows = table(args.exp, model)
+    text, rows, order = table(args.exp, model)
     print(text)
+    if args.plot:
+        unit = "bits" if model.size == "payload_bits" else "cost units"
+        plot(rows, order, args.plot, f"communication cost ({model.model} model, {unit}), cumulative")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in rows], indent=1))
     return 0
 
 
