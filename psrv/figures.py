@@ -456,7 +456,19 @@ def render(exp_dir: str | Path) -> list[Path]:
         out3 = _gradnorm_figure(plots / f"{prefix}gradnorm.png", det, colors, title) if det else None
         out4 = _uploads_figure(plots / f"{prefix}uploads_per_worker.png", by_label, colors, title)
         written += [p for p in (out, out2, out3, out4) if p is not None]
-    return written + write_tables(root, runs)
+    written += write_tables(root, runs)
+    _remove_stale(root, written)
+    return written
+
+
+def _remove_stale(root: Path, written: Sequence[Path]) -> None:
+    """Remove the plots and tables an earlier render wrote that this one did not (a grid that
+    grew from one group to several names its files by group: the old ``loss.png`` would stay)."""
+    keep = {Path(p).resolve() for p in written}
+    for folder, pattern in (("plots", "*.png"), ("tables", "*.md"), ("tables", "*.csv")):
+        for path in (root / folder).glob(pattern):
+            if path.resolve() not in keep:
+                path.unlink(missing_ok=True)
 
 
 def write_tables(exp_dir: str | Path, runs: Sequence[Run] | None = None) -> list[Path]:

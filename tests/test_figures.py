@@ -247,3 +247,18 @@ def test_real_run_folder(tmp_path: Path) -> None:
         assert float(rows[lb]["accuracy"]) == pytest.approx(s["accuracy"])
     assert float(rows["LAQ"]["payload_bits_ratio"]) < 1
     image_ok(e / "plots" / "loss.png", ["C0", "C1"])
+
+
+def test_a_render_after_the_grid_grew_leaves_no_stale_files(tmp_path: Path) -> None:
+    """One link: plain names (loss.png, summary.md). A second link added later: the files are
+    named by group, and the first render's plain-named ones are gone, not left showing one group."""
+    e = tmp_path / "exp"
+    recs = records(12, [1, 2, 4], 50, 1.0)
+    write_run(e, "A", 0, recs)
+    first = {p.name for p in figures.render(e)}
+    assert "loss.png" in first and "summary.md" in first
+    write_run(e, "A", 0, recs, "10mbit")
+    second = {p.name for p in figures.render(e)}
+    on_disk = {p.name for p in (e / "plots").iterdir()} | {p.name for p in (e / "tables").iterdir()}
+    assert on_disk == second and "loss.png" not in on_disk and "summary.md" not in on_disk
+    assert "10mbit__loss.png" in on_disk and "loopback__loss.png" in on_disk
