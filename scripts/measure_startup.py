@@ -45,6 +45,8 @@ def rss(pid):
     return 0
 
 
+if len(sys.argv) < 3 or sys.argv[1] in ("-h", "--help"):
+    sys.exit(__doc__.strip())
 cwd, out, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 cmd = [sys.executable, "-m", "psrv", "run", *args, "--out", out]
 t0 = time.monotonic()
