@@ -97,6 +97,8 @@ class _Generation:
         self.out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.call: Any = None
         self.started = self.broken = self.ended = False
+        #: the last delta broadcast decoded, (message, dim, decoded): its workers share one decoding
+        self.decoded: tuple[Any, int, codec.ModelMessage] | None = None
 
     def start(self) -> None:
         self.started = True
@@ -206,11 +208,24 @@ class HostedRounds:
         self.gen: _Generation | None = None
         self._reported = True
         self._finished = False
+        self._head = pb.HostRoundsReport(worker_id=cfg.worker_id).SerializeToString()  # the same in every report
 
     def _send(self, report: bytes) -> None:
         assert self.gen is not None
-        head = pb.HostRoundsReport(worker_id=self.cfg.worker_id).SerializeToString()
-        self.gen.send(stream.field_bytes(_REPORT, head, stream.field_bytes(_INNER, report)), self.cfg.worker_id)
+        self.gen.send(stream.field_bytes(_REPORT, self._head, stream.field_bytes(_INNER, report)), self.cfg.worker_id)
+
+    def _decode(self, body: Any, dim: int) -> codec.ModelMessage:
+        """The broadcast ``body`` decoded, once for all the host's workers where it is a delta
+        broadcast (``update``: only read by :class:`worker.client.Downlink`); a snapshot or dense
+        model is decoded per worker (each takes its arrays as its own and changes them)."""
+        assert self.gen is not None
+        shared = self.gen.decoded
+        if shared is not None and shared[0] is body and shared[1] == dim:
+            return shared[2]
+        model = codec.model_from_proto(body, dim)
+        if model.form == "update":
+            self.gen.decoded = (body, dim, model)
+        return model
 
     def model(self, request: pb.GetModelRequest, dim: int) -> tuple[codec.ModelMessage, str | None]:
         if self.gen is None:
@@ -228,7 +243,7 @@ class HostedRounds:
             if kind == "rejected":
                 rejected = body.reason
             else:
-                model = codec.model_from_proto(body, dim)
+                model = self._decode(body, dim)
                 self._finished = model.done
                 return model, rejected
 
