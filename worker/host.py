@@ -170,6 +170,10 @@ class HostStream:
         self.members = set(members)  # the workers still running (a stream opens once each has asked)
         self.cond = threading.Condition()
         self._gen: _Generation | None = None
+        #: held by the one logical worker computing its round (from its model to its report): with the
+        #: ten threads computing at once every numpy/torch call's GIL release handed the GIL to another
+        #: of them, and a worker-round cost 1.6 ms of CPU instead of 0.7 (docs/idle-round.md)
+        self.compute = threading.Lock()
 
     def open(self, worker_id: str, request: pb.GetModelRequest, counter: rpc.ByteCounter) -> _Generation:
         """Join the stream being opened (or the next, when the current one has started or broke)."""
@@ -209,6 +213,7 @@ class HostedRounds:
         self._reported = True
         self._finished = False
         self._head = pb.HostRoundsReport(worker_id=cfg.worker_id).SerializeToString()  # the same in every report
+        self._computing = False  # holds host.compute: between a model returned and the report on it
 
     def _send(self, report: bytes) -> None:
         assert self.gen is not None
@@ -227,7 +232,13 @@ class HostedRounds:
             self.gen.decoded = (body, dim, model)
         return model
 
+    def _done_computing(self) -> None:
+        if self._computing:
+            self._computing = False
+            self.host.compute.release()
+
     def model(self, request: pb.GetModelRequest, dim: int) -> tuple[codec.ModelMessage, str | None]:
+        self._done_computing()
         if self.gen is None:
             self.gen = self.host.open(self.cfg.worker_id, request, self.counter)
         elif not self._reported:
@@ -243,6 +254,8 @@ class HostedRounds:
             if kind == "rejected":
                 rejected = body.reason
             else:
+                self.host.compute.acquire()
+                self._computing = True
                 model = self._decode(body, dim)
                 self._finished = model.done
                 return model, rejected
@@ -254,8 +267,10 @@ class HostedRounds:
         else:
             upload = codec.upload_to_wire(self.cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smooth)
             self._send(stream.field_bytes(rpc.PUSH, *upload.parts))
+        self._done_computing()
 
     def close(self) -> None:
+        self._done_computing()
         if self.gen is not None:
             self.gen.close(self.cfg.worker_id, self._finished)
 
