@@ -12,7 +12,8 @@ one HTTP/2 stream per logical worker on it). Every broadcast still travels once 
 worker (each on its own stream), so the byte counts are those of separate processes.
 
 Each logical worker runs in a thread of its own; the GIL serializes their Python, torch releases
-it while it computes. A worker that is not selected in a round (client sampling, ``-o sample=``)
+it while it computes. At most one worker per core computes its round at a time (from its model to
+its report; :attr:`HostStream.compute`), and a delta broadcast is decoded once for them all. A worker that is not selected in a round (client sampling, ``-o sample=``)
 reports ``not_selected`` without computing (:class:`worker.client._Job`), so it costs only the
 broadcast's decoding. Measured figures: docs/scale.md.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -160,6 +162,14 @@ class _Generation:
             self.out.put(None)
 
 
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class HostStream:
     """The client's end of HostRounds for the logical workers ``members`` of one host (see
     psrv.proto): their Rounds streams multiplexed on one stream of ``channel``."""
@@ -170,10 +180,11 @@ class HostStream:
         self.members = set(members)  # the workers still running (a stream opens once each has asked)
         self.cond = threading.Condition()
         self._gen: _Generation | None = None
-        #: held by the one logical worker computing its round (from its model to its report): with the
-        #: ten threads computing at once every numpy/torch call's GIL release handed the GIL to another
-        #: of them, and a worker-round cost 1.6 ms of CPU instead of 0.7 (docs/idle-round.md)
-        self.compute = threading.Lock()
+        #: held by a logical worker computing its round (from its model to its report), at most one per
+        #: usable core: with ten threads computing at once every numpy/torch call's GIL release handed
+        #: the GIL to another of them (a worker-round cost 1.6 ms of CPU instead of ~1.1); torch's
+        #: products release the GIL, so one per core still computes on every core (docs/idle-round.md)
+        self.compute = threading.BoundedSemaphore(_cores())
 
     def open(self, worker_id: str, request: pb.GetModelRequest, counter: rpc.ByteCounter) -> _Generation:
         """Join the stream being opened (or the next, when the current one has started or broke)."""
