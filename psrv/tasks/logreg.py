@@ -75,11 +75,11 @@ def _torch_csr(m: Any) -> torch.Tensor:
 
 def _sparse_products(X: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
     """X and Xᵀ as torch sparse CSR tensors (X on the memory of its scipy CSR; Xᵀ one more copy of
-    the nonzeros), or None: the dense products (see :func:`sparse_rows`).
-    torch's CSR product releases the GIL (scipy's does not), so the logical workers of one host
-    (worker.host) compute their gradients on every core, and it costs ~0.14 instead of ~0.2 ms per
-    product on a 400-row MNIST shard (0.46-0.5 ms per gradient); each output entry sums the same terms in the same order as
-    scipy's ``csr_matvecs``/``csc_matvecs`` (row by row, nonzeros in column order), equal bit for bit."""
+    the nonzeros), or None: the dense products (see :func:`sparse_rows`). torch's CSR product
+    releases the GIL (scipy's does not), so the logical workers of one host (worker.host) compute
+    their gradients on every core, and it costs ~0.14 instead of ~0.2 ms per product on a 400-row
+    MNIST shard (0.46-0.5 ms per gradient); each output entry sums the same terms in the same order
+    as scipy's ``csr_matvecs``/``csc_matvecs`` (row by row, nonzeros in column order): bit for bit."""
     if sparse_rows(X) is None:
         return None
     return _sparse_cache[id(X)][2]
