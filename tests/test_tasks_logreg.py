@@ -163,3 +163,21 @@ def test_sparse_read_only_data_gives_the_dense_gradient() -> None:
     key = id(frozen)
     del frozen
     assert key not in logreg._sparse_cache  # dropped with its array
+
+
+def test_sparse_products_equal_scipys_bit_for_bit() -> None:
+    """The torch CSR products of the sparse path give exactly scipy's CSR/CSC products (the same
+    terms summed in the same order), so the gradient did not change when they replaced scipy's."""
+    import torch
+
+    from psrv.tasks import logreg
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(300, 400)) * (rng.random((300, 400)) < 0.2)
+    X.setflags(write=False)
+    csr = logreg.sparse_rows(X)
+    fwd, bwd = logreg._sparse_products(X)
+    W = rng.normal(size=(400, 10)) * 10.0 ** rng.uniform(-6, 2, size=(400, 10))
+    r = rng.normal(size=(300, 10)) * 10.0 ** rng.uniform(-6, 2, size=(300, 10))
+    assert np.array_equal(torch.mm(fwd, torch.from_numpy(W)).numpy(), csr @ W)
+    assert np.array_equal(torch.mm(bwd, torch.from_numpy(r)).numpy(), csr.T @ r)

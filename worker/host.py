@@ -12,7 +12,8 @@ one HTTP/2 stream per logical worker on it). Every broadcast still travels once 
 worker (each on its own stream), so the byte counts are those of separate processes.
 
 Each logical worker runs in a thread of its own; the GIL serializes their Python, torch releases
-it while it computes. A worker that is not selected in a round (client sampling, ``-o sample=``)
+it while it computes. At most one worker per core computes its round at a time (from its model to
+its report; :attr:`HostStream.compute`), and a delta broadcast is decoded once for them all. A worker that is not selected in a round (client sampling, ``-o sample=``)
 reports ``not_selected`` without computing (:class:`worker.client._Job`), so it costs only the
 broadcast's decoding. Measured figures: docs/scale.md.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -97,6 +99,8 @@ class _Generation:
         self.out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.call: Any = None
         self.started = self.broken = self.ended = False
+        #: the last delta broadcast decoded, (message, dim, decoded): its workers share one decoding
+        self.decoded: tuple[Any, int, codec.ModelMessage] | None = None
 
     def start(self) -> None:
         self.started = True
@@ -158,6 +162,14 @@ class _Generation:
             self.out.put(None)
 
 
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class HostStream:
     """The client's end of HostRounds for the logical workers ``members`` of one host (see
     psrv.proto): their Rounds streams multiplexed on one stream of ``channel``."""
@@ -168,6 +180,11 @@ class HostStream:
         self.members = set(members)  # the workers still running (a stream opens once each has asked)
         self.cond = threading.Condition()
         self._gen: _Generation | None = None
+        #: held by a logical worker computing its round (from its model to its report), at most one per
+        #: usable core: with ten threads computing at once every numpy/torch call's GIL release handed
+        #: the GIL to another of them (a worker-round cost 1.6 ms of CPU instead of ~1.1); torch's
+        #: products release the GIL, so one per core still computes on every core (docs/idle-round.md)
+        self.compute = threading.BoundedSemaphore(_cores())
 
     def open(self, worker_id: str, request: pb.GetModelRequest, counter: rpc.ByteCounter) -> _Generation:
         """Join the stream being opened (or the next, when the current one has started or broke)."""
@@ -206,13 +223,33 @@ class HostedRounds:
         self.gen: _Generation | None = None
         self._reported = True
         self._finished = False
+        self._head = pb.HostRoundsReport(worker_id=cfg.worker_id).SerializeToString()  # the same in every report
+        self._computing = False  # holds host.compute: between a model returned and the report on it
 
     def _send(self, report: bytes) -> None:
         assert self.gen is not None
-        head = pb.HostRoundsReport(worker_id=self.cfg.worker_id).SerializeToString()
-        self.gen.send(stream.field_bytes(_REPORT, head, stream.field_bytes(_INNER, report)), self.cfg.worker_id)
+        self.gen.send(stream.field_bytes(_REPORT, self._head, stream.field_bytes(_INNER, report)), self.cfg.worker_id)
+
+    def _decode(self, body: Any, dim: int) -> codec.ModelMessage:
+        """The broadcast ``body`` decoded, once for all the host's workers where it is a delta
+        broadcast (``update``: only read by :class:`worker.client.Downlink`); a snapshot or dense
+        model is decoded per worker (each takes its arrays as its own and changes them)."""
+        assert self.gen is not None
+        shared = self.gen.decoded
+        if shared is not None and shared[0] is body and shared[1] == dim:
+            return shared[2]
+        model = codec.model_from_proto(body, dim)
+        if model.form == "update":
+            self.gen.decoded = (body, dim, model)
+        return model
+
+    def _done_computing(self) -> None:
+        if self._computing:
+            self._computing = False
+            self.host.compute.release()
 
     def model(self, request: pb.GetModelRequest, dim: int) -> tuple[codec.ModelMessage, str | None]:
+        self._done_computing()
         if self.gen is None:
             self.gen = self.host.open(self.cfg.worker_id, request, self.counter)
         elif not self._reported:
@@ -228,7 +265,9 @@ class HostedRounds:
             if kind == "rejected":
                 rejected = body.reason
             else:
-                model = codec.model_from_proto(body, dim)
+                self.host.compute.acquire()
+                self._computing = True
+                model = self._decode(body, dim)
                 self._finished = model.done
                 return model, rejected
 
@@ -239,8 +278,10 @@ class HostedRounds:
         else:
             upload = codec.upload_to_wire(self.cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smooth)
             self._send(stream.field_bytes(rpc.PUSH, *upload.parts))
+        self._done_computing()
 
     def close(self) -> None:
+        self._done_computing()
         if self.gen is not None:
             self.gen.close(self.cfg.worker_id, self._finished)
 
