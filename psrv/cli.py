@@ -299,7 +299,7 @@ def run(
     # after the checks that make nothing
     check_outputs(dirs={"--out": out, "--checkpoint-dir": checkpoint_dir}, files={"--summary-json": summary_json})
     try:  # a Ray launcher connects (or starts its cluster) once for all the jobs (before --out is cleared)
-        launcher.connect(workers)
+        launcher.connect(processes)  # what the workers' processes ask Ray for
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{workers} worker(s) in {processes} process(es), up to {logical} each (--processes to change)",

@@ -79,8 +79,9 @@ class Launcher:
     def close(self) -> None:
         """Release what :meth:`connect` took (a no-op locally)."""
 
-    def connect(self, workers: int) -> None:
-        """Be ready to start ``workers`` worker processes (a Ray launcher connects or starts its cluster)."""
+    def connect(self, processes: int) -> None:
+        """Be ready to start ``processes`` worker processes, each hosting one or more workers (a Ray
+        launcher connects or starts its cluster, and checks it has their resources)."""
 
     @property
     def bind_host(self) -> str:
@@ -248,13 +249,13 @@ class RayLauncher(Launcher):
         self._multi_node = False
         self._node_ip = "127.0.0.1"
 
-    def connect(self, workers: int) -> None:
+    def connect(self, processes: int) -> None:
         ray = self.ray
         if not self._connected:
             if not ray.is_initialized():
                 kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
                 if self.address_ is None:
-                    kw["num_cpus"] = max(os.cpu_count() or 1, math.ceil(workers * self.cpus))
+                    kw["num_cpus"] = max(os.cpu_count() or 1, math.ceil(processes * self.cpus))
                 try:
                     ray.init(address=self.address_, **kw)
                 except Exception as exc:  # ConnectionError, a bad address, ...
@@ -270,17 +271,19 @@ class RayLauncher(Launcher):
             have = float(total.get("GPU", 0))
             if self.device == "cuda" and have <= 0:
                 raise LauncherError("--device cuda: the Ray cluster has no GPU (pass --device cpu or auto)")
-            self.gpus = min(1.0, have / workers) if self.device == "cuda" else 0.0
-        need_cpu = workers * self.cpus
+            self.gpus = min(1.0, have / processes) if self.device == "cuda" else 0.0
+        need_cpu = processes * self.cpus
         if need_cpu > float(total.get("CPU", 0)) + 1e-9:
-            fit = float(total.get("CPU", 0)) / workers
+            fit = float(total.get("CPU", 0)) / processes
             raise LauncherError(
-                f"--workers {workers} at --ray-cpus-per-worker {self.cpus:g} need {need_cpu:g} CPUs but the Ray "
-                f"cluster has {float(total.get('CPU', 0)):g}; pass --ray-cpus-per-worker {fit:.2g} or fewer workers"
+                f"{processes} worker process(es) at --ray-cpus-per-worker {self.cpus:g} need {need_cpu:g} CPUs but "
+                f"the Ray cluster has {float(total.get('CPU', 0)):g}; pass --ray-cpus-per-worker {fit:.2g} or fewer "
+                "processes (--processes)"
             )
-        if workers * self.gpus > float(total.get("GPU", 0)) + 1e-9:
+        if processes * self.gpus > float(total.get("GPU", 0)) + 1e-9:
             raise LauncherError(
-                f"--workers {workers} at --ray-gpus-per-worker {self.gpus:g} need {workers * self.gpus:g} GPUs but "
+                f"{processes} worker process(es) at --ray-gpus-per-worker {self.gpus:g} need "
+                f"{processes * self.gpus:g} GPUs but "
                 f"the Ray cluster has {float(total.get('GPU', 0)):g}"
             )
 

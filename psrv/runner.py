@@ -325,7 +325,8 @@ def run_local(
             keep_lines=keep,  # resumed: continued after the checkpoint's lines
         )
         ps, _ = checkpointed_server(config, sink, checkpoint_dir, checkpoint_every, resume)
-        launcher.connect(config.num_workers)  # a Ray launcher: its cluster, and the address it binds
+        blocks = host_blocks(config.num_workers, None if worker_extra else processes)  # the workers of each process
+        launcher.connect(len(blocks))  # a Ray launcher: its cluster, and the address it binds
         hosts = () if launcher.advertise_host == "127.0.0.1" else (launcher.advertise_host,)
         pki = certs.make_test_pki(out / "tls", worker_ids(config.num_workers), hosts) if tls else None
         server, port = create_server(
@@ -333,7 +334,7 @@ def run_local(
         )
         argvs = []
         names: list[tuple[str, Path]] = []  # per process: who it runs, its log
-        for block in host_blocks(config.num_workers, None if worker_extra else processes):
+        for block in blocks:
             i = block[0]
             one = len(block) == 1
             name = worker_id(i) if one else f"{worker_id(i)}..{worker_id(block[-1])}"

@@ -173,3 +173,16 @@ def test_ray_refuses_more_cpus_than_the_cluster_has(ray_cluster: str) -> None:
     with RayLauncher(cpus=2.0) as launcher, pytest.raises(LauncherError) as refused:
         launcher.connect(3)
     assert "need 6 CPUs but the Ray cluster has 4; pass --ray-cpus-per-worker 1.3" in str(refused.value)
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_ray_asks_resources_per_worker_process_not_per_logical_worker(ray_cluster: str, tmp_path: Path) -> None:
+    """Three virtual workers in one process at 4 CPUs a process fit the 4-CPU cluster (one actor);
+    counting 4 CPUs per logical worker (12) would refuse the run."""
+    from psrv.launch import RayLauncher
+
+    with RayLauncher(cpus=4.0) as launcher:
+        summary = run_local(_config(workers=3, rounds=3), DIGITS, tmp_path / "host", launcher=launcher, processes=1)
+    assert summary["status"] == "done" and summary["rounds"] == 3
+    assert (tmp_path / "host" / "workers0-2.log").exists()  # one process hosted all three
