@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -469,9 +469,18 @@ def shard_indices(
 
 def shard(ds: Dataset, index: int, num_shards: int, split: str = "iid", seed: int = 0, alpha: float = 0.5) -> Dataset:
     """Worker ``index``'s part of ``ds`` under ``shard_indices``."""
+    return shards(ds, [index], num_shards, split, seed, alpha)[0]
+
+
+def shards(
+    ds: Dataset, indices: Sequence[int], num_shards: int, split: str = "iid", seed: int = 0, alpha: float = 0.5
+) -> list[Dataset]:
+    """The parts of workers ``indices`` of ``ds`` under ``shard_indices``, the split computed once
+    (a host of logical workers, :mod:`worker.host`)."""
     if ds.n_classes == 0 and parse_split(split, alpha)[0] == "dirichlet":
         raise DataError(f"{ds.name}: the dirichlet split needs class labels; this is a regression dataset")
     parts = shard_indices(len(ds), ds.y, num_shards, split, seed, alpha)
-    if not isinstance(index, Integral) or not 0 <= index < num_shards:
-        raise DataError(f"shard index {index!r} out of range for {num_shards} shards")
-    return ds.subset(parts[index])
+    for index in indices:
+        if not isinstance(index, Integral) or not 0 <= index < num_shards:
+            raise DataError(f"shard index {index!r} out of range for {num_shards} shards")
+    return [ds.subset(parts[index]) for index in indices]

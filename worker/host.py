@@ -4,17 +4,18 @@ Each logical worker is the worker of :func:`worker.client.run_worker` -- its own
 algorithm state (error-feedback memories, clocks, control variates), random stream
 (:func:`worker.client.worker_rng`: from its shard, so the same seed gives the same run however
 the workers are spread over processes), byte counts and credentials -- and a separate
-participant on the wire: its own Register, its own Rounds stream, its own uploads and skip
-notices. What the workers of one host share is the process (Python, torch, gRPC: the ~230 MiB a
-worker process costs before its data), the training data (loaded once, each worker keeps its
-shard's rows) and, where their credentials are the same, one gRPC channel (one TCP connection,
-one HTTP/2 stream per logical worker on it). Every broadcast still travels once per logical
-worker (each on its own stream), so the byte counts are those of separate processes.
+participant on the wire: its own Register, its own uploads and skip notices. What the workers of
+one host share is the process (Python, torch, gRPC: the ~230 MiB a worker process costs before
+its data), the training data (loaded once, each worker keeps its shard's rows) and, where their
+credentials are the same, one gRPC channel and one ``HostRounds`` stream (:class:`HostStream`): a
+broadcast they all get goes down once and is counted once per connection. ``multiplex=False``
+(and a server that checks credentials) gives each worker its own Rounds stream instead.
 
 Each logical worker runs in a thread of its own; the GIL serializes their Python, torch releases
-it while it computes. At most one worker per core computes its round at a time (from its model to
-its report; :attr:`HostStream.compute`), and a delta broadcast is decoded once for them all. A worker that is not selected in a round (client sampling, ``-o sample=``)
-reports ``not_selected`` without computing (:class:`worker.client._Job`), so it costs only the
+it while it computes. At most one worker per core computes its round at a time (from its model
+to its report; :attr:`HostStream.compute`), and a delta broadcast is decoded once for them all. A
+worker that is not selected in a round (client sampling, ``-o sample=``) reports
+``not_selected`` without computing (:class:`worker.client._Job`), so it costs only the
 broadcast's decoding. Measured figures: docs/scale.md.
 """
 
@@ -79,10 +80,7 @@ def load_host_data(cfgs: Sequence[WorkerConfig]) -> list[data.Dataset]:
     train, _ = load_training_data(first.data, first.test_fraction, first.seed, first.regression)
     if first.num_shards is None:
         return [train] * len(cfgs)
-    if train.n_classes == 0 and data.parse_split(first.split)[0] == "dirichlet":
-        raise data.DataError(f"{train.name}: the dirichlet split needs class labels; this is a regression dataset")
-    parts = data.shard_indices(len(train), train.y, first.num_shards, first.split, first.seed)
-    return [train.subset(parts[c.shard or 0]) for c in cfgs]
+    return data.shards(train, [c.shard or 0 for c in cfgs], first.num_shards, first.split, first.seed)
 
 
 class _Generation:
