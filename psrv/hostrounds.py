@@ -151,31 +151,56 @@ def _messages(sv: Any, requests: Iterator[rpc.Received], context: Any, opens: li
         if received is None:
             return
         msg = received.msg
-        if msg.WhichOneof("request") != "report":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "HostRounds: `open` again; expected a worker's report")
-        w, inner = msg.report.worker_id, msg.report.report
-        if w not in waiting:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"HostRounds: a report for worker {w!r}, which has no broadcast to answer")  # fmt: skip
-        kind = inner.WhichOneof("request")
-        waiting.discard(w)
-        need.append(w)
-        if kind == "resync":  # the same round again, as a snapshot; charged, as on Rounds
-            sv._call(lambda *_, w=w: sv._charge(context, w), None, 0, context)
-            replica[w] = None
-            continue
-        if kind == "push":
-            body: Any = memoryview(inner.push.SerializeToString())
-        elif kind == "skip":
-            body = inner.skip
+        kind = msg.WhichOneof("request")
+        if kind == "report":
+            batch = [(msg.report, received.nbytes)]
+        elif kind == "reports" and msg.reports.reports:
+            batch = _shares(msg.reports.reports, received.nbytes)
         else:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"HostRounds: expected a report (skip, push or resync), got `{kind}`")  # fmt: skip
-        rejected = sv._call(sv._round_report, (w, k[w], kind, body, iter(())), received.nbytes, context)
-        if rejected is not None:
-            out = pb.HostRoundsResponse(
-                worker_ids=[w], response=pb.RoundsResponse(rejected=pb.RoundsRejected(round=k[w], reason=rejected))
-            ).SerializeToString()
-            sv.counter.add("down", METHOD, len(out))
-            yield out
-        k[w] += 1
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "HostRounds: `open` again; expected a worker's report")
+        for report, nbytes in batch:
+            w = report.worker_id
+            if w not in waiting:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"HostRounds: a report for worker {w!r}, which has no broadcast to answer")  # fmt: skip
+            waiting.discard(w)
+            need.append(w)
+            rejected = _report(sv, w, k[w], report.report, nbytes, context)
+            if rejected is _RESYNC:  # the same round again, as a snapshot
+                replica[w] = None
+                continue
+            if rejected is not None:
+                out = pb.HostRoundsResponse(
+                    worker_ids=[w], response=pb.RoundsResponse(rejected=pb.RoundsRejected(round=k[w], reason=rejected))
+                ).SerializeToString()
+                sv.counter.add("down", METHOD, len(out))
+                yield out
+            k[w] += 1
+
+
+_RESYNC = object()
+
+
+def _shares(reports: Any, nbytes: int) -> list[tuple[Any, int]]:
+    """The reports of a ``reports`` message, each with the bytes it is charged: its own field's
+    (tag, length, body), the first also the message's framing, so that they add up to ``nbytes``."""
+    sizes = [1 + len(stream.varint(n)) + n for n in (r.ByteSize() for r in reports)]
+    sizes[0] += max(0, nbytes - sum(sizes))
+    return list(zip(reports, sizes, strict=True))
+
+
+def _report(sv: Any, w: str, k: int, inner: Any, nbytes: int, context: Any) -> Any:
+    """Worker ``w``'s report on round ``k`` (a RoundsRequest), as its Rounds stream would take it:
+    the reason it was rejected, None, or ``_RESYNC``."""
+    kind = inner.WhichOneof("request")
+    if kind == "resync":  # charged, as on Rounds
+        sv._call(lambda *_, w=w: sv._charge(context, w), None, 0, context)
+        return _RESYNC
+    if kind == "push":
+        body: Any = memoryview(inner.push.SerializeToString())
+    elif kind == "skip":
+        body = inner.skip
+    else:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"HostRounds: expected a report (skip, push or resync), got `{kind}`")  # fmt: skip
+    return sv._call(sv._round_report, (w, k, kind, body, iter(())), nbytes, context)

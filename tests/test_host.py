@@ -96,6 +96,8 @@ def test_a_host_of_logical_workers_matches_separate_workers() -> None:
     down_host = host["counter"].total("down")
     down_streams = streams["counter"].total("down")
     assert down_host < down_streams / 3, (down_host, down_streams)
+    # and a round's 6 reports go up together: the open, then one message a round (not 6)
+    assert host["counter"].messages["up", "HostRounds"] == 1 + 3, dict(host["counter"].messages)
     per_worker = [[w["status"] for w in r["workers"]] for r in host["records"]]
     assert all(len(statuses) == 6 for statuses in per_worker)  # the records' per-worker lists stay per worker
 

@@ -99,6 +99,13 @@ class _Generation:
         self.started = self.broken = self.ended = False
         #: the last delta broadcast decoded, (message, dim, decoded): its workers share one decoding
         self.decoded: tuple[Any, int, codec.ModelMessage] | None = None
+        #: the workers whose report on their last broadcast is due, and the reports held until none is:
+        #: the server serves the host's next round only once all have reported, so they go as one
+        #: message (``reports``) instead of one each, and nothing waits that would not have waited
+        self._batch = threading.Lock()
+        self._due: set[str] = set()
+        self._held: list[bytes] = []
+        self._held_bytes = 0
 
     def start(self) -> None:
         self.started = True
@@ -110,11 +117,31 @@ class _Generation:
         while (item := self.out.get()) is not None:
             yield item
 
-    def send(self, data: bytes, worker_id: str | None = None) -> None:
+    def send(self, data: bytes) -> None:
         self.host.counter.add("up", "HostRounds", len(data))
-        if worker_id is not None:
-            self.counters[worker_id].add("up", "HostRounds", len(data))
         self.out.put(data)
+
+    def report(self, worker_id: str, report: bytes) -> None:
+        """``worker_id``'s serialized HostRoundsReport: held until every report due is in, then sent
+        with the others held (one ``report``, or ``reports``). The worker is counted its report's
+        field (tag, length, body); the host's counter, each message as sent."""
+        self.counters[worker_id].add("up", "HostRounds", 1 + len(stream.varint(len(report))) + len(report))
+        out = []
+        with self._batch:
+            self._due.discard(worker_id)
+            if len(report) >= _HELD_BYTES:
+                out.append([report])  # a big upload goes alone, as it would on its own stream
+            else:
+                self._held.append(report)
+                self._held_bytes += len(report)
+            if self._held and (not self._due or self._held_bytes >= _HELD_BYTES):
+                out.append(self._held)
+                self._held, self._held_bytes = [], 0
+        for held in out:
+            if len(held) == 1:
+                self.send(stream.field_bytes(_ONE, held[0]))
+            else:
+                self.send(stream.field_bytes(_MANY, *(stream.field_bytes(_EACH, r) for r in held)))
 
     def _read(self) -> None:
         error: BaseException = stream.StreamError("HostRounds: the server ended the stream before the final broadcast")
@@ -129,6 +156,9 @@ class _Generation:
                 self.counters[names[0]].add("down", "HostRounds", reply.ByteSize())  # a shared broadcast: once
                 kind = reply.response.WhichOneof("response")
                 body = reply.response.model if kind == "model" else reply.response.rejected
+                if kind == "model" and not body.done:
+                    with self._batch:
+                        self._due.update(names)  # each answers it (a report or a resync)
                 for w in names:
                     self.queues[w].put((kind, body))
         except (grpc.RpcError, stream.StreamError) as exc:
@@ -226,7 +256,7 @@ class HostedRounds:
 
     def _send(self, report: bytes) -> None:
         assert self.gen is not None
-        self.gen.send(stream.field_bytes(_REPORT, self._head, stream.field_bytes(_INNER, report)), self.cfg.worker_id)
+        self.gen.report(self.cfg.worker_id, self._head + stream.field_bytes(_INNER, report))
 
     def _decode(self, body: Any, dim: int) -> codec.ModelMessage:
         """The broadcast ``body`` decoded, once for all the host's workers where it is a delta
@@ -284,8 +314,14 @@ class HostedRounds:
             self.gen.close(self.cfg.worker_id, self._finished)
 
 
-#: field numbers: HostRoundsRequest.report, HostRoundsReport.report
-_REPORT = pb.HostRoundsRequest.DESCRIPTOR.fields_by_name["report"].number
+#: reports held for one message add up to less than this (the server's message limit is at least 1 MiB,
+#: stream.limit_for); one this big goes alone
+_HELD_BYTES = 64 * 1024
+
+#: field numbers: HostRoundsRequest.report and .reports, HostRoundsReports.reports, HostRoundsReport.report
+_ONE = pb.HostRoundsRequest.DESCRIPTOR.fields_by_name["report"].number
+_MANY = pb.HostRoundsRequest.DESCRIPTOR.fields_by_name["reports"].number
+_EACH = pb.HostRoundsReports.DESCRIPTOR.fields_by_name["reports"].number
 _INNER = pb.HostRoundsReport.DESCRIPTOR.fields_by_name["report"].number
 
 

@@ -481,12 +481,20 @@ class HostRoundsReport(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., report: _Optional[_Union[RoundsRequest, _Mapping]] = ...) -> None: ...
 
 class HostRoundsRequest(_message.Message):
-    __slots__ = ("open", "report")
+    __slots__ = ("open", "report", "reports")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
     open: HostRoundsOpen
     report: HostRoundsReport
-    def __init__(self, open: _Optional[_Union[HostRoundsOpen, _Mapping]] = ..., report: _Optional[_Union[HostRoundsReport, _Mapping]] = ...) -> None: ...
+    reports: HostRoundsReports
+    def __init__(self, open: _Optional[_Union[HostRoundsOpen, _Mapping]] = ..., report: _Optional[_Union[HostRoundsReport, _Mapping]] = ..., reports: _Optional[_Union[HostRoundsReports, _Mapping]] = ...) -> None: ...
+
+class HostRoundsReports(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[HostRoundsReport]
+    def __init__(self, reports: _Optional[_Iterable[_Union[HostRoundsReport, _Mapping]]] = ...) -> None: ...
 
 class HostRoundsResponse(_message.Message):
     __slots__ = ("worker_ids", "response")
