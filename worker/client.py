@@ -469,6 +469,10 @@ def run_worker(
                     raise
 
 
+#: :meth:`_Job.take`'s answer when the worker's rounds on this connection are over
+STOP = object()
+
+
 class _Job:
     """One worker's run: its task, algorithm state, downlink view and counts, across every
     connection it makes to the server (:meth:`run` on each)."""
@@ -533,69 +537,91 @@ class _Job:
         log.warning("worker %s registered again with the server at %s", self.cfg.worker_id, self.cfg.server)
 
     def run(self, stub: rpc.CountingStub, retry: _Retry, make_rounds: Callable[..., Any] | None = None) -> WorkerResult:
-        """Rounds on this connection until the final model; the result."""
+        """Rounds on this connection until the final model; the result. The rounds' transport
+        (``make_rounds(stub, cfg)``, on a server that asks for streams) either hands out models and
+        takes reports (``model``, ``report``), or runs this job's rounds itself (``drive(job,
+        retry)``: a host's logical workers, :class:`worker.host.HostedRounds`)."""
+        streams = self.conf.round_transport == pb.ROUND_TRANSPORT_STREAM
+        rounds = (make_rounds or StreamRounds)(stub, self.cfg) if streams else UnaryRounds(stub, self.cfg)
+        try:
+            if hasattr(rounds, "drive"):
+                rounds.drive(self, retry)
+            else:
+                while True:
+                    mb, rejected = rounds.model(self.down.request(self.k), self.task.dim)
+                    retry.ok()  # the server answered on this connection
+                    step = self.take(mb, rejected)
+                    if step is STOP:
+                        break
+                    if step is not None:
+                        rounds.report(*step[0])
+                        self.commit(step[1])
+        finally:
+            rounds.close()
+        result = self.result
+        result.snapshots, result.digest_mismatches = self.down.snapshots, self.down.mismatches
+        result.bytes_up = stub.counter.total("up")
+        result.bytes_down = stub.counter.total("down")
+        return result
+
+    def take(self, mb: codec.ModelMessage, rejected: str | None) -> Any:
+        """One round on the model ``mb`` (``rejected``: why the last report was refused, or None):
+        :data:`STOP` (the final model, or this worker leaves), None (ask for this round again,
+        without a replica: a snapshot comes), or ``(report, pending)``: the arguments of the
+        transport's ``report``, then, once it is sent, :meth:`commit` of ``pending``."""
         cfg, conf, ds, task, algo, down, result = (
             self.cfg, self.conf, self.ds, self.task, self.algo, self.down, self.result
         )  # fmt: skip
         rng, batch, wants_smoothness = self.rng, self.algo.batch, self.algo.tracks_theta_hat
-        streams = conf.round_transport == pb.ROUND_TRANSPORT_STREAM
-        rounds = (make_rounds or StreamRounds)(stub, cfg) if streams else UnaryRounds(stub, cfg)
-        try:
-            while True:
-                mb, rejected = rounds.model(down.request(self.k), task.dim)
-                retry.ok()  # the server answered on this connection
-                # fault injection, once the last report has been answered (the next model came)
-                if cfg.leave_after is not None and result.rounds >= cfg.leave_after:
-                    log.error("fault injection: worker %s leaves after %d rounds", cfg.worker_id, result.rounds)
-                    break
-                if cfg.crash_after is not None and result.rounds >= cfg.crash_after:
-                    log.error("fault injection: worker %s exits after %d rounds", cfg.worker_id, result.rounds)
-                    os._exit(17)
-                if self.pending is not None:  # the last report's fate arrives with the next model
-                    if rejected is None:
-                        self.state, uploaded = self.pending
-                        result.uploads += uploaded
-                        result.skips += not uploaded
-                    else:
-                        result.rejected += 1  # the round closed before our report arrived: nothing was absorbed
-                        log.warning("round %d report rejected: %s", self.k - 1, rejected)
-                    self.pending = None
-                self.k = k = mb.round
-                view = down.receive(mb)
-                if view is None:
-                    continue  # ask for this round again, without a replica: a snapshot comes
-                theta, recent_step_sq, exact = view
-                if mb.done:
-                    result.final_params = np.array(exact, dtype=np.float64)
-                    break
-                selected = mb.selected
-                # the previous round's aggregate, exact from the replica (FedAvg-M's g^r, SCAFFOLD's c)
-                aggregate = down.replica.total if down.replica is not None and down.down is None else None
-                if selected is not None and self.reply.worker_index not in selected:
-                    rounds.report(k, None, "not_selected", None, conf.zstd, None)  # computes nothing
-                    seen = RoundInfo(k, mb.num_workers, share=len(ds) / mb.total_samples, aggregate=aggregate)
-                    self.pending = (algo.observe(self.state, seen), False)
-                else:
-                    grads = _Gradients(task, ds, mb, batch, rng)
-                    loss, grad = grads.loss_grad(theta)
-                    if cfg.byzantine:  # fault injection: a byzantine worker (psrv.robust's adversary)
-                        grad = -cfg.byzantine * grad
-                    info = RoundInfo(
-                        k, mb.num_workers, tuple(recent_step_sq), theta, grads.grad_at,
-                        grads.local_grad_at, len(ds) / mb.total_samples, aggregate,
-                    )  # fmt: skip
-                    decision = algo.step(self.state, grad, info, rng)
-                    result.grad_evals += grads.evals
-                    # only server-side selection uses L_m, and the bound costs an eigendecomposition
-                    first = wants_smoothness and result.uploads == 0 and decision.payload is not None
-                    smooth = local_smoothness(task, ds, mb.total_samples, mb.num_workers) if first else None
-                    rounds.report(k, decision.payload, "lazy_rule", loss, conf.zstd, smooth)
-                    self.pending = (decision.state, decision.payload is not None)
-                result.rounds += 1
-                self.k += 1
-        finally:
-            rounds.close()
-        result.snapshots, result.digest_mismatches = down.snapshots, down.mismatches
-        result.bytes_up = stub.counter.total("up")
-        result.bytes_down = stub.counter.total("down")
-        return result
+        # fault injection, once the last report has been answered (the next model came)
+        if cfg.leave_after is not None and result.rounds >= cfg.leave_after:
+            log.error("fault injection: worker %s leaves after %d rounds", cfg.worker_id, result.rounds)
+            return STOP
+        if cfg.crash_after is not None and result.rounds >= cfg.crash_after:
+            log.error("fault injection: worker %s exits after %d rounds", cfg.worker_id, result.rounds)
+            os._exit(17)
+        if self.pending is not None:  # the last report's fate arrives with the next model
+            if rejected is None:
+                self.state, uploaded = self.pending
+                result.uploads += uploaded
+                result.skips += not uploaded
+            else:
+                result.rejected += 1  # the round closed before our report arrived: nothing was absorbed
+                log.warning("round %d report rejected: %s", self.k - 1, rejected)
+            self.pending = None
+        self.k = k = mb.round
+        view = down.receive(mb)
+        if view is None:
+            return None
+        theta, recent_step_sq, exact = view
+        if mb.done:
+            result.final_params = np.array(exact, dtype=np.float64)
+            return STOP
+        selected = mb.selected
+        # the previous round's aggregate, exact from the replica (FedAvg-M's g^r, SCAFFOLD's c)
+        aggregate = down.replica.total if down.replica is not None and down.down is None else None
+        if selected is not None and self.reply.worker_index not in selected:
+            seen = RoundInfo(k, mb.num_workers, share=len(ds) / mb.total_samples, aggregate=aggregate)
+            # computes nothing
+            return (k, None, "not_selected", None, conf.zstd, None), (algo.observe(self.state, seen), False)
+        grads = _Gradients(task, ds, mb, batch, rng)
+        loss, grad = grads.loss_grad(theta)
+        if cfg.byzantine:  # fault injection: a byzantine worker (psrv.robust's adversary)
+            grad = -cfg.byzantine * grad
+        info = RoundInfo(
+            k, mb.num_workers, tuple(recent_step_sq), theta, grads.grad_at,
+            grads.local_grad_at, len(ds) / mb.total_samples, aggregate,
+        )  # fmt: skip
+        decision = algo.step(self.state, grad, info, rng)
+        result.grad_evals += grads.evals
+        # only server-side selection uses L_m, and the bound costs an eigendecomposition
+        first = wants_smoothness and result.uploads == 0 and decision.payload is not None
+        smooth = local_smoothness(task, ds, mb.total_samples, mb.num_workers) if first else None
+        report = (k, decision.payload, "lazy_rule", loss, conf.zstd, smooth)
+        return report, (decision.state, decision.payload is not None)
+
+    def commit(self, pending: tuple[Any, bool]) -> None:
+        """The report of :meth:`take` was sent: keep its state until the next model tells its fate."""
+        self.pending = pending
+        self.result.rounds += 1
+        self.k += 1

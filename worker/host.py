@@ -11,10 +11,11 @@ credentials are the same, one gRPC channel and one ``HostRounds`` stream (:class
 broadcast they all get goes down once and is counted once per connection. ``multiplex=False``
 (and a server that checks credentials) gives each worker its own Rounds stream instead.
 
-Each logical worker runs in a thread of its own; the GIL serializes their Python, torch releases
-it while it computes. At most one worker per core computes its round at a time (from its model
-to its report; :attr:`HostStream.compute`), and a delta broadcast is decoded once for them all. A
-worker that is not selected in a round (client sampling, ``-o sample=``) reports
+Each logical worker has a thread of its own for registering and reconnecting, but its rounds
+are run by one of the stream's lanes: a thread per usable core, each running the rounds of a
+fixed share of the workers in turn (a thread per worker computing, handing the GIL and the
+cores to each other every round, cost 60% more CPU). A host's reports of a round go up in one
+message, and a delta broadcast is decoded once for all its workers. A worker that is not selected in a round (client sampling, ``-o sample=``) reports
 ``not_selected`` without computing (:class:`worker.client._Job`), so it costs only the
 broadcast's decoding. Measured figures: docs/scale.md.
 """
@@ -34,7 +35,7 @@ import grpc
 
 from psrv import codec, data, memory, rpc, stream, tls
 from psrv.v1 import psrv_pb2 as pb
-from worker.client import WorkerConfig, WorkerResult, check_address, load_training_data, run_worker
+from worker.client import STOP, WorkerConfig, WorkerResult, check_address, load_training_data, run_worker
 
 log = logging.getLogger("psrv.worker.host")
 
@@ -84,18 +85,20 @@ def load_host_data(cfgs: Sequence[WorkerConfig]) -> list[data.Dataset]:
 
 
 class _Generation:
-    """One HostRounds stream: opened once every live worker of the host has asked for its first
-    model on it (:meth:`HostStream.open`), ended when they have all finished or left, cancelled
-    when one of them fails (they reconnect together, each as a worker that lost the server)."""
+    """One HostRounds stream: opened once every live worker of the host has joined it
+    (:meth:`HostStream.open`), ended when they have all finished or left, cancelled when one of
+    them fails (they reconnect together, each as a worker that lost the server). Its lanes run the
+    workers' rounds."""
 
     def __init__(self, host: HostStream) -> None:
         self.host = host
         self.opens: dict[str, pb.RoundsOpen] = {}
-        self.queues: dict[str, queue.SimpleQueue] = {}
-        self.counters: dict[str, rpc.ByteCounter] = {}
+        self.members: dict[str, HostedRounds] = {}
         self.finished: set[str] = set()
         self.out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.call: Any = None
+        self.lanes: list[queue.SimpleQueue] = []
+        self.lane_of: dict[str, int] = {}
         self.started = self.broken = self.ended = False
         #: the last delta broadcast decoded, (message, dim, decoded): its workers share one decoding
         self.decoded: tuple[Any, int, codec.ModelMessage] | None = None
@@ -109,6 +112,11 @@ class _Generation:
 
     def start(self) -> None:
         self.started = True
+        n = min(_cores(), len(self.members))
+        self.lanes = [queue.SimpleQueue() for _ in range(n)]
+        self.lane_of = {w: i % n for i, w in enumerate(self.members)}
+        for i, lane in enumerate(self.lanes):
+            threading.Thread(target=self._lane, args=(lane,), name=f"psrv-host-lane-{i}", daemon=True).start()
         self.send(pb.HostRoundsRequest(open=pb.HostRoundsOpen(workers=list(self.opens.values()))).SerializeToString())
         self.call = self.host.stub.HostRounds(self._requests())
         threading.Thread(target=self._read, name="psrv-host-rounds", daemon=True).start()
@@ -125,7 +133,7 @@ class _Generation:
         """``worker_id``'s serialized HostRoundsReport: held until every report due is in, then sent
         with the others held (one ``report``, or ``reports``). The worker is counted its report's
         field (tag, length, body); the host's counter, each message as sent."""
-        self.counters[worker_id].add("up", "HostRounds", 1 + len(stream.varint(len(report))) + len(report))
+        self.members[worker_id].counter.add("up", "HostRounds", 1 + len(stream.varint(len(report))) + len(report))
         out = []
         with self._batch:
             self._due.discard(worker_id)
@@ -144,29 +152,59 @@ class _Generation:
                 self.send(stream.field_bytes(_MANY, *(stream.field_bytes(_EACH, r) for r in held)))
 
     def _read(self) -> None:
+        """The server's messages, each to the lanes of the workers it names; at the end (the
+        stream's, or its failure), to every lane the reason it ended."""
         error: BaseException = stream.StreamError("HostRounds: the server ended the stream before the final broadcast")
         try:
             for reply in self.call:
                 names = list(reply.worker_ids)
-                unknown = [w for w in names if w not in self.queues]
+                unknown = [w for w in names if w not in self.members]
                 if unknown or not names:
                     raise stream.StreamError(
                         f"HostRounds: a message for {unknown or 'nobody'}, not this host's workers"
                     )
-                self.counters[names[0]].add("down", "HostRounds", reply.ByteSize())  # a shared broadcast: once
+                self.members[names[0]].counter.add("down", "HostRounds", reply.ByteSize())  # a shared broadcast: once
                 kind = reply.response.WhichOneof("response")
                 body = reply.response.model if kind == "model" else reply.response.rejected
                 if kind == "model" and not body.done:
                     with self._batch:
                         self._due.update(names)  # each answers it (a report or a resync)
                 for w in names:
-                    self.queues[w].put((kind, body))
+                    self.lanes[self.lane_of[w]].put((w, kind, body))
         except (grpc.RpcError, stream.StreamError) as exc:
             error = exc
         with self.host.cond:
             self.broken = True
-        for q in self.queues.values():
-            q.put(error)  # to a worker still waiting: the stream is gone (after its final broadcast: unread)
+        for lane in self.lanes:
+            lane.put(error)  # to the workers still running (after its final broadcast: unread)
+
+    def _lane(self, inbox: queue.SimpleQueue) -> None:
+        """Run the rounds of this lane's workers, one message at a time: one thread computes for
+        several logical workers (a thread per worker, handing the GIL and the cores to each other
+        every round, cost 60% more CPU than one thread computing for them in turn)."""
+        while True:
+            item = inbox.get()
+            if isinstance(item, BaseException):
+                for w, member in self.members.items():
+                    if self.lanes[self.lane_of[w]] is inbox and member.outcome_due:
+                        member.end(item)
+                return
+            w, kind, body = item
+            member = self.members[w]
+            if member.outcome_due:
+                member.take(kind, body)
+
+    def decode(self, body: Any, dim: int) -> codec.ModelMessage:
+        """The broadcast ``body`` decoded, once for all the host's workers where it is a delta
+        broadcast (``update``: only read by :class:`worker.client.Downlink`); a snapshot or dense
+        model is decoded per worker (each takes its arrays as its own and changes them)."""
+        shared = self.decoded
+        if shared is not None and shared[0] is body and shared[1] == dim:
+            return shared[2]
+        model = codec.model_from_proto(body, dim)
+        if model.form == "update":
+            self.decoded = (body, dim, model)
+        return model
 
     def close(self, worker_id: str, finished: bool) -> None:
         """``worker_id`` is done with this stream: it had the final broadcast (``finished``), or it
@@ -208,22 +246,17 @@ class HostStream:
         self.members = set(members)  # the workers still running (a stream opens once each has asked)
         self.cond = threading.Condition()
         self._gen: _Generation | None = None
-        #: held by a logical worker computing its round (from its model to its report), at most one per
-        #: usable core: with ten threads computing at once every numpy/torch call's GIL release handed
-        #: the GIL to another of them (a worker-round cost 1.6 ms of CPU instead of ~1.1); torch's
-        #: products release the GIL, so one per core still computes on every core (docs/idle-round.md)
-        self.compute = threading.BoundedSemaphore(_cores())
 
-    def open(self, worker_id: str, request: pb.GetModelRequest, counter: rpc.ByteCounter) -> _Generation:
+    def open(self, member: HostedRounds, request: pb.GetModelRequest) -> _Generation:
         """Join the stream being opened (or the next, when the current one has started or broke)."""
         with self.cond:
             gen = self._gen
             if gen is None or gen.started or gen.broken:
                 gen = self._gen = _Generation(self)
-            opened = pb.RoundsOpen(worker_id=worker_id, round=request.round)
+            opened = pb.RoundsOpen(worker_id=request.worker_id, round=request.round)
             if request.HasField("replica_round"):
                 opened.replica_round = request.replica_round
-            gen.opens[worker_id], gen.queues[worker_id], gen.counters[worker_id] = opened, queue.SimpleQueue(), counter
+            gen.opens[request.worker_id], gen.members[request.worker_id] = opened, member
             self._maybe_start()
             return gen
 
@@ -243,75 +276,74 @@ class HostStream:
 
 
 class HostedRounds:
-    """A logical worker's rounds on its host's HostRounds stream: the interface of
-    :class:`worker.client.StreamRounds`."""
+    """A logical worker's rounds on its host's HostRounds stream: :meth:`drive` (see
+    :meth:`worker.client._Job.run`) joins the stream and waits while a lane of the stream runs
+    the job's rounds, until the final model, the worker leaving, or a failure (raised here, in the
+    worker's own thread, which reconnects as a worker on its own stream would)."""
 
     def __init__(self, host: HostStream, cfg: WorkerConfig, counter: rpc.ByteCounter) -> None:
         self.host, self.cfg, self.counter = host, cfg, counter
         self.gen: _Generation | None = None
-        self._reported = True
-        self._finished = False
+        self.job: Any = None
+        self.retry: Any = None
+        self.finished = False
+        self.outcome_due = False  # a lane runs this worker's rounds; its outcome is not yet handed over
+        self._rejected: str | None = None
+        self._outcome: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._head = pb.HostRoundsReport(worker_id=cfg.worker_id).SerializeToString()  # the same in every report
-        self._computing = False  # holds host.compute: between a model returned and the report on it
+
+    def drive(self, job: Any, retry: Any) -> None:
+        self.job, self.retry, self.outcome_due = job, retry, True
+        self.gen = self.host.open(self, job.down.request(job.k))
+        outcome = self._outcome.get()
+        if outcome is not None:
+            raise outcome
+
+    def end(self, outcome: BaseException | None) -> None:
+        """In the lane: this worker's rounds are over (None) or failed; its thread takes it on."""
+        self.outcome_due = False
+        self._outcome.put(outcome)
+
+    def take(self, kind: str, body: Any) -> None:
+        """In the lane: the server's message for this worker (a broadcast, or why its last report
+        was rejected); a broadcast is answered with a report or a resync."""
+        if kind == "rejected":
+            self._rejected = body.reason
+            return
+        assert self.gen is not None
+        job = self.job
+        try:
+            model = self.gen.decode(body, job.task.dim)
+            self.finished = model.done
+            self.retry.ok()  # the server answered on this connection
+            rejected, self._rejected = self._rejected, None
+            step = job.take(model, rejected)
+            if step is None:  # the same round again, as a snapshot
+                self._send(pb.RoundsRequest(resync=pb.RoundsResync()).SerializeToString())
+                return
+            if step is not STOP:
+                self._report(*step[0])
+                job.commit(step[1])
+                return
+        except Exception as exc:  # noqa: BLE001 -- the worker's thread raises it
+            self.end(exc)
+            return
+        self.end(None)
 
     def _send(self, report: bytes) -> None:
         assert self.gen is not None
         self.gen.report(self.cfg.worker_id, self._head + stream.field_bytes(_INNER, report))
 
-    def _decode(self, body: Any, dim: int) -> codec.ModelMessage:
-        """The broadcast ``body`` decoded, once for all the host's workers where it is a delta
-        broadcast (``update``: only read by :class:`worker.client.Downlink`); a snapshot or dense
-        model is decoded per worker (each takes its arrays as its own and changes them)."""
-        assert self.gen is not None
-        shared = self.gen.decoded
-        if shared is not None and shared[0] is body and shared[1] == dim:
-            return shared[2]
-        model = codec.model_from_proto(body, dim)
-        if model.form == "update":
-            self.gen.decoded = (body, dim, model)
-        return model
-
-    def _done_computing(self) -> None:
-        if self._computing:
-            self._computing = False
-            self.host.compute.release()
-
-    def model(self, request: pb.GetModelRequest, dim: int) -> tuple[codec.ModelMessage, str | None]:
-        self._done_computing()
-        if self.gen is None:
-            self.gen = self.host.open(self.cfg.worker_id, request, self.counter)
-        elif not self._reported:
-            self._send(pb.RoundsRequest(resync=pb.RoundsResync()).SerializeToString())
-        self._reported = False
-        rejected = None
-        inbox = self.gen.queues[self.cfg.worker_id]
-        while True:
-            item = inbox.get()
-            if isinstance(item, BaseException):
-                raise item
-            kind, body = item
-            if kind == "rejected":
-                rejected = body.reason
-            else:
-                self.host.compute.acquire()
-                self._computing = True
-                model = self._decode(body, dim)
-                self._finished = model.done
-                return model, rejected
-
-    def report(self, k: int, payload: Any, reason: str, loss: float | None, zstd: bool, smooth: float | None) -> None:
-        self._reported = True
+    def _report(self, k: int, payload: Any, reason: str, loss: float | None, zstd: bool, smooth: float | None) -> None:
         if payload is None:
             self._send(codec.rounds_skip(reason, loss).SerializeToString())
         else:
             upload = codec.upload_to_wire(self.cfg.worker_id, k, loss, payload, zstd=zstd, smoothness=smooth)
             self._send(stream.field_bytes(rpc.PUSH, *upload.parts))
-        self._done_computing()
 
     def close(self) -> None:
-        self._done_computing()
         if self.gen is not None:
-            self.gen.close(self.cfg.worker_id, self._finished)
+            self.gen.close(self.cfg.worker_id, self.finished)
 
 
 #: reports held for one message add up to less than this (the server's message limit is at least 1 MiB,
