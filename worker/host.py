@@ -11,13 +11,14 @@ credentials are the same, one gRPC channel and one ``HostRounds`` stream (:class
 broadcast they all get goes down once and is counted once per connection. ``multiplex=False``
 (and a server that checks credentials) gives each worker its own Rounds stream instead.
 
-Each logical worker has a thread of its own for registering and reconnecting, but its rounds
-are run by one of the stream's lanes: a thread per usable core, each running the rounds of a
-fixed share of the workers in turn (a thread per worker computing, handing the GIL and the
-cores to each other every round, cost 60% more CPU). A host's reports of a round go up in one
-message, and a delta broadcast is decoded once for all its workers. A worker that is not selected in a round (client sampling, ``-o sample=``) reports
-``not_selected`` without computing (:class:`worker.client._Job`), so it costs only the
-broadcast's decoding. Measured figures: docs/scale.md.
+Each logical worker has a thread of its own for registering and reconnecting, but its rounds are
+run by one of the stream's lanes: a thread per usable core, each running the rounds of a fixed
+share of the workers in turn (a thread per worker computing, handing the GIL and the cores to
+each other every round, cost 60% more CPU). A host's reports of a round go up in one message,
+and a delta broadcast is decoded once for all its workers. A worker that is not selected in a
+round (client sampling, ``-o sample=``) reports ``not_selected`` without computing
+(:class:`worker.client._Job`), so it costs only the broadcast's decoding. Measured figures:
+docs/scale.md.
 """
 
 from __future__ import annotations
@@ -375,12 +376,12 @@ def _reason(exc: BaseException) -> str:
 def run_host(
     cfgs: Sequence[WorkerConfig], datasets: Sequence[data.Dataset] | None = None, multiplex: bool = True
 ) -> HostResult:
-    """Run the logical workers ``cfgs`` in this process, each in its own thread (see the module's
-    docstring), until every one has finished; workers with the same server and credentials share
-    one channel and, with ``multiplex`` and no credentials, one HostRounds stream (else each has
-    its own Rounds stream on the channel). ``datasets``: each worker's shard (default
-    :func:`load_host_data`). A worker that fails does not stop the others; its reason is in
-    ``errors``.
+    """Run the logical workers ``cfgs`` in this process, each with a thread of its own (on a
+    HostRounds stream its rounds run in the stream's lanes: see the module's docstring), until every
+    one has finished; workers with the same server and credentials share one channel and, with
+    ``multiplex`` and no credentials, one HostRounds stream (else each has its own Rounds stream on
+    the channel). ``datasets``: each worker's shard (default :func:`load_host_data`). A worker that
+    fails does not stop the others; its reason is in ``errors``.
 
     This is also the API for measuring a server against many workers from one process (e.g. M =
     1,000 logical workers against an in-process server)."""
