@@ -59,48 +59,27 @@ def _one(grad, rounds: int) -> None:
             grad(i)
 
 
-def _lanes(grad, rounds: int, cores: int) -> None:
-    starts = [queue.SimpleQueue() for _ in range(cores)]
+def _threaded(grad, rounds: int, groups: list[range], at_once: int) -> None:
+    """A thread per group of workers, woken at each round's start, computing its workers' gradients
+    in turn, at most ``at_once`` threads computing at a time."""
+    starts = [queue.SimpleQueue() for _ in groups]
     done: queue.SimpleQueue = queue.SimpleQueue()
+    compute = threading.BoundedSemaphore(at_once)
 
-    def lane(j: int) -> None:
+    def thread(j: int) -> None:
         while starts[j].get():
-            for i in range(j, M, cores):
-                grad(i)
+            for i in groups[j]:
+                with compute:
+                    grad(i)
             done.put(j)
 
-    threads = [threading.Thread(target=lane, args=(j,)) for j in range(cores)]
+    threads = [threading.Thread(target=thread, args=(j,)) for j in range(len(groups))]
     for t in threads:
         t.start()
     for _ in range(rounds):
         for q in starts:
             q.put(True)
-        for _ in range(cores):
-            done.get()
-    for q in starts:
-        q.put(False)
-    for t in threads:
-        t.join()
-
-
-def _per_worker(grad, rounds: int, cores: int) -> None:
-    starts = [queue.SimpleQueue() for _ in range(M)]
-    done: queue.SimpleQueue = queue.SimpleQueue()
-    compute = threading.BoundedSemaphore(cores)
-
-    def worker(i: int) -> None:
-        while starts[i].get():
-            with compute:
-                grad(i)
-            done.put(i)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(M)]
-    for t in threads:
-        t.start()
-    for _ in range(rounds):
-        for q in starts:
-            q.put(True)
-        for _ in range(M):
+        for _ in groups:
             done.get()
     for q in starts:
         q.put(False)
@@ -117,8 +96,8 @@ def main() -> None:
     grad = _setup()
     designs = {
         "one": lambda: _one(grad, args.rounds),
-        "lanes": lambda: _lanes(grad, args.rounds, cores),
-        "per-worker": lambda: _per_worker(grad, args.rounds, cores),
+        "lanes": lambda: _threaded(grad, args.rounds, [range(j, M, cores) for j in range(cores)], cores),
+        "per-worker": lambda: _threaded(grad, args.rounds, [range(i, i + 1) for i in range(M)], cores),
     }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in designs}
     for _ in range(args.repeat):
