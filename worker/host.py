@@ -14,11 +14,11 @@ broadcast they all get goes down once and is counted once per connection. ``mult
 Each logical worker has a thread of its own for registering and reconnecting, but its rounds are
 run by one of the stream's lanes: a thread per usable core, each running the rounds of a fixed
 share of the workers in turn (a thread per worker computing, handing the GIL and the cores to
-each other every round, cost 60% more CPU). A host's reports of a round go up in one message,
-and a delta broadcast is decoded once for all its workers. A worker that is not selected in a
-round (client sampling, ``-o sample=``) reports ``not_selected`` without computing
-(:class:`worker.client._Job`), so it costs only the broadcast's decoding. Measured figures:
-docs/scale.md.
+each other every round, cost a quarter more CPU and half again the wall time). A host's reports
+of a round go up in one message, and a delta broadcast is decoded once for all its workers. A
+worker that is not selected in a round (client sampling, ``-o sample=``) reports
+``not_selected`` without computing (:class:`worker.client._Job`), so it costs only the
+broadcast's decoding. Measured figures: docs/scale.md.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class _Generation:
     def _lane(self, inbox: queue.SimpleQueue) -> None:
         """Run the rounds of this lane's workers, one message at a time: one thread computes for
         several logical workers (a thread per worker, handing the GIL and the cores to each other
-        every round, cost 60% more CPU than one thread computing for them in turn)."""
+        every round, cost a quarter more CPU: scripts/bench_host_threads.py)."""
         while True:
             item = inbox.get()
             if isinstance(item, BaseException):
