@@ -73,10 +73,14 @@ def _next(sv: Any, requests: Iterator[rpc.Received], context: Any) -> Any:
 
 
 def _serve_all(sv: Any, need: list[str], k: dict[str, int], replica: dict[str, int | None], context: Any) -> Any:
-    """Each worker of ``need``'s broadcast (:meth:`psrv.engine.RoundEngine.serve`, not booked):
-    every one is first asked without waiting (so each counts as ready for round 0), then the
-    stream waits for the first that is not yet published, and asks again. None: the host left."""
+    """The broadcasts (:meth:`psrv.engine.RoundEngine.serve`, not booked) of the workers of ``need``
+    that can be served: every one is first asked without waiting (so each counts as ready for
+    round 0), then the stream waits for the first that is not yet published, and asks again.
+    Where some are served and the others' round is still not published after a second ask, the
+    served are returned alone: the others' round may wait for their reports (a worker that asked
+    for a snapshot of round k while the others wait for k+1). None: the host left."""
     served: dict[str, Any] = {}
+    asked_again = False
     while True:
         todo = [w for w in need if w not in served]
         if not todo:
@@ -86,6 +90,11 @@ def _serve_all(sv: Any, need: list[str], k: dict[str, int], replica: dict[str, i
             if got is not None:
                 served[w] = got
         todo = [w for w in need if w not in served]
+        if todo and served:
+            if asked_again:
+                return served
+            asked_again = True
+            continue
         if todo:
             got = _wait(sv, todo[0], k[todo[0]], replica[todo[0]], context)
             if got is None:
@@ -125,7 +134,7 @@ def _messages(sv: Any, requests: Iterator[rpc.Received], context: Any, opens: li
             if served is None:
                 return
             groups: dict[int, list[str]] = {}
-            for w in need:
+            for w in served:
                 groups.setdefault(id(served[w].data), []).append(w)
             for names in groups.values():
                 s = served[names[0]]
@@ -143,7 +152,7 @@ def _messages(sv: Any, requests: Iterator[rpc.Received], context: Any, opens: li
                     else:
                         k[w], replica[w] = s.round, (None if s.form == "dense" else s.round)
                         waiting.add(w)
-            need = []
+            need = [w for w in need if w not in served]
             if len(finished) == len(k):
                 return
             continue

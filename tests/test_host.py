@@ -37,7 +37,8 @@ def _serve(config: ServerConfig) -> tuple[ParameterServer, Any, int, threading.T
 def _config(m: int, **kw: Any) -> ServerConfig:
     kw.setdefault("algorithm", "laq")
     return ServerConfig(
-        num_workers=m, rounds=kw.pop("rounds", 4), round_timeout=60.0, start_timeout=30.0, register_timeout=60.0,
+        num_workers=m, rounds=kw.pop("rounds", 4), round_timeout=kw.pop("round_timeout", 60.0), start_timeout=30.0,
+        register_timeout=60.0,
         worker_ids=tuple(f"w{i}" for i in range(m)), **kw,
     )  # fmt: skip
 
@@ -290,3 +291,45 @@ def test_host_rounds_refuses_malformed_streams() -> None:
             assert code == grpc.StatusCode.NOT_FOUND  # not registered
     finally:
         server.stop(None)
+
+
+def _hosted(m: int, per_worker: dict[int, dict[str, Any]], **kw: Any) -> tuple[ParameterServer, Any, dict]:
+    """One host of ``m`` logical workers on digits against an in-process server; ``per_worker``:
+    worker index -> WorkerConfig fields (fault injection)."""
+    ps, server, port, thread, summary = _serve(_config(m, **kw))
+    try:
+        base = WorkerConfig(server=f"127.0.0.1:{port}", worker_id="", data="digits", seed=0, rpc_timeout=20)
+        cfgs = host_configs(base, range(m), m, [f"w{i}" for i in range(m)])
+        for i, extra in per_worker.items():
+            cfgs[i] = replace(cfgs[i], **extra)
+        out = run_host(cfgs)
+        thread.join(120)
+    finally:
+        server.stop(None)
+    return ps, out, summary
+
+
+def test_a_hosted_workers_corrupted_replica_is_detected_and_healed() -> None:
+    """A logical worker whose replica is corrupted (one bit) finds the mismatch in the next
+    broadcast's digest, gets a snapshot through the host's lane and stream, and every worker
+    ends on the server's model bit for bit."""
+    ps, out, summary = _hosted(3, {1: {"corrupt_replica_at": 12}}, rounds=25, downlink="replica")
+    assert not out.errors and summary["rounds"] == 25
+    assert [(r.digest_mismatches, r.snapshots) for r in out.results] == [(0, 1), (1, 2), (0, 1)]
+    assert all(r.final_params.tobytes() == ps.theta.tobytes() for r in out.results)
+
+
+def test_a_hosted_worker_that_leaves_does_not_stop_the_others() -> None:
+    """w1 leaves after 3 rounds (its stream is the host's: it ends for all); the others reconnect
+    on a new stream and the run ends its rounds without w1, every remaining worker on the server's
+    final model. (gd: a worker of an accumulating rule such as laq rejoins only where the server
+    keeps its row of the sum, as after any lost connection.)"""
+    ps, out, summary = _hosted(
+        3, {1: {"leave_after": 3}}, algorithm="gd", rounds=10, round_timeout=1.0, max_misses=1, downlink="replica"
+    )
+    assert not out.errors, out.errors
+    gone, stayed = out.results[1], [out.results[0], out.results[2]]
+    assert gone.rounds == 3 and gone.final_params is None
+    assert summary["rounds"] == 10
+    for r in stayed:
+        assert r.final_params.tobytes() == ps.theta.tobytes() and r.reconnects >= 1

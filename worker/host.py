@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,26 +102,38 @@ class _Generation:
         self.lanes: list[queue.SimpleQueue] = []
         self.lane_of: dict[str, int] = {}
         self.started = self.broken = self.ended = False
+        self.failed = False  # cancelled, or broke: the lanes drop what is queued (the error follows)
         #: the last delta broadcast decoded, (message, dim, decoded): its workers share one decoding
         self.decoded: tuple[Any, int, codec.ModelMessage] | None = None
-        #: the workers whose report on their last broadcast is due, and the reports held until none is:
-        #: the server serves the host's next round only once all have reported, so they go as one
-        #: message (``reports``) instead of one each, and nothing waits that would not have waited
+        #: the workers whose report on their last broadcast is due, and the reports held, as
+        #: (worker, report), until none is: the server serves the host's next round only once all have
+        #: reported, so they go as one message (``reports``) instead of one each. A report is held at
+        #: most _HELD_SECONDS (checked as the next report comes: a round deadline is not missed for it)
         self._batch = threading.Lock()
         self._due: set[str] = set()
-        self._held: list[bytes] = []
+        self._held: list[tuple[str, bytes]] = []
         self._held_bytes = 0
+        self._held_since = 0.0
 
     def start(self) -> None:
+        """Open the stream, start the lanes and the reader. Lock held. On failure every member's
+        thread is told (each reconnects as after a lost stream)."""
         self.started = True
         n = min(_cores(), len(self.members))
         self.lanes = [queue.SimpleQueue() for _ in range(n)]
         self.lane_of = {w: i % n for i, w in enumerate(self.members)}
-        for i, lane in enumerate(self.lanes):
-            threading.Thread(target=self._lane, args=(lane,), name=f"psrv-host-lane-{i}", daemon=True).start()
-        self.send(pb.HostRoundsRequest(open=pb.HostRoundsOpen(workers=list(self.opens.values()))).SerializeToString())
-        self.call = self.host.stub.HostRounds(self._requests())
-        threading.Thread(target=self._read, name="psrv-host-rounds", daemon=True).start()
+        try:
+            for i, lane in enumerate(self.lanes):
+                threading.Thread(target=self._lane, args=(lane,), name=f"psrv-host-lane-{i}", daemon=True).start()
+            opened = pb.HostRoundsRequest(open=pb.HostRoundsOpen(workers=list(self.opens.values())))
+            self.send(opened.SerializeToString())
+            self.call = self.host.stub.HostRounds(self._requests())
+            threading.Thread(target=self._read, name="psrv-host-rounds", daemon=True).start()
+        except Exception as exc:  # noqa: BLE001 -- grpc, or no thread to be had: every member is told
+            self.broken = self.failed = True
+            self.out.put(None)
+            for lane in self.lanes:
+                lane.put(exc)
 
     def _requests(self) -> Iterator[bytes]:
         while (item := self.out.get()) is not None:
@@ -130,27 +143,42 @@ class _Generation:
         self.host.counter.add("up", "HostRounds", len(data))
         self.out.put(data)
 
-    def report(self, worker_id: str, report: bytes) -> None:
-        """``worker_id``'s serialized HostRoundsReport: held until every report due is in, then sent
-        with the others held (one ``report``, or ``reports``). The worker is counted its report's
-        field (tag, length, body); the host's counter, each message as sent."""
-        self.members[worker_id].counter.add("up", "HostRounds", 1 + len(stream.varint(len(report))) + len(report))
+    def report(self, worker_id: str, report: bytes | None) -> None:
+        """``worker_id``'s serialized HostRoundsReport (None: it has none, it leaves or failed): held
+        until every report due is in, _HELD_BYTES are held or the first has waited _HELD_SECONDS,
+        then sent with the others held (one ``report``, or ``reports``)."""
         out = []
         with self._batch:
             self._due.discard(worker_id)
-            if len(report) >= _HELD_BYTES:
-                out.append([report])  # a big upload goes alone, as it would on its own stream
-            else:
-                self._held.append(report)
+            if report is not None and len(report) >= _HELD_BYTES:
+                out.append([(worker_id, report)])  # a big upload goes alone, as it would on its own stream
+            elif report is not None:
+                if not self._held:
+                    self._held_since = time.monotonic()
+                self._held.append((worker_id, report))
                 self._held_bytes += len(report)
-            if self._held and (not self._due or self._held_bytes >= _HELD_BYTES):
+            if self._held and (
+                not self._due or self._held_bytes >= _HELD_BYTES or time.monotonic() - self._held_since >= _HELD_SECONDS
+            ):
                 out.append(self._held)
                 self._held, self._held_bytes = [], 0
         for held in out:
-            if len(held) == 1:
-                self.send(stream.field_bytes(_ONE, held[0]))
-            else:
-                self.send(stream.field_bytes(_MANY, *(stream.field_bytes(_EACH, r) for r in held)))
+            self._send_reports(held)
+
+    def _send_reports(self, held: list[tuple[str, bytes]]) -> None:
+        """One message of ``held`` reports; each worker is counted its report's field (tag, length,
+        body), the first also the message's framing, as the server charges them."""
+        if len(held) == 1:
+            data = stream.field_bytes(_ONE, held[0][1])
+            shares = [len(data)]
+        else:
+            fields = [stream.field_bytes(_EACH, r) for _, r in held]
+            data = stream.field_bytes(_MANY, *fields)
+            shares = [len(f) for f in fields]
+            shares[0] += len(data) - sum(shares)
+        for (w, _), n in zip(held, shares, strict=True):
+            self.members[w].counter.add("up", "HostRounds", n)
+        self.send(data)
 
     def _read(self) -> None:
         """The server's messages, each to the lanes of the workers it names; at the end (the
@@ -174,8 +202,10 @@ class _Generation:
                     self.lanes[self.lane_of[w]].put((w, kind, body))
         except (grpc.RpcError, stream.StreamError) as exc:
             error = exc
+            self.failed = True
         with self.host.cond:
             self.broken = True
+            self.out.put(None)  # gRPC's request thread ends (after the final broadcast: the half-close did)
         for lane in self.lanes:
             lane.put(error)  # to the workers still running (after its final broadcast: unread)
 
@@ -192,7 +222,7 @@ class _Generation:
                 return
             w, kind, body = item
             member = self.members[w]
-            if member.outcome_due:
+            if member.outcome_due and not self.failed:  # once the stream failed, its error follows
                 member.take(kind, body)
 
     def decode(self, body: Any, dim: int) -> codec.ModelMessage:
@@ -214,8 +244,9 @@ class _Generation:
             if finished:
                 self.finished.add(worker_id)
             elif self.call is not None and not self.broken:
-                self.broken = True
+                self.broken = self.failed = True
                 self.call.cancel()
+                self.out.put(None)
             self._maybe_end()
 
     def _maybe_end(self) -> None:
@@ -258,6 +289,7 @@ class HostStream:
             if request.HasField("replica_round"):
                 opened.replica_round = request.replica_round
             gen.opens[request.worker_id], gen.members[request.worker_id] = opened, member
+            member.gen = gen  # before the stream starts: a lane may take its first broadcast at once
             self._maybe_start()
             return gen
 
@@ -295,14 +327,17 @@ class HostedRounds:
 
     def drive(self, job: Any, retry: Any) -> None:
         self.job, self.retry, self.outcome_due = job, retry, True
-        self.gen = self.host.open(self, job.down.request(job.k))
+        self.host.open(self, job.down.request(job.k))
         outcome = self._outcome.get()
         if outcome is not None:
             raise outcome
 
     def end(self, outcome: BaseException | None) -> None:
-        """In the lane: this worker's rounds are over (None) or failed; its thread takes it on."""
+        """In the lane: this worker's rounds are over (None) or failed; its thread takes it on. A
+        report it owes is not coming: the others' held reports need not wait for it."""
         self.outcome_due = False
+        if self.gen is not None:
+            self.gen.report(self.cfg.worker_id, None)
         self._outcome.put(outcome)
 
     def take(self, kind: str, body: Any) -> None:
@@ -311,9 +346,9 @@ class HostedRounds:
         if kind == "rejected":
             self._rejected = body.reason
             return
-        assert self.gen is not None
         job = self.job
         try:
+            assert self.gen is not None  # HostStream.open set it
             model = self.gen.decode(body, job.task.dim)
             self.finished = model.done
             self.retry.ok()  # the server answered on this connection
@@ -326,7 +361,7 @@ class HostedRounds:
                 self._report(*step[0])
                 job.commit(step[1])
                 return
-        except Exception as exc:  # noqa: BLE001 -- the worker's thread raises it
+        except BaseException as exc:  # noqa: BLE001 -- the worker's thread raises it (its lane goes on)
             self.end(exc)
             return
         self.end(None)
@@ -350,6 +385,8 @@ class HostedRounds:
 #: reports held for one message add up to less than this (the server's message limit is at least 1 MiB,
 #: stream.limit_for); one this big goes alone
 _HELD_BYTES = 64 * 1024
+#: and a report waits at most this long for the others (measured from the first held; checked as each comes)
+_HELD_SECONDS = 0.02
 
 #: field numbers: HostRoundsRequest.report and .reports, HostRoundsReports.reports, HostRoundsReport.report
 _ONE = pb.HostRoundsRequest.DESCRIPTOR.fields_by_name["report"].number
