@@ -15,6 +15,7 @@ than pieces of 256 KiB, 4 MiB or 16 MiB.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ __all__ = [
     "Piece",
     "Reassembler",
     "Serialized",
+    "SharedPieces",
     "StreamError",
     "field_bytes",
     "limit_for",
@@ -212,6 +214,55 @@ def pieces(message: bytes | Serialized, chunk: int = CHUNK_BYTES, within: int = 
     for run in whole.slices(chunk):
         yield piece_bytes(offset, whole.nbytes, *run, within=within)
         offset += sum(v.nbytes for v in run)
+
+
+class SharedPieces:
+    """The pieces of one message (:func:`pieces`) cut once for the ``readers`` streams that send it:
+    a round's broadcast goes to M workers, and cutting it per stream would copy it M times. Each
+    :meth:`reader` yields every piece in order; a piece is made when the first reader needs it and
+    dropped once ``readers`` readers have taken it, so what is held is the gap between the fastest
+    and the slowest reader (nothing once all are done; at most the message while one that was
+    expected never comes). A reader beyond ``readers`` cuts its own pieces. Thread-safe: gRPC sends
+    each stream from its own thread."""
+
+    def __init__(self, message: bytes | Serialized, readers: int, chunk: int = CHUNK_BYTES, within: int = 0) -> None:
+        self.message, self.readers, self.chunk, self.within = message, readers, chunk, within
+        self._source: Iterator[bytes] | None = pieces(message, chunk, within)
+        self._held: dict[int, list] = {}  # piece index -> [piece, readers that have taken it]
+        self._made = 0  # pieces made so far
+        self._started = 0  # readers handed out
+        self._lock = threading.Lock()
+
+    def reader(self) -> Iterator[bytes]:
+        """The message's pieces, in order."""
+        with self._lock:
+            self._started += 1
+            if self._started > self.readers:
+                return pieces(self.message, self.chunk, self.within)
+        return self._read()
+
+    def _read(self) -> Iterator[bytes]:
+        i = 0
+        while True:
+            with self._lock:
+                if i == self._made:
+                    piece = next(self._source, None) if self._source is not None else None
+                    if piece is None:
+                        self._source = None
+                        return
+                    self._held[i] = [piece, 0]
+                    self._made += 1
+                held = self._held[i]
+                held[1] += 1
+                if held[1] >= self.readers:
+                    del self._held[i]
+            yield held[0]
+            i += 1
+
+    @property
+    def held(self) -> int:
+        """Pieces held now (made and not yet taken by every reader)."""
+        return len(self._held)
 
 
 class Reassembler:
