@@ -13,8 +13,8 @@ import pytest
 
 from psrv import codec, data
 from psrv.algorithms import ALGORITHMS, make_algorithm, option_defaults
-from psrv.engine import Broadcast, RoundEngine
 from psrv.bitpack import index_width, packed_size
+from psrv.engine import Broadcast, RoundEngine
 from psrv.payload import Payload, dense, to_dense
 from psrv.replica import AggregateChange, Replica, apply_change, changed_indices, state_digest, take_step
 from psrv.server import ParameterServer, ServerConfig, create_server

@@ -8,6 +8,7 @@ Small models are streamed by giving the client stub tiny thresholds; one slow te
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 
 import grpc
@@ -50,6 +51,29 @@ def test_pieces_cut_consecutive_runs_across_parts() -> None:
     assert list(stream.pieces(b"abc")) == [stream.piece_bytes(0, 3, b"abc")]
     with pytest.raises(stream.StreamError, match="empty message"):
         list(stream.pieces(b""))
+
+
+def test_shared_pieces_are_cut_once_for_every_reader_and_then_let_go() -> None:
+    """Three readers in three threads get exactly :func:`psrv.stream.pieces`; the pieces are the same
+    objects for all of them (cut once), none is held once all three have it, and a fourth reader
+    (one more than announced) cuts its own."""
+    message = bytes(range(256)) * 40
+    expected = list(stream.pieces(message, chunk=100, within=3))
+    shared = stream.SharedPieces(message, readers=3, chunk=100, within=3)
+    readers = [shared.reader() for _ in range(3)]
+    first = [next(r) for r in readers]  # every reader has started: the first piece was cut once
+    assert first[0] is first[1] is first[2] and first[0] == expected[0]
+    got: list[list[bytes]] = [[] for _ in readers]
+    threads = [threading.Thread(target=lambda i=i: got[i].extend(readers[i])) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert all([first[i], *got[i]] == expected for i in range(3))
+    assert all(a is b is c for a, b, c in zip(*got, strict=True))
+    assert shared.held == 0
+    late = list(shared.reader())
+    assert late == expected and late[0] is not first[0]
 
 
 def _pb_fields(piece_type: type, data: bytes) -> tuple[int, int, bytes]:
