@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import numpy as np
+
 __all__ = [
     "CHUNK_BYTES",
     "STREAM_ABOVE",
@@ -265,17 +267,63 @@ class SharedPieces:
         return len(self._held)
 
 
+#: where the bytes of a message's big value go in memory: on a multiple of this many bytes
+ALIGN = 64
+
+
+def _big_value_start(first: memoryview) -> int:
+    """Where, in a message whose first bytes are ``first``, its big value starts (a dense upload's
+    or model's float values: the innermost length-delimited field that runs past ``first``), or 0
+    when that cannot be told. Only a hint for :func:`_aligned_buffer`: a wrong one costs speed."""
+    start, end, big = 0, None, 0
+    while True:
+        i, inner = start, None
+        try:
+            while i < len(first) and (end is None or i < end):
+                key, i = read_varint(first, i)
+                if key & 7 != 2:
+                    if key & 7 == 0:
+                        i = read_varint(first, i)[1]
+                    elif key & 7 in (1, 5):
+                        i += 8 if key & 7 == 1 else 4
+                    else:
+                        return big
+                    continue
+                size, i = read_varint(first, i)
+                if end is not None and i + size > end:
+                    return big
+                if i + size > len(first):
+                    inner = (i, i + size)
+                    break
+                i += size
+        except StreamError:
+            return big
+        if inner is None:
+            return big
+        (start, end), big = inner, inner[0]
+
+
+def _aligned_buffer(size: int, value_start: int) -> memoryview:
+    """``size`` uninitialized bytes placed so that byte ``value_start`` is on an :data:`ALIGN` boundary:
+    numpy reads an unaligned float array about half as fast (checks, casts, sums)."""
+    room = np.empty(size + ALIGN, dtype=np.uint8)
+    shift = -(room.ctypes.data + value_start) % ALIGN
+    return memoryview(room[shift : shift + size])
+
+
 class Reassembler:
     """Collects the pieces of one message; :meth:`result` is the message's bytes.
 
     Every problem raises :class:`StreamError` naming it: a ``total_size`` of 0 or above ``limit``,
     pieces that disagree on it, a piece that is empty, is not the next one (missing, repeated or
     reordered) or runs past the end, and (in :meth:`result`) a stream without pieces or one that
-    ended early. The buffer is allocated once, at the first piece."""
+    ended early. The buffer is allocated once, at the first piece, and not cleared (a bytearray
+    would write zeros over all of it first: a pass over 40 MB per model or upload at d = 1e7); every
+    byte of it is written by a piece before :meth:`result` hands it out."""
 
     def __init__(self, limit: int = MAX_MESSAGE, what: str = "message") -> None:
         self.limit, self.what = limit, what
-        self._buf: bytearray | None = None
+        self._buf: memoryview | None = None
         self._next = 0
         self.pieces = 0
 
@@ -284,7 +332,7 @@ class Reassembler:
         if self._buf is None:
             if not 0 < total_size <= self.limit:
                 raise StreamError(f"{what}: total_size {total_size} outside [1, {self.limit}]")
-            self._buf = bytearray(total_size)
+            self._buf = _aligned_buffer(total_size, _big_value_start(memoryview(data).cast("B")))
         elif total_size != len(self._buf):
             raise StreamError(f"{what}: total_size {total_size} differs from the first piece's {len(self._buf)}")
         if offset != self._next:
@@ -313,4 +361,4 @@ class Reassembler:
                 f"{self.what} stream: ended after {self._next} of {len(self._buf)} bytes (pieces missing)"
             )
         buf, self._buf = self._buf, None
-        return memoryview(buf)
+        return buf
