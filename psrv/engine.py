@@ -741,6 +741,8 @@ class RoundEngine:
         values of 1e300 in FLOAT64, or float32 values near its max that sum past it)."""
         limit, why = self._value_limit()
         peak = payload_peak(payload)
+        if not math.isfinite(peak):  # NaN propagates to the peak, an infinity is one
+            raise InvalidArgument("upload: the payload contains NaN or Inf")
         if not peak <= limit:
             raise InvalidArgument(
                 f"upload value of magnitude {peak:.4g} exceeds the limit {limit:.4g} ({why}): the model cannot hold it"
