@@ -103,7 +103,12 @@ def payload_peak(p: Payload) -> float:
 
 
 def peak_abs(x: np.ndarray) -> float:
-    """``max |x|`` (NaN if any is NaN), block by block: no d-sized temporary."""
+    """``max |x|`` (NaN if any is NaN), without a d-sized temporary: for an aligned float array
+    from its largest and smallest values (two reductions, no copy; NaN propagates through both),
+    else block by block."""
+    if x.size and x.dtype.kind == "f" and x.flags.aligned:
+        hi, lo = float(x.max()), float(x.min())
+        return hi if hi != hi else max(0.0, hi, -lo)
     peak = 0.0
     for start in range(0, x.size, BLOCK):
         m = float(np.abs(x[start : start + BLOCK]).max(initial=0.0))

@@ -58,12 +58,13 @@ def _finite(values: np.ndarray, what: str) -> np.ndarray:
     return values
 
 
-def _array(data: bytes, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+def _array(data: bytes, dtype: np.dtype, count: int, what: str, finite: bool = True) -> np.ndarray:
     if len(data) != count * dtype.itemsize:
         raise CodecError(
             f"{what}: {len(data)} bytes of data, expected {count * dtype.itemsize} ({count} x {dtype.name})"
         )
-    return _finite(np.frombuffer(data, dtype=dtype), what)
+    values = np.frombuffer(data, dtype=dtype)
+    return _finite(values, what) if finite else values
 
 
 # --- dense tensors ---------------------------------------------------------------
@@ -73,13 +74,14 @@ def _values_code(values: np.ndarray, value_format: str) -> int:
     return pb.DTYPE_BFLOAT16 if value_format == "bfloat16" else _dtype_code(values)
 
 
-def _values(data: bytes, code: int, count: int, what: str) -> tuple[np.ndarray, str]:
-    """Decode a value array; bfloat16 stays as raw uint16 bits (checked finite via float32)."""
+def _values(data: bytes, code: int, count: int, what: str, finite: bool = True) -> tuple[np.ndarray, str]:
+    """Decode a value array; bfloat16 stays as raw uint16 bits (checked finite via float32).
+    ``finite`` False: float values are not checked here (the caller's range check does it)."""
     if code == pb.DTYPE_BFLOAT16:
         raw = _array(data, np.dtype("<u2"), count, what)
         _finite(payload_from_bfloat16(raw), what)
         return raw, "bfloat16"
-    return _array(data, _np_dtype(code, what), count, what), ""
+    return _array(data, _np_dtype(code, what), count, what, finite), ""
 
 
 def tensor_to_proto(arr: np.ndarray, value_format: str = "") -> pb.DenseTensor:
@@ -100,12 +102,16 @@ def tensor_from_proto(msg: pb.DenseTensor, expected_size: int | None = None, wha
 
 
 def _tensor_values(
-    msg: pb.DenseTensor, expected_size: int | None, what: str, data: bytes | memoryview | None = None
+    msg: pb.DenseTensor,
+    expected_size: int | None,
+    what: str,
+    data: bytes | memoryview | None = None,
+    finite: bool = True,
 ) -> tuple[np.ndarray, str]:
     size = math.prod(msg.shape)
     if expected_size is not None and size != expected_size:
         raise CodecError(f"{what}: {size} elements, expected {expected_size}")
-    return _values(msg.data if data is None else data, msg.dtype, size, what)
+    return _values(msg.data if data is None else data, msg.dtype, size, what, finite)
 
 
 # --- payloads ----------------------------------------------------------------------
@@ -156,11 +162,14 @@ def payload_to_proto(p: Payload) -> Any:
     raise CodecError(f"unknown payload kind {p.kind!r}")
 
 
-def dense_from_proto(msg: pb.DenseTensor, dim: int, data: bytes | memoryview | None = None) -> Payload:
-    """``data``: the tensor's values when they are not in ``msg`` (:class:`WireUpload`)."""
+def dense_from_proto(
+    msg: pb.DenseTensor, dim: int, data: bytes | memoryview | None = None, finite: bool = True
+) -> Payload:
+    """``data``: the tensor's values when they are not in ``msg`` (:class:`WireUpload`); ``finite``
+    False: float values are not checked for NaN and Inf here (see :meth:`WireUpload.payload`)."""
     if len(msg.shape) != 1:
         raise CodecError(f"dense payload: shape {list(msg.shape)} is not a vector")
-    values, fmt = _tensor_values(msg, dim, "dense payload", data)
+    values, fmt = _tensor_values(msg, dim, "dense payload", data, finite)
     return Payload("dense", dim, values=values, value_format=fmt)
 
 
@@ -422,14 +431,16 @@ class WireUpload:
             return
         self.request, self._tensor, self._values = split
 
-    def payload(self, dim: int) -> Payload:
+    def payload(self, dim: int, finite: bool = True) -> Payload:
         """The upload's payload, validated against the model dimension ``dim`` (as
-        :func:`upload_from_proto`)."""
+        :func:`upload_from_proto`). ``finite`` False: a dense payload's float values are left for
+        the caller to check for NaN and Inf (the engine's range check finds them in the pass it
+        makes anyway: one pass over the upload less)."""
         if self._tensor is None:
             return upload_from_proto(self.request, dim)
         if not math.isfinite(self.request.local_loss):
             raise CodecError("upload: local_loss is NaN or Inf")
-        return dense_from_proto(self._tensor, dim, self._values)
+        return dense_from_proto(self._tensor, dim, self._values, finite)
 
 
 def upload_smoothness(msg: pb.PushRequest) -> float | None:

@@ -42,7 +42,7 @@ from psrv.aggregate import Aggregator, Overflow, add_payload, clip, compact, pay
 from psrv.algorithms import Algorithm, SelectionView, make_algorithm
 from psrv.bitpack import index_width, packed_size
 from psrv.payload import Payload, payload_bits, to_dense
-from psrv.replica import AggregateChange, DownCompressor, changed_indices, state_digest, take_step
+from psrv.replica import AggregateChange, DownCompressor, changed_count, changed_indices, state_digest, take_step
 from psrv.robust import make_aggregator, parse_aggregate, refusal
 from psrv.server_opt import OptState, make_server_opt
 from psrv.tasks import make_task
@@ -314,7 +314,7 @@ class EngineState:
     totals: RunTotals = field(default_factory=lambda: RunTotals())  # over every closed round
     downlink: str = "dense"  # the form of the broadcasts now: "dense", "replica" or "compressed"
     shared_model: np.ndarray | None = None  # w: the model workers compute at, with a compressed downlink
-    change: AggregateChange = field(default_factory=AggregateChange)  # of the last close
+    change: AggregateChange | None = field(default_factory=AggregateChange)  # of the last close; None after a dense one
     update_costs: deque[int] = field(default_factory=lambda: deque(maxlen=COST_WINDOW))  # bytes, last rounds
     rejoins: int = 0  # registrations of known workers while training (restarted workers)
 
@@ -741,6 +741,8 @@ class RoundEngine:
         values of 1e300 in FLOAT64, or float32 values near its max that sum past it)."""
         limit, why = self._value_limit()
         peak = payload_peak(payload)
+        if not math.isfinite(peak):  # NaN propagates to the peak, an infinity is one
+            raise InvalidArgument("upload: the payload contains NaN or Inf")
         if not peak <= limit:
             raise InvalidArgument(
                 f"upload value of magnitude {peak:.4g} exceeds the limit {limit:.4g} ({why}): the model cannot hold it"
@@ -826,6 +828,8 @@ class RoundEngine:
                 **common,
             )
         elif s.downlink == "replica" and not (done and self._down is not None):
+            if s.change is None:  # the last round went dense: every worker gets a snapshot; exact all the same
+                s.change = AggregateChange("aggregate", dim=s.theta.size, values=s.aggregator.total.copy())
             broadcast = Broadcast(
                 form="update", change=s.change, digest=state_digest(s.theta, s.aggregator.total, s.opt_state),
                 zstd=self.config.zstd, **common,
@@ -892,25 +896,37 @@ class RoundEngine:
             s.change = AggregateChange(dim=d)
             s.update_costs.append(0)
             return
-        candidates: list[tuple[int, AggregateChange]] = []
+        # the costs first, then only the cheapest form is made (the first of equal costs, as before): a
+        # dense change's "values" would be d indices and a gather of d values, 16d bytes made for nothing
+        candidates: list[tuple[int, str]] = []
         relayed = self._open.relayed
         if s.aggregator.absorb == "accumulate" and relayed is not None:
+            candidates.append((self._open.relay_bytes, "relay"))
+        total = s.aggregator.total
+        n = changed_count(before, total)
+        values_cost = 8 * n + packed_size(n, index_width(d))
+        candidates.append((values_cost, "values"))
+        if values_cost > 8 * d:
+            candidates.append((8 * d, "aggregate"))
+        cost, kind = min(candidates, key=lambda c: c[0])
+        s.update_costs.append(cost)
+        if self._open.broadcast is not None and self._open.broadcast.form == "dense":
+            # nobody holds a replica of a round broadcast dense (a worker drops its replica on a dense
+            # model), so the next round's update would go to no one: not made (:meth:`_publish`)
+            s.change = None
+        elif kind == "relay":
             by_slot = {w.slot: w for w in ordered}
-            relay = AggregateChange(
+            s.change = AggregateChange(
                 "relay",
                 dim=d,
                 payloads=tuple(p for _, p in relayed),
                 workers=tuple(by_slot[m].index for m, _ in relayed),
             )
-            candidates.append((self._open.relay_bytes, relay))
-        total = s.aggregator.total
-        idx = changed_indices(before, total)
-        values_cost = 8 * len(idx) + packed_size(len(idx), index_width(d))
-        candidates.append((values_cost, AggregateChange("values", dim=d, indices=idx, values=total[idx].copy())))
-        if values_cost > 8 * d:
-            candidates.append((8 * d, AggregateChange("aggregate", dim=d, values=total.copy())))
-        cost, s.change = min(candidates, key=lambda c: c[0])
-        s.update_costs.append(cost)
+        elif kind == "values":
+            idx = changed_indices(before, total)
+            s.change = AggregateChange("values", dim=d, indices=idx, values=total[idx].copy())
+        else:
+            s.change = AggregateChange("aggregate", dim=d, values=total.copy())
 
     def _estimate_smoothness(self, w: WorkerState, vector: np.ndarray) -> None:
         """Secant estimate of L_m from two uploads of full gradients at different iterates:

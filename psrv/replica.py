@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from psrv.aggregate import add_payload
+from psrv.aggregate import BLOCK, add_payload
 from psrv.keyvalue import parse_spec
 from psrv.payload import Payload, to_dense
 from psrv.server_opt import OptState, ServerOpt
@@ -90,6 +90,13 @@ def state_digest(theta: np.ndarray, total: np.ndarray, opt_state: OptState | Non
 def changed_indices(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """Coordinates whose bits changed (NaN-safe: compares the float64 words)."""
     return np.flatnonzero(before.view("<u8") != after.view("<u8"))
+
+
+def changed_count(before: np.ndarray, after: np.ndarray) -> int:
+    """``len(changed_indices(before, after))`` without making the index array (a dense change has
+    d of them: 8d bytes written and read again), block by block: no d-sized temporary."""
+    b, a = before.view("<u8"), after.view("<u8")
+    return sum(int(np.count_nonzero(b[i : i + BLOCK] != a[i : i + BLOCK])) for i in range(0, b.size, BLOCK))
 
 
 @dataclass

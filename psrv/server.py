@@ -9,6 +9,7 @@ bytes of every message it receives and sends. The model broadcast is serialized 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from typing import Any, NamedTuple
@@ -64,6 +65,8 @@ class Servicer:
         self._configured = frozenset(engine.config.worker_ids)
         self.watchdog = Watchdog()
         self.max_message_bytes = 0  # the largest message received (Probe says it), set by create_server
+        self._shared: stream.SharedPieces | None = None  # the pieces of the round's broadcast, cut once
+        self._shared_lock = threading.Lock()
 
     def _charge(self, context: Any, worker_id: str) -> None:
         """Count one call (or a Rounds resync) against its caller's rate (README, "Limits"):
@@ -157,6 +160,18 @@ class Servicer:
         data = self._call(self.GetModel, req.msg, req.nbytes, context)
         return self._counted("GetModelStream", stream.pieces(data, self.chunk))
 
+    def _pieces(self, data: bytes, within: int, shared: bool = True) -> Iterator[bytes]:
+        """The pieces of a broadcast; those of the round's broadcast (``shared``: not a snapshot, which
+        few workers need) are cut once for all the workers (:class:`psrv.stream.SharedPieces`)."""
+        if not shared:
+            return stream.pieces(data, self.chunk, within=within)
+        with self._shared_lock:
+            pieces = self._shared
+            if pieces is None or pieces.message is not data or pieces.within != within:
+                readers = max(1, len(self.engine.state.workers))
+                pieces = self._shared = stream.SharedPieces(data, readers, self.chunk, within)
+        return pieces.reader()
+
     def _counted(self, method: str, messages: Iterable[bytes]) -> Iterator[bytes]:
         """``messages`` as they go down, each counted under ``method``."""
         for data in messages:
@@ -226,7 +241,7 @@ class Servicer:
             served = self._serve(worker_id, k, replica, context)
             if served is None:
                 return  # the worker went away while waiting
-            yield from self._model_messages(served.data)
+            yield from self._model_messages(served.data, served.form != "snapshot")
             if served.done:
                 return
             k, replica = served.round, (None if served.form == "dense" else served.round)
@@ -265,10 +280,11 @@ class Servicer:
                 context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
         return None
 
-    def _model_messages(self, data: bytes) -> Iterator[bytes]:
-        """A broadcast as RoundsResponse messages: one ``model``, or ``model_piece``s when big."""
+    def _model_messages(self, data: bytes, shared: bool = False) -> Iterator[bytes]:
+        """A broadcast as RoundsResponse messages: one ``model``, or ``model_piece``s when big
+        (``shared``: the round's broadcast, cut into pieces once for every worker)."""
         if len(data) > self.stream_above:
-            return self._counted("Rounds", stream.pieces(data, self.chunk, within=rpc.RESPONSE_MODEL_PIECE))
+            return self._counted("Rounds", self._pieces(data, rpc.RESPONSE_MODEL_PIECE, shared))
         return self._counted("Rounds", (stream.field_bytes(rpc.RESPONSE_MODEL, data),))
 
     def _round_report(self, args: tuple[Any, ...], nbytes: int, context: Any) -> str | None:
@@ -350,7 +366,8 @@ class Servicer:
     def _push(self, upload: codec.WireUpload, nbytes: int, context: Any) -> pb.PushResponse:
         req = upload.request
         self._authorize(context, req.worker_id)
-        payload = upload.payload(self.engine.dim_for(req.worker_id))  # NOT_FOUND before decoding
+        # NOT_FOUND before decoding; NaN and Inf are found by the engine's range check (one pass less)
+        payload = upload.payload(self.engine.dim_for(req.worker_id), finite=False)
         smoothness = codec.upload_smoothness(req)
         self.engine.push(req.worker_id, req.round, payload, req.local_loss, smoothness, nbytes)
         return pb.PushResponse(round=req.round)

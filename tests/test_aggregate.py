@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from psrv import payload
-from psrv.aggregate import BLOCK, Aggregator, compact, decode_block, payload_nbytes
+from psrv.aggregate import BLOCK, Aggregator, compact, decode_block, payload_nbytes, peak_abs
 from psrv.algorithms import ALGORITHMS, make_algorithm
 from psrv.compress import make_compressor
 from psrv.compress.laq import quantize
@@ -189,3 +189,29 @@ def test_memory_at_64_workers_and_a_million_coordinates() -> None:
     assert made["accumulate"].nbytes == 8 * d
     bound = 8 * d + (4 << 20)  # total and one decoding block
     assert peak < bound < rows // 40
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_peak_abs_is_max_abs_aligned_or_not(dtype: type) -> None:
+    """The two-reduction path (aligned floats) and the block path (anything else) give max |x|
+    exactly, NaN when any value is NaN, inf for an infinity of either sign, 0.0 for zeros of either sign."""
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.standard_normal(3 * BLOCK + 5),
+        -np.abs(rng.standard_normal(1000)) - 1.0,  # all negative: the peak is -min
+        np.array([-0.0, 0.0, -0.0]),
+        np.array([1.0, np.nan, -3.0]),
+        np.array([1.0, -np.inf, 2.0]),
+        np.array([np.inf, 2.0]),
+    ]
+    for x in cases:
+        x = x.astype(dtype)
+        raw = bytearray(x.nbytes + 1)
+        unaligned = np.frombuffer(raw, dtype=dtype, count=x.size, offset=1)
+        unaligned[:] = x
+        assert x.flags.aligned and not unaligned.flags.aligned
+        expected = float(np.abs(x).max())
+        for y in (x, unaligned):
+            got = peak_abs(y)
+            assert (got != got and expected != expected) or (got == expected and str(got) != "-0.0"), (x, got)
+    assert peak_abs(np.zeros(0)) == 0.0

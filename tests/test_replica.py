@@ -13,8 +13,9 @@ import pytest
 
 from psrv import codec, data
 from psrv.algorithms import ALGORITHMS, make_algorithm, option_defaults
+from psrv.bitpack import index_width, packed_size
 from psrv.engine import Broadcast, RoundEngine
-from psrv.payload import Payload, to_dense
+from psrv.payload import Payload, dense, to_dense
 from psrv.replica import AggregateChange, Replica, apply_change, changed_indices, state_digest, take_step
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.server_opt import SGD
@@ -144,6 +145,57 @@ def test_stale_or_missing_replicas_get_a_snapshot() -> None:
     thread.join(timeout=10)
     assert forms == ["snapshot", "update", "snapshot", "update"]
     assert [r["snapshots"] for r in engine.state.records] == [1, 0, 1, 0]
+
+
+def test_dense_rounds_record_only_the_cost_and_replicas_come_back_exactly() -> None:
+    """gd under ``--downlink auto``: round 0's snapshot, round 1's update, then dense. A dense
+    round's change is not made (nobody holds a replica of it), only its cost, that of the cheapest
+    exact form as before (8 bytes per parameter when every coordinate changes). Once the window's
+    rounds are cheap the downlink comes back through a snapshot right after a dense round that
+    changed two coordinates; the updates after it are exact (the digest agrees every round)."""
+    engine = RoundEngine(
+        ServerConfig(algorithm="gd", num_workers=1, rounds=16, start_timeout=0, done_grace=0.2), encode=lambda b: b
+    )
+    engine.register("w0", 10, 4, 3)
+    d, s = engine.dim, engine.state
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    rng = np.random.default_rng(0)
+    forms, changes, at_serve = [], [], []
+    replica: Replica | None = None
+    for k in range(16):
+        b = engine.wait_model("w0", k, 10.0, replica_round=None if replica is None else replica.round)
+        forms.append(b.form)
+        at_serve.append(None if s.change is None else s.change.kind)
+        if b.form == "snapshot":
+            replica = Replica(k, b.theta.copy(), b.total.copy())
+        elif b.form == "update":
+            replica.advance(b.change, engine.opt)
+            changes.append(b.change)
+        else:
+            replica = None
+        if replica is not None:
+            assert replica.digest() == b.digest == state_digest(s.theta, s.aggregator.total)
+        if k < 3:
+            last = rng.standard_normal(d).astype(np.float32)  # every coordinate changes
+        elif k in (9, 10):
+            last = last.copy()
+            last[[1, 5] if k == 9 else [2, 7]] += 1.0  # two coordinates change
+        else:
+            engine.skip("w0", k, "lazy_rule")
+            continue
+        engine.push("w0", k, dense(last))
+    engine.wait_model("w0", 16, 10.0)
+    thread.join(timeout=10)
+    # the window (8 rounds) of 8d, 8d, 8d and small: back to updates once its mean is below 2d
+    assert forms == ["snapshot", "update"] + ["dense"] * 8 + ["snapshot"] + ["update"] * 5
+    # round 2's close made no change (nor cut one of d coordinates); round 9's neither, round 10 made it whole
+    assert at_serve[:5] == ["none", "aggregate", "aggregate", None, "none"]
+    assert at_serve[10:12] == ["aggregate", "values"]
+    two = 8 * 2 + packed_size(2, index_width(d))
+    assert list(s.update_costs) == [0, two, two, 0, 0, 0, 0, 0]  # rounds 8-15
+    assert [c.kind for c in changes] == ["aggregate", "values", "none", "none", "none", "none"]
+    assert list(changes[1].indices) == [2, 7] and changes[1].values.tolist() == s.aggregator.total[[2, 7]].tolist()
 
 
 # ------------------------------------------------------------------------------ the whole stack

@@ -8,6 +8,7 @@ Small models are streamed by giving the client stub tiny thresholds; one slow te
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 
 import grpc
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from psrv import codec, rpc, stream
+from psrv.engine import Broadcast
 from psrv.payload import dense
 from psrv.v1 import psrv_pb2 as pb
 from tests.test_server import DIM, RPC_TIMEOUT, Harness, expect_status
@@ -50,6 +52,29 @@ def test_pieces_cut_consecutive_runs_across_parts() -> None:
     assert list(stream.pieces(b"abc")) == [stream.piece_bytes(0, 3, b"abc")]
     with pytest.raises(stream.StreamError, match="empty message"):
         list(stream.pieces(b""))
+
+
+def test_shared_pieces_are_cut_once_for_every_reader_and_then_let_go() -> None:
+    """Three readers in three threads get exactly :func:`psrv.stream.pieces`; the pieces are the same
+    objects for all of them (cut once), none is held once all three have it, and a fourth reader
+    (one more than announced) cuts its own."""
+    message = bytes(range(256)) * 40
+    expected = list(stream.pieces(message, chunk=100, within=3))
+    shared = stream.SharedPieces(message, readers=3, chunk=100, within=3)
+    readers = [shared.reader() for _ in range(3)]
+    first = [next(r) for r in readers]  # every reader has started: the first piece was cut once
+    assert first[0] is first[1] is first[2] and first[0] == expected[0]
+    got: list[list[bytes]] = [[] for _ in readers]
+    threads = [threading.Thread(target=lambda i=i: got[i].extend(readers[i])) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert all([first[i], *got[i]] == expected for i in range(3))
+    assert all(a is b is c for a, b, c in zip(*got, strict=True))
+    assert shared.held == 0
+    late = list(shared.reader())
+    assert late == expected and late[0] is not first[0]
 
 
 def _pb_fields(piece_type: type, data: bytes) -> tuple[int, int, bytes]:
@@ -106,6 +131,30 @@ def _reassemble(pieces: Iterable[tuple[int, int, bytes]], limit: int = 1000) -> 
     for offset, total, data in pieces:
         whole.add(offset, total, data)
     return bytes(whole.result())
+
+
+@pytest.mark.parametrize("worker_id", ["w0", "a-much-longer-worker-name"])
+def test_reassembled_dense_values_land_aligned(worker_id: str) -> None:
+    """The values of a streamed dense upload or model start on a 64-byte boundary of the buffer
+    (numpy reads unaligned float32 about half as fast), whatever the header's length; the bytes are
+    the message's either way, also for pieces that are no dense message at all."""
+    g = np.arange(3001, dtype=np.float32)
+    upload = codec.upload_to_wire(worker_id, 7, 1.5, dense(g)).tobytes()
+    model = codec.broadcast_to_wire(Broadcast(round=5, total_samples=8, num_workers=4, params=g, recent_step_sq=(1.0,)))
+    for message, decode in (
+        (upload, lambda view: codec.WireUpload(view).payload(g.size).values),
+        (model, lambda view: codec.model_from_wire(view, g.size).params),
+    ):
+        whole = stream.Reassembler()
+        for piece in stream.pieces(message, chunk=1000):
+            whole.add(*stream.parse_piece(piece))
+        view = whole.result()
+        assert bytes(view) == message
+        values = decode(view)
+        assert values.ctypes.data % stream.ALIGN == 0 and values.tobytes() == g.tobytes()
+    noise = np.random.default_rng(0).bytes(5000)
+    pieces = [stream.parse_piece(p) for p in stream.pieces(noise, 999)]
+    assert _reassemble(pieces, limit=5000) == noise
 
 
 def test_reassembly_puts_pieces_back_together() -> None:
