@@ -13,7 +13,7 @@ instead of M (docs/scale.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -43,22 +43,26 @@ def host_rounds(sv: Any, requests: Iterator[rpc.Received], context: grpc.Service
     ids = [o.worker_id for o in opens]
     if len(set(ids)) != len(ids):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "HostRounds: a worker is named twice in `open`")
-    releases = []
+    releases = {}
     try:
         for wid in ids:
             sv._call(lambda *_, w=wid: sv._charge(context, w), None, 0, context)  # one call per worker, as Rounds
             sv._call(lambda *_, w=wid: sv.engine.worker(w), None, 0, context)  # NOT_FOUND before waiting
-            releases.append(sv._call(lambda *_, w=wid: sv._hold(w, context), None, 0, context))
+            releases[wid] = sv._call(lambda *_, w=wid: sv._hold(w, context), None, 0, context)
         tokens = {wid: sv.engine.connected(wid) for wid in ids}
 
         def gone() -> None:
             for wid, token in tokens.items():
                 sv.engine.disconnected(wid, token, "its HostRounds stream closed")
 
+        def leave(wid: str) -> None:  # as if its own Rounds stream had closed
+            sv.engine.disconnected(wid, tokens[wid], "it left its host's HostRounds stream")
+            releases[wid]()
+
         context.add_callback(gone)
-        yield from _messages(sv, requests, context, opens)
+        yield from _messages(sv, requests, context, opens, leave)
     finally:
-        for release in releases:
+        for release in releases.values():
             release()
 
 
@@ -122,12 +126,14 @@ def _wait(sv: Any, worker_id: str, k: int, replica: int | None, context: Any) ->
     return None
 
 
-def _messages(sv: Any, requests: Iterator[rpc.Received], context: Any, opens: list[Any]) -> Iterator[bytes]:
+def _messages(
+    sv: Any, requests: Iterator[rpc.Received], context: Any, opens: list[Any], leave: Callable[[str], None]
+) -> Iterator[bytes]:
     k = {o.worker_id: o.round for o in opens}
     replica = {o.worker_id: (o.replica_round if o.HasField("replica_round") else None) for o in opens}
     need = [o.worker_id for o in opens]  # to be sent a broadcast
     waiting: set[str] = set()  # sent one, its report due
-    finished: set[str] = set()
+    finished: set[str] = set()  # had the final broadcast, or left
     while True:
         if need and not waiting:
             served = _serve_all(sv, need, k, replica, context)
@@ -161,6 +167,18 @@ def _messages(sv: Any, requests: Iterator[rpc.Received], context: Any, opens: li
             return
         msg = received.msg
         kind = msg.WhichOneof("request")
+        if kind == "leave":
+            w = msg.leave.worker_id
+            if w not in k or w in finished:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"HostRounds: `leave` for worker {w!r}, not on this stream or gone")  # fmt: skip
+            leave(w)
+            finished.add(w)
+            waiting.discard(w)
+            need = [x for x in need if x != w]
+            if len(finished) == len(k):
+                return
+            continue
         if kind == "report":
             batch = [(msg.report, received.nbytes)]
         elif kind == "reports" and msg.reports.reports:

@@ -88,9 +88,9 @@ def load_host_data(cfgs: Sequence[WorkerConfig]) -> list[data.Dataset]:
 
 class _Generation:
     """One HostRounds stream: opened once every live worker of the host has joined it
-    (:meth:`HostStream.open`), ended when they have all finished or left, cancelled when one of
-    them fails (they reconnect together, each as a worker that lost the server). Its lanes run the
-    workers' rounds."""
+    (:meth:`HostStream.open`), ended when they have all finished or left (a worker whose run ends
+    early or fails leaves it; the others go on), broken when the connection fails (they all
+    reconnect, each as a worker that lost the server). Its lanes run the workers' rounds."""
 
     def __init__(self, host: HostStream) -> None:
         self.host = host
@@ -238,15 +238,13 @@ class _Generation:
         return model
 
     def close(self, worker_id: str, finished: bool) -> None:
-        """``worker_id`` is done with this stream: it had the final broadcast (``finished``), or it
-        failed or leaves, which ends the stream for all (they reconnect)."""
+        """``worker_id`` is done with this stream: it had the final broadcast (``finished``), or its
+        run ended early or failed: it leaves the stream (``leave``: the server stops waiting for it)
+        and the stream goes on for the others."""
         with self.host.cond:
-            if finished:
-                self.finished.add(worker_id)
-            elif self.call is not None and not self.broken:
-                self.broken = self.failed = True
-                self.call.cancel()
-                self.out.put(None)
+            self.finished.add(worker_id)
+            if not finished and self.call is not None and not self.broken:
+                self.send(pb.HostRoundsRequest(leave=pb.HostRoundsLeave(worker_id=worker_id)).SerializeToString())
             self._maybe_end()
 
     def _maybe_end(self) -> None:

@@ -481,14 +481,22 @@ class HostRoundsReport(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., report: _Optional[_Union[RoundsRequest, _Mapping]] = ...) -> None: ...
 
 class HostRoundsRequest(_message.Message):
-    __slots__ = ("open", "report", "reports")
+    __slots__ = ("open", "report", "reports", "leave")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_FIELD_NUMBER: _ClassVar[int]
     open: HostRoundsOpen
     report: HostRoundsReport
     reports: HostRoundsReports
-    def __init__(self, open: _Optional[_Union[HostRoundsOpen, _Mapping]] = ..., report: _Optional[_Union[HostRoundsReport, _Mapping]] = ..., reports: _Optional[_Union[HostRoundsReports, _Mapping]] = ...) -> None: ...
+    leave: HostRoundsLeave
+    def __init__(self, open: _Optional[_Union[HostRoundsOpen, _Mapping]] = ..., report: _Optional[_Union[HostRoundsReport, _Mapping]] = ..., reports: _Optional[_Union[HostRoundsReports, _Mapping]] = ..., leave: _Optional[_Union[HostRoundsLeave, _Mapping]] = ...) -> None: ...
+
+class HostRoundsLeave(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class HostRoundsReports(_message.Message):
     __slots__ = ("reports",)
