@@ -384,18 +384,18 @@ class Prober:
         rate limit are waited out and not timed)."""
         import grpc
 
+        from psrv import rpc
+
         for attempt in range(20):
             t0 = time.perf_counter()
             try:
                 reply = self.stub.Probe(req, timeout=self.timeout)
                 return reply, time.perf_counter() - t0
             except grpc.RpcError as exc:
-                limited = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "calls per second" in (
-                    exc.details() or ""
-                )
-                if not limited or attempt == 19:
+                wait = rpc.retry_after(exc)  # over a limit that passes (the server's call rate)
+                if wait is None or attempt == 19:
                     raise
-                time.sleep(0.5)
+                time.sleep(max(wait, 0.05))
         raise AssertionError("unreachable")
 
     def __call__(self, payload_bytes: int) -> tuple[int, float]:

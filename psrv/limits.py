@@ -100,9 +100,13 @@ class CallLimiter:
                 if key is None:
                     raise LimitExceeded(
                         f"{held} calls from callers without a registered worker id are in progress, the limit "
-                        "(--max-anonymous-calls)"
+                        "(--max-anonymous-calls)",
+                        CALLS_RETRY_AFTER,
                     )
-                raise LimitExceeded(f"worker {key!r} has {held} calls in progress, the limit (--max-calls-per-worker)")
+                raise LimitExceeded(
+                    f"worker {key!r} has {held} calls in progress, the limit (--max-calls-per-worker)",
+                    CALLS_RETRY_AFTER,
+                )
             self._held[slot] = held + 1
         released = False
 
@@ -192,10 +196,12 @@ class RateLimiter:
                 self._buckets.move_to_end(key)
             if bucket.take(now):
                 return
+            wait = (1.0 - bucket.tokens) / rate  # until its next token
         flag = "--max-anonymous-call-rate" if anonymous else "--max-call-rate"
         raise LimitExceeded(
             f"{who} started more than {rate:g} calls per second (after a burst of {bucket.burst:g}), "
-            f"the limit ({flag}, --call-burst)"
+            f"the limit ({flag}, --call-burst)",
+            wait,
         )
 
     def _evict(self, now: float) -> None:
@@ -229,7 +235,18 @@ def host_of(peer: str) -> str:
 
 
 class LimitExceeded(Exception):
-    """Over one of the server's limits: RESOURCE_EXHAUSTED with this message."""
+    """Over one of the server's limits: RESOURCE_EXHAUSTED with this message. ``retry_after``
+    (seconds) for a limit that passes (calls in progress, calls per second): the server sends it as
+    gRPC's retry pushback (trailing metadata ``grpc-retry-pushback-ms``), which tells a worker to
+    back off and try again; None for one that does not pass (an id, a size, the worker slots)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+#: a call refused for a limit that passes waits this long before its next try, where the server cannot tell
+CALLS_RETRY_AFTER = 0.1
 
 
 class Watchdog:

@@ -68,6 +68,29 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
 #: active) and drops the connection when a ping is not answered within KEEPALIVE_TIMEOUT_S, so a
 #: peer gone without a word (a cut link, a powered-off host, a stopped process) is noticed within
 #: about 15 s: the server stops waiting for that worker, the worker reconnects.
+#: the trailing metadata with which a server refusing a call says when to try again (gRPC's retry
+#: pushback, gRFC A6 "gRPC Retry Design"): psrv sends it with RESOURCE_EXHAUSTED for limits that pass
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"
+
+#: what gRPC itself says refusing a call over the server's maximum_concurrent_rpcs (no metadata of ours)
+_GRPC_CONCURRENCY_REFUSAL = "Concurrent RPC limit"
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """For a call refused RESOURCE_EXHAUSTED over a limit that passes (psrv's pushback, or gRPC's own
+    limit on calls at once): the seconds to wait before trying again; None for any other failure."""
+    if not isinstance(exc, grpc.RpcError) or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_PUSHBACK:
+            try:
+                ms = int(value)
+            except ValueError:
+                return None
+            return ms / 1000.0 if ms >= 0 else None  # negative: do not retry
+    return 0.0 if _GRPC_CONCURRENCY_REFUSAL in (exc.details() or "") else None
+
+
 KEEPALIVE_TIME_S = 10.0
 KEEPALIVE_TIMEOUT_S = 5.0
 

@@ -9,6 +9,7 @@ bytes of every message it receives and sends. The model broadcast is serialized 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
@@ -148,6 +149,8 @@ class Servicer:
         except (codec.CodecError, stream.StreamError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except LimitExceeded as exc:
+            if exc.retry_after is not None:  # a limit that passes: gRPC's retry pushback says when to try again
+                context.set_trailing_metadata(((rpc.RETRY_PUSHBACK, str(math.ceil(1000 * exc.retry_after))),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
     def _reply(self, name: str, reply: Any) -> bytes:

@@ -196,6 +196,7 @@ def test_long_polls_beyond_the_per_worker_limit_are_refused_and_the_run_finishes
     assert len(refused) >= 98 and all(e.code() == Code.RESOURCE_EXHAUSTED for e in refused)
     named = [e for e in refused if "--max-calls-per-worker" in (e.details() or "")]
     assert named and all("'w2' has 2 calls in progress" in e.details() for e in named)
+    assert all(rpc.retry_after(e) is not None for e in refused)  # each says: it passes, try again
     assert ps.servicer.calls.held("w2") == 0  # every held call was released
 
 
@@ -433,8 +434,10 @@ def test_over_the_call_rate_a_worker_gets_resource_exhausted_and_health_is_not_l
             stub.Skip(codec.skip_to_proto("w0", 7, "lazy_rule", 1.0), timeout=RPC_TIMEOUT)
     with expect_status(
         Code.RESOURCE_EXHAUSTED, "worker 'w0' (from 127.0.0.1)", "1 calls per second", "--max-call-rate"
-    ):
+    ) as refused_rate:
         stub.Skip(codec.skip_to_proto("w0", 7, "lazy_rule", 1.0), timeout=RPC_TIMEOUT)
+    # a limit that passes: gRPC's retry pushback says when the next token comes (1 call per second)
+    assert 0.0 < rpc.retry_after(refused_rate.error) <= 1.0
     # junk ids share the host's anonymous bucket, whose burst is at least 2 x --workers
     register = channel.unary_unary(f"/{rpc.SERVICE}/Register")
     refused = []
@@ -602,3 +605,31 @@ def test_with_tokens_the_rate_is_the_authenticated_workers(tmp_path: Path) -> No
     finally:
         ps.fail("test over")
         server.stop(None).wait(5)
+
+
+def test_retry_after_reads_the_pushback_and_only_for_resource_exhausted() -> None:
+    """A worker backs off and retries a refusal that passes (psrv's pushback in the trailing
+    metadata, or gRPC's own refusal of calls over the server's concurrency limit) and exits on one
+    that does not (RESOURCE_EXHAUSTED without pushback: a size, an id, the worker slots)."""
+
+    class Refused(grpc.RpcError):
+        def __init__(self, code: Code, details: str, trailing: tuple = ()) -> None:
+            self._code, self._details, self._trailing = code, details, trailing
+
+        def code(self) -> Code:
+            return self._code
+
+        def details(self) -> str:
+            return self._details
+
+        def trailing_metadata(self) -> tuple:
+            return self._trailing
+
+    exhausted = Code.RESOURCE_EXHAUSTED
+    assert rpc.retry_after(Refused(exhausted, "calls", ((rpc.RETRY_PUSHBACK, "250"),))) == 0.25
+    assert rpc.retry_after(Refused(exhausted, "calls", ((rpc.RETRY_PUSHBACK, "-1"),))) is None  # do not retry
+    assert rpc.retry_after(Refused(exhausted, "calls", ((rpc.RETRY_PUSHBACK, "soon"),))) is None
+    assert rpc.retry_after(Refused(exhausted, "Concurrent RPC limit exceeded")) == 0.0
+    assert rpc.retry_after(Refused(exhausted, "model of 1e9 parameters is over --max-dim")) is None
+    assert rpc.retry_after(Refused(Code.UNAVAILABLE, "x", ((rpc.RETRY_PUSHBACK, "250"),))) is None
+    assert rpc.retry_after(ValueError("not a call")) is None

@@ -121,6 +121,7 @@ def expect_status(code: grpc.StatusCode, *fragments: str) -> Any:
             assert exc.code() == code, f"expected {code}, got {exc.code()}: {exc.details()}"
             for fragment in fragments:
                 assert fragment in (exc.details() or ""), f"{fragment!r} not in {exc.details()!r}"
+            self.error = exc
             return True
 
     return _Expect()

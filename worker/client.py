@@ -183,7 +183,8 @@ class _Retry:
             raise ServerLost(
                 f"cannot reach the server at {self.address}: {_cause(exc)}; tried for {spent:.0f} s ({flag} {budget:g})"
             ) from exc
-        delay = min(self.backoff.delay(self.attempt), budget - spent)
+        pushback = rpc.retry_after(exc) or 0.0  # the server's word on when to try again, where it gave one
+        delay = min(max(self.backoff.delay(self.attempt), pushback), budget - spent)
         log.log(logging.INFO if self.attempt else logging.WARNING, "server at %s: %s; retrying in %.2f s (%.0f s left)",
                 self.address, _cause(exc), delay, budget - spent)  # fmt: skip
         self.attempt += 1
@@ -385,17 +386,12 @@ class StreamRounds:
             self.stream.close(finished=self._finished)
 
 
-#: RESOURCE_EXHAUSTED for a limit that passes (calls at once, calls per second: others' load);
-#: the rest (id length, worker slots, model or message size) stays exhausted, so a worker exits
-_PASSING_LIMITS = ("Concurrent RPC limit", "per second", "--max-calls-per-worker", "--max-anonymous-calls")
-
-
 def _connection_lost(exc: BaseException) -> bool:
     """The server is out of reach, or too busy this moment: back off and try again."""
     if not isinstance(exc, grpc.RpcError):
         return False
-    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return any(text in (exc.details() or "") for text in _PASSING_LIMITS)
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a limit that passes (others' load) says when to retry;
+        return rpc.retry_after(exc) is not None  # the rest (id length, worker slots, sizes) stays: the worker exits
     return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
