@@ -9,6 +9,7 @@ from typing import Any
 
 from psrv.cluster.shaping import format_rate
 from psrv.files import atomic_write_json
+from psrv.stopping import meets
 
 COLUMNS = (
     ("algorithm", "algorithm", "{}"),
@@ -85,16 +86,13 @@ class CostToReach:
         self.uploads = self.bits = self.nbytes = 0
         self.reached: dict[str, Any] | None = None
 
-    def _better(self, value: float) -> bool:
-        return value >= self.target if self.key == "accuracy" else value <= self.target
-
     def add(self, r: dict[str, Any]) -> dict[str, Any] | None:
         """Count round ``r``; the cost once the target is reached (then later rounds change nothing)."""
         if self.reached is None:
             self.uploads += r["uploads"]
             self.bits += r["payload_bits"]
             self.nbytes += r["bytes_up"]
-            if r.get(self.key) is not None and self._better(r[self.key]):
+            if r.get(self.key) is not None and meets(self.key, r[self.key], self.target):
                 self.reached = {
                     "target": self.target,
                     "rounds": r["round"] + 1,

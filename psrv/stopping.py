@@ -13,8 +13,19 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-#: stop-rule key -> (metrics field, "le" | "ge")
-RULES = {"loss": ("train_loss", "le"), "residual": ("train_loss", "le"), "accuracy": ("accuracy", "ge")}
+#: stop-rule key -> the metrics field it reads
+RULES = {"loss": "train_loss", "residual": "train_loss", "accuracy": "accuracy"}
+#: metrics fields where higher is better (a target is reached at or above it); the rest are losses
+HIGHER_IS_BETTER = frozenset({"accuracy"})
+
+
+def meets(field: str, value: float, target: float) -> bool:
+    """Whether a round's ``value`` of metrics field ``field`` reaches ``target``: an accuracy at or
+    above it, a loss at or below it (False for NaN). The one rule of --stop-at and of the cost to
+    reach a target (:class:`psrv.report.CostToReach`)."""
+    return value >= target if field in HIGHER_IS_BETTER else value <= target
+
+
 #: names the experiment config uses for the same rules
 ALIASES = {"loss_residual": "residual", "train_loss": "loss"}
 CONVEX_TASKS = ("logreg", "linreg")
@@ -55,13 +66,13 @@ class StopRule:
 
     def check(self, record: dict[str, Any]) -> str | None:
         for key, target in self.targets.items():
-            field, how = RULES[key]
+            field = RULES[key]
             value = record.get(field)
             if value is None or not math.isfinite(value):
                 continue
             if key == "residual":
                 value = value - float(self.fstar)  # type: ignore[arg-type]
-            if (value <= target) if how == "le" else (value >= target):
+            if meets(field, value, target):
                 return key
         return None
 

@@ -132,6 +132,22 @@ def test_stop_rules_parse_and_check() -> None:
     assert rule.check({"train_loss": 0.7, "accuracy": 0.9}) == "accuracy"
 
 
+def test_stop_at_and_the_cost_to_reach_a_target_stop_at_the_same_round() -> None:
+    """--stop-at and the summary's cost to reach a target read a round the same way (one rule:
+    psrv.stopping.meets): an accuracy at or above its target, a loss at or below, NaN never."""
+    from psrv.report import cost_to_reach
+
+    nan = float("nan")
+    losses, accs = [0.9, nan, 0.41, 0.4, 0.39], [0.5, nan, 0.79, 0.8, 0.81]
+    records = [
+        {"round": k, "uploads": 1, "payload_bits": 8, "bytes_up": 10, "elapsed": k, "train_loss": f, "accuracy": a}
+        for k, (f, a) in enumerate(zip(losses, accs, strict=True))
+    ]
+    for field, key, target in (("train_loss", "loss", 0.4), ("accuracy", "accuracy", 0.8)):
+        stops = [r["round"] for r in records if StopRule({key: target}).check(r)]
+        assert stops[0] == 3 and cost_to_reach(records, field, target)["rounds"] == 3 + 1
+
+
 def test_fstar_auto_is_the_minimum_of_the_training_objective() -> None:
     from psrv.options import DataConfig
     from psrv.runner import Evaluator
