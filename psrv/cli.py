@@ -256,7 +256,6 @@ def run(
     from psrv import memory
 
     memory.tune_malloc()  # before any thread starts (see psrv.memory)
-    from psrv import plots, report
     from psrv import runner as rn
 
     if kw["rounds"] < 1:
@@ -268,16 +267,7 @@ def run(
     jobs = jobs_from_cli(kw, dc.data)
     train, test, dim = check_job_data(jobs[0], dc, device)  # a bad --data, or a task that fails on it, fails here
     nbytes, workers = rn.data_bytes(train, test), jobs[0].workers
-    processes = min(processes or rn.default_processes(workers), workers)
-    if any(j.algorithm == "dsgd" for j in jobs):  # decentralized: a process per worker (psrv.meshrun)
-        processes = workers
-    logical = -(-workers // processes)
-    try:  # more workers than samples, or than memory holds: refused before anything starts
-        available = None if no_memory_check or getattr(launcher, "address_", None) else rn.mem_available()
-        per_host = rn.host_memory(nbytes, dim, logical)
-        rn.check_capacity(workers, len(train), rn.worker_memory(nbytes, dim), available, processes, per_host)
-    except rn.CapacityError as exc:
-        raise click.UsageError(str(exc)) from None
+    processes, logical = _worker_processes(jobs, processes, launcher, no_memory_check, len(train), nbytes, dim)
     register_default, start_default = rn.startup_timeouts(workers, nbytes, dim)
     timeouts = {
         "register_timeout": register_default if register_timeout is None else register_timeout,
@@ -320,6 +310,13 @@ def run(
             unfinished[-1]["dir"] = config.algorithm
         rn.write_manifest(out, finished, dc, device, unfinished)
 
+    run = _JobRun(
+        out=Path(out), dc=dc, device=device, tls=tls, launcher=launcher, processes=processes,
+        eval_every=eval_every, tensorboard=tensorboard, checkpoint_every=checkpoint_every,
+        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+        stop=None if not stops else StopRule(stops, fstar_value),
+        targets={k: v for k, v in (("accuracy", target_accuracy), ("train_loss", target_loss)) if v is not None},
+    )  # fmt: skip
     received: list[int] = []
     interrupted = False
     with launcher, _stop_signals(received):
@@ -329,49 +326,11 @@ def run(
                     click.echo(f"{job.algorithm:>8}  finished before (--resume): summary kept", err=True)
                     keep(kept, config)
                     continue
-                ck_every = checkpoint_every if checkpoint_every is not None else ckpt.every if ckpt else 10
-                with click.progressbar(
-                    length=config.rounds,
-                    label=f"{job.algorithm:>8}",
-                    file=sys.stderr,
-                    item_show_func=lambda r: f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "",
-                ) as bar:
-                    tb = None if tensorboard is None else _tensorboard_writer(Path(tensorboard) / job.algorithm)
-
-                    def on_round(record: dict[str, Any], bar=bar, tb=tb) -> None:
-                        bar.update(1, record)
-                        if tb is not None:
-                            tb(record)
-
-                    every = max(1, config.rounds // 100) if eval_every is None else eval_every
-                    targets = {
-                        k: v for k, v in (("accuracy", target_accuracy), ("train_loss", target_loss)) if v is not None
-                    }
-                    try:
-                        summary = rn.run_local(
-                            config,
-                            dc,
-                            Path(out) / job.algorithm,
-                            on_round=on_round,
-                            eval_every=every,
-                            targets=targets,
-                            device=device,
-                            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / job.algorithm,
-                            checkpoint_every=ck_every,
-                            tls=tls,
-                            resume=ckpt,
-                            stop=None if not stops else StopRule(stops, fstar_value),
-                            launcher=launcher,
-                            processes=processes,
-                        )
-                    except rn.RunFailed as exc:
-                        summary = exc.summary
-                    except rn.RunInterrupted as exc:
-                        keep(exc.summary, config)
-                        raise
-                    finally:
-                        if tb is not None:
-                            tb.close()
+                try:
+                    summary = run.job(job.algorithm, config, ckpt)
+                except rn.RunInterrupted as exc:
+                    keep(exc.summary, config)
+                    raise
                 if stops:
                     summary.update(stop=stops, fstar=fstar_value)
                 if summary["status"] != "done":
@@ -380,23 +339,121 @@ def run(
         except KeyboardInterrupt:  # in a job (its partial summary is kept) or between two
             interrupted = True
     with _ignore_stop_signals() if interrupted else contextlib.nullcontext():
-        if summaries:
-            click.echo(report.table(summaries))
-            report.write_json(path, summaries[0] if len(jobs) == 1 else summaries)
-        if interrupted:
-            stopped = signal.Signals(received[0]).name if received else "SIGINT"
-            done = ", ".join(c.algorithm for c in finished) or "none"
-            click.echo(
-                f"Interrupted ({stopped}): workers stopped; finished: {done}; summary: {path if summaries else '-'}; "
-                f"`psrv plot {out}` draws what finished",
-                err=True,
-            )
-            sys.exit(128 + (received[0] if received else signal.SIGINT))
-        click.echo(f"summary: {path}; manifest: {manifest}; per-round metrics: {Path(out)}/<algorithm>/metrics.jsonl")
-        if finished:
-            click.echo(f"plot: {plots.plot_run_dir(out)}")
+        _report(out, path, manifest, summaries, finished, len(jobs), received if interrupted else None)
     if unfinished:
         sys.exit(1)
+
+
+def _worker_processes(
+    jobs: list[Any], processes: int | None, launcher: Any, no_memory_check: bool, samples: int, nbytes: int, dim: int
+) -> tuple[int, int]:
+    """``psrv run``'s worker processes and logical workers per process (``--processes``, else
+    :func:`psrv.runner.default_processes`; dsgd: one per worker); a usage error when the machine
+    cannot hold them (more workers than samples, or than memory holds), before anything starts."""
+    from psrv import runner as rn
+
+    workers = jobs[0].workers
+    processes = min(processes or rn.default_processes(workers), workers)
+    if any(j.algorithm == "dsgd" for j in jobs):  # decentralized: a process per worker (psrv.meshrun)
+        processes = workers
+    logical = -(-workers // processes)
+    try:
+        available = None if no_memory_check or getattr(launcher, "address_", None) else rn.mem_available()
+        per_host = rn.host_memory(nbytes, dim, logical)
+        rn.check_capacity(workers, samples, rn.worker_memory(nbytes, dim), available, processes, per_host)
+    except rn.CapacityError as exc:
+        raise click.UsageError(str(exc)) from None
+    return processes, logical
+
+
+@dataclasses.dataclass
+class _JobRun:
+    """What every job of one ``psrv run`` is run with (:meth:`job`)."""
+
+    out: Path
+    dc: Any
+    device: Any
+    tls: bool
+    launcher: Any
+    processes: int
+    eval_every: int | None
+    tensorboard: str | None
+    checkpoint_dir: Path | None
+    checkpoint_every: int | None
+    stop: Any
+    targets: dict[str, float]
+
+    def job(self, algorithm: str, config: Any, ckpt: Any) -> dict[str, Any]:
+        """Run one job (``ckpt``: the checkpoint it resumes from, or None) with a progress bar on
+        stderr; its summary, also when it failed. ``RunInterrupted`` passes through."""
+        from psrv import runner as rn
+
+        every = self.checkpoint_every if self.checkpoint_every is not None else ckpt.every if ckpt else 10
+        with click.progressbar(
+            length=config.rounds,
+            label=f"{algorithm:>8}",
+            file=sys.stderr,
+            item_show_func=lambda r: f"loss {r['loss']:.5f}" if r and r.get("loss") is not None else "",
+        ) as bar:
+            tb = None if self.tensorboard is None else _tensorboard_writer(Path(self.tensorboard) / algorithm)
+
+            def on_round(record: dict[str, Any]) -> None:
+                bar.update(1, record)
+                if tb is not None:
+                    tb(record)
+
+            try:
+                return rn.run_local(
+                    config,
+                    self.dc,
+                    self.out / algorithm,
+                    on_round=on_round,
+                    eval_every=max(1, config.rounds // 100) if self.eval_every is None else self.eval_every,
+                    targets=self.targets,
+                    device=self.device,
+                    checkpoint_dir=None if self.checkpoint_dir is None else self.checkpoint_dir / algorithm,
+                    checkpoint_every=every,
+                    tls=self.tls,
+                    resume=ckpt,
+                    stop=self.stop,
+                    launcher=self.launcher,
+                    processes=self.processes,
+                )
+            except rn.RunFailed as exc:
+                return exc.summary
+            finally:
+                if tb is not None:
+                    tb.close()
+
+
+def _report(
+    out: str,
+    path: str,
+    manifest: Any,
+    summaries: list[dict[str, Any]],
+    finished: list[Any],
+    jobs: int,
+    received: list[int] | None,
+) -> None:
+    """The table, the summary file and where things are; ``received``: the stop signals of an
+    interrupted run (None: it was not), which exits 128 + the signal after saying what finished."""
+    from psrv import plots, report
+
+    if summaries:
+        click.echo(report.table(summaries))
+        report.write_json(path, summaries[0] if jobs == 1 else summaries)
+    if received is not None:
+        stopped = signal.Signals(received[0]).name if received else "SIGINT"
+        done = ", ".join(c.algorithm for c in finished) or "none"
+        click.echo(
+            f"Interrupted ({stopped}): workers stopped; finished: {done}; summary: {path if summaries else '-'}; "
+            f"`psrv plot {out}` draws what finished",
+            err=True,
+        )
+        sys.exit(128 + (received[0] if received else signal.SIGINT))
+    click.echo(f"summary: {path}; manifest: {manifest}; per-round metrics: {Path(out)}/<algorithm>/metrics.jsonl")
+    if finished:
+        click.echo(f"plot: {plots.plot_run_dir(out)}")
 
 
 def _stop_options(
