@@ -334,3 +334,37 @@ def test_a_hosted_worker_that_leaves_does_not_stop_the_others() -> None:
     # not waited for: its reports count as missed, but no round waited out its 30 s deadline
     assert max(r["round_time"] for r in ps.records) < 10.0
     assert [w["status"] for w in ps.records[-1]["workers"]][1] == "deadline"
+
+
+def test_host_rounds_refuses_reports_and_leaves_it_cannot_take() -> None:
+    """A hand-made HostRounds client: a `reports` message naming a worker that owes no report, or a
+    worker's second `leave`, ends the stream INVALID_ARGUMENT with one line naming the worker;
+    nothing of the run is lost (the server goes on serving a well-behaved stream afterwards)."""
+    import grpc
+
+    from psrv import rpc
+    from psrv.v1 import psrv_pb2 as pb
+
+    ps, server, port, thread, summary = _serve(_config(2, rounds=2, algorithm="gd"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = rpc.CountingStub(channel)
+            for w in ("w0", "w1"):
+                stub.Register(pb.RegisterRequest(worker_id=w, num_samples=10, n_features=4, n_classes=3), timeout=10)
+            opened = pb.HostRoundsRequest(open=pb.HostRoundsOpen(workers=[pb.RoundsOpen(worker_id="w0"),
+                                                                          pb.RoundsOpen(worker_id="w1")]))  # fmt: skip
+            stranger = pb.HostRoundsReport(worker_id="w9", report=pb.RoundsRequest(skip=pb.RoundsSkip()))
+            leave = pb.HostRoundsRequest(leave=pb.HostRoundsLeave(worker_id="w1"))
+            bad = {
+                "reports": pb.HostRoundsRequest(reports=pb.HostRoundsReports(reports=[stranger])),
+                "leave twice": leave,
+            }
+            for name, msg in bad.items():
+                msgs = [opened, msg] if name == "reports" else [opened, leave, msg]
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.HostRounds(iter([m.SerializeToString() for m in msgs])))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+                assert ("'w9'" if name == "reports" else "'w1'") in err.value.details(), err.value.details()
+        assert ps.error is None and thread.is_alive()  # the run itself is untouched, waiting for its workers
+    finally:
+        server.stop(None)
