@@ -345,7 +345,18 @@ def test_host_rounds_refuses_reports_and_leaves_it_cannot_take() -> None:
     from psrv import rpc
     from psrv.v1 import psrv_pb2 as pb
 
-    ps, server, port, thread, summary = _serve(_config(2, rounds=2, algorithm="gd"))
+    ps = ParameterServer(_config(2, rounds=2, algorithm="gd", quorum_wait=0.5))
+    server, port = create_server(ps)
+    failure: list[str] = []
+
+    def run() -> None:
+        try:
+            ps.run()
+        except RuntimeError as exc:
+            failure.append(str(exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = rpc.CountingStub(channel)
@@ -365,6 +376,8 @@ def test_host_rounds_refuses_reports_and_leaves_it_cannot_take() -> None:
                     list(stub.HostRounds(iter([m.SerializeToString() for m in msgs])))
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
                 assert ("'w9'" if name == "reports" else "'w1'") in err.value.details(), err.value.details()
-        assert ps.error is None and thread.is_alive()  # the run itself is untouched, waiting for its workers
+        thread.join(30)
+        assert not thread.is_alive() and len(failure) == 1
+        assert "below --min-workers" in failure[0] and "w0" in failure[0] and "w1" in failure[0], failure
     finally:
         server.stop(None)

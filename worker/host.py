@@ -465,6 +465,9 @@ def run_host(
             t.start()
         for t in threads:
             t.join()
+    except KeyboardInterrupt:  # Ctrl-C: the process ends with its workers' threads; they have no retries to tell
+        logging.getLogger("psrv.worker").setLevel(logging.CRITICAL)
+        raise
     finally:
         for ch in channels.values():
             ch.close()
