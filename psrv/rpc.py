@@ -380,6 +380,26 @@ def _parse_rounds_response(data: bytes) -> Part:
     return _rounds_part(data, pb.RoundsResponse, "response", raw=RESPONSE_MODEL, piece=RESPONSE_MODEL_PIECE)
 
 
+class Outbox:
+    """The requests of a client stream, serialized: :meth:`put` from any thread, each counted "up"
+    under ``method``; gRPC reads them from ``iter(outbox)`` until :meth:`close` (the half-close)."""
+
+    def __init__(self, counter: ByteCounter, method: str) -> None:
+        self.counter, self.method = counter, method
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def put(self, data: bytes) -> None:
+        self.counter.add("up", self.method, len(data))
+        self._queue.put(data)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while (item := self._queue.get()) is not None:
+            yield item
+
+
 class RoundStream:
     """The worker's end of its Rounds stream (see the top of ``psrv.proto``): :meth:`receive` the
     next broadcast, then report it with :meth:`skip` or :meth:`push`, or ask for it again as a
@@ -389,17 +409,12 @@ class RoundStream:
 
     def __init__(self, stub: CountingStub, open_: pb.RoundsOpen) -> None:
         self.stub = stub
-        self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._out = Outbox(stub.counter, "Rounds")
         self._send(pb.RoundsRequest(open=open_).SerializeToString())
-        self._replies = stub._calls["Rounds"](self._requests())
+        self._replies = stub._calls["Rounds"](iter(self._out))
         self._limit = stub.model_limit()
 
-    def _requests(self) -> Iterator[bytes]:
-        while (item := self._out.get()) is not None:
-            yield item
-
     def _send(self, data: bytes) -> None:
-        self.stub.counter.add("up", "Rounds", len(data))
         self._out.put(data)
 
     def skip(self, request: pb.RoundsRequest) -> None:
@@ -442,7 +457,7 @@ class RoundStream:
         """End the stream from this side. ``finished`` (the final broadcast has arrived): end this
         half and read the server's OK (it has nothing more to send), so the stream ends cleanly on
         the wire; otherwise (an error, a worker that leaves) cancel the call."""
-        self._out.put(None)
+        self._out.close()
         if not finished:
             self._replies.cancel()
             return

@@ -29,7 +29,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +97,7 @@ class _Generation:
         self.opens: dict[str, pb.RoundsOpen] = {}
         self.members: dict[str, HostedRounds] = {}
         self.finished: set[str] = set()
-        self.out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.out = rpc.Outbox(host.counter, "HostRounds")
         self.call: Any = None
         self.lanes: list[queue.SimpleQueue] = []
         self.lane_of: dict[str, int] = {}
@@ -127,20 +127,15 @@ class _Generation:
                 threading.Thread(target=self._lane, args=(lane,), name=f"psrv-host-lane-{i}", daemon=True).start()
             opened = pb.HostRoundsRequest(open=pb.HostRoundsOpen(workers=list(self.opens.values())))
             self.send(opened.SerializeToString())
-            self.call = self.host.stub.HostRounds(self._requests())
+            self.call = self.host.stub.HostRounds(iter(self.out))
             threading.Thread(target=self._read, name="psrv-host-rounds", daemon=True).start()
         except Exception as exc:  # noqa: BLE001 -- grpc, or no thread to be had: every member is told
             self.broken = self.failed = True
-            self.out.put(None)
+            self.out.close()
             for lane in self.lanes:
                 lane.put(exc)
 
-    def _requests(self) -> Iterator[bytes]:
-        while (item := self.out.get()) is not None:
-            yield item
-
     def send(self, data: bytes) -> None:
-        self.host.counter.add("up", "HostRounds", len(data))
         self.out.put(data)
 
     def report(self, worker_id: str, report: bytes | None) -> None:
@@ -205,7 +200,7 @@ class _Generation:
             self.failed = True
         with self.host.cond:
             self.broken = True
-            self.out.put(None)  # gRPC's request thread ends (after the final broadcast: the half-close did)
+            self.out.close()  # gRPC's request thread ends (after the final broadcast: the half-close did)
         for lane in self.lanes:
             lane.put(error)  # to the workers still running (after its final broadcast: unread)
 
@@ -255,7 +250,7 @@ class _Generation:
             and all(w in self.finished or w not in self.host.members for w in self.opens)
         ):
             self.ended = True
-            self.out.put(None)
+            self.out.close()
 
 
 def _cores() -> int:
