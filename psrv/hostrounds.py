@@ -212,8 +212,7 @@ def _shares(reports: Any, nbytes: int) -> list[tuple[Any, int]]:
     """The reports of a ``reports`` message, each with the bytes it is charged: its own field's
     (tag, length, body), the first also the message's framing, so that they add up to ``nbytes``."""
     sizes = [1 + len(stream.varint(n)) + n for n in (r.ByteSize() for r in reports)]
-    sizes[0] += max(0, nbytes - sum(sizes))
-    return list(zip(reports, sizes, strict=True))
+    return list(zip(reports, stream.shares(sizes, nbytes), strict=True))
 
 
 def _report(sv: Any, w: str, k: int, inner: Any, nbytes: int, context: Any) -> Any:

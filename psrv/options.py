@@ -218,19 +218,8 @@ def worker_argv(
     device: str = "cpu",
 ) -> list[str]:
     """The ``start-worker`` command of worker ``index`` of ``num_workers`` (shard ``index``)."""
-    return psrv_argv(
-        "start-worker",
-        "--server",
-        address,
-        "--worker-id",
-        worker_id(index),
-        "--shard",
-        f"{index}/{num_workers}",
-        *dc.argv(),
-        *device_argv(device),
-        *extra,
-        verbose=verbose,
-    )
+    who = ("--worker-id", worker_id(index), "--shard", f"{index}/{num_workers}")
+    return _start_worker_argv(address, who, dc, extra, verbose, device)
 
 
 def host_argv(
@@ -246,9 +235,15 @@ def host_argv(
     ``num_workers`` (virtual workers; ids ``w<i>``, shard i); one worker: :func:`worker_argv`."""
     if len(shards) == 1:
         return worker_argv(address, shards[0], num_workers, dc, extra, verbose, device)
-    spec = f"{shards[0]}-{shards[-1]}/{num_workers}"
+    who = ("--shard", f"{shards[0]}-{shards[-1]}/{num_workers}")
+    return _start_worker_argv(address, who, dc, extra, verbose, device)
+
+
+def _start_worker_argv(
+    address: str, who: Sequence[str], dc: DataConfig, extra: Sequence[str], verbose: bool, device: str
+) -> list[str]:
     return psrv_argv(
-        "start-worker", "--server", address, "--shard", spec, *dc.argv(), *device_argv(device), *extra, verbose=verbose
+        "start-worker", "--server", address, *who, *dc.argv(), *device_argv(device), *extra, verbose=verbose
     )
 
 

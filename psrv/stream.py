@@ -16,7 +16,7 @@ than pieces of 256 KiB, 4 MiB or 16 MiB.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -79,6 +79,15 @@ def varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def shares(sizes: Sequence[int], total: int) -> list[int]:
+    """The bytes each of several fields of one message of ``total`` bytes is charged: its own
+    ``sizes``, the first also the rest (the message's framing), so that they add up to ``total``.
+    Used alike by the sender and the receiver of a batch of reports (psrv.hostrounds, worker.host)."""
+    out = list(sizes)
+    out[0] += max(0, total - sum(out))
+    return out
 
 
 def field_bytes(number: int, *data: bytes | memoryview) -> bytes:

@@ -169,8 +169,7 @@ class _Generation:
         else:
             fields = [stream.field_bytes(_EACH, r) for _, r in held]
             data = stream.field_bytes(_MANY, *fields)
-            shares = [len(f) for f in fields]
-            shares[0] += len(data) - sum(shares)
+            shares = stream.shares([len(f) for f in fields], len(data))
         for (w, _), n in zip(held, shares, strict=True):
             self.members[w].counter.add("up", "HostRounds", n)
         self.send(data)
