@@ -16,6 +16,8 @@ Pure: numpy and core types only (the engine and the worker both import it).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,13 +104,19 @@ def changed_count(before: np.ndarray, after: np.ndarray) -> int:
 @dataclass
 class Replica:
     """A worker's copy of the server's state at ``round``: theta^round, the aggregate after the
-    close of round - 1, the step history and the server optimizer's state."""
+    close of round - 1, the step history and the server optimizer's state.
+
+    :meth:`advance` and :meth:`move` change it in place (a worker alone with its replica);
+    :meth:`advanced` and :meth:`moved` leave it as it is and return the next round's (the replicas
+    a host's workers share, :class:`ReplicaShare`). Both run the same operations on the same
+    values, so they give the same bits. The digest is computed once per state."""
 
     round: int
     theta: np.ndarray
     total: np.ndarray
     history: StepHistory = field(default_factory=lambda: StepHistory(0))
     opt_state: OptState = field(default_factory=OptState)
+    _digest: int | None = field(default=None, repr=False, compare=False)
 
     def advance(self, change: AggregateChange, opt: ServerOpt) -> None:
         """From round k to k + 1: the server's close of round k, replayed."""
@@ -116,9 +124,97 @@ class Replica:
         step_sq, self.opt_state = take_step(self.theta, self.total, opt, self.opt_state)
         self.history.push(step_sq)
         self.round += 1
+        self._digest = None
+
+    def move(self, down: DownCompressor, step: Payload) -> None:
+        """From round k to k + 1 under EF21-P's compressed downlink: ``w`` moves by the decoded step
+        (the aggregate and the history are not replicated there)."""
+        down.apply(self.theta, step)
+        self.round += 1
+        self._digest = None
+
+    def copy(self) -> Replica:
+        """A replica of the same state that shares no array it may change."""
+        return Replica(
+            self.round, self.theta.copy(), self.total.copy(), self.history.copy(), self.opt_state, self._digest
+        )
+
+    def advanced(self, change: AggregateChange, opt: ServerOpt) -> Replica:
+        """:meth:`advance` on a copy (the server optimizer's state is never changed in place: shared)."""
+        nxt = self.copy()
+        nxt.advance(change, opt)
+        return nxt
+
+    def moved(self, down: DownCompressor, step: Payload) -> Replica:
+        """:meth:`move` on a new replica; only ``theta`` changes, so only it is copied."""
+        nxt = Replica(self.round, self.theta.copy(), self.total, self.history, self.opt_state)
+        nxt.move(down, step)
+        return nxt
+
+    def corrupt(self) -> None:
+        """Fault injection: flip the lowest bit of ``theta[0]`` (the next digest check must see it)."""
+        self.theta.view(np.uint64)[0] ^= np.uint64(1)
+        self._digest = None
 
     def digest(self) -> int:
-        return state_digest(self.theta, self.total, self.opt_state)
+        if self._digest is None:
+            self._digest = state_digest(self.theta, self.total, self.opt_state)
+        return self._digest
+
+
+class ReplicaShare:
+    """The replicas of the logical workers of one host (:mod:`worker.host`) that talk to one server,
+    kept once instead of once per worker (``d`` x 16 bytes each, and a step and a digest each per
+    round). Every worker still checks the server's digest for itself and heals by its own snapshot.
+
+    Shared replicas are never changed: a round's close makes a new one (:meth:`Replica.advanced`),
+    once per host, for the first worker that needs it; the others with the same replica of the
+    round before take that one (:meth:`child`). A snapshot whose digest matches a replica already
+    held for its round is dropped for that one (:meth:`canonical`). A worker whose replica is its
+    own (a fault-injected copy; a snapshot of a round no one else holds) makes its own next
+    replica, which is shared from then on. Replicas of rounds older than the newest but
+    :data:`KEEP` rounds are let go (a worker still holding one keeps it alive).
+
+    Thread-safe: a host's lanes run workers' rounds in parallel."""
+
+    KEEP = 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._children: dict[int, tuple[Replica, Replica]] = {}  # id(base) -> (base, the round after it)
+        self._held: dict[tuple[int, int], Replica] = {}  # (round, digest) -> a replica that matched the server's
+        self._newest = -1
+        self.made = 0  # replicas made here (a round's close replayed): once a round for the whole host
+
+    def child(self, base: Replica, make: Callable[[Replica], Replica]) -> Replica:
+        """The replica after ``base``: made by ``make(base)`` (and digested) by the first worker to
+        ask, the same object for the others."""
+        with self._lock:
+            known = self._children.get(id(base))
+            if known is not None and known[0] is base:
+                return known[1]
+            nxt = make(base)
+            nxt.digest()
+            self.made += 1
+            self._children[id(base)] = (base, nxt)
+            self._prune(nxt.round)
+            return nxt
+
+    def canonical(self, replica: Replica) -> Replica:
+        """The host's replica of ``replica``'s round and digest (which has matched the server's
+        digest for that round): the one held already, or ``replica`` itself, held from now on."""
+        key = (replica.round, replica.digest())
+        with self._lock:
+            held = self._held.setdefault(key, replica)
+            self._prune(replica.round)
+            return held
+
+    def _prune(self, round_: int) -> None:
+        if round_ <= self._newest:
+            return
+        self._newest, oldest = round_, round_ - self.KEEP
+        self._held = {k: r for k, r in self._held.items() if k[0] >= oldest}
+        self._children = {k: pair for k, pair in self._children.items() if pair[0].round >= oldest}
 
 
 # ------------------------------------------------------------------------------ compressed downlink

@@ -28,6 +28,11 @@ class StepHistory:
     def recent(self) -> tuple[float, ...]:
         return tuple(self._steps)
 
+    def copy(self) -> StepHistory:
+        other = StepHistory(0)
+        other._steps = self._steps.copy()
+        return other
+
 
 def weighted_steps(xi: Sequence[float], recent_step_sq: Sequence[float]) -> float:
     """``sum_d xi_d ||theta^{k+1-d} - theta^{k-d}||^2`` over the available history."""

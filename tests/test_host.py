@@ -312,11 +312,14 @@ def _hosted(m: int, per_worker: dict[int, dict[str, Any]], **kw: Any) -> tuple[P
 def test_a_hosted_workers_corrupted_replica_is_detected_and_healed() -> None:
     """A logical worker whose replica is corrupted (one bit) finds the mismatch in the next
     broadcast's digest, gets a snapshot through the host's lane and stream, and every worker
-    ends on the server's model bit for bit."""
+    ends on the server's model bit for bit. The host's workers share one replica: each of the 25
+    rounds' closes is replayed once for all three, plus once by the corrupted worker on its own
+    copy (the others' replica is not touched by the fault)."""
     ps, out, summary = _hosted(3, {1: {"corrupt_replica_at": 12}}, rounds=25, downlink="replica")
     assert not out.errors and summary["rounds"] == 25
     assert [(r.digest_mismatches, r.snapshots) for r in out.results] == [(0, 1), (1, 2), (0, 1)]
     assert all(r.final_params.tobytes() == ps.theta.tobytes() for r in out.results)
+    assert out.replicas_made == 25 + 1
 
 
 def test_a_hosted_worker_that_leaves_does_not_stop_the_others() -> None:

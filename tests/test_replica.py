@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from psrv.algorithms import ALGORITHMS, make_algorithm, option_defaults
 from psrv.bitpack import index_width, packed_size
 from psrv.engine import Broadcast, RoundEngine
 from psrv.payload import Payload, dense, to_dense
-from psrv.replica import AggregateChange, Replica, apply_change, changed_indices, state_digest, take_step
+from psrv.replica import AggregateChange, Replica, ReplicaShare, apply_change, changed_indices, state_digest, take_step
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.server_opt import SGD
 from psrv.triggers import StepHistory
@@ -83,6 +84,63 @@ def test_replica_step_is_the_servers_step() -> None:
     step_sq, _ = take_step(theta, total, SGD(0.1), replica.opt_state)
     assert replica.round == 5 and replica.theta.tobytes() == theta.tobytes()
     assert replica.history.recent() == (step_sq,)
+
+
+def test_advanced_is_advance_on_a_copy_and_leaves_the_replica_as_it_was() -> None:
+    """The host's shared replicas step by ``advanced`` (a new replica), a worker alone by
+    ``advance`` (in place): the same bits, the same digest, and the shared one untouched."""
+    rng = np.random.default_rng(5)
+    theta, total = rng.standard_normal(64), rng.standard_normal(64)
+    history = StepHistory(2)
+    history.push(0.25)
+    base = Replica(7, theta.copy(), total.copy(), history)
+    before = (base.theta.tobytes(), base.total.tobytes(), base.history.recent(), base.digest())
+    change = AggregateChange("values", dim=64, indices=np.array([3, 40]), values=np.array([1.0, -2.0]))
+    nxt = base.advanced(change, SGD(0.1))
+    assert (base.theta.tobytes(), base.total.tobytes(), base.history.recent(), base.digest()) == before
+    alone = Replica(7, theta.copy(), total.copy(), history.copy())
+    alone.advance(change, SGD(0.1))
+    assert nxt.round == alone.round == 8 and nxt.theta.tobytes() == alone.theta.tobytes()
+    assert nxt.total.tobytes() == alone.total.tobytes() and nxt.history.recent() == alone.history.recent()
+    assert nxt.digest() == alone.digest() == state_digest(alone.theta, alone.total)
+    assert not np.shares_memory(nxt.theta, base.theta) and not np.shares_memory(nxt.total, base.total)
+    alone.corrupt()  # the cached digest goes with the bit
+    assert alone.digest() != nxt.digest()
+
+
+def test_a_share_makes_each_rounds_replica_once_and_keeps_few() -> None:
+    """ReplicaShare: every worker on the same replica gets the same next one, made once, even from
+    threads at once; a worker on a copy of its own makes its own; a snapshot equal to a held
+    replica is dropped for it; replicas more than KEEP rounds old are let go."""
+    rng = np.random.default_rng(6)
+    share = ReplicaShare()
+    first = share.canonical(Replica(0, rng.standard_normal(32), np.zeros(32), StepHistory(1)))
+    same = Replica(0, first.theta.copy(), first.total.copy(), StepHistory(1))
+    assert share.canonical(same) is first  # a second worker's snapshot of round 0
+    change = AggregateChange("values", dim=32, indices=np.array([1]), values=np.array([0.5]))
+    made = []
+
+    def make(base: Replica) -> Replica:
+        made.append(base.round)
+        return base.advanced(change, SGD(0.1))
+
+    start = threading.Barrier(8)
+
+    def ask() -> Replica:
+        start.wait()
+        return share.child(first, make)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: ask(), range(8)))
+    assert len({id(r) for r in got}) == 1 and made == [0] and share.made == 1
+    own = first.copy()
+    assert share.child(own, make) is not got[0] and made == [0, 0]  # a copy of its own: its own next
+    assert share.child(own, make).theta.tobytes() == got[0].theta.tobytes()  # (the same bits)
+    replica = share.canonical(got[0])
+    for _ in range(5):
+        replica = share.canonical(share.child(replica, make))
+    assert replica.round == 6
+    assert {k[0] for k in share._held} == {4, 5, 6} and all(b.round >= 4 for b, _ in share._children.values())
 
 
 def test_snapshots_carry_each_state_vector_in_its_smaller_exact_form() -> None:

@@ -31,7 +31,7 @@ import threadpoolctl
 
 from psrv import codec, data, memory, rpc, stream, tls
 from psrv.algorithms import RoundInfo, make_algorithm
-from psrv.replica import DownCompressor, Replica
+from psrv.replica import DownCompressor, Replica, ReplicaShare
 from psrv.server_opt import ServerOpt, make_server_opt
 from psrv.tasks import LogReg, make_task
 from psrv.triggers import StepHistory
@@ -238,7 +238,11 @@ class Downlink:
     """The worker's view of the model. A plain broadcast gives theta directly; while the server
     sends updates, the worker keeps a :class:`psrv.replica.Replica` of the server's state, replays
     every round's close, and checks the digest; a replica that disagrees (or is missing, or is of
-    another round) is dropped and the worker asks for a snapshot -- counted and logged."""
+    another round) is dropped and the worker asks for a snapshot -- counted and logged.
+
+    ``share``: the :class:`psrv.replica.ReplicaShare` of the host's workers that talk to the same
+    server: the replica is then one of the host's, never changed in place (a worker alone changes
+    its own in place, with no copy)."""
 
     def __init__(
         self,
@@ -248,10 +252,11 @@ class Downlink:
         dtype: np.dtype,
         corrupt_at: int | None = None,
         down: DownCompressor | None = None,
+        share: ReplicaShare | None = None,
     ):
         self.worker_id, self.opt, self.depth, self.dtype, self.down = worker_id, opt, depth, dtype, down
         self.replica: Replica | None = None
-        self.corrupt_at = corrupt_at
+        self.corrupt_at, self.share = corrupt_at, share
         self.snapshots = self.mismatches = 0
 
     def request(self, round_: int) -> pb.GetModelRequest:
@@ -268,35 +273,54 @@ class Downlink:
             self.replica = None
             theta = m.params if m.params.flags.writeable else np.array(m.params)  # torch wants it writable
             return theta, m.recent_step_sq, theta.astype(np.float64) if m.done else theta
+        share = self.share
         if m.form == "snapshot":
             history = StepHistory(self.depth)
             for step_sq in reversed(m.recent_step_sq):
                 history.push(step_sq)
             if self.down is None:
                 self.opt.check_state(m.opt_state, m.theta.size)  # ValueError: not this run's optimizer's
-            self.replica = Replica(m.round, m.theta, m.total, history, m.opt_state)
+            replica = Replica(m.round, m.theta, m.total, history, m.opt_state)
             self.snapshots += 1
         else:
-            if self.replica is None or self.replica.round != m.round - 1:
+            replica = self.replica
+            if replica is None or replica.round != m.round - 1:
                 log.warning("worker %s: no replica of round %d; asking for a snapshot", self.worker_id, m.round - 1)
                 self.replica = None
                 return None
             if m.form == "compressed":  # EF21-P: w moves by the decoded step; the history comes with it
-                self.down.apply(self.replica.theta, m.step)
-                self.replica.round += 1
+                if share is None:
+                    replica.move(self.down, m.step)
+                else:
+                    replica = share.child(replica, lambda base: base.moved(self.down, m.step))
+            elif share is None:
+                replica.advance(m.change, self.opt)
             else:
-                self.replica.advance(m.change, self.opt)
-        if self.replica.digest() != m.digest:
+                replica = share.child(replica, lambda base: base.advanced(m.change, self.opt))
+        if replica.digest() != m.digest:
             self.mismatches += 1
             log.warning("worker %s: replica disagrees with the server in round %d; asking for a snapshot",
                         self.worker_id, m.round)  # fmt: skip
             self.replica = None
             return None
+        if share is not None:
+            replica = share.canonical(replica)
         if self.corrupt_at == m.round:  # fault injection: the next round's digest must catch this
-            self.replica.theta.view(np.uint64)[0] ^= np.uint64(1)
-        theta = self.replica.theta.astype(self.dtype)  # what a dense broadcast would carry
-        history = m.recent_step_sq if m.form == "compressed" or self.down is not None else self.replica.history.recent()
-        return theta, history, self.replica.theta
+            replica = replica.copy() if share is not None else replica  # the host's others keep theirs
+            replica.corrupt()
+        self.replica = replica
+        theta = replica.theta.astype(self.dtype)  # what a dense broadcast would carry
+        history = m.recent_step_sq if m.form == "compressed" or self.down is not None else replica.history.recent()
+        return theta, history, replica.theta
+
+    def aggregate(self) -> np.ndarray | None:
+        """The previous round's aggregate, exact, read-only (FedAvg-M's g^r, SCAFFOLD's c): from the
+        replica; None without one or under a compressed downlink (which replicates only ``w``)."""
+        if self.replica is None or self.down is not None:
+            return None
+        view = self.replica.total.view()
+        view.flags.writeable = False
+        return view
 
 
 def local_smoothness(task: Any, ds: data.Dataset, total_samples: float, num_workers: int) -> float | None:
@@ -418,15 +442,18 @@ def run_worker(
     dataset: data.Dataset | None = None,
     channel: grpc.Channel | None = None,
     rounds: Callable[[rpc.CountingStub, WorkerConfig], Any] | None = None,
+    replicas: ReplicaShare | None = None,
 ) -> WorkerResult:
     """Register, then train until the server sends the final model; reconnect whenever the server
     is lost (see the module's docstring). ``channel``: a channel to ``cfg.server`` that this worker
     shares with others (the logical workers of one process, :mod:`worker.host`); it is used as it
     is, for every connection, and not closed here. ``rounds(stub, cfg)``: the transport of the rounds
     when the server asks for streams (default :class:`StreamRounds`; a host's workers share one
-    stream, :class:`worker.host.HostedRounds`). Raises ``ValueError`` for a malformed server address,
-    :class:`ServerLost` when the server stays out of reach, ``grpc.RpcError`` for what retrying
-    cannot fix (the run failed, the server refuses this worker or its data)."""
+    stream, :class:`worker.host.HostedRounds`). ``replicas``: the replicas this worker shares with
+    the others of its host that talk to the same server (else it keeps its own). Raises
+    ``ValueError`` for a malformed server address, :class:`ServerLost` when the server stays out of
+    reach, ``grpc.RpcError`` for what retrying cannot fix (the run failed, the server refuses this
+    worker or its data)."""
     check_address(cfg.server)
     memory.tune_malloc()  # malloc set up for big messages (psrv.memory)
     if _threads_set != cfg.torch_threads:  # once per process (the logical workers of a host share it)
@@ -449,7 +476,7 @@ def run_worker(
             try:
                 if job is None:
                     timeout = max(1.0, min(cfg.rpc_timeout, retry.left(cfg.connect_timeout)))
-                    job = _Job(cfg, ds, stub.Register(request, timeout=timeout))
+                    job = _Job(cfg, ds, stub.Register(request, timeout=timeout), replicas)
                 else:
                     job.register_again(stub, request, max(1.0, min(cfg.rpc_timeout, retry.left(cfg.retry_for))))
                 return job.run(stub, retry, rounds)
@@ -473,7 +500,9 @@ class _Job:
     """One worker's run: its task, algorithm state, downlink view and counts, across every
     connection it makes to the server (:meth:`run` on each)."""
 
-    def __init__(self, cfg: WorkerConfig, ds: data.Dataset, reply: pb.RegisterResponse) -> None:
+    def __init__(
+        self, cfg: WorkerConfig, ds: data.Dataset, reply: pb.RegisterResponse, replicas: ReplicaShare | None = None
+    ) -> None:
         self.cfg, self.ds, self.reply = cfg, ds, reply
         self.registered = True
         conf = self.conf = reply.config
@@ -495,6 +524,7 @@ class _Job:
             codec.model_dtype(conf),
             cfg.corrupt_replica_at,
             DownCompressor(conf.down_compressor) if conf.down_compressor else None,
+            replicas,
         )
         self.k = 0
         self.pending: tuple[Any, bool] | None = None  # the last report's (new state, uploaded): committed once accepted
@@ -595,7 +625,7 @@ class _Job:
             return STOP
         selected = mb.selected
         # the previous round's aggregate, exact from the replica (FedAvg-M's g^r, SCAFFOLD's c)
-        aggregate = down.replica.total if down.replica is not None and down.down is None else None
+        aggregate = down.aggregate()
         if selected is not None and self.reply.worker_index not in selected:
             seen = RoundInfo(k, mb.num_workers, share=len(ds) / mb.total_samples, aggregate=aggregate)
             # computes nothing

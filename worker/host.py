@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 
 from psrv import codec, data, memory, rpc, stream, tls
+from psrv.replica import ReplicaShare
 from psrv.v1 import psrv_pb2 as pb
 from worker.client import STOP, WorkerConfig, WorkerResult, check_address, load_training_data, run_worker
 
@@ -390,10 +391,13 @@ _INNER = pb.HostRoundsReport.DESCRIPTOR.fields_by_name["report"].number
 @dataclass
 class HostResult:
     """The logical workers' results (in the order they were given); ``errors``: worker id -> the
-    one-line reason of each that failed."""
+    one-line reason of each that failed; ``replicas_made``: the rounds' closes the host replayed
+    on its shared replicas (:class:`psrv.replica.ReplicaShare`: once a round for all its workers,
+    plus one for each worker that had to go on from a copy of its own)."""
 
     results: list[WorkerResult | None] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    replicas_made: int = 0
 
 
 def _reason(exc: BaseException) -> str:
@@ -437,12 +441,15 @@ def run_host(
             if key[1] == tls.ClientSecurity():  # one stream has one caller's credentials: only without any
                 hosts[key] = HostStream(channel, [c.worker_id for c in cfgs if (c.server, c.security or key[1]) == key])
 
+    # one replica of the server's state for all the workers of one server (one job), whatever their stream
+    replicas = {server: ReplicaShare() for server in {c.server for c in cfgs}}
+
     def one(i: int, cfg: WorkerConfig) -> None:
         key = (cfg.server, cfg.security or tls.ClientSecurity())
         host = hosts.get(key)
         rounds = None if host is None else (lambda stub, c: HostedRounds(host, c, stub.counter))
         try:
-            out.results[i] = run_worker(cfg, datasets[i], channels[key], rounds)
+            out.results[i] = run_worker(cfg, datasets[i], channels[key], rounds, replicas[cfg.server])
         except Exception as exc:  # noqa: BLE001 -- a worker's failure is reported, the others go on
             out.errors[cfg.worker_id] = _reason(exc)
             log.error("worker %s: %s", cfg.worker_id, out.errors[cfg.worker_id])
@@ -465,4 +472,5 @@ def run_host(
     finally:
         for ch in channels.values():
             ch.close()
+    out.replicas_made = sum(share.made for share in replicas.values())
     return out
