@@ -94,11 +94,25 @@ def changed_indices(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     return np.flatnonzero(before.view("<u8") != after.view("<u8"))
 
 
-def changed_count(before: np.ndarray, after: np.ndarray) -> int:
-    """``len(changed_indices(before, after))`` without making the index array (a dense change has
-    d of them: 8d bytes written and read again), block by block: no d-sized temporary."""
+def changed(before: np.ndarray, after: np.ndarray, limit: int) -> tuple[int, np.ndarray | None]:
+    """How many coordinates changed their bits, and which: ``(n, changed_indices(before, after))``
+    when ``n <= limit``, ``(n, None)`` when more changed. One pass, block by block (no d-sized
+    temporary): a sparse change is counted and found in the same read of the two arrays, and a
+    dense one stops collecting indices as soon as it passes ``limit`` (d of them would be 8d bytes
+    written and read again)."""
     b, a = before.view("<u8"), after.view("<u8")
-    return sum(int(np.count_nonzero(b[i : i + BLOCK] != a[i : i + BLOCK])) for i in range(0, b.size, BLOCK))
+    n, parts, collecting = 0, [], True
+    for i in range(0, b.size, BLOCK):
+        mask = b[i : i + BLOCK] != a[i : i + BLOCK]
+        count = int(np.count_nonzero(mask))
+        if count and collecting:
+            collecting = n + count <= limit
+            if collecting:
+                parts.append(np.flatnonzero(mask) + i)
+        n += count
+    if not collecting:
+        return n, None
+    return n, np.concatenate(parts) if parts else np.empty(0, dtype=np.intp)
 
 
 @dataclass

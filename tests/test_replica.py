@@ -13,11 +13,21 @@ import numpy as np
 import pytest
 
 from psrv import codec, data
+from psrv.aggregate import BLOCK
 from psrv.algorithms import ALGORITHMS, make_algorithm, option_defaults
 from psrv.bitpack import index_width, packed_size
 from psrv.engine import Broadcast, RoundEngine
 from psrv.payload import Payload, dense, to_dense
-from psrv.replica import AggregateChange, Replica, ReplicaShare, apply_change, changed_indices, state_digest, take_step
+from psrv.replica import (
+    AggregateChange,
+    Replica,
+    ReplicaShare,
+    apply_change,
+    changed,
+    changed_indices,
+    state_digest,
+    take_step,
+)
 from psrv.server import ParameterServer, ServerConfig, create_server
 from psrv.server_opt import SGD
 from psrv.triggers import StepHistory
@@ -43,6 +53,30 @@ def test_digest_sees_any_single_bit() -> None:
             assert state_digest(theta, total) != d0
             arr.view(np.uint64)[i] ^= np.uint64(1 << 7)
     assert state_digest(theta, total) == d0 and 0 <= d0 < 2**64
+
+
+def test_changed_counts_every_block_and_finds_indices_only_up_to_the_limit() -> None:
+    """``changed``: the count of coordinates whose bits differ (NaN, -0.0 and all), and their
+    indices exactly as ``changed_indices`` finds them while there are at most ``limit``."""
+    rng = np.random.default_rng(8)
+    d = 3 * BLOCK + 123  # several blocks and a short last one
+    before = rng.standard_normal(d)
+    for picked in (np.array([], dtype=np.intp), np.array([0, BLOCK - 1, BLOCK, 2 * BLOCK + 5, d - 1]),
+                   rng.choice(d, 5000, replace=False), np.arange(d)):  # fmt: skip
+        after = before.copy()
+        after[picked] += 1.0
+        if picked.size > 2:
+            after[picked[1]] = np.nan
+            after[picked[2]] = -after[picked[2]] if after[picked[2]] else -0.0
+        want = changed_indices(before, after)
+        assert want.size == picked.size
+        for limit in (0, max(picked.size - 1, 0), picked.size, d):
+            n, idx = changed(before, after, limit)
+            assert n == picked.size
+            if picked.size <= limit:
+                assert idx is not None and np.array_equal(idx, want)
+            else:
+                assert idx is None
 
 
 def test_every_change_form_reproduces_the_new_aggregate_exactly() -> None:
