@@ -78,6 +78,11 @@ def take_step(theta: np.ndarray, total: np.ndarray, opt: ServerOpt, state: OptSt
     return float(step @ step), state
 
 
+def _words(arr: np.ndarray) -> np.ndarray:
+    """The float64 words of ``arr`` as uint64 (the digest and the comparisons read bit patterns)."""
+    return np.ascontiguousarray(arr, dtype="<f8").view("<u8")
+
+
 def state_digest(theta: np.ndarray, total: np.ndarray, opt_state: OptState | None = None) -> int:
     """Sum, modulo 2**64, of the float64 words of ``theta``, ``total`` and the server optimizer's
     state (its moments and ``(count, beta1^t, beta2^t)``; nothing for plain SGD) read as uint64:
@@ -85,7 +90,7 @@ def state_digest(theta: np.ndarray, total: np.ndarray, opt_state: OptState | Non
     extra = () if opt_state is None else opt_state.digest_arrays()
     total_sum = 0
     for arr in (theta, total, *extra):
-        total_sum += int(np.ascontiguousarray(arr, dtype="<f8").view("<u8").sum(dtype=np.uint64))
+        total_sum += int(_words(arr).sum(dtype=np.uint64))
     return total_sum % (1 << 64)
 
 
@@ -183,15 +188,20 @@ class ReplicaShare:
 
     Shared replicas are never changed: a round's close makes a new one (:meth:`Replica.advanced`),
     once per host, for the first worker that needs it; the others with the same replica of the
-    round before take that one (:meth:`child`). A snapshot whose digest matches a replica already
-    held for its round is dropped for that one (:meth:`canonical`). A worker whose replica is its
-    own (a fault-injected copy; a snapshot of a round no one else holds) makes its own next
-    replica, which is shared from then on. Replicas of rounds older than the newest but
-    :data:`KEEP` rounds are let go (a worker still holding one keeps it alive).
+    round before, and the same digest to reach, take that one (:meth:`child`). A replica that
+    matched the server's digest is held by (round, digest), and a snapshot equal to the one held,
+    bit for bit, is dropped for it (:meth:`canonical`). A worker whose replica is its own (a
+    fault-injected copy; a snapshot of a round no one else holds) makes its own next replica, which
+    is shared from then on. Replicas of rounds before the newest but :data:`KEEP` are let go (a
+    worker still holding one keeps it alive); a round far below the newest (a restarted or
+    resumed server) starts the window again there.
 
-    Thread-safe: a host's lanes run workers' rounds in parallel."""
+    Thread-safe: a host's lanes run workers' rounds in parallel; a replica is made under the lock,
+    so the others that need it wait for it rather than make it again."""
 
-    KEEP = 2
+    #: rounds kept before the newest: a host's workers are at most one round apart (the server serves
+    #: a host's next round once every worker has answered the last)
+    KEEP = 1
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -200,12 +210,14 @@ class ReplicaShare:
         self._newest = -1
         self.made = 0  # replicas made here (a round's close replayed): once a round for the whole host
 
-    def child(self, base: Replica, make: Callable[[Replica], Replica]) -> Replica:
-        """The replica after ``base``: made by ``make(base)`` (and digested) by the first worker to
-        ask, the same object for the others."""
+    def child(self, base: Replica, make: Callable[[Replica], Replica], digest: int) -> Replica:
+        """The replica after ``base`` that the server's ``digest`` says it should be: made by
+        ``make(base)`` (and digested) by the first worker to ask, the same object for the others.
+        One made for another digest (the same state closed otherwise: a server that resumed from a
+        checkpoint, or restarted) is made again."""
         with self._lock:
             known = self._children.get(id(base))
-            if known is not None and known[0] is base:
+            if known is not None and known[0] is base and known[1].digest() == digest:
                 return known[1]
             nxt = make(base)
             nxt.digest()
@@ -215,20 +227,37 @@ class ReplicaShare:
             return nxt
 
     def canonical(self, replica: Replica) -> Replica:
-        """The host's replica of ``replica``'s round and digest (which has matched the server's
-        digest for that round): the one held already, or ``replica`` itself, held from now on."""
+        """The host's replica of ``replica``'s round and digest (``replica`` has matched the server's
+        digest for that round): the one held already where it is ``replica`` or equal to it bit for
+        bit (a snapshot; the digest alone could miss errors that cancel), else ``replica``, held
+        from now on."""
         key = (replica.round, replica.digest())
         with self._lock:
-            held = self._held.setdefault(key, replica)
+            held = self._held.get(key)
+            if held is not None and (held is replica or _same_state(held, replica)):
+                return held
+            self._held[key] = replica
             self._prune(replica.round)
-            return held
+            return replica
 
     def _prune(self, round_: int) -> None:
-        if round_ <= self._newest:
+        if self._newest - self.KEEP <= round_ <= self._newest:
             return
-        self._newest, oldest = round_, round_ - self.KEEP
-        self._held = {k: r for k, r in self._held.items() if k[0] >= oldest}
-        self._children = {k: pair for k, pair in self._children.items() if pair[0].round >= oldest}
+        self._newest, oldest = round_, round_ - self.KEEP  # further on, or a new start further back
+        self._held = {k: r for k, r in self._held.items() if oldest <= k[0] <= round_}
+        self._children = {k: pair for k, pair in self._children.items() if oldest <= pair[0].round < round_}
+
+
+def _same_state(a: Replica, b: Replica) -> bool:
+    """The two replicas hold the same state, bit for bit (NaN-safe: the float64 words compared)."""
+    arrays = [(a.theta, b.theta), (a.total, b.total)]
+    arrays += list(zip(a.opt_state.digest_arrays(), b.opt_state.digest_arrays(), strict=False))
+    return (
+        a.round == b.round
+        and a.history.recent() == b.history.recent()
+        and len(a.opt_state.digest_arrays()) == len(b.opt_state.digest_arrays())
+        and all(x.shape == y.shape and np.array_equal(_words(x), _words(y)) for x, y in arrays)
+    )
 
 
 # ------------------------------------------------------------------------------ compressed downlink

@@ -158,23 +158,62 @@ def test_a_share_makes_each_rounds_replica_once_and_keeps_few() -> None:
         made.append(base.round)
         return base.advanced(change, SGD(0.1))
 
+    want = first.advanced(change, SGD(0.1)).digest()
     start = threading.Barrier(8)
 
     def ask() -> Replica:
         start.wait()
-        return share.child(first, make)
+        return share.child(first, make, want)
 
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda _: ask(), range(8)))
     assert len({id(r) for r in got}) == 1 and made == [0] and share.made == 1
     own = first.copy()
-    assert share.child(own, make) is not got[0] and made == [0, 0]  # a copy of its own: its own next
-    assert share.child(own, make).theta.tobytes() == got[0].theta.tobytes()  # (the same bits)
+    assert share.child(own, make, want) is not got[0] and made == [0, 0]  # a copy of its own: its own next
+    assert share.child(own, make, want).theta.tobytes() == got[0].theta.tobytes()  # (the same bits)
     replica = share.canonical(got[0])
     for _ in range(5):
-        replica = share.canonical(share.child(replica, make))
+        nxt = replica.advanced(change, SGD(0.1))
+        replica = share.canonical(share.child(replica, make, nxt.digest()))
+    assert replica.round == 6 and replica.theta.tobytes() == nxt.theta.tobytes()
+    assert {k[0] for k in share._held} == {5, 6} and all(b.round == 5 for b, _ in share._children.values())
+
+
+def test_a_share_makes_again_what_a_resumed_server_closed_otherwise() -> None:
+    """A server that resumed from a checkpoint (or restarted) serves rounds the host has seen, and
+    may close them otherwise: the share makes the next replica again for the digest the server
+    sends (not a digest mismatch), and starts its window again at the earlier round, letting the
+    later rounds go."""
+    rng = np.random.default_rng(7)
+    share = ReplicaShare()
+    base = share.canonical(Replica(0, rng.standard_normal(16), np.zeros(16), StepHistory(1)))
+    first_run = AggregateChange("values", dim=16, indices=np.array([2]), values=np.array([1.0]))
+    replica = base
+    for _ in range(6):
+        nxt = replica.advanced(first_run, SGD(0.1))
+        replica = share.canonical(share.child(replica, lambda b: b.advanced(first_run, SGD(0.1)), nxt.digest()))
     assert replica.round == 6
-    assert {k[0] for k in share._held} == {4, 5, 6} and all(b.round >= 4 for b, _ in share._children.values())
+    # the resumed run: round 0 again (the same snapshot), then another close
+    again = share.canonical(Replica(0, base.theta.copy(), base.total.copy(), StepHistory(1)))
+    assert again.round == 0 and {k[0] for k in share._held} == {0}  # rounds 1..6 let go
+    other = AggregateChange("values", dim=16, indices=np.array([3]), values=np.array([-1.0]))
+    want = again.advanced(other, SGD(0.1))
+    got = share.child(again, lambda b: b.advanced(other, SGD(0.1)), want.digest())
+    assert got.digest() == want.digest() and got.theta.tobytes() == want.theta.tobytes()
+
+
+def test_a_share_does_not_swap_in_a_held_replica_that_only_the_digest_calls_equal() -> None:
+    """The digest (a sum of words) misses two swapped coordinates: a snapshot of the same round and
+    digest that differs in its bits is not replaced by the held replica; it is held instead."""
+    theta = np.arange(1.0, 9.0)
+    share = ReplicaShare()
+    held = share.canonical(Replica(3, theta.copy(), np.zeros(8), StepHistory(1)))
+    swapped = theta.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    snapshot = Replica(3, swapped, np.zeros(8), StepHistory(1))
+    assert snapshot.digest() == held.digest()
+    assert share.canonical(snapshot) is snapshot
+    assert share.canonical(Replica(3, swapped.copy(), np.zeros(8), StepHistory(1))) is snapshot
 
 
 def test_snapshots_carry_each_state_vector_in_its_smaller_exact_form() -> None:

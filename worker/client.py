@@ -292,11 +292,11 @@ class Downlink:
                 if share is None:
                     replica.move(self.down, m.step)
                 else:
-                    replica = share.child(replica, lambda base: base.moved(self.down, m.step))
+                    replica = share.child(replica, lambda base: base.moved(self.down, m.step), m.digest)
             elif share is None:
                 replica.advance(m.change, self.opt)
             else:
-                replica = share.child(replica, lambda base: base.advanced(m.change, self.opt))
+                replica = share.child(replica, lambda base: base.advanced(m.change, self.opt), m.digest)
         if replica.digest() != m.digest:
             self.mismatches += 1
             log.warning("worker %s: replica disagrees with the server in round %d; asking for a snapshot",

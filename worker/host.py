@@ -23,6 +23,7 @@ broadcast's decoding. Measured figures: docs/scale.md.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -441,15 +442,17 @@ def run_host(
             if key[1] == tls.ClientSecurity():  # one stream has one caller's credentials: only without any
                 hosts[key] = HostStream(channel, [c.worker_id for c in cfgs if (c.server, c.security or key[1]) == key])
 
-    # one replica of the server's state for all the workers of one server (one job), whatever their stream
-    replicas = {server: ReplicaShare() for server in {c.server for c in cfgs}}
+    # one replica of the server's state for all the workers of one server (one job), whatever their
+    # stream; a worker alone with its server keeps its own (changed in place: no copy a round)
+    per_server = collections.Counter(c.server for c in cfgs)
+    replicas = {server: ReplicaShare() for server, n in per_server.items() if n > 1}
 
     def one(i: int, cfg: WorkerConfig) -> None:
         key = (cfg.server, cfg.security or tls.ClientSecurity())
         host = hosts.get(key)
         rounds = None if host is None else (lambda stub, c: HostedRounds(host, c, stub.counter))
         try:
-            out.results[i] = run_worker(cfg, datasets[i], channels[key], rounds, replicas[cfg.server])
+            out.results[i] = run_worker(cfg, datasets[i], channels[key], rounds, replicas.get(cfg.server))
         except Exception as exc:  # noqa: BLE001 -- a worker's failure is reported, the others go on
             out.errors[cfg.worker_id] = _reason(exc)
             log.error("worker %s: %s", cfg.worker_id, out.errors[cfg.worker_id])
