@@ -25,6 +25,7 @@ checkout whose ``psrv`` the subprocesses import (repeatable; default: this check
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -36,7 +37,7 @@ HERE = Path(__file__).resolve().parents[1]
 _ALGORITHMS = {"laq": {"bits": 4}, "sasg": {}}
 
 
-def _one(algorithm: str, workers: int, order: str, rounds: int, n_features: int, n_classes: int) -> dict:
+def _one(algorithm: str, workers: int, order: str, rounds: int, n_features: int, n_classes: int, downlink: str) -> dict:
     """Run in the subprocess: the engine and a pushing thread; returns the measurements."""
     import resource
     import threading
@@ -74,6 +75,7 @@ def _one(algorithm: str, workers: int, order: str, rounds: int, n_features: int,
         register_timeout=60.0,
         start_timeout=0.0,
         done_grace=60.0,
+        downlink=downlink,
     )
     engine = RoundEngine(cfg, encode=lambda b: codec.broadcast_to_proto(b).SerializeToString())
     ids = [f"w{m:03d}" for m in range(workers)]  # slot order = id order
@@ -115,7 +117,7 @@ def _one(algorithm: str, workers: int, order: str, rounds: int, n_features: int,
     }
 
 
-def _measure(path: Path, args: argparse.Namespace, algorithm: str, workers: int, order: str) -> dict:
+def _measure(path: Path, args: argparse.Namespace, algorithm: str, workers: int, order: str, downlink: str) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -127,6 +129,8 @@ def _measure(path: Path, args: argparse.Namespace, algorithm: str, workers: int,
         str(args.n_features),
         "--n-classes",
         str(args.n_classes),
+        "--downlinks",
+        downlink,
     ]
     env = {**os.environ, "PYTHONPATH": str(path)}
     out = subprocess.run(cmd, env=env, cwd=path, capture_output=True, text=True, check=False)
@@ -147,30 +151,37 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n-features", type=int, default=999_999)
     ap.add_argument("--n-classes", type=int, default=10)
+    ap.add_argument(
+        "--downlinks", nargs="+", default=["auto"], choices=["auto", "dense", "replica"],
+        help="the server's --downlink: auto and replica also keep what the round's exact update needs",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path, help="also write every measurement here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         algorithm, workers, order = args.one.split(",")
-        print(json.dumps(_one(algorithm, int(workers), order, args.rounds, args.n_features, args.n_classes)))
+        one = _one(algorithm, int(workers), order, args.rounds, args.n_features, args.n_classes, args.downlinks[0])
+        print(json.dumps(one))
         return
     codes = [c.partition("=")[::2] for c in args.code] or [("after", str(HERE))]
-    header = f"{'code':<8} {'algorithm':<9} {'M':>3} {'order':<8} {'peak RSS MB':>11} {'bench MB':>9} "
+    header = f"{'code':<8} {'algorithm':<9} {'downlink':<8} {'M':>3} {'order':<8} {'peak RSS MB':>11} {'bench MB':>9} "
     header += f"{'engine MB':>9} {'s':>6}"
     print(f"d = {(args.n_features + 1) * args.n_classes:,}, {args.rounds} rounds, every worker uploads every round")
     print(header)
     rows = []
     for label, path in codes:
-        for algorithm in args.algorithms:
-            for order in args.orders:
-                for workers in args.workers:
-                    r = _measure(Path(path), args, algorithm, workers, order)
-                    rows.append({"code": label, "algorithm": algorithm, "workers": workers, "order": order, **r})
-                    print(
-                        f"{label:<8} {algorithm:<9} {workers:>3} {order:<8} {r['peak_mb']:>11.0f} "
-                        f"{r['baseline_mb']:>9.0f} {r['engine_mb']:>9.0f} {r['seconds']:>6.1f}",
-                        flush=True,
-                    )
+        for algorithm, downlink, order, workers in itertools.product(
+            args.algorithms, args.downlinks, args.orders, args.workers
+        ):
+            r = _measure(Path(path), args, algorithm, workers, order, downlink)
+            rows.append(
+                {"code": label, "algorithm": algorithm, "downlink": downlink, "workers": workers, "order": order, **r}
+            )
+            print(
+                f"{label:<8} {algorithm:<9} {downlink:<8} {workers:>3} {order:<8} {r['peak_mb']:>11.0f} "
+                f"{r['baseline_mb']:>9.0f} {r['engine_mb']:>9.0f} {r['seconds']:>6.1f}",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -19,11 +19,12 @@ def test_bench_runs_every_configuration_on_this_checkout(tmp_path: Path) -> None
     out = tmp_path / "rows.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_server_memory.py"), "--code", f"here={ROOT}"]
     cmd += ["--n-features", "999", "--workers", "2", "3", "--rounds", "2", "--json", str(out)]
+    cmd += ["--downlinks", "auto", "dense"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
     assert "d = 10,000, 2 rounds" in run.stdout
     rows = json.loads(out.read_text())
-    assert [(r["algorithm"], r["order"], r["workers"]) for r in rows] == [
-        (a, o, m) for a in ("laq", "sasg") for o in ("slot", "reverse") for m in (2, 3)
+    assert [(r["algorithm"], r["downlink"], r["order"], r["workers"]) for r in rows] == [
+        (a, dl, o, m) for a in ("laq", "sasg") for dl in ("auto", "dense") for o in ("slot", "reverse") for m in (2, 3)
     ]
     for r in rows:
         assert Path(r["psrv"]) == ROOT and r["dim"] == 10_000 and r["rounds"] == 2
