@@ -5,7 +5,8 @@
 Drives ``psrv.engine.RoundEngine`` in-process (no sockets, no worker processes): registers M fake
 workers whose data shape gives the model dimension (logreg: ``(n_features + 1) * n_classes``;
 the default 999_999 features x 10 classes is d = 1e7), and runs ``--rounds`` rounds in which a
-thread fetches every worker's model (the broadcast serialized as ``psrv.server`` does) and pushes
+thread fetches every worker's model (the broadcast serialized as ``psrv.server`` does; each fake
+worker says it holds the replica of the round before, as a worker that keeps one does) and pushes
 one realistic upload per worker while ``engine.run()`` runs:
 
 - LAQ: a random innovation (float32 normal) quantized by psrv's LAQ quantizer (``bits`` = 4);
@@ -87,12 +88,12 @@ def _one(algorithm: str, workers: int, order: str, rounds: int, n_features: int,
     def push_all() -> None:
         try:
             for k in range(rounds):
-                for w in ids:
-                    engine.wait_model(w, k, timeout=600.0)
+                for w in ids:  # as workers that keep a replica: round 0 a snapshot, then the updates
+                    engine.wait_model(w, k, timeout=600.0, replica_round=k - 1 if k else None)
                 for w in ids if order == "slot" else ids[::-1]:
                     engine.push(w, k, upload())
             for w in ids:
-                engine.wait_model(w, rounds, timeout=600.0)
+                engine.wait_model(w, rounds, timeout=600.0, replica_round=rounds - 1)
         except BaseException as exc:  # noqa: BLE001 - reported by the parent
             errors.append(exc)
             engine.fail(repr(exc))
