@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import numpy as np  # noqa: E402
-from bench_transport import N_CLASSES, _dim, _env, _port_from_log, _stop, _wait, n_features  # noqa: E402
+from bench_transport import N_CLASSES, _dim, _env, _port_from_log, _stop, _wait, n_features, start_worker  # noqa: E402
 
 
 def write_rows(path: Path, dim: int, rows: int) -> None:
@@ -53,12 +53,8 @@ def run(root: Path, dim: int, workers: int, rounds: int, folder: Path, timeout: 
     procs = [subprocess.Popen(server_cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=root)]
     try:
         port = _port_from_log(err, procs[0], timeout)
-        host_cmd = [
-            sys.executable, "-m", "psrv", "start-worker", "--server", f"127.0.0.1:{port}",
-            "--shard", f"0-{workers - 1}/{workers}", "--data", str(data), "--test-fraction", "0",
-        ]  # fmt: skip
-        log = open(folder / f"host-{workers}.log", "w")
-        procs.append(subprocess.Popen(host_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root))
+        host = ["--shard", f"0-{workers - 1}/{workers}", "--data", str(data)]
+        procs.append(start_worker(port, host, env, folder / f"host-{workers}.log", root))
         server_rss, host_rss = (_wait(p, timeout) for p in procs)
     finally:
         _stop(procs)

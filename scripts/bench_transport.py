@@ -174,12 +174,8 @@ def run_psrv(paths: list[Path], dim: int, rounds: int, warmup: int, malloc: str,
     try:
         port = _port_from_log(err, procs[0], timeout)
         for i, path in enumerate(paths):
-            cmd = [
-                sys.executable, "-m", "psrv", "start-worker", "--server", f"127.0.0.1:{port}",
-                "--worker-id", f"w{i}", "--data", str(path), "--test-fraction", "0",
-            ]  # fmt: skip
-            log = open(folder / f"psrv-w{i}-{malloc}.log", "w")
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+            log = folder / f"psrv-w{i}-{malloc}.log"
+            procs.append(start_worker(port, ["--worker-id", f"w{i}", "--data", str(path)], env, log, ROOT))
         monitor.pids = [p.pid for p in procs]
         rss = [_wait(p, timeout) for p in procs]
     finally:
@@ -192,6 +188,13 @@ def run_psrv(paths: list[Path], dim: int, rounds: int, warmup: int, malloc: str,
         "server_rss": rss[0],
         "worker_rss": max(rss[1:]),
     }
+
+
+def start_worker(port: int, args: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
+    """``psrv start-worker`` against the server on ``port`` (all its rows its own: no test split),
+    output to ``log``."""
+    cmd = [sys.executable, "-m", "psrv", "start-worker", "--server", f"127.0.0.1:{port}", "--test-fraction", "0"]
+    return subprocess.Popen([*cmd, *args], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=cwd)
 
 
 def _port_from_log(log, proc: subprocess.Popen, timeout: float) -> int:
