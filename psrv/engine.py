@@ -211,6 +211,20 @@ class ServerConfig:
 
 
 # ---------------------------------------------------------------------------------- state
+def raise_hidden_interrupt(exc: BaseException) -> None:
+    """Raise the KeyboardInterrupt that ``exc`` stands in for, if it does. In CPython a
+    KeyboardInterrupt (Ctrl-C; SIGTERM too where ``psrv run`` maps it) that lands inside
+    ``threading.Condition.wait`` can leave the condition's lock released, and the ``with`` block
+    around the wait then raises ``RuntimeError("cannot release un-acquired lock")`` in its place,
+    the interrupt only its ``__context__``: a run waiting for its rounds in the main thread would
+    end as failed instead of interrupted."""
+    seen = exc.__context__
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            raise seen
+        seen = seen.__context__
+
+
 def natural_key(worker_id: str) -> tuple[Any, ...]:
     """Sort key that puts ``w2`` before ``w10``."""
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", worker_id))

@@ -14,7 +14,7 @@ from typing import Any
 
 from psrv import lifeline, report
 from psrv import runner as rn
-from psrv.engine import ServerConfig
+from psrv.engine import ServerConfig, raise_hidden_interrupt
 from psrv.files import atomic_save_npy
 from psrv.mesh import MeshCoordinator, create_mesh_server
 from psrv.metrics import MetricsSink
@@ -79,7 +79,11 @@ def run_mesh_local(
             )
         watch = threading.Thread(target=_watch, args=(coord, procs, out), daemon=True)
         watch.start()
-        summary = coord.run()
+        try:
+            summary = coord.run()
+        except RuntimeError as exc:  # Ctrl-C inside a wait, where CPython raises this over it
+            raise_hidden_interrupt(exc)
+            raise
         assert coord.theta is not None
         atomic_save_npy(out / "model.npy", coord.theta)
         summary.update(evaluator.final(coord.theta))

@@ -22,7 +22,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from psrv import codec, memory, rpc, stream, tls
-from psrv.engine import AlreadyExists, EngineError, FailedPrecondition, NotReady, RoundEngine, RoundSink, ServerConfig
+from psrv.engine import (
+    AlreadyExists,
+    EngineError,
+    FailedPrecondition,
+    NotReady,
+    RoundEngine,
+    RoundSink,
+    ServerConfig,
+    raise_hidden_interrupt,
+)
 from psrv.hostrounds import host_rounds
 from psrv.limits import CallLimiter, LimitExceeded, RateLimiter, TransportLimits, Watchdog, host_of
 from psrv.metrics import ByteCounter
@@ -462,6 +471,9 @@ class ParameterServer:
         except OSError as exc:  # the sink could not write (a full disk): fail the run for the workers too
             self.engine.fail(f"could not write the run's output: {exc}")
             raise RuntimeError(self.engine.state.error) from exc
+        except RuntimeError as exc:  # Ctrl-C inside a wait, where CPython raises this over it
+            raise_hidden_interrupt(exc)
+            raise
         finally:
             self._health_done()
         return self.summary()

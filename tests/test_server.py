@@ -567,3 +567,28 @@ def test_payload_kind_the_algorithm_cannot_absorb_is_rejected(make_harness: Call
     with expect_status(Code.INVALID_ARGUMENT, "gd does not take sparse payloads"):  # gd here sends dense
         h.push("w0", 0, TopK(ratio=0.5).compress(_grad(1)))
     assert not h.ps.engine.state.aggregator.total.any()
+
+
+def test_ctrl_c_that_cpython_hides_behind_a_lock_error_is_still_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPython: a KeyboardInterrupt inside ``Condition.wait`` can leave the lock released, and the
+    ``with`` block then raises "cannot release un-acquired lock" over it (seen once in CI: a Ctrl-C'd
+    ``psrv run`` ended "laq failed" with exit 1, not interrupted with 130). The server's run raises
+    the interrupt; any other RuntimeError stays what it is."""
+    ps = ParameterServer(ServerConfig(num_workers=1, rounds=1))
+
+    def hidden() -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cannot release un-acquired lock") from None  # __context__ kept
+
+    monkeypatch.setattr(ps.engine, "run", hidden)
+    with pytest.raises(KeyboardInterrupt):
+        ps.run()
+
+    def failed() -> None:
+        raise RuntimeError("only 0 of 1 workers registered")
+
+    monkeypatch.setattr(ps.engine, "run", failed)
+    with pytest.raises(RuntimeError, match="only 0 of 1"):
+        ps.run()
